@@ -1,0 +1,125 @@
+//! Wire names and shapes shared by the client and the receiver (DESIGN.md section 5).
+//!
+//! This module does no I/O: it only names headers, validates the values that travel
+//! in them and describes the JSON bodies, so that both sides agree by construction.
+
+use serde::{Deserialize, Serialize};
+
+/// `Authorization: Bearer <key>` carries the API key.
+pub const AUTHORIZATION: &str = "authorization";
+/// The client's name for the file (may contain `/` in allow-paths mode).
+pub const FILE_NAME: &str = "x-file-name";
+/// 0-based chunk number.
+pub const CHUNK_INDEX: &str = "x-chunk-index";
+
+// Resumable extension (5.2). A v1 server ignores these.
+pub const UPLOAD_ID: &str = "x-upload-id";
+pub const CHUNK_OFFSET: &str = "x-chunk-offset";
+pub const CHUNK_SHA256: &str = "x-chunk-sha256";
+pub const FILE_SIZE: &str = "x-file-size";
+pub const CHUNK_COUNT: &str = "x-chunk-count";
+pub const FILE_SHA256: &str = "x-file-sha256";
+/// Reply header by which a receiver announces the resumable extension.
+pub const RESUMABLE: &str = "x-indexedcp-resumable";
+
+/// The name the original server uses when a request carries no `X-File-Name`.
+pub const DEFAULT_FILE_NAME: &str = "uploaded_file.txt";
+
+/// Body of a 401 reply, byte-compatible with the original servers.
+pub const INVALID_KEY_ERROR: &str = "Invalid or missing API key";
+
+/// Whether `id` is a valid upload id: 16 to 64 of `[A-Za-z0-9_-]`.
+pub fn is_valid_upload_id(id: &str) -> bool {
+    (16..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Parses a lowercase or uppercase hex SHA-256 into its canonical lowercase form.
+pub fn parse_sha256_hex(value: &str) -> Option<String> {
+    (value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| value.to_ascii_lowercase())
+}
+
+/// Reply to an accepted chunk, v1 and resumable alike. The v1 fields come first and
+/// keep the original's names; the resumable fields are absent in v1 replies.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChunkReply {
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_filename: Option<String>,
+    pub chunk_index: u64,
+    pub client_filename: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete: Option<bool>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_chunks: Option<u64>,
+}
+
+/// Reply to `GET /upload/<upload-id>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadStatus {
+    pub upload_id: String,
+    pub received_chunks: Vec<u64>,
+    pub complete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_filename: Option<String>,
+}
+
+/// Body of every error reply: `error` is a short category, `message` says what to do.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_id_rules() {
+        assert!(is_valid_upload_id("abcdefghijklmnop"));
+        assert!(is_valid_upload_id(&"A_-9".repeat(16)));
+        assert!(!is_valid_upload_id("short"));
+        assert!(!is_valid_upload_id(&"a".repeat(65)));
+        assert!(!is_valid_upload_id("abcdefghijklmnop/"));
+        assert!(!is_valid_upload_id("abcdefgh.ijklmnop"));
+    }
+
+    #[test]
+    fn sha_hex_is_canonicalised() {
+        let upper = "AB".repeat(32);
+        assert_eq!(parse_sha256_hex(&upper), Some("ab".repeat(32)));
+        assert_eq!(parse_sha256_hex("abc"), None);
+        assert_eq!(parse_sha256_hex(&"zz".repeat(32)), None);
+    }
+
+    #[test]
+    fn v1_reply_has_the_original_field_names_only() {
+        let reply = ChunkReply {
+            message: "Chunk received".into(),
+            actual_filename: Some("a.txt".into()),
+            chunk_index: 3,
+            client_filename: "a.txt".into(),
+            upload_id: None,
+            complete: None,
+            duplicate: false,
+            received_chunks: None,
+        };
+        let json = serde_json::to_value(&reply).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"message": "Chunk received", "actualFilename": "a.txt",
+                "chunkIndex": 3, "clientFilename": "a.txt"})
+        );
+    }
+}

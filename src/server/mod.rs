@@ -1,0 +1,1207 @@
+//! The receiver: an axum application that accepts chunks on `POST /upload`,
+//! verifies them and writes finished files into the output directory.
+//!
+//! Two protocols share the route (DESIGN.md section 5). A v1 request (no
+//! `X-Upload-Id`) appends to the file of its client file name's current session,
+//! exactly as the original servers do, but with sessions kept in SQLite and a new
+//! file for every chunk 0. A resumable request writes its chunk at its offset into
+//! a staging file under the state directory; when every chunk is recorded the
+//! whole file is verified, synced and renamed into place without replacing
+//! anything. The order "bytes durable, then recorded; name recorded, then renamed,
+//! then complete" is what lets a SIGKILL at any moment lose nothing and never show
+//! a partial file under a final name.
+//!
+//! This module does not import the client side (`upload`).
+
+mod body;
+pub mod paths;
+pub mod state;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{PathMode, ServerConfig};
+use crate::protocol::{self, ChunkReply, ErrorReply, UploadStatus};
+use body::{BodyError, Sink, is_disk_full, read_body};
+use paths::{Destination, InvalidName};
+use state::{ChunkRecord, FileMeta, UploadPhase, UploadState, V1Session};
+
+/// How long a client may take to send its request headers, and to send each
+/// piece of a body, before the connection is closed.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors that stop the receiver from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create {what} {path}: {source}")]
+    CreateDir {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "server.state_dir {state_dir} is not on the same file system as server.output_dir {output_dir}; finished files are renamed into place, so put the state directory on the output directory's file system"
+    )]
+    CrossDevice {
+        state_dir: PathBuf,
+        output_dir: PathBuf,
+    },
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("cannot listen on {addr}: {source}; choose another address or port")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Run-time options of the receiver that are not part of the config file.
+#[derive(Debug, Clone)]
+pub struct ReceiverOptions {
+    pub read_timeout: Duration,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            read_timeout: DEFAULT_READ_TIMEOUT,
+        }
+    }
+}
+
+/// Generates a random 256-bit API key as 64 hex characters, as the original does
+/// when no key is configured.
+pub fn generate_api_key() -> String {
+    paths::random_hex(32)
+}
+
+/// The receiver's shared state, cheap to clone into handlers.
+#[derive(Clone)]
+pub struct Receiver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    output_dir: PathBuf,
+    keys: Vec<Vec<u8>>,
+    path_mode: PathMode,
+    max_chunk_bytes: u64,
+    max_file_bytes: u64,
+    incomplete_expiry: Duration,
+    read_timeout: Duration,
+    state: UploadState,
+    root: OwnedFd,
+    staging: OwnedFd,
+    staging_path: PathBuf,
+    reserved: Option<String>,
+    locks: KeyedLocks,
+}
+
+impl Receiver {
+    /// Opens (creating as needed) the output and state directories and the state
+    /// database. `api_keys` must not be empty; see [`generate_api_key`].
+    pub fn open(cfg: &ServerConfig, options: &ReceiverOptions) -> Result<Receiver, ServerError> {
+        create_dir(&cfg.output_dir, "the output directory")?;
+        let staging_path = cfg.state_dir.join("staging");
+        create_dir(&staging_path, "the staging directory")?;
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+        if let (Ok(a), Ok(b)) = (dev(&cfg.output_dir), dev(&staging_path))
+            && a != b
+        {
+            return Err(ServerError::CrossDevice {
+                state_dir: cfg.state_dir.clone(),
+                output_dir: cfg.output_dir.clone(),
+            });
+        }
+        let state = UploadState::open(&cfg.state_dir.join("uploads.db"))?;
+        let root = paths::open_root(&cfg.output_dir).map_err(|source| ServerError::CreateDir {
+            what: "the output directory",
+            path: cfg.output_dir.clone(),
+            source,
+        })?;
+        let staging = paths::open_root(&staging_path).map_err(|source| ServerError::CreateDir {
+            what: "the staging directory",
+            path: staging_path.clone(),
+            source,
+        })?;
+        Ok(Receiver {
+            inner: Arc::new(Inner {
+                output_dir: cfg.output_dir.clone(),
+                keys: cfg.api_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+                path_mode: cfg.path_mode,
+                max_chunk_bytes: cfg.max_chunk_bytes,
+                max_file_bytes: cfg.max_file_bytes,
+                incomplete_expiry: cfg.incomplete_expiry,
+                read_timeout: options.read_timeout,
+                state,
+                root,
+                staging,
+                staging_path,
+                reserved: reserved_component(&cfg.output_dir, &cfg.state_dir),
+                locks: KeyedLocks::default(),
+            }),
+        })
+    }
+
+    pub fn output_dir(&self) -> &Path {
+        &self.inner.output_dir
+    }
+
+    /// The axum application.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/health", get(health))
+            .route("/upload", post(upload))
+            .route("/upload/{upload_id}", get(upload_status))
+            .fallback(not_found)
+            .layer(middleware::from_fn(cors))
+            .with_state(self.clone())
+    }
+
+    /// Finishes uploads interrupted between their last chunk and completion (a
+    /// crash or SIGKILL), so their files appear without waiting for the client.
+    pub async fn recover(&self) {
+        let state = self.inner.state.clone();
+        let unfinished = match blocking(move || state.unfinished()).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list unfinished uploads");
+                return;
+            }
+        };
+        for upload in unfinished {
+            match self.finalize(&upload.upload_id).await {
+                Ok(name) => {
+                    tracing::info!(upload_id = %upload.upload_id, file = %name, "recovered upload completed")
+                }
+                Err(e) => {
+                    tracing::warn!(upload_id = %upload.upload_id, error = %e.message(), "recovered upload could not be completed")
+                }
+            }
+        }
+    }
+
+    /// Removes uploads untouched for `incomplete_expiry` and their staging data.
+    pub async fn expire(&self) {
+        let inner = self.inner.clone();
+        let cutoff = state::now_secs() - inner.incomplete_expiry.as_secs() as i64;
+        let result = blocking(move || {
+            let (stale, forgotten) = inner.state.expire(cutoff)?;
+            for id in &stale {
+                let _ =
+                    rustix::fs::unlinkat(&inner.staging, id.as_str(), rustix::fs::AtFlags::empty());
+            }
+            Ok::<_, state::StateError>((stale.len(), forgotten))
+        })
+        .await;
+        match result {
+            Ok((0, 0)) => {}
+            Ok((stale, forgotten)) => {
+                tracing::info!(abandoned = stale, forgotten, "expired old upload records")
+            }
+            Err(e) => tracing::warn!(error = %e, "expiring old uploads failed"),
+        }
+    }
+
+    /// Checks an `Authorization` header against every key in constant time.
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(given) = headers
+            .get(protocol::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        else {
+            return false;
+        };
+        self.inner
+            .keys
+            .iter()
+            .fold(0u8, |ok, key| ok | key.as_slice().ct_eq(given).unwrap_u8())
+            == 1
+    }
+
+    fn destination(&self, client_name: &str) -> Result<Destination, ApiError> {
+        paths::destination_for(
+            self.inner.path_mode,
+            client_name,
+            self.inner.reserved.as_deref(),
+        )
+        .map_err(|InvalidName(message)| ApiError::InvalidName(message))
+    }
+
+    /// Verifies a fully received upload and renames it into place; idempotent, and
+    /// safe to call again after a crash at any point.
+    async fn finalize(&self, upload_id: &str) -> Result<String, ApiError> {
+        let _guard = self.inner.locks.lock(upload_id.to_owned()).await;
+        let this = self.clone();
+        let id = upload_id.to_owned();
+        blocking(move || this.finalize_blocking(&id)).await
+    }
+
+    fn finalize_blocking(&self, upload_id: &str) -> Result<String, ApiError> {
+        let inner = &self.inner;
+        let Some(upload) = inner.state.upload(upload_id)? else {
+            return Err(ApiError::NotFound);
+        };
+        let (dest, first_attempt) = match (upload.phase, upload.actual_name) {
+            (UploadPhase::Complete, Some(name)) => return Ok(name),
+            (UploadPhase::Finalizing, Some(name)) => {
+                if !paths::exists_in(&inner.staging, upload_id)? {
+                    // The rename happened before the crash; only the record is missing.
+                    let dest = destination_from_display(&name);
+                    paths::fsync_dir(&paths::open_parent(&inner.root, &dest).map_err(open_error)?)?;
+                    inner.state.complete(upload_id, &name)?;
+                    return Ok(name);
+                }
+                (destination_from_display(&name), 0)
+            }
+            _ => {
+                self.verify_staged(upload_id, &upload.meta)?;
+                (self.destination(&upload.meta.client_name)?, 0)
+            }
+        };
+        let parent = paths::open_parent(&inner.root, &dest).map_err(open_error)?;
+        let millis = paths::now_millis();
+        for attempt in first_attempt..10_000u32 {
+            let candidate = dest.with_name(paths::unique_candidate(&dest.name, millis, attempt));
+            let final_name = candidate.display();
+            // The chosen name is durable before the rename, so recovery knows where
+            // the file went.
+            inner
+                .state
+                .set_phase(upload_id, UploadPhase::Finalizing, Some(&final_name))?;
+            if paths::rename_no_replace(&inner.staging, upload_id, &parent, &candidate.name)? {
+                paths::fsync_dir(&parent)?;
+                paths::fsync_dir(&inner.staging)?;
+                inner.state.complete(upload_id, &final_name)?;
+                tracing::info!(upload_id, client_name = %upload.meta.client_name, file = %final_name, size = upload.meta.file_size, "file complete");
+                return Ok(final_name);
+            }
+        }
+        Err(ApiError::Internal(format!(
+            "no free name for {} in the output directory",
+            dest.display()
+        )))
+    }
+
+    /// Checks that the recorded chunks tile the file and that the staged bytes
+    /// hash to the declared SHA-256; on a mismatch the staging data is discarded.
+    fn verify_staged(&self, upload_id: &str, meta: &FileMeta) -> Result<(), ApiError> {
+        let inner = &self.inner;
+        let chunks = inner.state.chunks(upload_id)?;
+        let mut expected_offset = 0u64;
+        let mut tiled = chunks.len() as u64 == meta.chunk_count;
+        for (i, chunk) in chunks.iter().enumerate() {
+            tiled &= chunk.chunk_idx == i as u64 && chunk.offset == expected_offset;
+            expected_offset += chunk.length;
+        }
+        tiled &= expected_offset == meta.file_size;
+        let discard = |why: String| -> Result<(), ApiError> {
+            let _ = rustix::fs::unlinkat(&inner.staging, upload_id, rustix::fs::AtFlags::empty());
+            inner.state.forget_upload(upload_id)?;
+            tracing::warn!(upload_id, client_name = %meta.client_name, reason = %why, "upload discarded");
+            Err(ApiError::Unprocessable(format!(
+                "{why}; the upload was discarded, send the file again from its first chunk"
+            )))
+        };
+        if !tiled {
+            return discard(format!(
+                "the chunks do not cover the file exactly ({} chunks ending at byte {expected_offset}, X-File-Size {})",
+                chunks.len(),
+                meta.file_size
+            ));
+        }
+        let path = inner.staging_path.join(upload_id);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        file.set_len(meta.file_size)?;
+        let actual = sha256_of(&file)?;
+        if actual != meta.file_sha256 {
+            return discard(format!(
+                "the received file has SHA-256 {actual}, not X-File-Sha256 {}",
+                meta.file_sha256
+            ));
+        }
+        file.sync_all()?;
+        Ok(())
+    }
+}
+
+fn create_dir(path: &Path, what: &'static str) -> Result<(), ServerError> {
+    std::fs::create_dir_all(path).map_err(|source| ServerError::CreateDir {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The first component of `state_dir` below `output_dir`, if it lies inside.
+fn reserved_component(output_dir: &Path, state_dir: &Path) -> Option<String> {
+    let out = std::fs::canonicalize(output_dir).ok()?;
+    let state = std::fs::canonicalize(state_dir).ok()?;
+    let rest = state.strip_prefix(&out).ok()?;
+    rest.components()
+        .next()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+}
+
+fn destination_from_display(display: &str) -> Destination {
+    let mut parts: Vec<String> = display.split('/').map(str::to_owned).collect();
+    let name = parts.pop().unwrap_or_default();
+    Destination { dirs: parts, name }
+}
+
+fn sha256_of(file: &File) -> io::Result<String> {
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut reader = file;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    ApiError: From<E>,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::Internal(format!("blocking task failed: {e}"))),
+    }
+}
+
+/// Serves `receiver` on `listener` until `shutdown` is cancelled, then lets
+/// in-flight requests finish for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    receiver: Receiver,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let router = receiver.router();
+    let read_timeout = receiver.inner.read_timeout;
+    let maintenance = {
+        let receiver = receiver.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            receiver.recover().await;
+            let period = (receiver.inner.incomplete_expiry / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(600));
+            loop {
+                receiver.expire().await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(period) => {}
+                }
+            }
+        })
+    };
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    maintenance.abort();
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::debug!("all connections closed"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; abandoning them"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------
+
+/// A reply other than success: status plus `{"error", "message"}`.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized,
+    BadRequest(String),
+    InvalidName(String),
+    NotFound,
+    Conflict(String),
+    Timeout(String),
+    TooLarge(String),
+    Unprocessable(String),
+    InsufficientStorage(String),
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) | ApiError::InvalidName(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ApiError::Unauthorized => protocol::INVALID_KEY_ERROR.to_owned(),
+            ApiError::NotFound => "Not found".to_owned(),
+            ApiError::BadRequest(m)
+            | ApiError::InvalidName(m)
+            | ApiError::Conflict(m)
+            | ApiError::Timeout(m)
+            | ApiError::TooLarge(m)
+            | ApiError::Unprocessable(m)
+            | ApiError::InsufficientStorage(m)
+            | ApiError::Internal(m) => m.clone(),
+        }
+    }
+
+    fn reply(&self) -> ErrorReply {
+        let (error, message) = match self {
+            ApiError::Unauthorized => (protocol::INVALID_KEY_ERROR, None),
+            ApiError::NotFound => ("Not found", None),
+            ApiError::BadRequest(m) => ("Bad request", Some(m)),
+            ApiError::InvalidName(m) => ("Invalid filename", Some(m)),
+            ApiError::Conflict(m) => ("Conflict", Some(m)),
+            ApiError::Timeout(m) => ("Request timeout", Some(m)),
+            ApiError::TooLarge(m) => ("Payload too large", Some(m)),
+            ApiError::Unprocessable(m) => ("Checksum mismatch", Some(m)),
+            ApiError::InsufficientStorage(m) => ("Insufficient storage", Some(m)),
+            ApiError::Internal(m) => ("Internal error", Some(m)),
+        };
+        ErrorReply {
+            error: error.to_owned(),
+            message: message.cloned(),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message(), self.status())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %self.message(), "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self.message(), "request refused");
+        }
+        (status, axum::Json(self.reply())).into_response()
+    }
+}
+
+impl From<io::Error> for ApiError {
+    fn from(e: io::Error) -> ApiError {
+        if is_disk_full(&e) {
+            ApiError::InsufficientStorage(format!(
+                "the receiver's disk is full ({e}); nothing was recorded, retry later"
+            ))
+        } else {
+            ApiError::Internal(format!("i/o error on the receiver: {e}"))
+        }
+    }
+}
+
+impl From<state::StateError> for ApiError {
+    fn from(e: state::StateError) -> ApiError {
+        if let state::StateError::Sql(rusqlite::Error::SqliteFailure(f, _)) = &e
+            && f.code == rusqlite::ErrorCode::DiskFull
+        {
+            return ApiError::InsufficientStorage(format!(
+                "the receiver's disk is full ({e}); retry later"
+            ));
+        }
+        ApiError::Internal(e.to_string())
+    }
+}
+
+fn open_error(e: paths::OpenError) -> ApiError {
+    match e {
+        paths::OpenError::NotADirectory(_) => {
+            ApiError::InvalidName(format!("{e}; a file cannot be written below it"))
+        }
+        paths::OpenError::Io(e) => e.into(),
+    }
+}
+
+fn body_error(e: BodyError, too_long: impl FnOnce(u64) -> ApiError) -> ApiError {
+    match e {
+        BodyError::TooLong { limit } => too_long(limit),
+        BodyError::Timeout(t) => ApiError::Timeout(format!(
+            "no body data for {}s; the chunk was not recorded",
+            t.as_secs()
+        )),
+        BodyError::Aborted(m) => ApiError::BadRequest(format!("the request body was cut off: {m}")),
+        BodyError::Io(e) => e.into(),
+    }
+}
+
+/// Adds the CORS headers the original sends, answers preflight requests, and
+/// announces the resumable extension on upload routes.
+async fn cors(request: Request, next: Next) -> Response {
+    let preflight = request.method() == Method::OPTIONS;
+    let upload_route = request.uri().path().starts_with("/upload");
+    let mut response = if preflight {
+        StatusCode::OK.into_response()
+    } else {
+        next.run(request).await
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(
+            "Content-Type, Authorization, X-Chunk-Index, X-File-Name, X-Upload-Id, X-Chunk-Offset, X-Chunk-Sha256, X-File-Size, X-Chunk-Count, X-File-Sha256",
+        ),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("X-IndexedCP-Resumable"),
+    );
+    if upload_route {
+        h.insert(protocol::RESUMABLE, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+async fn health() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn upload_status(
+    State(receiver): State<Receiver>,
+    UrlPath(upload_id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !receiver.authorized(&headers) {
+        return Err(ApiError::Unauthorized);
+    }
+    if !protocol::is_valid_upload_id(&upload_id) {
+        return Err(ApiError::BadRequest(
+            "an upload id is 16 to 64 of [A-Za-z0-9_-]".to_owned(),
+        ));
+    }
+    let state = receiver.inner.state.clone();
+    let id = upload_id.clone();
+    let (upload, chunks) = blocking(move || {
+        let upload = state.upload(&id)?;
+        let chunks = state.chunks(&id)?;
+        Ok::<_, state::StateError>((upload, chunks))
+    })
+    .await?;
+    let Some(mut upload) = upload else {
+        return Err(ApiError::NotFound);
+    };
+    let mut received: Vec<u64> = chunks.iter().map(|c| c.chunk_idx).collect();
+    // Everything arrived but completion was interrupted: finish it now, so the
+    // client sees the true state instead of re-sending.
+    if upload.phase != UploadPhase::Complete && received.len() as u64 == upload.meta.chunk_count
+        || upload.phase == UploadPhase::Finalizing
+    {
+        match receiver.finalize(&upload_id).await {
+            Ok(name) => {
+                upload.phase = UploadPhase::Complete;
+                upload.actual_name = Some(name);
+            }
+            Err(ApiError::Unprocessable(_)) => received.clear(),
+            Err(e) => return Err(e),
+        }
+    }
+    let complete = upload.phase == UploadPhase::Complete;
+    if complete {
+        received = (0..upload.meta.chunk_count).collect();
+    }
+    Ok(axum::Json(UploadStatus {
+        upload_id,
+        received_chunks: received,
+        complete,
+        actual_filename: if complete { upload.actual_name } else { None },
+    })
+    .into_response())
+}
+
+/// The headers of the resumable extension, parsed and checked against each other.
+struct Extension {
+    upload_id: String,
+    offset: u64,
+    chunk_sha256: String,
+    meta: FileMeta,
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => std::str::from_utf8(v.as_bytes())
+            .map(Some)
+            .map_err(|_| ApiError::BadRequest(format!("header {name} is not valid UTF-8"))),
+    }
+}
+
+fn required<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    header_str(headers, name)?.ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "header {name} is required with X-Upload-Id (the resumable extension)"
+        ))
+    })
+}
+
+fn number(headers: &HeaderMap, name: &str, value: &str) -> Result<u64, ApiError> {
+    let _ = headers;
+    value.trim().parse::<u64>().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "header {name} must be a non-negative integer, got {value:?}"
+        ))
+    })
+}
+
+fn parse_extension(
+    headers: &HeaderMap,
+    upload_id: &str,
+    client_name: &str,
+    chunk_idx: u64,
+) -> Result<Extension, ApiError> {
+    if !protocol::is_valid_upload_id(upload_id) {
+        return Err(ApiError::BadRequest(
+            "header X-Upload-Id must be 16 to 64 of [A-Za-z0-9_-]".to_owned(),
+        ));
+    }
+    let offset = number(
+        headers,
+        "X-Chunk-Offset",
+        required(headers, protocol::CHUNK_OFFSET)?,
+    )?;
+    let file_size = number(
+        headers,
+        "X-File-Size",
+        required(headers, protocol::FILE_SIZE)?,
+    )?;
+    let chunk_count = number(
+        headers,
+        "X-Chunk-Count",
+        required(headers, protocol::CHUNK_COUNT)?,
+    )?;
+    let sha = |name: &str, value: &str| {
+        protocol::parse_sha256_hex(value)
+            .ok_or_else(|| ApiError::BadRequest(format!("header {name} must be 64 hex digits")))
+    };
+    let chunk_sha256 = sha("X-Chunk-Sha256", required(headers, protocol::CHUNK_SHA256)?)?;
+    let file_sha256 = sha("X-File-Sha256", required(headers, protocol::FILE_SHA256)?)?;
+    if chunk_count == 0 {
+        return Err(ApiError::BadRequest(
+            "header X-Chunk-Count must be at least 1 (an empty file is one empty chunk)".to_owned(),
+        ));
+    }
+    if chunk_idx >= chunk_count {
+        return Err(ApiError::BadRequest(format!(
+            "X-Chunk-Index {chunk_idx} is not below X-Chunk-Count {chunk_count}"
+        )));
+    }
+    if offset > file_size {
+        return Err(ApiError::BadRequest(format!(
+            "X-Chunk-Offset {offset} is beyond X-File-Size {file_size}"
+        )));
+    }
+    Ok(Extension {
+        upload_id: upload_id.to_owned(),
+        offset,
+        chunk_sha256,
+        meta: FileMeta {
+            client_name: client_name.to_owned(),
+            file_size,
+            chunk_count,
+            file_sha256,
+        },
+    })
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn upload(
+    State(receiver): State<Receiver>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !receiver.authorized(&headers) {
+        return Err(ApiError::Unauthorized);
+    }
+    let client_name = header_str(&headers, protocol::FILE_NAME)
+        .map_err(|_| ApiError::InvalidName("Filename must be valid UTF-8".to_owned()))?
+        .unwrap_or(protocol::DEFAULT_FILE_NAME)
+        .to_owned();
+    let chunk_idx = match header_str(&headers, protocol::CHUNK_INDEX)? {
+        None => 0,
+        Some(v) => number(&headers, "X-Chunk-Index", v)?,
+    };
+    if let Some(len) = content_length(&headers)
+        && len > receiver.inner.max_chunk_bytes
+    {
+        return Err(too_large_chunk(receiver.inner.max_chunk_bytes));
+    }
+    match header_str(&headers, protocol::UPLOAD_ID)? {
+        Some(upload_id) => {
+            let ext = parse_extension(&headers, upload_id, &client_name, chunk_idx)?;
+            receive_resumable(receiver, ext, chunk_idx, content_length(&headers), body).await
+        }
+        None => receive_v1(receiver, client_name, chunk_idx, body).await,
+    }
+}
+
+fn too_large_chunk(limit: u64) -> ApiError {
+    ApiError::TooLarge(format!(
+        "a chunk may be at most {limit} bytes (server max_chunk_bytes); send smaller chunks"
+    ))
+}
+
+fn too_large_file(limit: u64) -> ApiError {
+    ApiError::TooLarge(format!(
+        "a file may be at most {limit} bytes (server max_file_bytes)"
+    ))
+}
+
+async fn receive_resumable(
+    receiver: Receiver,
+    ext: Extension,
+    chunk_idx: u64,
+    declared_len: Option<u64>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let inner = &receiver.inner;
+    if inner.max_file_bytes > 0 && ext.meta.file_size > inner.max_file_bytes {
+        return Err(too_large_file(inner.max_file_bytes));
+    }
+    let room = ext.meta.file_size - ext.offset;
+    if let Some(len) = declared_len
+        && len > room
+    {
+        return Err(ApiError::BadRequest(format!(
+            "the chunk ({len} bytes at offset {}) extends past X-File-Size {}",
+            ext.offset, ext.meta.file_size
+        )));
+    }
+    // Refuse a bad name before storing anything.
+    receiver.destination(&ext.meta.client_name)?;
+
+    let state = inner.state.clone();
+    let (id, meta) = (ext.upload_id.clone(), ext.meta.clone());
+    let upload = blocking(move || state.get_or_create_upload(&id, &meta)).await?;
+    if upload.meta != ext.meta {
+        return Err(ApiError::Conflict(format!(
+            "upload id {} is in use for another file ({:?}, {} bytes, {} chunks); use a new upload id",
+            ext.upload_id, upload.meta.client_name, upload.meta.file_size, upload.meta.chunk_count
+        )));
+    }
+    let reply = |message: &str, duplicate: bool, actual: Option<String>, received: Option<u64>| {
+        let complete = actual.is_some();
+        axum::Json(ChunkReply {
+            message: message.to_owned(),
+            actual_filename: actual,
+            chunk_index: chunk_idx,
+            client_filename: ext.meta.client_name.clone(),
+            upload_id: Some(ext.upload_id.clone()),
+            complete: Some(complete),
+            duplicate,
+            received_chunks: received,
+        })
+        .into_response()
+    };
+    let limit = inner.max_chunk_bytes.min(room);
+    let too_long = |_| {
+        if inner.max_chunk_bytes < room {
+            too_large_chunk(inner.max_chunk_bytes)
+        } else {
+            ApiError::BadRequest(format!(
+                "the chunk at offset {} extends past X-File-Size {}",
+                ext.offset, ext.meta.file_size
+            ))
+        }
+    };
+
+    if upload.phase != UploadPhase::Receiving {
+        // The reply to the last chunk was lost, or the receiver stopped while
+        // completing: answer as before, never write a second copy.
+        let _ = read_body(body, None, limit, inner.read_timeout).await;
+        let name = receiver.finalize(&ext.upload_id).await?;
+        return Ok(reply(
+            "Upload complete",
+            true,
+            Some(name),
+            Some(ext.meta.chunk_count),
+        ));
+    }
+
+    let chunk_guard = inner
+        .locks
+        .lock(format!("{}#{chunk_idx}", ext.upload_id))
+        .await;
+    let state = inner.state.clone();
+    let id = ext.upload_id.clone();
+    let recorded = blocking(move || state.chunk(&id, chunk_idx)).await?;
+    let (duplicate, received) = if let Some(recorded) = recorded {
+        if recorded.sha256 != ext.chunk_sha256 || recorded.offset != ext.offset {
+            return Err(ApiError::Conflict(format!(
+                "chunk {chunk_idx} of upload {} was already received with different content",
+                ext.upload_id
+            )));
+        }
+        let outcome = read_body(body, None, limit, inner.read_timeout)
+            .await
+            .map_err(|e| body_error(e, too_long))?;
+        if outcome.sha256 != ext.chunk_sha256 {
+            return Err(checksum_mismatch(chunk_idx, &outcome.sha256));
+        }
+        let state = inner.state.clone();
+        let id = ext.upload_id.clone();
+        let count = blocking(move || state.chunks(&id).map(|c| c.len() as u64)).await?;
+        (true, count)
+    } else {
+        let staging_path = inner.staging_path.join(&ext.upload_id);
+        let file = blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(staging_path)
+        })
+        .await?;
+        let sink = Sink {
+            file,
+            offset: ext.offset,
+        };
+        let outcome = read_body(body, Some(sink), limit, inner.read_timeout)
+            .await
+            .map_err(|e| body_error(e, too_long))?;
+        if outcome.sha256 != ext.chunk_sha256 {
+            return Err(checksum_mismatch(chunk_idx, &outcome.sha256));
+        }
+        let record = ChunkRecord {
+            chunk_idx,
+            offset: ext.offset,
+            length: outcome.length,
+            sha256: outcome.sha256,
+        };
+        let state = inner.state.clone();
+        let id = ext.upload_id.clone();
+        let count = blocking(move || state.record_chunk(&id, &record)).await?;
+        tracing::debug!(upload_id = %ext.upload_id, chunk = chunk_idx, bytes = outcome.length, "chunk recorded");
+        (false, count)
+    };
+    drop(chunk_guard);
+
+    if received == ext.meta.chunk_count {
+        let name = receiver.finalize(&ext.upload_id).await?;
+        return Ok(reply(
+            "Upload complete",
+            duplicate,
+            Some(name),
+            Some(received),
+        ));
+    }
+    Ok(reply("Chunk received", duplicate, None, Some(received)))
+}
+
+fn checksum_mismatch(chunk_idx: u64, actual: &str) -> ApiError {
+    ApiError::Unprocessable(format!(
+        "chunk {chunk_idx} has SHA-256 {actual}, not the X-Chunk-Sha256 sent; nothing was recorded, send the chunk again"
+    ))
+}
+
+async fn receive_v1(
+    receiver: Receiver,
+    client_name: String,
+    chunk_idx: u64,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let inner = &receiver.inner;
+    let dest = receiver.destination(&client_name)?;
+    let _guard = inner.locks.lock(format!("v1:{client_name}")).await;
+
+    let reply = |actual: &str, duplicate: bool| {
+        axum::Json(ChunkReply {
+            message: "Chunk received".to_owned(),
+            actual_filename: Some(actual.to_owned()),
+            chunk_index: chunk_idx,
+            client_filename: client_name.clone(),
+            upload_id: None,
+            complete: None,
+            duplicate,
+            received_chunks: None,
+        })
+        .into_response()
+    };
+    let limits = |size: u64| {
+        let file_room = if inner.max_file_bytes > 0 {
+            inner.max_file_bytes.saturating_sub(size)
+        } else {
+            u64::MAX
+        };
+        let too_long = move |_| {
+            if inner.max_chunk_bytes <= file_room {
+                too_large_chunk(inner.max_chunk_bytes)
+            } else {
+                too_large_file(inner.max_file_bytes)
+            }
+        };
+        (inner.max_chunk_bytes.min(file_room), too_long)
+    };
+
+    if chunk_idx == 0 {
+        // Chunk 0 always starts a new file under a unique name, so a later upload
+        // of the same name never appends to an earlier file. It is received into
+        // staging first: a refused or interrupted chunk leaves nothing behind.
+        let staged_name = format!("v1-{}", paths::random_hex(12));
+        let this = receiver.clone();
+        let staged = staged_name.clone();
+        let file = blocking(move || paths::create_new(&this.inner.staging, &staged)).await?;
+        let (limit, too_long) = limits(0);
+        let outcome = match read_body(
+            body,
+            Some(Sink { file, offset: 0 }),
+            limit,
+            inner.read_timeout,
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(
+                    &inner.staging,
+                    staged_name.as_str(),
+                    rustix::fs::AtFlags::empty(),
+                );
+                return Err(body_error(e, too_long));
+            }
+        };
+        let this = receiver.clone();
+        let name = client_name.clone();
+        let session =
+            blocking(move || this.start_v1_session(&name, &dest, &staged_name, outcome)).await?;
+        tracing::debug!(client_name = %client_name, file = %session.actual_name, bytes = session.size, "v1 upload started");
+        return Ok(reply(&session.actual_name, false));
+    }
+
+    let state = inner.state.clone();
+    let name = client_name.clone();
+    let session = blocking(move || state.v1_session(&name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "no upload of {client_name:?} is in progress; start with chunk 0"
+            ))
+        })?;
+    let (limit, too_long) = limits(session.size);
+
+    if chunk_idx == session.next_idx {
+        let this = receiver.clone();
+        let actual = session.actual_name.clone();
+        let size = session.size;
+        let file = blocking(move || this.reopen_v1_file(&actual, size)).await?;
+        let rollback = file.try_clone()?;
+        let outcome = match read_body(
+            body,
+            Some(Sink { file, offset: size }),
+            limit,
+            inner.read_timeout,
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Cut off what the refused chunk wrote, so the file never holds a
+                // partial chunk as if it had arrived.
+                let _ = tokio::task::spawn_blocking(move || rollback.set_len(size)).await;
+                return Err(body_error(e, too_long));
+            }
+        };
+        let updated = V1Session {
+            next_idx: session.next_idx + 1,
+            size: session.size + outcome.length,
+            last_sha256: Some(outcome.sha256),
+            ..session.clone()
+        };
+        let state = inner.state.clone();
+        blocking(move || state.put_v1_session(&updated)).await?;
+        tracing::debug!(client_name = %client_name, file = %session.actual_name, chunk = chunk_idx, bytes = outcome.length, "v1 chunk appended");
+        Ok(reply(&session.actual_name, false))
+    } else if chunk_idx + 1 == session.next_idx {
+        // The previous reply was lost and the client sent the chunk again.
+        let outcome = read_body(body, None, inner.max_chunk_bytes, inner.read_timeout)
+            .await
+            .map_err(|e| body_error(e, too_long))?;
+        if session.last_sha256.as_deref() == Some(outcome.sha256.as_str()) {
+            Ok(reply(&session.actual_name, true))
+        } else {
+            Err(ApiError::Conflict(format!(
+                "chunk {chunk_idx} of {client_name:?} was already received with different content; start again with chunk 0"
+            )))
+        }
+    } else {
+        Err(ApiError::Conflict(format!(
+            "chunk {chunk_idx} of {client_name:?} is out of order: the next expected chunk is {}",
+            session.next_idx
+        )))
+    }
+}
+
+impl Receiver {
+    /// Moves a received chunk 0 from staging to a free name at `dest` and records
+    /// the new session.
+    fn start_v1_session(
+        &self,
+        client_name: &str,
+        dest: &Destination,
+        staged_name: &str,
+        first_chunk: body::BodyOutcome,
+    ) -> Result<V1Session, ApiError> {
+        let inner = &self.inner;
+        let parent = paths::open_parent(&inner.root, dest).map_err(open_error)?;
+        let millis = paths::now_millis();
+        for attempt in 0..10_000u32 {
+            let name = paths::unique_candidate(&dest.name, millis, attempt);
+            if paths::rename_no_replace(&inner.staging, staged_name, &parent, &name)? {
+                paths::fsync_dir(&parent)?;
+                let session = V1Session {
+                    client_name: client_name.to_owned(),
+                    actual_name: dest.with_name(name).display(),
+                    next_idx: 1,
+                    size: first_chunk.length,
+                    last_sha256: Some(first_chunk.sha256),
+                };
+                inner.state.put_v1_session(&session)?;
+                return Ok(session);
+            }
+        }
+        let _ = rustix::fs::unlinkat(&inner.staging, staged_name, rustix::fs::AtFlags::empty());
+        Err(ApiError::Internal(format!(
+            "no free name for {} in the output directory",
+            dest.display()
+        )))
+    }
+
+    /// Opens the file of a v1 session and cuts off whatever an interrupted chunk
+    /// left after the last recorded byte.
+    fn reopen_v1_file(&self, actual_name: &str, size: u64) -> Result<File, ApiError> {
+        let dest = destination_from_display(actual_name);
+        let parent = paths::open_parent(&self.inner.root, &dest).map_err(open_error)?;
+        let file = match paths::open_existing(&parent, &dest.name) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ApiError::Conflict(format!(
+                    "{actual_name} was removed from the output directory during its upload; start again with chunk 0"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        file.set_len(size)?;
+        Ok(file)
+    }
+}
+
+/// Async mutexes by key (an upload id, a chunk, a v1 client name), created on
+/// demand and dropped when nobody holds them.
+#[derive(Default)]
+struct KeyedLocks {
+    map: std::sync::Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: String) -> tokio::sync::OwnedMutexGuard<()> {
+        let mutex = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() > 1024 {
+                map.retain(|_, weak| weak.strong_count() > 0);
+            }
+            match map.get(&key).and_then(Weak::upgrade) {
+                Some(m) => m,
+                None => {
+                    let m = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key, Arc::downgrade(&m));
+                    m
+                }
+            }
+        };
+        mutex.lock_owned().await
+    }
+}
+
+/// Binds the listener for `addr`, with a message that says what to do on failure.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}

@@ -1,0 +1,453 @@
+//! Path modes and the file-system operations that keep every write inside the
+//! output directory.
+//!
+//! A client's `X-File-Name` is turned into a [`Destination`] (a list of plain path
+//! components) by the configured [`PathMode`]; nothing here ever joins an
+//! untrusted string onto a path. Files are then created with `openat` relative to
+//! a directory descriptor of the output directory, walking one component at a time
+//! with `O_NOFOLLOW`, so a symlink planted inside the output directory cannot lead
+//! a write outside it, and no final name is ever overwritten.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+
+use crate::config::PathMode;
+
+/// Longest accepted component, the common file-system limit.
+pub const MAX_COMPONENT_BYTES: usize = 255;
+/// Longest accepted `X-File-Name` in allow-paths mode.
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Why a client's file name was refused; the text goes into the 400 reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidName(pub String);
+
+fn invalid(msg: impl Into<String>) -> InvalidName {
+    InvalidName(msg.into())
+}
+
+/// Where a file goes, relative to the output directory: zero or more directories,
+/// then the file name. Every component is non-empty, not `.`/`..`, free of `/`,
+/// NUL and control characters, and at most 255 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub dirs: Vec<String>,
+    pub name: String,
+}
+
+impl Destination {
+    /// The path relative to the output directory, as reported in `actualFilename`.
+    pub fn display(&self) -> String {
+        let mut out = String::new();
+        for dir in &self.dirs {
+            out.push_str(dir);
+            out.push('/');
+        }
+        out.push_str(&self.name);
+        out
+    }
+
+    /// The same directories with another file name (for unique suffixes).
+    pub fn with_name(&self, name: String) -> Destination {
+        Destination {
+            dirs: self.dirs.clone(),
+            name,
+        }
+    }
+}
+
+/// Turns a client file name into a destination by `mode`. `reserved` is the first
+/// component of the receiver's own state directory when it lies inside the output
+/// directory (by default `.indexedcp`); no client may write below it.
+pub fn destination_for(
+    mode: PathMode,
+    client_name: &str,
+    reserved: Option<&str>,
+) -> Result<Destination, InvalidName> {
+    match mode {
+        PathMode::Sanitize => sanitize(client_name, reserved),
+        PathMode::Ignore => Ok(Destination {
+            dirs: Vec::new(),
+            name: ignore_mode_name(client_name, now_millis(), &random_hex(4)),
+        }),
+        PathMode::AllowPaths => allow_paths(client_name, reserved),
+    }
+}
+
+fn strip_dot_prefix(name: &str) -> &str {
+    name.strip_prefix("./")
+        .or_else(|| name.strip_prefix(".\\"))
+        .unwrap_or(name)
+}
+
+fn has_drive_letter(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':'
+}
+
+fn check_component(
+    component: &str,
+    reserved: Option<&str>,
+    first: bool,
+) -> Result<(), InvalidName> {
+    if component.is_empty() || component == "." || component == ".." {
+        return Err(invalid(
+            "Filename must not be empty or contain '.' or '..' components",
+        ));
+    }
+    if component.len() > MAX_COMPONENT_BYTES {
+        return Err(invalid(format!(
+            "Filename components must be at most {MAX_COMPONENT_BYTES} bytes"
+        )));
+    }
+    if component.chars().any(char::is_control) {
+        return Err(invalid(
+            "Filename must not contain NUL or control characters",
+        ));
+    }
+    if first && reserved == Some(component) {
+        return Err(invalid(format!(
+            "Filename must not point into the receiver's state directory '{component}'"
+        )));
+    }
+    Ok(())
+}
+
+fn sanitize(client_name: &str, reserved: Option<&str>) -> Result<Destination, InvalidName> {
+    let cleaned = strip_dot_prefix(client_name);
+    if cleaned.contains('/')
+        || cleaned.contains('\\')
+        || client_name.contains("..")
+        || client_name.starts_with('/')
+        || has_drive_letter(client_name)
+    {
+        return Err(invalid(
+            "Filename must not contain path separators or traversal sequences",
+        ));
+    }
+    // The state directory is a directory of that name, so in sanitize mode a file of
+    // the same name simply gets a unique suffix; only allow-paths could enter it.
+    let _ = reserved;
+    check_component(cleaned, None, false)?;
+    Ok(Destination {
+        dirs: Vec::new(),
+        name: cleaned.to_owned(),
+    })
+}
+
+fn allow_paths(client_name: &str, reserved: Option<&str>) -> Result<Destination, InvalidName> {
+    if client_name.len() > MAX_PATH_BYTES {
+        return Err(invalid(format!(
+            "Filename must be at most {MAX_PATH_BYTES} bytes"
+        )));
+    }
+    let cleaned = strip_dot_prefix(client_name);
+    if cleaned.starts_with('/') || cleaned.starts_with('\\') || has_drive_letter(cleaned) {
+        return Err(invalid(
+            "Filename must not contain traversal sequences or absolute paths",
+        ));
+    }
+    // Backslashes separate directories, as in the original server; empty and `.`
+    // components (`a//b`, `a/./b`) collapse, `..` anywhere is refused.
+    let mut parts: Vec<&str> = cleaned
+        .split(['/', '\\'])
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err(invalid(
+            "Filename must not contain traversal sequences or absolute paths",
+        ));
+    }
+    let Some(name) = parts.pop() else {
+        return Err(invalid("Filename must name a file"));
+    };
+    for (i, dir) in parts.iter().enumerate() {
+        check_component(dir, reserved, i == 0)?;
+    }
+    check_component(name, reserved, parts.is_empty())?;
+    Ok(Destination {
+        dirs: parts.into_iter().map(str::to_owned).collect(),
+        name: name.to_owned(),
+    })
+}
+
+/// The original's ignore-mode name: `<millis>_<random>_<path with separators as _>`,
+/// every character outside `[A-Za-z0-9._-]` replaced by `-`, cut to 255 bytes.
+pub fn ignore_mode_name(client_name: &str, millis: u128, random: &str) -> String {
+    let cleaned = strip_dot_prefix(client_name);
+    let mut flat = String::with_capacity(cleaned.len());
+    let mut last_sep = false;
+    for c in cleaned.chars() {
+        if c == '/' || c == '\\' {
+            if !last_sep {
+                flat.push('_');
+            }
+            last_sep = true;
+        } else {
+            last_sep = false;
+            flat.push(
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '-'
+                },
+            );
+        }
+    }
+    let (stem, ext) = split_extension(&flat);
+    let prefix = format!("{millis}_{random}_");
+    // Everything is ASCII now, so byte and char lengths agree.
+    let room = MAX_COMPONENT_BYTES.saturating_sub(prefix.len() + ext.len());
+    let stem = &stem[..stem.len().min(room)];
+    format!("{prefix}{stem}{ext}")
+}
+
+/// Splits `name.ext` like Node's `path.extname`: a leading dot is not an extension,
+/// and an implausibly long "extension" is treated as part of the stem.
+fn split_extension(name: &str) -> (&str, &str) {
+    match name.rfind('.') {
+        Some(dot) if dot > 0 && name.len() - dot <= 32 => name.split_at(dot),
+        _ => (name, ""),
+    }
+}
+
+/// The n-th alternative name for `name` when it is taken: `base_<millis>.ext`, then
+/// `base_<millis>_<n>.ext`, always within 255 bytes.
+pub fn unique_candidate(name: &str, millis: u128, attempt: u32) -> String {
+    if attempt == 0 {
+        return name.to_owned();
+    }
+    let (stem, ext) = split_extension(name);
+    let suffix = if attempt == 1 {
+        format!("_{millis}")
+    } else {
+        format!("_{millis}_{attempt}")
+    };
+    let room = MAX_COMPONENT_BYTES.saturating_sub(suffix.len() + ext.len());
+    let mut cut = stem.len().min(room);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}{ext}", &stem[..cut])
+}
+
+pub fn now_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).expect("the operating system's random source failed");
+    hex::encode(buf)
+}
+
+/// Why a destination could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A path component exists but is not a real directory (a file or a symlink).
+    #[error("'{0}' exists in the output directory and is not a directory")]
+    NotADirectory(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Opens the output directory itself (following a symlink is the operator's choice).
+pub fn open_root(dir: &Path) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        dir,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Opens (creating as needed) the directories of `dest` below `root`, never
+/// following a symlink.
+pub fn open_parent(root: &OwnedFd, dest: &Destination) -> Result<OwnedFd, OpenError> {
+    let mut current = rustix::fs::openat(
+        root,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    for dir in &dest.dirs {
+        match rustix::fs::mkdirat(&current, dir.as_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+        current = match rustix::fs::openat(
+            &current,
+            dir.as_str(),
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                return Err(OpenError::NotADirectory(dir.clone()));
+            }
+            Err(e) => return Err(io::Error::from(e).into()),
+        };
+    }
+    Ok(current)
+}
+
+/// Creates `name` in `dir` only if nothing of that name exists (a symlink counts).
+pub fn create_new(dir: &OwnedFd, name: &str) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Opens an existing regular file for writing, refusing a symlink.
+pub fn open_existing(dir: &OwnedFd, name: &str) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{name}' is not a regular file"),
+        ));
+    }
+    Ok(file)
+}
+
+/// Renames `from` (in `from_dir`) to `to` (in `to_dir`) unless `to` exists.
+/// Returns `Ok(false)` when the name is taken.
+pub fn rename_no_replace(
+    from_dir: &OwnedFd,
+    from: &str,
+    to_dir: &OwnedFd,
+    to: &str,
+) -> io::Result<bool> {
+    match rustix::fs::renameat_with(from_dir, from, to_dir, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        // File systems without RENAME_NOREPLACE: link (which never replaces), then
+        // unlink the staging name.
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            match rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty()) {
+                Ok(()) => {
+                    rustix::fs::unlinkat(from_dir, from, AtFlags::empty())?;
+                    Ok(true)
+                }
+                Err(rustix::io::Errno::EXIST) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `name` exists in `dir` (without following a symlink).
+pub fn exists_in(dir: &OwnedFd, name: &str) -> io::Result<bool> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
+    rustix::fs::fsync(dir)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(mode: PathMode, name: &str) -> Result<String, InvalidName> {
+        destination_for(mode, name, Some(".indexedcp")).map(|d| d.display())
+    }
+
+    #[test]
+    fn sanitize_keeps_plain_names_and_refuses_paths() {
+        assert_eq!(dest(PathMode::Sanitize, "a b é.txt").unwrap(), "a b é.txt");
+        assert_eq!(dest(PathMode::Sanitize, "./x.bin").unwrap(), "x.bin");
+        for bad in [
+            "a/b",
+            "a\\b",
+            "../x",
+            "..",
+            ".",
+            "",
+            "/etc/passwd",
+            "C:x",
+            "c:\\x",
+            "\\\\srv\\s",
+            "a\0b",
+            "a\nb",
+            "x..y",
+        ] {
+            assert!(dest(PathMode::Sanitize, bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(dest(PathMode::Sanitize, &"a".repeat(256)).is_err());
+        assert!(dest(PathMode::Sanitize, &"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn allow_paths_keeps_sub_directories_inside() {
+        assert_eq!(
+            dest(PathMode::AllowPaths, "a/b/c.txt").unwrap(),
+            "a/b/c.txt"
+        );
+        assert_eq!(dest(PathMode::AllowPaths, "a\\b//./c").unwrap(), "a/b/c");
+        assert_eq!(dest(PathMode::AllowPaths, "./d/e").unwrap(), "d/e");
+        for bad in [
+            "../x",
+            "a/../../x",
+            "a/..",
+            "/abs",
+            "\\abs",
+            "C:/x",
+            "\\\\unc\\share",
+            "",
+            "/",
+            "a/\u{1}/b",
+            ".indexedcp/uploads.db",
+            "./.indexedcp/staging/x",
+        ] {
+            assert!(dest(PathMode::AllowPaths, bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(dest(PathMode::AllowPaths, "sub/.indexedcp").is_ok());
+    }
+
+    #[test]
+    fn ignore_mode_matches_the_original_format() {
+        let name = ignore_mode_name("./dir/sub\\my file (1).tar.gz", 1700000000000, "deadbeef");
+        assert_eq!(name, "1700000000000_deadbeef_dir_sub_my-file--1-.tar.gz");
+        let long = ignore_mode_name(&"x".repeat(1000), 1, "00000000");
+        assert_eq!(long.len(), 255);
+        let hostile = ignore_mode_name("../../etc/\0passwd\n", 1, "00");
+        assert!(!hostile.contains('/') && !hostile.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn unique_candidates_keep_the_extension() {
+        assert_eq!(unique_candidate("a.txt", 5, 0), "a.txt");
+        assert_eq!(unique_candidate("a.txt", 5, 1), "a_5.txt");
+        assert_eq!(unique_candidate("a.txt", 5, 2), "a_5_2.txt");
+        assert_eq!(unique_candidate(".bashrc", 5, 1), ".bashrc_5");
+        let long = format!("{}.txt", "é".repeat(125));
+        assert!(unique_candidate(&long, 5, 3).len() <= 255);
+    }
+}

@@ -1,0 +1,497 @@
+//! The receiver's own SQLite file: resumable uploads, their recorded chunks and
+//! the v1 sessions. Every method blocks; callers run them with `spawn_blocking`.
+//!
+//! Commits use `synchronous = FULL`: an agent deletes its copy once told a file is
+//! complete, so the receiver's "complete" must survive a power cut.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{OptionalExtension, params};
+
+pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("receiver state database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: r2d2::Error,
+    },
+    #[error("receiver state database: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("receiver state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error(
+        "receiver state database has schema version {found}, newer than this build knows ({known}); upgrade indexedcp"
+    )]
+    TooNew { found: i64, known: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, StateError>;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE uploads (
+    upload_id    TEXT PRIMARY KEY,
+    client_name  TEXT NOT NULL,
+    file_size    INTEGER NOT NULL,
+    chunk_count  INTEGER NOT NULL,
+    file_sha256  TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('receiving', 'finalizing', 'complete')),
+    actual_name  TEXT,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL
+);
+CREATE TABLE upload_chunks (
+    upload_id    TEXT NOT NULL REFERENCES uploads(upload_id) ON DELETE CASCADE,
+    chunk_idx    INTEGER NOT NULL,
+    chunk_offset INTEGER NOT NULL,
+    length       INTEGER NOT NULL,
+    sha256       TEXT NOT NULL,
+    PRIMARY KEY (upload_id, chunk_idx)
+);
+CREATE TABLE v1_sessions (
+    client_name  TEXT PRIMARY KEY,
+    actual_name  TEXT NOT NULL,
+    next_idx     INTEGER NOT NULL,
+    size         INTEGER NOT NULL,
+    last_sha256  TEXT,
+    updated_at   INTEGER NOT NULL
+);
+";
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadPhase {
+    Receiving,
+    /// The final name is chosen and recorded; the rename may or may not have happened.
+    Finalizing,
+    Complete,
+}
+
+impl UploadPhase {
+    fn as_str(self) -> &'static str {
+        match self {
+            UploadPhase::Receiving => "receiving",
+            UploadPhase::Finalizing => "finalizing",
+            UploadPhase::Complete => "complete",
+        }
+    }
+
+    fn parse(s: &str) -> UploadPhase {
+        match s {
+            "finalizing" => UploadPhase::Finalizing,
+            "complete" => UploadPhase::Complete,
+            _ => UploadPhase::Receiving,
+        }
+    }
+}
+
+/// What a client declared about a whole file; every chunk repeats it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMeta {
+    pub client_name: String,
+    pub file_size: u64,
+    pub chunk_count: u64,
+    pub file_sha256: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub upload_id: String,
+    pub meta: FileMeta,
+    pub phase: UploadPhase,
+    pub actual_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub chunk_idx: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct V1Session {
+    pub client_name: String,
+    pub actual_name: String,
+    pub next_idx: u64,
+    pub size: u64,
+    pub last_sha256: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct UploadState {
+    pool: Pool,
+}
+
+impl UploadState {
+    pub fn open(path: &Path) -> Result<UploadState> {
+        let manager = SqliteConnectionManager::file(path).with_init(|conn| {
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 10000;",
+            )
+        });
+        let pool = r2d2::Pool::builder()
+            .max_size(8)
+            .build(manager)
+            .map_err(|source| StateError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let state = UploadState { pool };
+        state.migrate()?;
+        Ok(state)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StateError::TooNew {
+                found: version,
+                known: SCHEMA_VERSION,
+            });
+        }
+        if version < 1 {
+            tx.execute_batch(SCHEMA_V1)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn upload(&self, upload_id: &str) -> Result<Option<Upload>> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .query_row(
+                "SELECT client_name, file_size, chunk_count, file_sha256, state, actual_name
+                 FROM uploads WHERE upload_id = ?1",
+                params![upload_id],
+                |r| {
+                    Ok(Upload {
+                        upload_id: upload_id.to_owned(),
+                        meta: FileMeta {
+                            client_name: r.get(0)?,
+                            file_size: r.get::<_, i64>(1)? as u64,
+                            chunk_count: r.get::<_, i64>(2)? as u64,
+                            file_sha256: r.get(3)?,
+                        },
+                        phase: UploadPhase::parse(&r.get::<_, String>(4)?),
+                        actual_name: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Returns the upload, creating it with `meta` if it does not exist yet.
+    pub fn get_or_create_upload(&self, upload_id: &str, meta: &FileMeta) -> Result<Upload> {
+        let conn = self.pool.get()?;
+        let now = now_secs();
+        conn.execute(
+            "INSERT OR IGNORE INTO uploads
+                 (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'receiving', ?6, ?6)",
+            params![
+                upload_id,
+                meta.client_name,
+                meta.file_size as i64,
+                meta.chunk_count as i64,
+                meta.file_sha256,
+                now
+            ],
+        )?;
+        drop(conn);
+        Ok(self
+            .upload(upload_id)?
+            .expect("upload row exists after INSERT OR IGNORE"))
+    }
+
+    pub fn chunk(&self, upload_id: &str, chunk_idx: u64) -> Result<Option<ChunkRecord>> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .query_row(
+                "SELECT chunk_offset, length, sha256 FROM upload_chunks
+                 WHERE upload_id = ?1 AND chunk_idx = ?2",
+                params![upload_id, chunk_idx as i64],
+                |r| {
+                    Ok(ChunkRecord {
+                        chunk_idx,
+                        offset: r.get::<_, i64>(0)? as u64,
+                        length: r.get::<_, i64>(1)? as u64,
+                        sha256: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn chunks(&self, upload_id: &str) -> Result<Vec<ChunkRecord>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT chunk_idx, chunk_offset, length, sha256 FROM upload_chunks
+             WHERE upload_id = ?1 ORDER BY chunk_idx",
+        )?;
+        let rows = stmt.query_map(params![upload_id], |r| {
+            Ok(ChunkRecord {
+                chunk_idx: r.get::<_, i64>(0)? as u64,
+                offset: r.get::<_, i64>(1)? as u64,
+                length: r.get::<_, i64>(2)? as u64,
+                sha256: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Records a chunk whose bytes are already durable in the staging file and
+    /// returns how many chunks the upload now has.
+    pub fn record_chunk(&self, upload_id: &str, chunk: &ChunkRecord) -> Result<u64> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO upload_chunks (upload_id, chunk_idx, chunk_offset, length, sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                upload_id,
+                chunk.chunk_idx as i64,
+                chunk.offset as i64,
+                chunk.length as i64,
+                chunk.sha256
+            ],
+        )?;
+        tx.execute(
+            "UPDATE uploads SET updated_at = ?2 WHERE upload_id = ?1",
+            params![upload_id, now_secs()],
+        )?;
+        let count: i64 = tx.query_row(
+            "SELECT count(*) FROM upload_chunks WHERE upload_id = ?1",
+            params![upload_id],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(count as u64)
+    }
+
+    pub fn set_phase(
+        &self,
+        upload_id: &str,
+        phase: UploadPhase,
+        actual_name: Option<&str>,
+    ) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.execute(
+            "UPDATE uploads SET state = ?2, actual_name = ?3, updated_at = ?4 WHERE upload_id = ?1",
+            params![upload_id, phase.as_str(), actual_name, now_secs()],
+        )?;
+        Ok(())
+    }
+
+    /// Marks an upload complete and drops its chunk records, which are no longer
+    /// needed: only the id, the metadata and the final name are remembered.
+    pub fn complete(&self, upload_id: &str, actual_name: &str) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE uploads SET state = 'complete', actual_name = ?2, updated_at = ?3
+             WHERE upload_id = ?1",
+            params![upload_id, actual_name, now_secs()],
+        )?;
+        tx.execute(
+            "DELETE FROM upload_chunks WHERE upload_id = ?1",
+            params![upload_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets an upload entirely (after a whole-file mismatch), so the client can
+    /// start it again.
+    pub fn forget_upload(&self, upload_id: &str) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.execute(
+            "DELETE FROM uploads WHERE upload_id = ?1",
+            params![upload_id],
+        )?;
+        Ok(())
+    }
+
+    /// Uploads left between choosing a final name and recording completion.
+    pub fn unfinished(&self) -> Result<Vec<Upload>> {
+        let ids: Vec<String> = {
+            let conn = self.pool.get()?;
+            let mut stmt = conn.prepare(
+                "SELECT u.upload_id FROM uploads u
+                 WHERE u.state = 'finalizing'
+                    OR (u.state = 'receiving' AND
+                        (SELECT count(*) FROM upload_chunks c WHERE c.upload_id = u.upload_id) = u.chunk_count)",
+            )?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(upload) = self.upload(&id)? {
+                out.push(upload);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes uploads and v1 sessions untouched since `cutoff` (unix seconds) and
+    /// returns the ids of the removed incomplete uploads, whose staging files the
+    /// caller deletes.
+    pub fn expire(&self, cutoff: i64) -> Result<(Vec<String>, usize)> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        let stale: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT upload_id FROM uploads WHERE updated_at < ?1 AND state = 'receiving'",
+            )?;
+            stmt.query_map(params![cutoff], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let forgotten = tx.execute(
+            "DELETE FROM uploads WHERE updated_at < ?1 AND state IN ('receiving', 'complete')",
+            params![cutoff],
+        )?;
+        tx.execute(
+            "DELETE FROM v1_sessions WHERE updated_at < ?1",
+            params![cutoff],
+        )?;
+        tx.commit()?;
+        Ok((stale, forgotten))
+    }
+
+    pub fn v1_session(&self, client_name: &str) -> Result<Option<V1Session>> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .query_row(
+                "SELECT actual_name, next_idx, size, last_sha256 FROM v1_sessions WHERE client_name = ?1",
+                params![client_name],
+                |r| {
+                    Ok(V1Session {
+                        client_name: client_name.to_owned(),
+                        actual_name: r.get(0)?,
+                        next_idx: r.get::<_, i64>(1)? as u64,
+                        size: r.get::<_, i64>(2)? as u64,
+                        last_sha256: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Creates or replaces the v1 session of a client file name.
+    pub fn put_v1_session(&self, session: &V1Session) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.execute(
+            "INSERT OR REPLACE INTO v1_sessions
+                 (client_name, actual_name, next_idx, size, last_sha256, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                session.client_name,
+                session.actual_name,
+                session.next_idx as i64,
+                session.size as i64,
+                session.last_sha256,
+                now_secs()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn integrity_check(&self) -> Result<String> {
+        let conn = self.pool.get()?;
+        Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> FileMeta {
+        FileMeta {
+            client_name: "a.txt".into(),
+            file_size: 10,
+            chunk_count: 2,
+            file_sha256: "00".repeat(32),
+        }
+    }
+
+    #[test]
+    fn uploads_chunks_and_completion_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = UploadState::open(&dir.path().join("s.db")).unwrap();
+        let up = state
+            .get_or_create_upload("id-0123456789abcdef", &meta())
+            .unwrap();
+        assert_eq!(up.phase, UploadPhase::Receiving);
+        let again = state
+            .get_or_create_upload("id-0123456789abcdef", &meta())
+            .unwrap();
+        assert_eq!(again.meta, meta());
+        let c0 = ChunkRecord {
+            chunk_idx: 0,
+            offset: 0,
+            length: 5,
+            sha256: "aa".into(),
+        };
+        assert_eq!(state.record_chunk("id-0123456789abcdef", &c0).unwrap(), 1);
+        assert_eq!(state.record_chunk("id-0123456789abcdef", &c0).unwrap(), 1);
+        let c1 = ChunkRecord {
+            chunk_idx: 1,
+            offset: 5,
+            length: 5,
+            sha256: "bb".into(),
+        };
+        assert_eq!(state.record_chunk("id-0123456789abcdef", &c1).unwrap(), 2);
+        assert_eq!(state.unfinished().unwrap().len(), 1);
+        state.complete("id-0123456789abcdef", "a.txt").unwrap();
+        let done = state.upload("id-0123456789abcdef").unwrap().unwrap();
+        assert_eq!(done.phase, UploadPhase::Complete);
+        assert_eq!(done.actual_name.as_deref(), Some("a.txt"));
+        assert!(state.chunks("id-0123456789abcdef").unwrap().is_empty());
+        assert!(state.unfinished().unwrap().is_empty());
+        // Reopening migrates nothing and keeps the data.
+        drop(state);
+        let state = UploadState::open(&dir.path().join("s.db")).unwrap();
+        assert!(state.upload("id-0123456789abcdef").unwrap().is_some());
+        assert_eq!(state.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn expiry_forgets_old_uploads_but_not_finalizing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = UploadState::open(&dir.path().join("s.db")).unwrap();
+        state
+            .get_or_create_upload("receiving-000000001", &meta())
+            .unwrap();
+        state
+            .get_or_create_upload("finalizing-00000001", &meta())
+            .unwrap();
+        state
+            .set_phase("finalizing-00000001", UploadPhase::Finalizing, Some("x"))
+            .unwrap();
+        let (stale, forgotten) = state.expire(now_secs() + 10).unwrap();
+        assert_eq!(stale, vec!["receiving-000000001".to_string()]);
+        assert_eq!(forgotten, 1);
+        assert!(state.upload("finalizing-00000001").unwrap().is_some());
+    }
+}

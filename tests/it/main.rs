@@ -1,0 +1,10 @@
+//! Integration tests: the real `indexedcp` binary, real files, a real receiver on
+//! 127.0.0.1, real signals. Modules by capability; `support` has the harness.
+
+mod support;
+
+mod receiver_compat;
+mod receiver_limits;
+mod receiver_names;
+mod receiver_process;
+mod receiver_resumable;

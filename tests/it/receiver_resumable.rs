@@ -1,0 +1,315 @@
+//! The resumable extension: chunks in any order, duplicates, corruption,
+//! conflicts, status queries and SIGKILL of the receiver between chunks.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+const CHUNK: usize = 64 * 1024;
+
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    chunk: &ResumableChunk<'_>,
+) -> (u16, serde_json::Value) {
+    let response = chunk.request(client, url).send().await.unwrap();
+    assert_eq!(
+        response
+            .headers()
+            .get("x-indexedcp-resumable")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    json(response).await
+}
+
+fn chunk<'a>(id: &'a str, name: &'a str, file: &'a [u8], index: usize) -> ResumableChunk<'a> {
+    ResumableChunk {
+        upload_id: id,
+        name,
+        file,
+        chunk_size: CHUNK,
+        index,
+    }
+}
+
+#[tokio::test]
+async fn out_of_order_duplicated_and_corrupted_chunks_give_one_identical_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let url = server.upload_url();
+    let file = pseudo_random(5 * CHUNK + 123, 7);
+    let id = "resumable-test-000001";
+    let n = 6;
+
+    for index in [4, 1, 5, 0] {
+        let (status, reply) = send(&client, &url, &chunk(id, "data.bin", &file, index)).await;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["complete"], false);
+        assert_eq!(reply["duplicate"], serde_json::Value::Null);
+    }
+    // Nothing is visible before the last chunk.
+    assert!(visible_files(&out).is_empty());
+
+    // The same chunk again: acknowledged as a duplicate.
+    let (status, reply) = send(&client, &url, &chunk(id, "data.bin", &file, 1)).await;
+    assert_eq!((status, reply["duplicate"].as_bool()), (200, Some(true)));
+
+    // A corrupted body (header hash of the real bytes): 422, nothing recorded.
+    let good = chunk(id, "data.bin", &file, 2);
+    let mut bad_body = good.body().to_vec();
+    bad_body[100] ^= 0x01;
+    let response = good
+        .request(&client, &url)
+        .body(bad_body.clone())
+        .send()
+        .await
+        .unwrap();
+    let (status, reply) = json(response).await;
+    assert_eq!(status, 422, "{reply}");
+    let status_url = format!("{}/upload/{id}", server.url);
+    let (_, report) = json(
+        client
+            .get(&status_url)
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(report["receivedChunks"], serde_json::json!([0, 1, 4, 5]));
+    assert_eq!(report["complete"], false);
+
+    // Another body declared with its own hash for a recorded chunk: 409.
+    let overrides = [
+        ("X-Chunk-Index", "1".to_string()),
+        ("X-Chunk-Offset", CHUNK.to_string()),
+        ("X-Chunk-Sha256", sha256_hex(&bad_body)),
+    ];
+    let conflicting = good
+        .request_with(&client, &url, &overrides)
+        .body(bad_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conflicting.status(), 409);
+
+    for index in [2, 3] {
+        let (status, reply) = send(&client, &url, &chunk(id, "data.bin", &file, index)).await;
+        assert_eq!(status, 200, "{reply}");
+        if index == 3 {
+            assert_eq!(reply["complete"], true);
+            assert_eq!(reply["actualFilename"], "data.bin");
+        }
+    }
+    // A chunk repeated after completion (its reply was lost): the same answer.
+    for index in [3, 0] {
+        let (status, reply) = send(&client, &url, &chunk(id, "data.bin", &file, index)).await;
+        assert_eq!((status, reply["complete"].as_bool()), (200, Some(true)));
+        assert_eq!(reply["actualFilename"], "data.bin");
+    }
+    let (_, report) = json(
+        client
+            .get(&status_url)
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(report["complete"], true);
+    assert_eq!(report["actualFilename"], "data.bin");
+    assert_eq!(report["receivedChunks"].as_array().unwrap().len(), n);
+    assert_eq!(visible_files(&out), [("data.bin".to_string(), file)].into());
+}
+
+#[tokio::test]
+async fn a_whole_file_mismatch_is_refused_and_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let file = pseudo_random(1000, 3);
+    let id = "mismatch-upload-0001";
+    let one = chunk(id, "m.bin", &file, 0);
+    let response = one
+        .request_with(
+            &client,
+            &server.upload_url(),
+            &[("X-File-Sha256", "ab".repeat(32))],
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, reply) = json(response).await;
+    assert_eq!(status, 422, "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("discarded"),
+        "{reply}"
+    );
+    assert!(visible_files(&out).is_empty());
+    assert_eq!(
+        std::fs::read_dir(out.join(".indexedcp/staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // The upload id is free again: the correct file goes through.
+    let (status, reply) = send(&client, &server.upload_url(), &one).await;
+    assert_eq!((status, reply["complete"].as_bool()), (200, Some(true)));
+    assert_eq!(visible_files(&out)["m.bin"], file);
+}
+
+#[tokio::test]
+async fn an_upload_id_reused_for_another_file_is_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("out"), &[]).await;
+    let client = reqwest::Client::new();
+    let a = pseudo_random(3 * CHUNK, 1);
+    let b = pseudo_random(3 * CHUNK, 2);
+    assert_eq!(
+        send(
+            &client,
+            &server.upload_url(),
+            &chunk("reused-id-000000001", "a", &a, 0)
+        )
+        .await
+        .0,
+        200
+    );
+    let (status, reply) = json(
+        chunk("reused-id-000000001", "a", &b, 1)
+            .request(&client, &server.upload_url())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 409, "{reply}");
+}
+
+#[tokio::test]
+async fn empty_files_and_existing_names_in_resumable_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let (status, reply) = send(
+        &client,
+        &server.upload_url(),
+        &chunk("empty-file-00000001", "empty.txt", b"", 0),
+    )
+    .await;
+    assert_eq!((status, reply["complete"].as_bool()), (200, Some(true)));
+    let (_, reply) = send(
+        &client,
+        &server.upload_url(),
+        &chunk("empty-file-00000002", "empty.txt", b"x", 0),
+    )
+    .await;
+    let second = reply["actualFilename"].as_str().unwrap().to_owned();
+    assert_ne!(second, "empty.txt");
+    let files = visible_files(&out);
+    assert_eq!(files["empty.txt"], b"");
+    assert_eq!(files[&second], b"x");
+}
+
+#[tokio::test]
+async fn sigkill_between_chunks_loses_nothing_and_shows_nothing_partial() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let file = pseudo_random(8 * CHUNK + 5, 11);
+    let id = "killed-receiver-00001";
+    for index in [0, 2, 4, 6, 8] {
+        assert_eq!(
+            send(
+                &client,
+                &server.upload_url(),
+                &chunk(id, "k.bin", &file, index)
+            )
+            .await
+            .0,
+            200
+        );
+    }
+    server.kill(); // SIGKILL
+    assert!(visible_files(&out).is_empty());
+    server.restart().await;
+    let (_, report) = json(
+        client
+            .get(format!("{}/upload/{id}", server.url))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(report["receivedChunks"], serde_json::json!([0, 2, 4, 6, 8]));
+    for index in [1, 3, 5] {
+        assert_eq!(
+            send(
+                &client,
+                &server.upload_url(),
+                &chunk(id, "k.bin", &file, index)
+            )
+            .await
+            .0,
+            200
+        );
+    }
+    server.kill();
+    server.restart().await;
+    assert!(visible_files(&out).is_empty());
+    let (status, reply) = send(&client, &server.upload_url(), &chunk(id, "k.bin", &file, 7)).await;
+    assert_eq!(
+        (status, reply["complete"].as_bool()),
+        (200, Some(true)),
+        "{reply}"
+    );
+    server.kill();
+    server.restart().await;
+    // After yet another restart the completed id is remembered: no second copy.
+    let (status, reply) = send(&client, &server.upload_url(), &chunk(id, "k.bin", &file, 7)).await;
+    assert_eq!((status, reply["complete"].as_bool()), (200, Some(true)));
+    assert_eq!(visible_files(&out), [("k.bin".to_string(), file)].into());
+}
+
+#[tokio::test]
+async fn concurrent_chunks_of_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let file = std::sync::Arc::new(pseudo_random(32 * CHUNK, 5));
+    let url = server.upload_url();
+    let mut tasks = Vec::new();
+    for index in 0..32 {
+        let (client, url, file) = (client.clone(), url.clone(), file.clone());
+        // Every chunk twice, at the same time.
+        for _ in 0..2 {
+            let (client, url, file) = (client.clone(), url.clone(), file.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = chunk("concurrent-upload-01", "c.bin", &file, index);
+                c.request(&client, &url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let expected = file.to_vec();
+    eventually(Duration::from_secs(5), "the file", async || {
+        (visible_files(&out).get("c.bin") == Some(&expected)).then_some(())
+    })
+    .await;
+    assert_eq!(visible_files(&out).len(), 1);
+}

@@ -1,0 +1,375 @@
+//! Test harness: temp dirs, the real binary started on a free port, `eventually`
+//! polling with a deadline, and helpers to read a whole directory tree.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_indexedcp");
+pub const KEY: &str = "test-key-0123456789";
+
+/// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Every file, directory and symlink below `root`, relative, with file contents;
+/// directories map to `None`, symlinks to their target prefixed with `-> `.
+pub fn tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).unwrap();
+                out.insert(rel, Some(format!("-> {}", target.display()).into_bytes()));
+            } else if meta.is_dir() {
+                out.insert(rel, None);
+                walk(root, &path, out);
+            } else {
+                out.insert(rel, Some(std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The files a user sees in an output directory: everything except the
+/// receiver's own `.indexedcp` state directory.
+pub fn visible_files(output_dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    tree(output_dir)
+        .into_iter()
+        .filter(|(rel, _)| rel != ".indexedcp" && !rel.starts_with(".indexedcp/"))
+        .filter_map(|(rel, content)| content.map(|c| (rel, c)))
+        .collect()
+}
+
+/// A running `indexedcp server` (or `daemon`) process.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub output_dir: PathBuf,
+    pub args: Vec<String>,
+    pub stdout_lines: Vec<String>,
+}
+
+impl Server {
+    /// Starts `indexedcp server --port 0 --output-dir DIR -k KEY` plus `extra`.
+    pub async fn start(output_dir: &Path, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--port".into(),
+            "0".into(),
+            "--output-dir".into(),
+            output_dir.display().to_string(),
+        ];
+        if !extra.contains(&"--no-key") {
+            args.extend(["-k".into(), KEY.into()]);
+        }
+        args.extend(
+            extra
+                .iter()
+                .filter(|a| **a != "--no-key")
+                .map(|s| s.to_string()),
+        );
+        Server::spawn(args, output_dir).await
+    }
+
+    /// Starts the binary with `args`, waits for its "Server listening" line and
+    /// for `/health` to answer.
+    pub async fn spawn(args: Vec<String>, output_dir: &Path) -> Server {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .env_remove("INDEXEDCP_API_KEY")
+            .env("INDEXEDCP_LOG_LEVEL", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start indexedcp");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut stdout_lines = Vec::new();
+        let url = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("indexedcp {args:?} printed no listening line"));
+            stdout_lines.push(line.clone());
+            if let Some(url) = line.strip_prefix("Server listening on ") {
+                break url.trim().to_owned();
+            }
+        };
+        // Collect the lines printed right after (the generated key) without blocking.
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            stdout_lines.push(line);
+        }
+        let server = Server {
+            child,
+            url,
+            output_dir: output_dir.to_owned(),
+            args,
+            stdout_lines,
+        };
+        let health = format!("{}/health", server.url);
+        eventually(Duration::from_secs(10), "/health", async || {
+            let r = reqwest::get(&health).await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        server
+    }
+
+    pub fn upload_url(&self) -> String {
+        format!("{}/upload", self.url)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` and waits (up to `timeout`) for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+        unsafe_kill(self.child.id(), signal);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "indexedcp did not exit within {timeout:?} after signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Restarts the process with the same arguments (on a new port).
+    pub async fn restart(&mut self) {
+        self.kill();
+        *self = Server::spawn(self.args.clone(), &self.output_dir).await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn unsafe_kill(pid: u32, signal: i32) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// One chunk of a resumable upload, with every extension header.
+pub struct ResumableChunk<'a> {
+    pub upload_id: &'a str,
+    pub name: &'a str,
+    pub file: &'a [u8],
+    pub chunk_size: usize,
+    pub index: usize,
+}
+
+impl ResumableChunk<'_> {
+    pub fn count(&self) -> usize {
+        self.file.len().div_ceil(self.chunk_size).max(1)
+    }
+
+    pub fn body(&self) -> &[u8] {
+        let start = (self.index * self.chunk_size).min(self.file.len());
+        let end = (start + self.chunk_size).min(self.file.len());
+        &self.file[start..end]
+    }
+
+    pub fn request(&self, client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+        self.request_with(client, url, &[])
+    }
+
+    /// The request with some headers replaced by `overrides`.
+    pub fn request_with(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        overrides: &[(&str, String)],
+    ) -> reqwest::RequestBuilder {
+        use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+        let body = self.body();
+        let mut headers = HeaderMap::new();
+        let offset = (self.index * self.chunk_size).min(self.file.len());
+        let defaults = [
+            ("X-File-Name", self.name.to_string()),
+            ("X-Chunk-Index", self.index.to_string()),
+            ("X-Upload-Id", self.upload_id.to_string()),
+            ("X-Chunk-Offset", offset.to_string()),
+            ("X-Chunk-Sha256", sha256_hex(body)),
+            ("X-File-Size", self.file.len().to_string()),
+            ("X-Chunk-Count", self.count().to_string()),
+            ("X-File-Sha256", sha256_hex(self.file)),
+        ];
+        for (name, value) in defaults.iter().chain(overrides) {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        client
+            .post(url)
+            .bearer_auth(KEY)
+            .headers(headers)
+            .body(body.to_vec())
+    }
+}
+
+/// Sends one v1 chunk (no extension headers).
+pub async fn post_v1(
+    client: &reqwest::Client,
+    url: &str,
+    name: &str,
+    index: usize,
+    body: &[u8],
+) -> reqwest::Response {
+    client
+        .post(url)
+        .bearer_auth(KEY)
+        .header("X-File-Name", name)
+        .header("X-Chunk-Index", index.to_string())
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("send v1 chunk")
+}
+
+pub async fn json(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("not JSON (status {status}): {text:?}"));
+    (status, value)
+}
+
+/// Sends a raw HTTP/1.1 request (any bytes in the header values) and returns the
+/// status and body. `Connection: close` is added.
+pub fn raw_request(url: &str, head: &[u8], body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = Vec::new();
+    request.extend_from_slice(head);
+    request.extend_from_slice(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    request.extend_from_slice(body);
+    stream.write_all(&request).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(response.len());
+    (status, response[split..].to_vec())
+}
+
+/// A raw `POST /upload` whose `X-File-Name` is exactly `name`'s bytes; with
+/// `upload_id`, the resumable headers for a one-chunk file are added.
+pub fn raw_upload(
+    url: &str,
+    name: &[u8],
+    body: &[u8],
+    upload_id: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut head = Vec::new();
+    head.extend_from_slice(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    head.extend_from_slice(
+        format!("Authorization: Bearer {KEY}\r\nX-Chunk-Index: 0\r\n").as_bytes(),
+    );
+    head.extend_from_slice(b"X-File-Name: ");
+    head.extend_from_slice(name);
+    head.extend_from_slice(b"\r\n");
+    if let Some(id) = upload_id {
+        let sha = sha256_hex(body);
+        head.extend_from_slice(
+            format!(
+                "X-Upload-Id: {id}\r\nX-Chunk-Offset: 0\r\nX-Chunk-Sha256: {sha}\r\nX-File-Size: {}\r\nX-Chunk-Count: 1\r\nX-File-Sha256: {sha}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let (status, body) = raw_request(url, &head, body);
+    let value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, value)
+}
