@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent;
 use crate::cli::Failure;
 use crate::config::{Config, ServerConfig};
 use crate::server::{self, Receiver, ReceiverOptions};
@@ -68,8 +70,7 @@ pub fn spawn_signal_handler(
     }))
 }
 
-/// Runs the receiver until `shutdown`, printing where it listens (and the key
-/// when it generated one) on stdout, as the original does.
+/// Runs the receiver alone (the `server` command) until `shutdown`.
 pub async fn run_receiver(
     cfg: &ServerConfig,
     options: &ReceiverOptions,
@@ -77,16 +78,82 @@ pub async fn run_receiver(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Result<(), Failure> {
-    let receiver = {
-        let (cfg, options) = (cfg.clone(), options.clone());
-        tokio::task::spawn_blocking(move || Receiver::open(&cfg, &options))
+    let receiver = open_receiver(cfg, options).await?;
+    let listener = bind_and_announce(cfg, generated_key).await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    server::serve(listener, receiver, shutdown, grace).await;
+    tracing::info!("receiver stopped");
+    Ok(())
+}
+
+/// `indexedcp daemon`: the roles of the config file at `path`.
+pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
+    let shutdown = CancellationToken::new();
+    let signals = spawn_signal_handler(shutdown.clone(), OnReload::Validate(Arc::from(path)))?;
+    let grace = config.daemon.shutdown_grace;
+    let mut roles: JoinSet<Result<(), Failure>> = JoinSet::new();
+
+    if let Some(server_cfg) = config.server.clone() {
+        let (server_cfg, generated) = with_api_keys(server_cfg);
+        let receiver = open_receiver(&server_cfg, &ReceiverOptions::default()).await?;
+        let listener = bind_and_announce(&server_cfg, generated.as_deref()).await?;
+        let token = shutdown.child_token();
+        roles.spawn(async move {
+            server::serve(listener, receiver, token, grace).await;
+            tracing::info!("receiver stopped");
+            Ok(())
+        });
+    }
+    if !config.spools.is_empty() {
+        let agent = agent::Agent::start(&config, shutdown.child_token())
             .await
-            .map_err(|e| Failure::software(e.to_string()))?
             .map_err(|e| match e {
-                server::ServerError::CrossDevice { .. } => Failure::config(e.to_string()),
+                agent::AgentError::Target { .. } => Failure::config(e.to_string()),
                 other => Failure::io(other.to_string()),
-            })?
-    };
+            })?;
+        roles.spawn(async move { agent.run().await });
+    }
+    if roles.is_empty() {
+        return Err(Failure::config(format!(
+            "{}: no role enabled: add [[spool]] sections (agent) or a [server] section (receiver)",
+            path.display()
+        )));
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(config = %path.display(), "indexedcp daemon running");
+
+    let mut result = Ok(());
+    while let Some(done) = roles.join_next().await {
+        let outcome =
+            done.unwrap_or_else(|e| Err(Failure::software(format!("a role panicked: {e}"))));
+        if let Err(failure) = outcome {
+            // One role failing stops the others: the service manager restarts us.
+            tracing::error!(error = %failure.message, "stopping");
+            shutdown.cancel();
+            result = Err(failure);
+        }
+    }
+    signals.abort();
+    result
+}
+
+async fn open_receiver(cfg: &ServerConfig, options: &ReceiverOptions) -> Result<Receiver, Failure> {
+    let (cfg, options) = (cfg.clone(), options.clone());
+    tokio::task::spawn_blocking(move || Receiver::open(&cfg, &options))
+        .await
+        .map_err(|e| Failure::software(e.to_string()))?
+        .map_err(|e| match e {
+            server::ServerError::CrossDevice { .. } => Failure::config(e.to_string()),
+            other => Failure::io(other.to_string()),
+        })
+}
+
+/// Binds the receiver's address and prints where it listens (and the key when it
+/// generated one) on stdout, as the original does.
+async fn bind_and_announce(
+    cfg: &ServerConfig,
+    generated_key: Option<&str>,
+) -> Result<tokio::net::TcpListener, Failure> {
     let listener = server::bind(cfg.listen)
         .await
         .map_err(|e| Failure::io(e.to_string()))?;
@@ -98,39 +165,7 @@ pub async fn run_receiver(
         println!("API Key: {key}");
     }
     tracing::info!(%addr, output_dir = %cfg.output_dir.display(), path_mode = %cfg.path_mode, "receiver started");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    server::serve(listener, receiver, shutdown, grace).await;
-    tracing::info!("receiver stopped");
-    Ok(())
-}
-
-/// `indexedcp daemon`: the roles of the config file at `path`.
-pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
-    if !config.spools.is_empty() {
-        return Err(Failure::config(format!(
-            "{}: [[spool]] sections need the agent role, which this build does not have yet; remove them to run the receiver alone",
-            path.display()
-        )));
-    }
-    let Some(server_cfg) = config.server.clone() else {
-        return Err(Failure::config(format!(
-            "{}: no role enabled: add a [server] section",
-            path.display()
-        )));
-    };
-    let shutdown = CancellationToken::new();
-    let signals = spawn_signal_handler(shutdown.clone(), OnReload::Validate(Arc::from(path)))?;
-    let (server_cfg, generated) = with_api_keys(server_cfg);
-    let result = run_receiver(
-        &server_cfg,
-        &ReceiverOptions::default(),
-        generated.as_deref(),
-        shutdown,
-        config.daemon.shutdown_grace,
-    )
-    .await;
-    signals.abort();
-    result
+    Ok(listener)
 }
 
 /// Fills in the receiver's keys: configured ones, else `INDEXEDCP_API_KEY`, else a

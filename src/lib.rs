@@ -19,9 +19,14 @@
 //! async executor threads; memory is bounded by chunk size times concurrency, not
 //! by file size; nothing is written outside the receiver's output directory.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod ingest;
 pub mod logging;
 pub mod protocol;
 pub mod server;
+pub mod spool;
+pub mod store;
+pub mod upload;

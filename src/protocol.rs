@@ -1,6 +1,6 @@
 //! Wire names and shapes shared by the client and the receiver (DESIGN.md section 5).
 //!
-//! This module does no I/O: it only names headers, validates the values that travel
+//! This module does no file or network I/O: it only names headers, validates the values that travel
 //! in them and describes the JSON bodies, so that both sides agree by construction.
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,11 @@ pub const FILE_SHA256: &str = "x-file-sha256";
 /// Reply header by which a receiver announces the resumable extension.
 pub const RESUMABLE: &str = "x-indexedcp-resumable";
 
+/// `error` of a 422 reply: the chunk body did not match `X-Chunk-Sha256` (resend it).
+pub const CHUNK_MISMATCH_ERROR: &str = "Chunk checksum mismatch";
+/// `error` of a 422 reply: the whole file did not verify and was discarded (resend all).
+pub const FILE_MISMATCH_ERROR: &str = "File checksum mismatch";
+
 /// The name the original server uses when a request carries no `X-File-Name`.
 pub const DEFAULT_FILE_NAME: &str = "uploaded_file.txt";
 
@@ -34,6 +39,13 @@ pub fn is_valid_upload_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A fresh upload id: 32 random hex characters from the operating system.
+pub fn new_upload_id() -> String {
+    let mut buf = [0u8; 16];
+    getrandom::fill(&mut buf).expect("the operating system's random source failed");
+    hex::encode(buf)
 }
 
 /// Parses a lowercase or uppercase hex SHA-256 into its canonical lowercase form.

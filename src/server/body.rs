@@ -82,6 +82,7 @@ pub async fn read_body(
         };
         total += data.len() as u64;
         if total > limit {
+            drain(body).await;
             break Err(BodyError::TooLong { limit });
         }
         if tx.send(data).await.is_err() {
@@ -95,6 +96,27 @@ pub async fn read_body(
         .map_err(|e| BodyError::Io(io::Error::other(e.to_string())))?;
     read_result?;
     Ok(written?)
+}
+
+/// Bytes of a refused body that are read and thrown away before replying, so the
+/// client (which is usually still sending) sees the reply instead of a reset.
+pub const DRAIN_BYTES: u64 = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// Reads and discards up to [`DRAIN_BYTES`] of `body` for at most a second.
+pub async fn drain(mut body: Body) {
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                match left.checked_sub(data.len() as u64) {
+                    Some(rest) => left = rest,
+                    None => break,
+                }
+            }
+        }
+    })
+    .await;
 }
 
 /// Whether an I/O error means the disk (or quota) is full.

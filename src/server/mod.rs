@@ -319,7 +319,7 @@ impl Receiver {
             let _ = rustix::fs::unlinkat(&inner.staging, upload_id, rustix::fs::AtFlags::empty());
             inner.state.forget_upload(upload_id)?;
             tracing::warn!(upload_id, client_name = %meta.client_name, reason = %why, "upload discarded");
-            Err(ApiError::Unprocessable(format!(
+            Err(ApiError::FileMismatch(format!(
                 "{why}; the upload was discarded, send the file again from its first chunk"
             )))
         };
@@ -478,6 +478,8 @@ pub enum ApiError {
     Timeout(String),
     TooLarge(String),
     Unprocessable(String),
+    /// The whole file did not verify; the upload was discarded.
+    FileMismatch(String),
     InsufficientStorage(String),
     Internal(String),
 }
@@ -491,7 +493,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_) | ApiError::FileMismatch(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -507,6 +511,7 @@ impl ApiError {
             | ApiError::Timeout(m)
             | ApiError::TooLarge(m)
             | ApiError::Unprocessable(m)
+            | ApiError::FileMismatch(m)
             | ApiError::InsufficientStorage(m)
             | ApiError::Internal(m) => m.clone(),
         }
@@ -521,7 +526,8 @@ impl ApiError {
             ApiError::Conflict(m) => ("Conflict", Some(m)),
             ApiError::Timeout(m) => ("Request timeout", Some(m)),
             ApiError::TooLarge(m) => ("Payload too large", Some(m)),
-            ApiError::Unprocessable(m) => ("Checksum mismatch", Some(m)),
+            ApiError::Unprocessable(m) => (protocol::CHUNK_MISMATCH_ERROR, Some(m)),
+            ApiError::FileMismatch(m) => (protocol::FILE_MISMATCH_ERROR, Some(m)),
             ApiError::InsufficientStorage(m) => ("Insufficient storage", Some(m)),
             ApiError::Internal(m) => ("Internal error", Some(m)),
         };
@@ -674,7 +680,7 @@ async fn upload_status(
                 upload.phase = UploadPhase::Complete;
                 upload.actual_name = Some(name);
             }
-            Err(ApiError::Unprocessable(_)) => received.clear(),
+            Err(ApiError::FileMismatch(_)) => received.clear(),
             Err(e) => return Err(e),
         }
     }
@@ -811,6 +817,9 @@ async fn upload(
     if let Some(len) = content_length(&headers)
         && len > receiver.inner.max_chunk_bytes
     {
+        if len - receiver.inner.max_chunk_bytes <= body::DRAIN_BYTES {
+            body::drain(body).await;
+        }
         return Err(too_large_chunk(receiver.inner.max_chunk_bytes));
     }
     match header_str(&headers, protocol::UPLOAD_ID)? {

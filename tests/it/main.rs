@@ -3,6 +3,8 @@
 
 mod support;
 
+mod agent;
+mod config_errors;
 mod receiver_compat;
 mod receiver_limits;
 mod receiver_names;

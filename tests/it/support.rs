@@ -52,10 +52,11 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 /// directories map to `None`, symlinks to their target prefixed with `-> `.
 pub fn tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap())
-            .collect();
+        // Entries may vanish while a daemon works on the tree: skip those.
+        let Ok(read) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<_> = read.filter_map(Result::ok).collect();
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
@@ -64,15 +65,19 @@ pub fn tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
             if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&path).unwrap();
+                let Ok(target) = std::fs::read_link(&path) else {
+                    continue;
+                };
                 out.insert(rel, Some(format!("-> {}", target.display()).into_bytes()));
             } else if meta.is_dir() {
                 out.insert(rel, None);
                 walk(root, &path, out);
-            } else {
-                out.insert(rel, Some(std::fs::read(&path).unwrap()));
+            } else if let Ok(content) = std::fs::read(&path) {
+                out.insert(rel, Some(content));
             }
         }
     }
@@ -105,11 +110,12 @@ impl Server {
     pub async fn start(output_dir: &Path, extra: &[&str]) -> Server {
         let mut args: Vec<String> = vec![
             "server".into(),
-            "--port".into(),
-            "0".into(),
             "--output-dir".into(),
             output_dir.display().to_string(),
         ];
+        if !extra.contains(&"--port") {
+            args.extend(["--port".into(), "0".into()]);
+        }
         if !extra.contains(&"--no-key") {
             args.extend(["-k".into(), KEY.into()]);
         }
@@ -372,4 +378,135 @@ pub fn raw_upload(
     let (status, body) = raw_request(url, &head, body);
     let value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     (status, value)
+}
+
+/// A running `indexedcp daemon` with the agent role only (no stdout handshake).
+pub struct Daemon {
+    pub child: Child,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        let child = Command::new(BIN)
+            .args(["daemon", "--config"])
+            .arg(config)
+            .env_remove("INDEXEDCP_API_KEY")
+            .env("INDEXEDCP_LOG_LEVEL", "indexedcp=debug,info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start indexedcp daemon");
+        Daemon {
+            child,
+            config: config.to_owned(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Daemon::start(&self.config);
+    }
+
+    /// Sends `signal` and waits (up to `timeout`) for the exit status.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+        unsafe_kill(self.child.id(), signal);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit within {timeout:?} after signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An agent config: one target at `url`, one spool at `spool`, state in `state`,
+/// plus `extra_spool` and `extra_target` lines appended to those sections.
+pub fn agent_config(
+    dir: &Path,
+    url: &str,
+    spool: &Path,
+    extra_spool: &str,
+    extra_target: &str,
+) -> PathBuf {
+    let path = dir.join("agent.toml");
+    let retry = if extra_target.contains("retry_delay") {
+        ""
+    } else {
+        "initial_retry_delay = \"100ms\"\nmax_retry_delay = \"1s\"\n"
+    };
+    let text = format!(
+        "[daemon]\nstate_dir = {state:?}\ncheck_interval = \"500ms\"\n\n\
+         [[target]]\nname = \"central\"\nurl = {url:?}\napi_key = \"{KEY}\"\n{retry}{extra_target}\n\n\
+         [[spool]]\npath = {spool:?}\ntarget = \"central\"\nsettle = \"300ms\"\n{extra_spool}\n",
+        state = dir.join("state").display().to_string(),
+        spool = spool.display().to_string(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Writes `content` to `spool/rel` the recommended way: elsewhere, then rename.
+pub fn drop_file(staging: &Path, spool: &Path, rel: &str, content: &[u8]) {
+    let tmp = staging.join(format!("tmp-{}", sha256_hex(rel.as_bytes())));
+    std::fs::write(&tmp, content).unwrap();
+    let dest = spool.join(rel);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    std::fs::rename(&tmp, &dest).unwrap();
+}
+
+/// Waits until `output` holds exactly `expected` (path -> bytes), with a deadline.
+pub async fn wait_for_files(
+    output: &Path,
+    expected: &BTreeMap<String, Vec<u8>>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = visible_files(output);
+        if &got == expected {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<_> = expected
+                .keys()
+                .filter(|k| !got.contains_key(*k))
+                .take(10)
+                .collect();
+            let extra: Vec<_> = got
+                .keys()
+                .filter(|k| !expected.contains_key(*k))
+                .take(10)
+                .collect();
+            let differ: Vec<_> = expected
+                .iter()
+                .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+                .map(|(k, _)| k)
+                .take(10)
+                .collect();
+            panic!(
+                "after {timeout:?}: {} of {} files; missing {missing:?}, unexpected {extra:?}, different {differ:?}",
+                got.len(),
+                expected.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

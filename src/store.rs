@@ -1,0 +1,838 @@
+//! The agent's buffer: every file waiting for (or done with) upload, its chunks
+//! as BLOBs, retry bookkeeping and the last errors, in one SQLite file
+//! (`<state_dir>/buffer.db`) behind an r2d2 pool.
+//!
+//! All SQL lives here. Every method blocks: callers run them off the async
+//! executor (`spawn_blocking`). This module knows nothing of tokio, HTTP or the
+//! config file. The commit that makes a file durable runs with
+//! `synchronous = FULL` because the source is deleted right after it.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{OptionalExtension, params};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open the buffer {path}: {source}; check that the state directory exists and is writable"
+    )]
+    Open {
+        path: String,
+        #[source]
+        source: r2d2::Error,
+    },
+    #[error("buffer database: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("buffer database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error(
+        "buffer database has schema version {found}, newer than this build knows ({known}); upgrade indexedcp"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("no buffered file with id {0}")]
+    NoSuchFile(i64),
+}
+
+impl StoreError {
+    /// Whether the error means the disk holding the buffer is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Sql(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE files (
+    id            INTEGER PRIMARY KEY,
+    spool         TEXT NOT NULL,
+    rel_path      TEXT NOT NULL,
+    remote_name   TEXT NOT NULL,
+    target        TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    sha256        TEXT NOT NULL,
+    chunk_size    INTEGER NOT NULL,
+    chunk_count   INTEGER NOT NULL,
+    upload_id     TEXT NOT NULL UNIQUE,
+    src_path      TEXT NOT NULL,
+    src_dev       INTEGER NOT NULL,
+    src_ino       INTEGER NOT NULL,
+    src_size      INTEGER NOT NULL,
+    src_mtime_ns  INTEGER NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('queued', 'failed', 'confirmed')),
+    failure       TEXT,
+    server_name   TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    confirmed_at  INTEGER
+);
+CREATE INDEX files_source ON files (spool, src_dev, src_ino, src_size, src_mtime_ns);
+CREATE INDEX files_state ON files (state, target);
+CREATE TABLE chunks (
+    file_id       INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    idx           INTEGER NOT NULL,
+    byte_offset   INTEGER NOT NULL,
+    length        INTEGER NOT NULL,
+    sha256        TEXT NOT NULL,
+    data          BLOB,
+    state         TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'uploaded', 'confirmed')),
+    retry_count   INTEGER NOT NULL DEFAULT 0,
+    last_attempt  INTEGER,
+    next_attempt  INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    PRIMARY KEY (file_id, idx)
+);
+CREATE TABLE chunk_errors (
+    id            INTEGER PRIMARY KEY,
+    file_id       INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    idx           INTEGER NOT NULL,
+    at            INTEGER NOT NULL,
+    error         TEXT NOT NULL
+);
+CREATE INDEX chunk_errors_chunk ON chunk_errors (file_id, idx);
+CREATE TABLE kept_sources (
+    spool         TEXT NOT NULL,
+    rel_path      TEXT NOT NULL,
+    src_dev       INTEGER NOT NULL,
+    src_ino       INTEGER NOT NULL,
+    src_size      INTEGER NOT NULL,
+    src_mtime_ns  INTEGER NOT NULL,
+    PRIMARY KEY (spool, rel_path)
+);
+";
+
+/// Errors kept per chunk.
+pub const ERROR_HISTORY: usize = 5;
+
+/// Milliseconds since the Unix epoch, the store's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Where a buffered file came from; two sightings with the same identity are the
+/// same unchanged file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    Queued,
+    Failed,
+    Confirmed,
+}
+
+impl FileState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileState::Queued => "queued",
+            FileState::Failed => "failed",
+            FileState::Confirmed => "confirmed",
+        }
+    }
+    fn parse(s: &str) -> FileState {
+        match s {
+            "failed" => FileState::Failed,
+            "confirmed" => FileState::Confirmed,
+            _ => FileState::Queued,
+        }
+    }
+}
+
+/// A new file about to be buffered.
+#[derive(Debug, Clone)]
+pub struct NewFile {
+    pub spool: String,
+    pub rel_path: String,
+    pub remote_name: String,
+    pub target: String,
+    pub chunk_size: u64,
+    pub upload_id: String,
+    pub src_path: String,
+    pub identity: Identity,
+    /// Remember the identity so that a kept source is never ingested again.
+    pub remember_kept: bool,
+}
+
+/// A buffered file as the uploader and `status` see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileRecord {
+    pub id: i64,
+    pub spool: String,
+    pub rel_path: String,
+    pub remote_name: String,
+    pub target: String,
+    pub size: u64,
+    pub sha256: String,
+    pub chunk_count: u64,
+    pub upload_id: String,
+    pub state: &'static str,
+    pub failure: Option<String>,
+    pub server_name: Option<String>,
+    pub created_at: i64,
+    pub confirmed_at: Option<i64>,
+    /// Chunks acknowledged by the receiver.
+    pub chunks_uploaded: u64,
+    /// The highest retry count among the file's chunks.
+    pub retries: u64,
+    /// When the next attempt is due (ms since epoch), for queued files.
+    pub next_attempt: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// A chunk's metadata (without its bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkMeta {
+    pub idx: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub sha256: String,
+    pub uploaded: bool,
+    pub retry_count: u64,
+}
+
+/// Receives a file's chunks during [`Store::ingest`].
+pub struct ChunkSink<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+    file_id: i64,
+    next_idx: u64,
+    offset: u64,
+}
+
+impl ChunkSink<'_> {
+    /// Appends the next chunk, with its SHA-256 as hex.
+    pub fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![self.file_id, self.next_idx as i64, self.offset as i64, data.len() as i64, sha256, data],
+        )?;
+        self.next_idx += 1;
+        self.offset += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// What the ingest callback decided after reading the whole source.
+pub enum IngestDecision {
+    /// Keep it: the whole file's SHA-256.
+    Commit { sha256: String },
+    /// Roll back (the source changed while it was read).
+    Abort,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+}
+
+impl Store {
+    /// Opens (creating and migrating) the buffer at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let manager = SqliteConnectionManager::file(path).with_init(|conn| {
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 60000;",
+            )
+        });
+        let pool = r2d2::Pool::builder()
+            .max_size(8)
+            .build(manager)
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let store = Store { pool };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found: version,
+                known: SCHEMA_VERSION,
+            });
+        }
+        if version < 1 {
+            tx.execute_batch(SCHEMA_V1)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The id of a buffered file with this source identity in this spool, if any:
+    /// the source was buffered before and only its disposal may be missing.
+    pub fn find_by_source(&self, spool: &str, id: Identity) -> Result<Option<i64>> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .query_row(
+                "SELECT id FROM files WHERE spool = ?1 AND src_dev = ?2 AND src_ino = ?3 AND src_size = ?4 AND src_mtime_ns = ?5",
+                params![spool, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Whether a kept source at `rel_path` was already ingested unchanged.
+    pub fn is_kept(&self, spool: &str, rel_path: &str, id: Identity) -> Result<bool> {
+        let conn = self.pool.get()?;
+        let found: Option<i64> = conn
+            .query_row(
+                "SELECT 1 FROM kept_sources WHERE spool = ?1 AND rel_path = ?2 AND src_dev = ?3 AND src_ino = ?4 AND src_size = ?5 AND src_mtime_ns = ?6",
+                params![spool, rel_path, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// Bytes held for files not yet confirmed.
+    pub fn buffered_bytes(&self) -> Result<u64> {
+        let conn = self.pool.get()?;
+        let n: i64 = conn.query_row(
+            "SELECT coalesce(sum(size), 0) FROM files WHERE state != 'confirmed'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Buffers a file in one transaction: `fill` pushes every chunk into the sink
+    /// and decides whether to commit. Returns the new file's id, or `None` when
+    /// `fill` aborted (nothing is kept).
+    pub fn ingest<E>(
+        &self,
+        file: &NewFile,
+        fill: impl FnOnce(&mut ChunkSink<'_>) -> std::result::Result<IngestDecision, E>,
+    ) -> std::result::Result<Option<i64>, E>
+    where
+        E: From<StoreError>,
+    {
+        let mut conn = self.pool.get().map_err(StoreError::from)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
+                                src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, 0, '', ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12, ?12)",
+            params![
+                file.spool,
+                file.rel_path,
+                file.remote_name,
+                file.target,
+                file.chunk_size as i64,
+                file.upload_id,
+                file.src_path,
+                file.identity.dev as i64,
+                file.identity.ino as i64,
+                file.identity.size as i64,
+                file.identity.mtime_ns,
+                now
+            ],
+        )
+        .map_err(StoreError::from)?;
+        let file_id = tx.last_insert_rowid();
+        let mut sink = ChunkSink {
+            tx: &tx,
+            file_id,
+            next_idx: 0,
+            offset: 0,
+        };
+        let decision = fill(&mut sink)?;
+        let (n_chunks, size) = (sink.next_idx, sink.offset);
+        let IngestDecision::Commit { sha256 } = decision else {
+            tx.rollback().map_err(StoreError::from)?;
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE files SET size = ?2, sha256 = ?3, chunk_count = ?4 WHERE id = ?1",
+            params![file_id, size as i64, sha256, n_chunks as i64],
+        )
+        .map_err(StoreError::from)?;
+        if file.remember_kept {
+            tx.execute(
+                "INSERT OR REPLACE INTO kept_sources (spool, rel_path, src_dev, src_ino, src_size, src_mtime_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    file.spool,
+                    file.rel_path,
+                    file.identity.dev as i64,
+                    file.identity.ino as i64,
+                    file.identity.size as i64,
+                    file.identity.mtime_ns
+                ],
+            )
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().map_err(StoreError::from)?;
+        Ok(Some(file_id))
+    }
+
+    fn file_records(
+        &self,
+        where_sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get()?;
+        let sql = format!(
+            "SELECT f.id, f.spool, f.rel_path, f.remote_name, f.target, f.size, f.sha256, f.chunk_count, f.upload_id,
+                    f.state, f.failure, f.server_name, f.created_at, f.confirmed_at,
+                    (SELECT count(*) FROM chunks c WHERE c.file_id = f.id AND c.state != 'pending'),
+                    (SELECT coalesce(max(retry_count), 0) FROM chunks c WHERE c.file_id = f.id),
+                    (SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'),
+                    (SELECT error FROM chunk_errors e WHERE e.file_id = f.id ORDER BY e.id DESC LIMIT 1)
+             FROM files f {where_sql} ORDER BY f.id"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(args, |r| {
+            let state = FileState::parse(&r.get::<_, String>(9)?);
+            let chunk_count = r.get::<_, i64>(7)? as u64;
+            Ok(FileRecord {
+                id: r.get(0)?,
+                spool: r.get(1)?,
+                rel_path: r.get(2)?,
+                remote_name: r.get(3)?,
+                target: r.get(4)?,
+                size: r.get::<_, i64>(5)? as u64,
+                sha256: r.get(6)?,
+                chunk_count,
+                upload_id: r.get(8)?,
+                state: state.as_str(),
+                failure: r.get(10)?,
+                server_name: r.get(11)?,
+                created_at: r.get(12)?,
+                confirmed_at: r.get(13)?,
+                chunks_uploaded: if state == FileState::Confirmed {
+                    chunk_count
+                } else {
+                    r.get::<_, i64>(14)? as u64
+                },
+                retries: r.get::<_, i64>(15)? as u64,
+                next_attempt: if state == FileState::Queued {
+                    r.get(16)?
+                } else {
+                    None
+                },
+                last_error: r.get(17)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Every file in the buffer, oldest first.
+    pub fn list(&self) -> Result<Vec<FileRecord>> {
+        self.file_records("", &[])
+    }
+
+    pub fn file(&self, id: i64) -> Result<FileRecord> {
+        self.file_records("WHERE f.id = ?1", &[&id])?
+            .pop()
+            .ok_or(StoreError::NoSuchFile(id))
+    }
+
+    /// Queued files of `target` due at `now` (every pending chunk's next attempt
+    /// has come), oldest
+    /// first, skipping `busy` ids, at most `limit`.
+    pub fn due_files(
+        &self,
+        target: &str,
+        now: i64,
+        busy: &[i64],
+        limit: usize,
+    ) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT f.id FROM files f
+             WHERE f.state = 'queued' AND f.target = ?1
+               AND coalesce((SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'), 0) <= ?2
+             ORDER BY f.id",
+        )?;
+        let ids = stmt
+            .query_map(params![target, now], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(stmt);
+        drop(conn);
+        let mut out = Vec::new();
+        for id in ids.into_iter().filter(|id| !busy.contains(id)).take(limit) {
+            out.push(self.file(id)?);
+        }
+        Ok(out)
+    }
+
+    /// The earliest moment (ms) any queued file of `target` becomes due.
+    pub fn next_due(&self, target: &str) -> Result<Option<i64>> {
+        let conn = self.pool.get()?;
+        // A file is due when its latest-scheduled pending chunk is; the earliest
+        // such moment over all files is when the uploader must wake.
+        Ok(conn.query_row(
+            "SELECT min(due) FROM (SELECT max(c.next_attempt) AS due FROM chunks c JOIN files f ON f.id = c.file_id
+             WHERE f.state = 'queued' AND f.target = ?1 AND c.state = 'pending' GROUP BY f.id)",
+            params![target],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn chunks(&self, file_id: i64) -> Result<Vec<ChunkMeta>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT idx, byte_offset, length, sha256, state, retry_count FROM chunks WHERE file_id = ?1 ORDER BY idx",
+        )?;
+        let rows = stmt.query_map(params![file_id], |r| {
+            Ok(ChunkMeta {
+                idx: r.get::<_, i64>(0)? as u64,
+                offset: r.get::<_, i64>(1)? as u64,
+                length: r.get::<_, i64>(2)? as u64,
+                sha256: r.get(3)?,
+                uploaded: r.get::<_, String>(4)? != "pending",
+                retry_count: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// A chunk's bytes.
+    pub fn chunk_data(&self, file_id: i64, idx: u64) -> Result<Vec<u8>> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .query_row(
+                "SELECT data FROM chunks WHERE file_id = ?1 AND idx = ?2",
+                params![file_id, idx as i64],
+                |r| r.get::<_, Option<Vec<u8>>>(0),
+            )?
+            .unwrap_or_default())
+    }
+
+    /// Marks chunks acknowledged by the receiver.
+    pub fn mark_uploaded(&self, file_id: i64, idxs: &[u64]) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        for idx in idxs {
+            tx.execute(
+                "UPDATE chunks SET state = 'uploaded', last_attempt = ?3 WHERE file_id = ?1 AND idx = ?2 AND state = 'pending'",
+                params![file_id, *idx as i64, now],
+            )?;
+        }
+        tx.execute(
+            "UPDATE files SET updated_at = ?2 WHERE id = ?1",
+            params![file_id, now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Puts every chunk of a file back to pending (the receiver lost the upload).
+    pub fn reset_chunks(&self, file_id: i64) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.execute(
+            "UPDATE chunks SET state = 'pending' WHERE file_id = ?1",
+            params![file_id],
+        )?;
+        Ok(())
+    }
+
+    /// Records a failed attempt at a chunk: its retry count goes up, its next
+    /// attempt is `next_attempt` (ms), and the error joins the last five.
+    /// Returns the new retry count.
+    pub fn record_failure(
+        &self,
+        file_id: i64,
+        idx: u64,
+        error: &str,
+        next_attempt: i64,
+    ) -> Result<u64> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE chunks SET retry_count = retry_count + 1, last_attempt = ?3, next_attempt = ?4, last_error = ?5
+             WHERE file_id = ?1 AND idx = ?2",
+            params![file_id, idx as i64, now, next_attempt, error],
+        )?;
+        tx.execute(
+            "INSERT INTO chunk_errors (file_id, idx, at, error) VALUES (?1, ?2, ?3, ?4)",
+            params![file_id, idx as i64, now, error],
+        )?;
+        tx.execute(
+            "DELETE FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 AND id NOT IN
+                (SELECT id FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 ORDER BY id DESC LIMIT ?3)",
+            params![file_id, idx as i64, ERROR_HISTORY as i64],
+        )?;
+        let count: i64 = tx.query_row(
+            "SELECT retry_count FROM chunks WHERE file_id = ?1 AND idx = ?2",
+            params![file_id, idx as i64],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "UPDATE files SET updated_at = ?2 WHERE id = ?1",
+            params![file_id, now],
+        )?;
+        tx.commit()?;
+        Ok(count as u64)
+    }
+
+    /// The last errors of a chunk, oldest first (at most five).
+    pub fn chunk_errors(&self, file_id: i64, idx: u64) -> Result<Vec<(i64, String)>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT at, error FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![file_id, idx as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Parks a file as failed with the reason; it stays until an operator retries
+    /// or purges it.
+    pub fn park(&self, file_id: i64, reason: &str) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.execute(
+            "UPDATE files SET state = 'failed', failure = ?2, updated_at = ?3 WHERE id = ?1",
+            params![file_id, reason, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The receiver confirmed the whole file: its data leaves the store; the
+    /// record stays (with the server's name) until the retention period passes.
+    pub fn confirm(&self, file_id: i64, server_name: Option<&str>) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1",
+            params![file_id, server_name, now],
+        )?;
+        tx.execute(
+            "UPDATE chunks SET state = 'confirmed', data = NULL WHERE file_id = ?1",
+            params![file_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Puts failed files back in the queue with fresh retry counts; `None` means
+    /// all of them. Returns how many were re-queued.
+    pub fn retry(&self, file_id: Option<i64>) -> Result<usize> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        let ids: Vec<i64> = {
+            let mut stmt = tx.prepare(
+                "SELECT id FROM files WHERE state = 'failed' AND (?1 IS NULL OR id = ?1)",
+            )?;
+            stmt.query_map(params![file_id], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        for id in &ids {
+            tx.execute(
+                "UPDATE files SET state = 'queued', failure = NULL, updated_at = ?2 WHERE id = ?1",
+                params![id, now_ms()],
+            )?;
+            tx.execute(
+                "UPDATE chunks SET retry_count = 0, next_attempt = 0 WHERE file_id = ?1",
+                params![id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(ids.len())
+    }
+
+    /// Deletes a file and its data from the buffer. Returns whether it existed.
+    pub fn purge(&self, file_id: i64) -> Result<bool> {
+        let conn = self.pool.get()?;
+        Ok(conn.execute("DELETE FROM files WHERE id = ?1", params![file_id])? > 0)
+    }
+
+    /// Forgets confirmed files confirmed before `cutoff` (ms). Returns how many.
+    pub fn forget_confirmed_before(&self, cutoff: i64) -> Result<usize> {
+        let conn = self.pool.get()?;
+        Ok(conn.execute(
+            "DELETE FROM files WHERE state = 'confirmed' AND confirmed_at < ?1",
+            params![cutoff],
+        )?)
+    }
+
+    /// Counts by state, for status lines.
+    pub fn counts(&self) -> Result<(u64, u64, u64)> {
+        let conn = self.pool.get()?;
+        Ok(conn.query_row(
+            "SELECT coalesce(sum(state = 'queued'), 0), coalesce(sum(state = 'failed'), 0), coalesce(sum(state = 'confirmed'), 0) FROM files",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
+        )?)
+    }
+
+    pub fn integrity_check(&self) -> Result<String> {
+        let conn = self.pool.get()?;
+        Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_file(name: &str, ino: u64) -> NewFile {
+        NewFile {
+            spool: "/spool".into(),
+            rel_path: name.into(),
+            remote_name: name.into(),
+            target: "t".into(),
+            chunk_size: 4,
+            upload_id: format!("upload-{name}-0123456789"),
+            src_path: format!("/spool/{name}"),
+            identity: Identity {
+                dev: 1,
+                ino,
+                size: 10,
+                mtime_ns: 5,
+            },
+            remember_kept: false,
+        }
+    }
+
+    fn ingest(store: &Store, file: &NewFile, data: &[u8]) -> i64 {
+        store
+            .ingest(file, |sink| -> Result<IngestDecision> {
+                for chunk in data.chunks(4) {
+                    sink.push(chunk, "00")?;
+                }
+                Ok(IngestDecision::Commit {
+                    sha256: "ff".into(),
+                })
+            })
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn ingest_commits_or_rolls_back_whole_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let id = ingest(&store, &new_file("a", 1), b"0123456789");
+        let rec = store.file(id).unwrap();
+        assert_eq!((rec.size, rec.chunk_count, rec.state), (10, 3, "queued"));
+        assert_eq!(store.chunk_data(id, 2).unwrap(), b"89");
+        assert_eq!(store.buffered_bytes().unwrap(), 10);
+        let aborted = store
+            .ingest(&new_file("b", 2), |sink| -> Result<IngestDecision> {
+                sink.push(b"xx", "00")?;
+                Ok(IngestDecision::Abort)
+            })
+            .unwrap();
+        assert!(aborted.is_none());
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(
+            store
+                .find_by_source(
+                    "/spool",
+                    Identity {
+                        dev: 1,
+                        ino: 1,
+                        size: 10,
+                        mtime_ns: 5
+                    }
+                )
+                .unwrap(),
+            Some(id)
+        );
+        assert_eq!(
+            store
+                .find_by_source(
+                    "/spool",
+                    Identity {
+                        dev: 1,
+                        ino: 2,
+                        size: 10,
+                        mtime_ns: 5
+                    }
+                )
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn failures_keep_five_errors_and_schedule_the_next_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let id = ingest(&store, &new_file("a", 1), b"0123456789");
+        for n in 1..=7 {
+            assert_eq!(
+                store
+                    .record_failure(id, 0, &format!("error {n}"), 1_000 * n)
+                    .unwrap(),
+                n as u64
+            );
+        }
+        let errors = store.chunk_errors(id, 0).unwrap();
+        assert_eq!(
+            errors.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+            ["error 3", "error 4", "error 5", "error 6", "error 7"]
+        );
+        assert!(store.due_files("t", 6_999, &[], 10).unwrap().is_empty());
+        assert_eq!(store.due_files("t", 7_000, &[], 10).unwrap().len(), 1);
+        assert_eq!(store.next_due("t").unwrap(), Some(7_000));
+        let rec = store.file(id).unwrap();
+        assert_eq!(
+            (rec.retries, rec.last_error.as_deref()),
+            (7, Some("error 7"))
+        );
+    }
+
+    #[test]
+    fn confirm_drops_data_and_park_retry_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let a = ingest(&store, &new_file("a", 1), b"0123456789");
+        let b = ingest(&store, &new_file("b", 2), b"0123456789");
+        store.mark_uploaded(a, &[0, 1, 2]).unwrap();
+        store.confirm(a, Some("a")).unwrap();
+        assert!(store.chunk_data(a, 0).unwrap().is_empty());
+        assert_eq!(store.file(a).unwrap().server_name.as_deref(), Some("a"));
+        assert_eq!(store.buffered_bytes().unwrap(), 10);
+        store.park(b, "400 Invalid filename").unwrap();
+        assert!(store.due_files("t", i64::MAX, &[], 10).unwrap().is_empty());
+        assert_eq!(store.counts().unwrap(), (0, 1, 1));
+        assert_eq!(store.retry(None).unwrap(), 1);
+        assert_eq!(store.due_files("t", 0, &[], 10).unwrap().len(), 1);
+        assert!(store.purge(b).unwrap());
+        assert!(!store.purge(b).unwrap());
+        assert_eq!(store.forget_confirmed_before(now_ms() + 1).unwrap(), 1);
+        assert!(store.list().unwrap().is_empty());
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn kept_sources_are_remembered_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let mut file = new_file("k", 9);
+        file.remember_kept = true;
+        ingest(&store, &file, b"abc");
+        assert!(store.is_kept("/spool", "k", file.identity).unwrap());
+        let changed = Identity {
+            mtime_ns: 6,
+            ..file.identity
+        };
+        assert!(!store.is_kept("/spool", "k", changed).unwrap());
+    }
+}

@@ -1,0 +1,755 @@
+//! The client side: sending a buffered file's chunks to a receiver, the retry
+//! schedule, and the uploader loop that drains the buffer.
+//!
+//! Chunks of a file go in order, one at a time, every one with the resumable
+//! extension headers; a v1 receiver ignores them. When a receiver announces the
+//! extension (`X-IndexedCP-Resumable: 1`) a resumed file first asks
+//! `GET /upload/<id>` and skips what arrived. A file's data leaves the buffer
+//! only when the receiver confirmed the whole file. [`UploadError::retry`] is the
+//! one place that decides between retrying and parking. No SQL here: the store
+//! does that, always off the executor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TargetConfig;
+use crate::protocol::{self, ChunkReply, ErrorReply, UploadStatus};
+use crate::store::{self, ChunkMeta, FileRecord, Store, StoreError};
+
+/// The retry schedule: `min(initial * multiplier^(n-1), max)` for the n-th retry,
+/// plus up to 10 % jitter (never beyond `max`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BackoffError {
+    #[error("initial retry delay {initial:?} is larger than the maximum {max:?}")]
+    InitialAboveMax { initial: Duration, max: Duration },
+    #[error("retry multiplier {0} must be a finite number of at least 1")]
+    Multiplier(f64),
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration, multiplier: f64) -> Result<Backoff, BackoffError> {
+        if initial > max {
+            return Err(BackoffError::InitialAboveMax { initial, max });
+        }
+        if !multiplier.is_finite() || multiplier < 1.0 {
+            return Err(BackoffError::Multiplier(multiplier));
+        }
+        Ok(Backoff {
+            initial,
+            max,
+            multiplier,
+        })
+    }
+
+    pub fn of(target: &TargetConfig) -> Backoff {
+        Backoff {
+            initial: target.initial_retry_delay,
+            max: target.max_retry_delay,
+            multiplier: target.retry_multiplier,
+        }
+    }
+
+    /// The delay before retry number `n` (1-based), without jitter.
+    pub fn delay(&self, n: u64) -> Duration {
+        let exponent = n.saturating_sub(1).min(1_000) as i32;
+        let secs = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
+        if !secs.is_finite() || secs >= self.max.as_secs_f64() {
+            self.max
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+
+    /// [`Backoff::delay`] plus `jitter` (in [0, 1)) times 10 %, capped at the maximum.
+    pub fn delay_with_jitter(&self, n: u64, jitter: f64) -> Duration {
+        let base = self.delay(n);
+        base.mul_f64(1.0 + 0.1 * jitter.clamp(0.0, 1.0))
+            .min(self.max.max(base))
+    }
+}
+
+fn random_unit() -> f64 {
+    let mut buf = [0u8; 8];
+    getrandom::fill(&mut buf).expect("the operating system's random source failed");
+    (u64::from_le_bytes(buf) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("cannot reach {url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("{url} answered {status}: {message}")]
+    Status {
+        url: String,
+        status: u16,
+        error: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{url} sent an unexpected reply: {message}")]
+    Protocol { url: String, message: String },
+    #[error("cannot send {what}: {message}")]
+    Request { what: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What to do after a failure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Retry {
+    /// Retry on the backoff schedule.
+    Backoff,
+    /// Retry on the schedule, but not before this (429/503 `Retry-After`).
+    NotBefore(Duration),
+    /// A configuration problem (key, URL): retry at the maximum delay, so that
+    /// fixing the config and reloading resumes delivery.
+    AtMaximum,
+    /// Like `Backoff`, and the receiver discarded the file: send every chunk again.
+    Restart,
+    /// Permanent: park the file as failed until an operator retries it.
+    Never,
+}
+
+impl UploadError {
+    /// The one place that decides retry versus park.
+    pub fn retry(&self) -> Retry {
+        match self {
+            UploadError::Transport { .. }
+            | UploadError::Protocol { .. }
+            | UploadError::Store(_) => Retry::Backoff,
+            UploadError::Request { .. } => Retry::Never,
+            UploadError::Status {
+                status,
+                error,
+                retry_after,
+                ..
+            } => match *status {
+                401 | 403 | 404 | 405 => Retry::AtMaximum,
+                408 => Retry::Backoff,
+                422 if error == protocol::FILE_MISMATCH_ERROR => Retry::Restart,
+                // A chunk damaged in transit: send it again.
+                422 => Retry::Backoff,
+                429 | 503 => retry_after.map_or(Retry::Backoff, Retry::NotBefore),
+                500..=599 => Retry::Backoff,
+                _ => Retry::Never,
+            },
+        }
+    }
+}
+
+/// Progress reported to observers (the log, library callbacks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadEvent {
+    pub file_id: i64,
+    pub file_name: String,
+    pub chunk_index: u64,
+    pub status: EventStatus,
+    pub retry_count: u64,
+    pub next_retry_in: Option<Duration>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventStatus {
+    /// A chunk was acknowledged.
+    Success,
+    /// A chunk failed; it will be retried after `next_retry_in`.
+    Failed,
+    /// The receiver confirmed the whole file under this name.
+    Complete { server_name: Option<String> },
+    /// The file was parked as failed with this reason.
+    Parked { reason: String },
+}
+
+/// Receives [`UploadEvent`]s; the default does nothing.
+pub trait UploadObserver: Send + Sync {
+    fn on_event(&self, _event: &UploadEvent) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl UploadObserver for NoObserver {}
+
+const RESUMABLE_UNKNOWN: u8 = 0;
+const RESUMABLE_YES: u8 = 1;
+const RESUMABLE_NO: u8 = 2;
+
+/// An HTTP client for one target.
+pub struct TargetClient {
+    http: reqwest::Client,
+    url: String,
+    api_key: Option<String>,
+    resumable: AtomicU8,
+}
+
+impl TargetClient {
+    pub fn new(target: &TargetConfig) -> Result<TargetClient, UploadError> {
+        let http = reqwest::Client::builder()
+            .timeout(target.timeout)
+            .connect_timeout(target.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("indexedcp/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UploadError::Request {
+                what: "an HTTP client".into(),
+                message: e.to_string(),
+            })?;
+        let api_key = target.api_key.clone().or_else(|| {
+            std::env::var("INDEXEDCP_API_KEY")
+                .ok()
+                .filter(|k| !k.trim().is_empty())
+        });
+        Ok(TargetClient {
+            http,
+            url: target.url.clone(),
+            api_key,
+            resumable: AtomicU8::new(RESUMABLE_UNKNOWN),
+        })
+    }
+
+    /// Whether the receiver announced the resumable extension (`None`: not yet known).
+    pub fn resumable(&self) -> Option<bool> {
+        match self.resumable.load(Ordering::Relaxed) {
+            RESUMABLE_YES => Some(true),
+            RESUMABLE_NO => Some(false),
+            _ => None,
+        }
+    }
+
+    fn note_resumable(&self, headers: &HeaderMap) {
+        let yes = headers
+            .get(protocol::RESUMABLE)
+            .is_some_and(|v| v.as_bytes() == b"1");
+        self.resumable.store(
+            if yes { RESUMABLE_YES } else { RESUMABLE_NO },
+            Ordering::Relaxed,
+        );
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    fn transport(&self, e: reqwest::Error) -> UploadError {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            message.push_str(": ");
+            message.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        UploadError::Transport {
+            url: self.url.clone(),
+            message,
+        }
+    }
+
+    async fn refusal(&self, response: reqwest::Response) -> UploadError {
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response.text().await.unwrap_or_default();
+        let (error, message) = match serde_json::from_str::<ErrorReply>(&text) {
+            Ok(reply) => (reply.error.clone(), reply.message.unwrap_or(reply.error)),
+            Err(_) => (String::new(), text.chars().take(200).collect()),
+        };
+        UploadError::Status {
+            url: self.url.clone(),
+            status,
+            error,
+            message,
+            retry_after,
+        }
+    }
+
+    /// Sends one chunk.
+    pub async fn send_chunk(
+        &self,
+        file: &FileRecord,
+        chunk: &ChunkMeta,
+        data: Vec<u8>,
+    ) -> Result<ChunkReply, UploadError> {
+        let mut headers = HeaderMap::new();
+        let name = HeaderValue::from_bytes(file.remote_name.as_bytes()).map_err(|_| UploadError::Request {
+            what: format!("{:?}", file.remote_name),
+            message: "the file name contains characters an HTTP header cannot carry (control characters); rename the file".into(),
+        })?;
+        headers.insert(HeaderName::from_static(protocol::FILE_NAME), name);
+        let mut put = |name: &'static str, value: String| {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_str(&value).expect("ASCII header value"),
+            );
+        };
+        put(protocol::CHUNK_INDEX, chunk.idx.to_string());
+        put(protocol::UPLOAD_ID, file.upload_id.clone());
+        put(protocol::CHUNK_OFFSET, chunk.offset.to_string());
+        put(protocol::CHUNK_SHA256, chunk.sha256.clone());
+        put(protocol::FILE_SIZE, file.size.to_string());
+        put(protocol::CHUNK_COUNT, file.chunk_count.to_string());
+        put(protocol::FILE_SHA256, file.sha256.clone());
+        let request = self
+            .authorize(self.http.post(&self.url))
+            .headers(headers)
+            .body(data);
+        let response = request.send().await.map_err(|e| self.transport(e))?;
+        if !response.status().is_success() {
+            self.note_resumable(response.headers());
+            return Err(self.refusal(response).await);
+        }
+        self.note_resumable(response.headers());
+        let text = response.text().await.map_err(|e| self.transport(e))?;
+        serde_json::from_str::<ChunkReply>(&text).map_err(|e| UploadError::Protocol {
+            url: self.url.clone(),
+            message: format!("{e} in {:?}", text.chars().take(200).collect::<String>()),
+        })
+    }
+
+    /// `GET /upload/<id>`: what the receiver has of an upload (`None`: nothing).
+    pub async fn status(&self, upload_id: &str) -> Result<Option<UploadStatus>, UploadError> {
+        let url = format!("{}/{upload_id}", self.url.trim_end_matches('/'));
+        let response = self
+            .authorize(self.http.get(&url))
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let text = response.text().await.map_err(|e| self.transport(e))?;
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| UploadError::Protocol {
+                        url,
+                        message: e.to_string(),
+                    })
+            }
+            _ => Err(self.refusal(response).await),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, UploadError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| UploadError::Protocol {
+            url: String::new(),
+            message: format!("blocking task failed: {e}"),
+        })?
+        .map_err(UploadError::from)
+}
+
+/// How one attempt at a file ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileOutcome {
+    Confirmed {
+        server_name: Option<String>,
+    },
+    /// A chunk failed; the file is scheduled for a retry.
+    RetryLater,
+    Parked {
+        reason: String,
+    },
+}
+
+/// Everything one target's uploads need.
+pub struct TargetRuntime {
+    pub config: TargetConfig,
+    pub client: TargetClient,
+}
+
+impl TargetRuntime {
+    pub fn new(config: TargetConfig) -> Result<TargetRuntime, UploadError> {
+        let client = TargetClient::new(&config)?;
+        Ok(TargetRuntime { config, client })
+    }
+}
+
+/// Sends the rest of one buffered file; records every outcome in the store.
+pub async fn upload_file(
+    store: &Store,
+    target: &TargetRuntime,
+    file: &FileRecord,
+    observer: &dyn UploadObserver,
+) -> Result<FileOutcome, UploadError> {
+    let client = &target.client;
+    let s = store.clone();
+    let id = file.id;
+    let mut chunks = blocking(move || s.chunks(id)).await?;
+
+    // A file with progress on a resumable receiver: ask what arrived, so that
+    // nothing is sent twice and a lost completion is recognised.
+    let has_progress = chunks.iter().any(|c| c.uploaded || c.retry_count > 0);
+    if has_progress && client.resumable() != Some(false) {
+        match client.status(&file.upload_id).await {
+            Ok(Some(status)) if status.complete => {
+                return confirm(store, file, status.actual_filename, observer).await;
+            }
+            Ok(Some(status)) => {
+                let received: Vec<u64> = status.received_chunks;
+                let s = store.clone();
+                blocking(move || {
+                    s.reset_chunks(id)?;
+                    s.mark_uploaded(id, &received)
+                })
+                .await?;
+                let s = store.clone();
+                chunks = blocking(move || s.chunks(id)).await?;
+            }
+            Ok(None) => {
+                if chunks.iter().any(|c| c.uploaded) && client.resumable() == Some(true) {
+                    // The receiver forgot the upload (expired): start it again.
+                    let s = store.clone();
+                    blocking(move || s.reset_chunks(id)).await?;
+                    chunks.iter_mut().for_each(|c| c.uploaded = false);
+                }
+            }
+            Err(e) => {
+                let first = chunks
+                    .iter()
+                    .find(|c| !c.uploaded)
+                    .unwrap_or(&chunks[0])
+                    .clone();
+                return fail(store, target, file, &first, e, observer).await;
+            }
+        }
+    }
+
+    let last_idx = file.chunk_count.saturating_sub(1);
+    let mut pending: Vec<ChunkMeta> = chunks.iter().filter(|c| !c.uploaded).cloned().collect();
+    if pending.is_empty() {
+        // Every chunk was acknowledged but completion was never seen: sending the
+        // last chunk again makes the receiver answer with the completed reply.
+        pending.extend(chunks.last().cloned());
+    }
+    for chunk in pending {
+        let s = store.clone();
+        let idx = chunk.idx;
+        let data = blocking(move || s.chunk_data(id, idx)).await?;
+        match client.send_chunk(file, &chunk, data).await {
+            Ok(reply) => {
+                let s = store.clone();
+                blocking(move || s.mark_uploaded(id, &[idx])).await?;
+                observer.on_event(&UploadEvent {
+                    file_id: file.id,
+                    file_name: file.remote_name.clone(),
+                    chunk_index: idx,
+                    status: EventStatus::Success,
+                    retry_count: chunk.retry_count,
+                    next_retry_in: None,
+                    error: None,
+                });
+                tracing::debug!(file = %file.remote_name, chunk = idx, of = file.chunk_count, "chunk sent");
+                let complete = reply.complete == Some(true)
+                    || (reply.complete.is_none()
+                        && client.resumable() != Some(true)
+                        && idx == last_idx);
+                if complete {
+                    return confirm(store, file, reply.actual_filename, observer).await;
+                }
+            }
+            Err(e) => return fail(store, target, file, &chunk, e, observer).await,
+        }
+    }
+    // The receiver is resumable and has every chunk, yet did not say complete:
+    // ask it next time.
+    let s = store.clone();
+    let next = store::now_ms() + target.config.initial_retry_delay.as_millis() as i64;
+    let last = chunks.last().map(|c| c.idx).unwrap_or(0);
+    blocking(move || {
+        s.reset_chunks(id).and(s.record_failure(
+            id,
+            last,
+            "the receiver did not confirm the file",
+            next,
+        ))
+    })
+    .await?;
+    Ok(FileOutcome::RetryLater)
+}
+
+async fn confirm(
+    store: &Store,
+    file: &FileRecord,
+    server_name: Option<String>,
+    observer: &dyn UploadObserver,
+) -> Result<FileOutcome, UploadError> {
+    let s = store.clone();
+    let (id, name) = (file.id, server_name.clone());
+    blocking(move || s.confirm(id, name.as_deref())).await?;
+    tracing::info!(file = %file.remote_name, server_name = server_name.as_deref().unwrap_or(""), target = %file.target, size = file.size, "file delivered");
+    observer.on_event(&UploadEvent {
+        file_id: file.id,
+        file_name: file.remote_name.clone(),
+        chunk_index: file.chunk_count.saturating_sub(1),
+        status: EventStatus::Complete {
+            server_name: server_name.clone(),
+        },
+        retry_count: 0,
+        next_retry_in: None,
+        error: None,
+    });
+    Ok(FileOutcome::Confirmed { server_name })
+}
+
+async fn fail(
+    store: &Store,
+    target: &TargetRuntime,
+    file: &FileRecord,
+    chunk: &ChunkMeta,
+    error: UploadError,
+    observer: &dyn UploadObserver,
+) -> Result<FileOutcome, UploadError> {
+    let backoff = Backoff::of(&target.config);
+    let message = error.to_string();
+    let retry = error.retry();
+    let park = |reason: String| async move {
+        let s = store.clone();
+        let (id, r) = (file.id, reason.clone());
+        blocking(move || s.park(id, &r)).await?;
+        tracing::error!(file = %file.remote_name, target = %file.target, reason = %reason, "file parked as failed; fix the cause, then run `indexedcp retry`");
+        observer.on_event(&UploadEvent {
+            file_id: file.id,
+            file_name: file.remote_name.clone(),
+            chunk_index: chunk.idx,
+            status: EventStatus::Parked {
+                reason: reason.clone(),
+            },
+            retry_count: chunk.retry_count,
+            next_retry_in: None,
+            error: Some(reason.clone()),
+        });
+        Ok::<_, UploadError>(FileOutcome::Parked { reason })
+    };
+    if retry == Retry::Never {
+        return park(format!("refused: {message}")).await;
+    }
+    let n = chunk.retry_count + 1;
+    let delay = match retry {
+        Retry::AtMaximum => backoff.max,
+        Retry::NotBefore(at_least) => backoff.delay_with_jitter(n, random_unit()).max(at_least),
+        _ => backoff.delay_with_jitter(n, random_unit()),
+    };
+    let s = store.clone();
+    let (id, idx, msg) = (file.id, chunk.idx, message.clone());
+    let next_attempt = store::now_ms() + delay.as_millis() as i64;
+    let restart = retry == Retry::Restart;
+    let count = blocking(move || {
+        if restart {
+            s.reset_chunks(id)?;
+        }
+        s.record_failure(id, idx, &msg, next_attempt)
+    })
+    .await?;
+    if let Some(max) = target.config.max_retries
+        && count > u64::from(max)
+    {
+        return park(format!("gave up after {max} retries: {message}")).await;
+    }
+    if retry == Retry::AtMaximum {
+        tracing::error!(file = %file.remote_name, target = %file.target, url = %target.config.url, error = %message, next_retry_in = ?delay, "the receiver refused this agent's configuration (API key or URL); fix the [[target]] and send SIGHUP");
+    } else {
+        tracing::warn!(file = %file.remote_name, target = %file.target, chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, "chunk failed; will retry");
+    }
+    observer.on_event(&UploadEvent {
+        file_id: file.id,
+        file_name: file.remote_name.clone(),
+        chunk_index: chunk.idx,
+        status: EventStatus::Failed,
+        retry_count: count,
+        next_retry_in: Some(delay),
+        error: Some(message),
+    });
+    Ok(FileOutcome::RetryLater)
+}
+
+/// Drains the buffer for `targets` until `shutdown`: wakes every
+/// `check_interval`, when `wake` is notified (after an ingest), and when the
+/// earliest retry is due; keeps up to `concurrency` files per target in flight.
+/// On shutdown, chunks in flight get `grace` to finish and are then abandoned
+/// (safely: an unacknowledged chunk is simply sent again).
+pub async fn run_uploader(
+    store: Store,
+    targets: Vec<Arc<TargetRuntime>>,
+    check_interval: Duration,
+    wake: Arc<Notify>,
+    observer: Arc<dyn UploadObserver>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let mut in_flight: JoinSet<(String, i64)> = JoinSet::new();
+    let mut busy: HashMap<String, Vec<i64>> = HashMap::new();
+    loop {
+        let mut earliest: Option<i64> = None;
+        for target in &targets {
+            let name = target.config.name.clone();
+            let taken = busy.entry(name.clone()).or_default().clone();
+            let room = target.config.concurrency.saturating_sub(taken.len());
+            let s = store.clone();
+            let n = name.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                let due = if room > 0 {
+                    s.due_files(&n, store::now_ms(), &taken, room)?
+                } else {
+                    Vec::new()
+                };
+                Ok::<_, StoreError>((due, s.next_due(&n)?))
+            })
+            .await;
+            let (due, next) = match found {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read the buffer; retrying");
+                    (Vec::new(), Some(store::now_ms() + 1000))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "buffer query task failed");
+                    (Vec::new(), None)
+                }
+            };
+            if let Some(next) = next {
+                earliest = Some(earliest.map_or(next, |e: i64| e.min(next)));
+            }
+            for file in due {
+                busy.entry(name.clone()).or_default().push(file.id);
+                let (store, target, observer, name) = (
+                    store.clone(),
+                    target.clone(),
+                    observer.clone(),
+                    name.clone(),
+                );
+                in_flight.spawn(async move {
+                    match upload_file(&store, &target, &file, observer.as_ref()).await {
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(file = %file.remote_name, error = %e, "upload attempt failed"),
+                    }
+                    (name, file.id)
+                });
+            }
+        }
+        let now = store::now_ms();
+        let until_due = earliest
+            .filter(|t| *t > now)
+            .map(|t| Duration::from_millis((t - now) as u64))
+            .unwrap_or(check_interval);
+        let sleep = until_due.min(check_interval).max(Duration::from_millis(10));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Ok((name, id)) = done {
+                    busy.entry(name).or_default().retain(|x| *x != id);
+                }
+            }
+        }
+        // Collect every other finished task without waiting.
+        while let Some(done) = in_flight.try_join_next() {
+            if let Ok((name, id)) = done {
+                busy.entry(name).or_default().retain(|x| *x != id);
+            }
+        }
+    }
+    if !in_flight.is_empty() {
+        let n = in_flight.len();
+        let finished = tokio::time::timeout(grace, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                files = n,
+                ?grace,
+                "uploads still in flight after the grace period; abandoning them (they resume at the next start)"
+            );
+            in_flight.abort_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_doubles_from_one_second_and_caps_at_sixty() {
+        let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0).unwrap();
+        let secs: Vec<u64> = (1..=8).map(|n| b.delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(b.delay(10_000), Duration::from_secs(60));
+        let jittered = b.delay_with_jitter(3, 0.999);
+        assert!(jittered >= Duration::from_secs(4) && jittered <= Duration::from_millis(4400));
+        assert_eq!(b.delay_with_jitter(9, 0.9), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn backoff_is_validated() {
+        assert!(Backoff::new(Duration::from_secs(2), Duration::from_secs(1), 2.0).is_err());
+        assert!(Backoff::new(Duration::from_secs(1), Duration::from_secs(1), 0.5).is_err());
+        assert!(Backoff::new(Duration::from_secs(1), Duration::from_secs(1), f64::NAN).is_err());
+    }
+
+    fn status(code: u16, error: &str, retry_after: Option<u64>) -> UploadError {
+        UploadError::Status {
+            url: "u".into(),
+            status: code,
+            error: error.into(),
+            message: String::new(),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn retry_decisions() {
+        assert_eq!(status(500, "", None).retry(), Retry::Backoff);
+        assert_eq!(status(507, "", None).retry(), Retry::Backoff);
+        assert_eq!(status(408, "", None).retry(), Retry::Backoff);
+        assert_eq!(
+            status(429, "", Some(7)).retry(),
+            Retry::NotBefore(Duration::from_secs(7))
+        );
+        assert_eq!(status(429, "", None).retry(), Retry::Backoff);
+        assert_eq!(status(401, "", None).retry(), Retry::AtMaximum);
+        assert_eq!(status(403, "", None).retry(), Retry::AtMaximum);
+        assert_eq!(
+            status(422, protocol::CHUNK_MISMATCH_ERROR, None).retry(),
+            Retry::Backoff
+        );
+        assert_eq!(
+            status(422, protocol::FILE_MISMATCH_ERROR, None).retry(),
+            Retry::Restart
+        );
+        assert_eq!(status(400, "Invalid filename", None).retry(), Retry::Never);
+        assert_eq!(status(413, "", None).retry(), Retry::Never);
+        assert_eq!(status(409, "", None).retry(), Retry::Never);
+        let transport = UploadError::Transport {
+            url: "u".into(),
+            message: "refused".into(),
+        };
+        assert_eq!(transport.retry(), Retry::Backoff);
+    }
+}

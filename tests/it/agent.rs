@@ -1,0 +1,396 @@
+//! The agent: spool folders -> SQLite buffer -> uploader, against the real
+//! receiver (or a v1-only one) on loopback.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// 200 files from 0 B to 20 MiB in nested folders, with spaces and non-ASCII names.
+fn many_files() -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let big = [20 << 20, 8 << 20, 3 << 20, (1 << 20) + 1, 1 << 20];
+    for i in 0..200usize {
+        let size = if i < big.len() {
+            big[i]
+        } else {
+            (i * 7919) % 70_000
+        };
+        let size = if i == 7 { 0 } else { size };
+        let name = match i % 5 {
+            0 => format!("file {i}.bin"),
+            1 => format!("nested/deeper/ünïcødé-{i}.dat"),
+            2 => format!("nested/{i} with spaces/x.txt"),
+            3 => format!("日本語/ファイル{i}"),
+            _ => format!("plain-{i}"),
+        };
+        files.insert(name, pseudo_random(size, i as u64 + 1));
+    }
+    files
+}
+
+async fn deliver_many(
+    disposition: &str,
+) -> (tempfile::TempDir, Daemon, Server, BTreeMap<String, Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    let server = Server::start(&out, &["--path-mode", "allow-paths"]).await;
+    let extra = match disposition {
+        "move" => format!(
+            "disposition = \"move\"\nmove_to = {:?}",
+            dir.path().join("sent").display().to_string()
+        ),
+        other => format!("disposition = \"{other}\""),
+    };
+    let config = agent_config(
+        dir.path(),
+        &server.upload_url(),
+        &spool,
+        &extra,
+        "chunk_size = \"1MiB\"",
+    );
+    let daemon = Daemon::start(&config);
+    let files = many_files();
+    for (rel, content) in &files {
+        drop_file(&staging, &spool, rel, content);
+    }
+    wait_for_files(&out, &files, Duration::from_secs(180)).await;
+    (dir, daemon, server, files)
+}
+
+fn files_below(root: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    if !root.exists() {
+        return BTreeMap::new();
+    }
+    tree(root)
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_files_arrive_exactly_once_and_the_spool_empties() {
+    let (dir, _daemon, _server, _files) = deliver_many("delete").await;
+    let spool = dir.path().join("spool");
+    eventually(Duration::from_secs(30), "an empty spool", async || {
+        files_below(&spool).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn moved_sources_keep_their_relative_paths() {
+    let (dir, _daemon, _server, files) = deliver_many("move").await;
+    let sent = dir.path().join("sent");
+    eventually(Duration::from_secs(30), "every source moved", async || {
+        (files_below(&sent) == files).then_some(())
+    })
+    .await;
+    assert!(files_below(&dir.path().join("spool")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_sources_stay_and_are_not_sent_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    let _server = Server::start(&out, &["--path-mode", "allow-paths"]).await;
+    let config = agent_config(
+        dir.path(),
+        &_server.upload_url(),
+        &spool,
+        "disposition = \"keep\"",
+        "",
+    );
+    let mut daemon = Daemon::start(&config);
+    let mut files = BTreeMap::new();
+    for i in 0..20 {
+        let (rel, content) = (format!("k/{i}.txt"), pseudo_random(i * 1000, i as u64));
+        drop_file(&staging, &spool, &rel, &content);
+        files.insert(rel, content);
+    }
+    wait_for_files(&out, &files, Duration::from_secs(60)).await;
+    assert_eq!(
+        files_below(&spool),
+        files.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    );
+    daemon.restart();
+    // A marker dropped after the restart arrives after the start-up scan was
+    // ingested; by then any re-sent kept file would show up as a second copy.
+    drop_file(&staging, &spool, "marker.txt", b"after restart");
+    files.insert("marker.txt".into(), b"after restart".to_vec());
+    wait_for_files(&out, &files, Duration::from_secs(60)).await;
+    // A kept file that changes is a new version and is sent again.
+    drop_file(&staging, &spool, "k/3.txt", b"changed");
+    eventually(
+        Duration::from_secs(30),
+        "the changed kept file",
+        async || {
+            visible_files(&out)
+                .iter()
+                .any(|(k, v)| k.starts_with("k/3_") && v == b"changed")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slowly_written_file_is_delivered_once_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool) = (dir.path().join("out"), dir.path().join("spool"));
+    let server = Server::start(&out, &[]).await;
+    let config = agent_config(dir.path(), &server.upload_url(), &spool, "", "");
+    let _daemon = Daemon::start(&config);
+    std::fs::create_dir_all(&spool).unwrap();
+    let path = spool.join("slow.log");
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).unwrap();
+        let mut written = Vec::new();
+        // Twelve pieces over about 2.4 s with the file open the whole time; each
+        // gap (200 ms) is shorter than the spool's settle (300 ms).
+        for i in 0..12u64 {
+            let piece = pseudo_random(10_000, i);
+            file.write_all(&piece).unwrap();
+            file.flush().unwrap();
+            written.extend(piece);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        written
+    });
+    let written = writer.await.unwrap();
+    wait_for_files(
+        &out,
+        &[("slow.log".to_string(), written)].into(),
+        Duration::from_secs(30),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_present_before_start_and_dropped_while_stopped_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    let server = Server::start(&out, &["--path-mode", "allow-paths"]).await;
+    let mut files = BTreeMap::new();
+    for i in 0..5 {
+        let rel = format!("before/{i}.bin");
+        files.insert(rel.clone(), pseudo_random(5000 + i, i as u64));
+        drop_file(&staging, &spool, &rel, &files[&rel]);
+    }
+    let config = agent_config(dir.path(), &server.upload_url(), &spool, "", "");
+    let mut daemon = Daemon::start(&config);
+    wait_for_files(&out, &files, Duration::from_secs(60)).await;
+    assert_eq!(
+        daemon.signal_and_wait(15, Duration::from_secs(20)).code(),
+        Some(0)
+    );
+    for i in 0..5 {
+        let rel = format!("while-stopped/{i}.bin");
+        files.insert(rel.clone(), pseudo_random(7000 + i, 100 + i as u64));
+        drop_file(&staging, &spool, &rel, &files[&rel]);
+    }
+    let _daemon = Daemon::start(&config);
+    wait_for_files(&out, &files, Duration::from_secs(60)).await;
+}
+
+/// A stand-in receiver on a fixed port that answers 503 and records when each
+/// request came.
+async fn refusing_receiver(listener: tokio::net::TcpListener, hits: Arc<Mutex<Vec<Instant>>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let hits = hits.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0u8; 1 << 16];
+            let mut request = Vec::new();
+            // Read the headers and whatever body is announced, then refuse.
+            loop {
+                let Ok(n) = stream.read(&mut buf).await else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                request.extend_from_slice(&buf[..n]);
+                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
+                    if request.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            hits.lock().unwrap().push(Instant::now());
+            let body = r#"{"error":"Service unavailable","message":"test"}"#;
+            let reply = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unavailable_then_unreachable_receiver_gets_everything_on_the_retry_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/upload");
+    let config = agent_config(
+        dir.path(),
+        &url,
+        &spool,
+        "",
+        "initial_retry_delay = \"200ms\"\nmax_retry_delay = \"1600ms\"\nretry_multiplier = 2.0",
+    );
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let refusing = tokio::spawn(refusing_receiver(listener, hits.clone()));
+    let _daemon = Daemon::start(&config);
+    let mut files = BTreeMap::new();
+    files.insert("first.bin".to_string(), pseudo_random(300_000, 1));
+    drop_file(&staging, &spool, "first.bin", &files["first.bin"]);
+
+    // Six attempts: the first, then retries after 0.2, 0.4, 0.8, 1.6, 1.6 s (+ up to 10 % jitter).
+    eventually(
+        Duration::from_secs(20),
+        "six refused attempts",
+        async || (hits.lock().unwrap().len() >= 6).then_some(()),
+    )
+    .await;
+    refusing.abort();
+    let times = hits.lock().unwrap().clone();
+    let expected = [0.2, 0.4, 0.8, 1.6, 1.6];
+    for (n, want) in expected.iter().enumerate() {
+        let got = times[n + 1].duration_since(times[n]).as_secs_f64();
+        assert!(
+            got >= want * 0.95 && got <= want * 1.1 + 0.35,
+            "retry {}: waited {got:.3}s, schedule says {want}s (all: {:?})",
+            n + 1,
+            times
+                .windows(2)
+                .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    // More files while nothing listens at all (connection refused).
+    for i in 0..10 {
+        let rel = format!("during-outage-{i}.bin");
+        files.insert(rel.clone(), pseudo_random(i * 3000, i as u64));
+        drop_file(&staging, &spool, &rel, &files[&rel]);
+    }
+    // Then the real receiver comes up on the same port: everything drains.
+    let _server = Server::start(&out, &["--port", &port.to_string()][..]).await;
+    wait_for_files(&out, &files, Duration::from_secs(60)).await;
+}
+
+/// A receiver that speaks only IndexedCP v1, as the original Node.js server
+/// does: appends each chunk to the file of its name, no extension headers.
+#[derive(Default)]
+struct V1Receiver {
+    files: Mutex<BTreeMap<String, Vec<u8>>>,
+    order: Mutex<BTreeMap<String, Vec<u64>>>,
+}
+
+async fn v1_upload(
+    axum::extract::State(state): axum::extract::State<Arc<V1Receiver>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if headers.get("authorization").map(|v| v.as_bytes())
+        != Some(format!("Bearer {KEY}").as_bytes())
+    {
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({"error": "Invalid or missing API key"})),
+        )
+            .into_response();
+    }
+    let name = String::from_utf8(headers["x-file-name"].as_bytes().to_vec()).unwrap();
+    let index: u64 = headers["x-chunk-index"].to_str().unwrap().parse().unwrap();
+    state
+        .files
+        .lock()
+        .unwrap()
+        .entry(name.clone())
+        .or_default()
+        .extend_from_slice(&body);
+    state
+        .order
+        .lock()
+        .unwrap()
+        .entry(name.clone())
+        .or_default()
+        .push(index);
+    axum::Json(serde_json::json!({"message": "Chunk received", "actualFilename": name, "chunkIndex": index, "clientFilename": name})).into_response()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v1_only_receiver_gets_identical_files_with_chunks_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, staging) = (dir.path().join("spool"), dir.path().join("staging"));
+    std::fs::create_dir_all(&staging).unwrap();
+    let state = Arc::new(V1Receiver::default());
+    let app = axum::Router::new()
+        .route("/upload", axum::routing::post(v1_upload))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/upload", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = agent_config(
+        dir.path(),
+        &url,
+        &spool,
+        "",
+        "chunk_size = \"64KiB\"\nconcurrency = 3",
+    );
+    let _daemon = Daemon::start(&config);
+    let mut files = BTreeMap::new();
+    for i in 0..12usize {
+        let rel = format!("v1-{i}.bin");
+        files.insert(rel.clone(), pseudo_random(i * 50_000 + 1, i as u64));
+        drop_file(&staging, &spool, &rel, &files[&rel]);
+    }
+    eventually(
+        Duration::from_secs(60),
+        "every file on the v1 receiver",
+        async || (*state.files.lock().unwrap() == files).then_some(()),
+    )
+    .await;
+    for (name, order) in state.order.lock().unwrap().iter() {
+        let expected: Vec<u64> = (0..files[name].len().div_ceil(64 * 1024).max(1) as u64).collect();
+        assert_eq!(order, &expected, "{name}: chunks out of order or repeated");
+    }
+}
