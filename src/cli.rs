@@ -12,6 +12,7 @@ use crate::config::{self, Config, LogFormat, PathMode, ServerConfig};
 use crate::daemon::{self, OnReload};
 use crate::logging;
 use crate::server::ReceiverOptions;
+use crate::store::{FileRecord, Store};
 
 /// Exit codes (sysexits.h).
 pub mod exit {
@@ -80,6 +81,18 @@ pub enum Command {
         after_help = "Examples:\n  indexedcp server --port 3000 --output-dir /srv/incoming --api-key SECRET\n  indexedcp server --listen 0.0.0.0 --port 8080 --output-dir ./in --path-mode allow-paths\n\nWithout --api-key or INDEXEDCP_API_KEY a random key is generated and printed once."
     )]
     Server(ServerArgs),
+    /// List what is buffered, in flight, failed (and why) and confirmed.
+    #[command(
+        visible_alias = "ls",
+        after_help = "Examples:\n  indexedcp status\n  indexedcp status --json --config /etc/indexedcp/indexedcp.toml"
+    )]
+    Status(StatusArgs),
+    /// Put parked (failed) files back in the upload queue.
+    #[command(after_help = "Examples:\n  indexedcp retry 42\n  indexedcp retry --all")]
+    Retry(RetryArgs),
+    /// Delete a file and its buffered data from the buffer.
+    #[command(after_help = "Example:\n  indexedcp purge 42 --yes")]
+    Purge(PurgeArgs),
     /// Validate a configuration file and print the effective configuration.
     #[command(
         after_help = "Example:\n  indexedcp check-config --config /etc/indexedcp/indexedcp.toml"
@@ -92,6 +105,87 @@ pub struct ConfigArg {
     /// Configuration file.
     #[arg(long, short, env = "INDEXEDCP_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+}
+
+/// Which buffer a command works on.
+#[derive(Debug, Args)]
+pub struct BufferArg {
+    /// Configuration file whose daemon.state_dir holds the buffer.
+    #[arg(long, short, env = "INDEXEDCP_CONFIG", conflicts_with = "storage")]
+    pub config: Option<PathBuf>,
+    /// The buffer file itself (default without a config: ~/.indexcp/db/client.db).
+    #[arg(long)]
+    pub storage: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub buffer: BufferArg,
+    /// Machine-readable output: a JSON array of files.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    #[command(flatten)]
+    pub buffer: BufferArg,
+    /// The id shown by `indexedcp status`.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub id: Option<i64>,
+    /// Every parked file.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub buffer: BufferArg,
+    /// The id shown by `indexedcp status`.
+    pub id: i64,
+    /// Do not ask for confirmation.
+    #[arg(long, short)]
+    pub yes: bool,
+}
+
+impl BufferArg {
+    /// The buffer file: `--storage`, else the config's state directory (an
+    /// explicit `--config`, or the default config file when it exists), else the
+    /// one-shot commands' `~/.indexcp/db/client.db`.
+    fn path(&self) -> Result<PathBuf, Failure> {
+        if let Some(path) = &self.storage {
+            return Ok(path.clone());
+        }
+        let default = PathBuf::from(config::DEFAULT_CONFIG_PATH);
+        let config_path = match &self.config {
+            Some(path) => Some(path.clone()),
+            None if default.exists() => Some(default),
+            None => None,
+        };
+        if let Some(path) = config_path {
+            return Ok(load_config(&path)?.daemon.state_dir.join("buffer.db"));
+        }
+        let home = std::env::var_os("HOME").ok_or_else(|| {
+            Failure::usage("HOME is not set; pass --storage PATH or --config FILE")
+        })?;
+        Ok(PathBuf::from(home).join(".indexcp/db/client.db"))
+    }
+
+    fn open(&self) -> Result<Store, Failure> {
+        let path = self.path()?;
+        if !path.exists() {
+            return Err(Failure {
+                code: exit::DATA_ERR,
+                message: format!(
+                    "no buffer at {}: nothing has been buffered yet, or pass --config/--storage",
+                    path.display()
+                ),
+            });
+        }
+        Store::open(&path).map_err(|e| Failure::io(e.to_string()))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -211,6 +305,59 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("indexedcp: {} is valid", arg.config.display());
             Ok(())
         }
+        Command::Status(args) => {
+            let store = args.buffer.open()?;
+            let files = store.list().map_err(|e| Failure::io(e.to_string()))?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&files).expect("file records serialize")
+                );
+            } else {
+                print!("{}", status_table(&files));
+            }
+            Ok(())
+        }
+        Command::Retry(args) => {
+            let store = args.buffer.open()?;
+            let n = store
+                .retry(if args.all { None } else { args.id })
+                .map_err(|e| Failure::io(e.to_string()))?;
+            if n == 0 && !args.all {
+                return Err(Failure {
+                    code: exit::DATA_ERR,
+                    message: format!(
+                        "no parked file with id {}; `indexedcp status` lists them",
+                        args.id.unwrap_or_default()
+                    ),
+                });
+            }
+            println!("{n} file(s) queued again; a running daemon picks them up at its next check");
+            Ok(())
+        }
+        Command::Purge(args) => {
+            let store = args.buffer.open()?;
+            let file = store.file(args.id).map_err(|_| Failure {
+                code: exit::DATA_ERR,
+                message: format!(
+                    "no buffered file with id {}; `indexedcp status` lists them",
+                    args.id
+                ),
+            })?;
+            if !args.yes
+                && !confirm(&format!(
+                    "delete {} ({} bytes, {}) from the buffer? its data is lost unless it was delivered [y/N] ",
+                    file.remote_name, file.size, file.state
+                ))
+            {
+                return Err(Failure::usage("not purged (confirm with --yes)"));
+            }
+            store
+                .purge(args.id)
+                .map_err(|e| Failure::io(e.to_string()))?;
+            println!("purged {} ({})", file.remote_name, file.id);
+            Ok(())
+        }
         Command::Daemon(arg) => {
             let config = load_config(&arg.config)?;
             logging::init(Some(&config.daemon.log_level), config.daemon.log_format);
@@ -240,4 +387,61 @@ fn run(cli: Cli) -> Result<(), Failure> {
             })
         }
     }
+}
+
+/// Asks on the terminal; anything but yes (or no terminal) is no.
+fn confirm(question: &str) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return false;
+    }
+    eprint!("{question}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer).is_ok()
+        && matches!(answer.trim(), "y" | "Y" | "yes" | "YES")
+}
+
+fn human_time(ms: i64) -> String {
+    let delta = ms - crate::store::now_ms();
+    if delta <= 0 {
+        "now".to_owned()
+    } else {
+        format!("in {:.1}s", delta as f64 / 1000.0)
+    }
+}
+
+/// The human-readable `status` listing.
+fn status_table(files: &[FileRecord]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if files.is_empty() {
+        out.push_str("the buffer is empty\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<9}  {:>12}  {:>9}  {:>7}  {:<9}  name",
+        "id", "state", "bytes", "chunks", "retries", "next"
+    );
+    for f in files {
+        let next = f.next_attempt.map(human_time).unwrap_or_else(|| "-".into());
+        let _ = write!(
+            out,
+            "{:>5}  {:<9}  {:>12}  {:>4}/{:<4}  {:>7}  {:<9}  {}",
+            f.id, f.state, f.size, f.chunks_uploaded, f.chunk_count, f.retries, next, f.remote_name
+        );
+        if let Some(server_name) = &f.server_name {
+            let _ = write!(out, " -> {server_name}");
+        }
+        out.push('\n');
+        if let Some(reason) = f
+            .failure
+            .as_ref()
+            .or(f.last_error.as_ref().filter(|_| f.state != "confirmed"))
+        {
+            let _ = writeln!(out, "{:>7}{reason}", "");
+        }
+    }
+    out
 }

@@ -394,3 +394,92 @@ async fn a_v1_only_receiver_gets_identical_files_with_chunks_in_order() {
         assert_eq!(order, &expected, "{name}: chunks out of order or repeated");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_buffer_pauses_ingest_and_leaves_files_in_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    // Reserve a port with nothing listening: the receiver is down at first.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/upload");
+    let config = agent_config(dir.path(), &url, &spool, "", "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[daemon]\n", "[daemon]\nmax_buffer_bytes = 100000\n");
+    std::fs::write(&config, text).unwrap();
+    let _daemon = Daemon::start(&config);
+    let mut files = BTreeMap::new();
+    for i in 0..10 {
+        let rel = format!("f{i}.bin");
+        files.insert(rel.clone(), pseudo_random(30_000, i));
+        drop_file(&staging, &spool, &rel, &files[&rel]);
+    }
+    // At most 100 000 bytes (three files) are buffered; the other files wait.
+    eventually(Duration::from_secs(20), "ingest to pause", async || {
+        (files_below(&spool).len() == 7).then_some(())
+    })
+    .await;
+    let state = dir.path().join("state/buffer.db");
+    assert!(state.exists());
+    let _server = Server::start(&out, &["--port", &port.to_string()][..]).await;
+    wait_for_files(&out, &files, Duration::from_secs(60)).await;
+    eventually(Duration::from_secs(20), "an empty spool", async || {
+        files_below(&spool).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    // sanitize mode refuses names with sub-directories: a permanent 400.
+    let server = Server::start(&out, &[]).await;
+    let config = agent_config(dir.path(), &server.upload_url(), &spool, "", "");
+    let _daemon = Daemon::start(&config);
+    drop_file(&staging, &spool, "sub/refused.txt", b"no");
+    drop_file(&staging, &spool, "fine.txt", b"yes");
+    wait_for_files(
+        &out,
+        &[("fine.txt".to_string(), b"yes".to_vec())].into(),
+        Duration::from_secs(30),
+    )
+    .await;
+    // The refused file stays buffered (parked), not retried and not lost.
+    let status = std::process::Command::new(BIN)
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let listing: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&status.stderr)));
+    let parked = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["rel_path"] == "sub/refused.txt")
+        .expect("listed");
+    assert_eq!(parked["state"], "failed", "{parked}");
+    assert!(
+        parked["failure"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid filename")
+            || parked["failure"].as_str().unwrap().contains("400"),
+        "{parked}"
+    );
+}

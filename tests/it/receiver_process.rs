@@ -159,3 +159,78 @@ fn tokio_stream_from(
 ) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[tokio::test]
+async fn the_key_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = Command::new(BIN)
+        .args(["server", "--port", "0", "--output-dir"])
+        .arg(&out)
+        .env("INDEXEDCP_API_KEY", "from-the-environment")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("Server listening on ")
+        .unwrap()
+        .to_owned();
+    let client = reqwest::Client::new();
+    let ok = client
+        .post(format!("{url}/upload"))
+        .bearer_auth("from-the-environment")
+        .header("X-File-Name", "e")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn abandoned_partial_uploads_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &["--incomplete-expiry", "1s"]).await;
+    let client = reqwest::Client::new();
+    let file = pseudo_random(3000, 9);
+    let first = ResumableChunk {
+        upload_id: "abandoned-upload-001",
+        name: "a.bin",
+        file: &file,
+        chunk_size: 1000,
+        index: 0,
+    };
+    assert_eq!(
+        first
+            .request(&client, &server.upload_url())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let staging = out.join(".indexedcp/staging");
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 1);
+    let status_url = format!("{}/upload/abandoned-upload-001", server.url);
+    eventually(
+        Duration::from_secs(15),
+        "the abandoned upload to expire",
+        async || {
+            let gone = std::fs::read_dir(&staging).unwrap().count() == 0;
+            let r = client.get(&status_url).bearer_auth(KEY).send().await.ok()?;
+            (gone && r.status() == 404).then_some(())
+        },
+    )
+    .await;
+    assert!(visible_files(&out).is_empty());
+}
