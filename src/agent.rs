@@ -7,7 +7,6 @@
 //! blocking thread, so memory stays at one chunk for ingest plus one chunk per
 //! file in flight, whatever the file sizes or the queue length.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use crate::config::{Config, SpoolConfig, TargetConfig};
 use crate::ingest::{self, IngestOutcome};
 use crate::spool::{self, Candidate, SpoolHandle};
 use crate::store::{self, Store, StoreError};
-use crate::upload::{self, NoObserver, TargetRuntime};
+use crate::upload::{self, NoObserver, TargetRuntime, UploaderShared};
 
 /// How long confirmed files stay listed in the buffer (with their server name).
 pub const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -46,18 +45,32 @@ pub enum AgentError {
     Target { name: String, message: String },
 }
 
+/// A spool being watched, with the token that stops just this watcher.
+struct RunningSpool {
+    config: SpoolConfig,
+    handle: SpoolHandle,
+    token: CancellationToken,
+}
+
 /// A started agent: watchers running, the rest started by [`Agent::run`].
 pub struct Agent {
     store: Store,
-    spools: Vec<(SpoolConfig, SpoolHandle)>,
-    targets: HashMap<String, Arc<TargetRuntime>>,
+    spools: Vec<RunningSpool>,
+    shared: Arc<UploaderShared>,
+    tx: mpsc::Sender<Candidate>,
     candidates: mpsc::Receiver<Candidate>,
     tasks: JoinSet<()>,
     wake: Arc<Notify>,
-    check_interval: Duration,
     max_buffer_bytes: u64,
     grace: Duration,
     shutdown: CancellationToken,
+}
+
+/// What the supervisor can read about a running agent (for sd_notify).
+#[derive(Clone)]
+pub struct AgentProbe {
+    pub store: Store,
+    pub shared: Arc<UploaderShared>,
 }
 
 impl Agent {
@@ -77,71 +90,167 @@ impl Agent {
             source: std::io::Error::other(e),
         })??;
 
-        let mut targets = HashMap::new();
-        for target in &config.targets {
-            let runtime = TargetRuntime::new(target.clone()).map_err(|e| AgentError::Target {
-                name: target.name.clone(),
-                message: e.to_string(),
-            })?;
-            if target.api_key.is_none() && std::env::var_os("INDEXEDCP_API_KEY").is_none() {
-                tracing::warn!(target = %target.name, "no api_key, api_key_file or INDEXEDCP_API_KEY: uploads will be refused with 401 by receivers that require a key");
-            }
-            targets.insert(target.name.clone(), Arc::new(runtime));
-        }
-
+        let targets = build_targets(&config.targets, &[])?;
         let (tx, candidates) = mpsc::channel(CANDIDATE_QUEUE);
-        let mut tasks = JoinSet::new();
-        let mut spools = Vec::new();
-        for spool_cfg in &config.spools {
-            let (handle, task) =
-                spool::spawn(spool_cfg.clone(), tx.clone(), shutdown.child_token()).map_err(
-                    |e| AgentError::Spool {
-                        path: spool_cfg.path.clone(),
-                        message: e.to_string(),
-                    },
-                )?;
-            tasks.spawn(async move {
-                let _ = task.await;
-            });
-            tracing::info!(spool = %spool_cfg.path.display(), target = %spool_cfg.target, "watching spool");
-            spools.push((spool_cfg.clone(), handle));
-        }
-        Ok(Agent {
+        let mut agent = Agent {
             store,
-            spools,
-            targets,
+            spools: Vec::new(),
+            shared: Arc::new(UploaderShared::new(targets, config.daemon.check_interval)),
+            tx,
             candidates,
-            tasks,
+            tasks: JoinSet::new(),
             wake: Arc::new(Notify::new()),
-            check_interval: config.daemon.check_interval,
             max_buffer_bytes: config.daemon.max_buffer_bytes,
             grace: config.daemon.shutdown_grace,
             shutdown,
-        })
+        };
+        for spool_cfg in &config.spools {
+            agent.start_spool(spool_cfg.clone())?;
+        }
+        Ok(agent)
     }
 
-    /// Runs ingest, upload and housekeeping until shutdown.
-    pub async fn run(mut self) -> Result<(), crate::cli::Failure> {
+    pub fn probe(&self) -> AgentProbe {
+        AgentProbe {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn start_spool(&mut self, spool_cfg: SpoolConfig) -> Result<(), AgentError> {
+        let token = self.shutdown.child_token();
+        let (handle, task) = spool::spawn(spool_cfg.clone(), self.tx.clone(), token.clone())
+            .map_err(|e| AgentError::Spool {
+                path: spool_cfg.path.clone(),
+                message: e.to_string(),
+            })?;
+        self.tasks.spawn(async move {
+            let _ = task.await;
+        });
+        tracing::info!(spool = %spool_cfg.path.display(), target = %spool_cfg.target, "watching spool");
+        self.spools.push(RunningSpool {
+            config: spool_cfg,
+            handle,
+            token,
+        });
+        Ok(())
+    }
+
+    /// Applies a reloaded configuration: spools added start (and scan), spools
+    /// removed stop (their buffered files still upload), changed spools restart;
+    /// target settings take effect for the next request. Returns what changed.
+    pub fn apply(&mut self, config: &Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        let old_targets = self.shared.targets();
+        match build_targets(&config.targets, &old_targets) {
+            Ok(targets) => {
+                for t in &targets {
+                    match old_targets.iter().find(|o| o.config.name == t.config.name) {
+                        None => changes.push(format!("target {} added", t.config.name)),
+                        Some(o) if !Arc::ptr_eq(o, t) => {
+                            changes.push(format!("target {} changed", t.config.name))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                for o in &old_targets {
+                    if !targets.iter().any(|t| t.config.name == o.config.name) {
+                        changes.push(format!(
+                            "target {} removed (its buffered files wait until it returns)",
+                            o.config.name
+                        ));
+                    }
+                }
+                self.shared.set_targets(targets);
+            }
+            Err(e) => tracing::error!(error = %e, "reload: targets kept unchanged"),
+        }
+        if self.shared.check_interval() != config.daemon.check_interval {
+            changes.push(format!("check_interval {:?}", config.daemon.check_interval));
+            self.shared.set_check_interval(config.daemon.check_interval);
+        }
+        if self.max_buffer_bytes != config.daemon.max_buffer_bytes {
+            changes.push(format!(
+                "max_buffer_bytes {}",
+                config.daemon.max_buffer_bytes
+            ));
+            self.max_buffer_bytes = config.daemon.max_buffer_bytes;
+        }
+        self.grace = config.daemon.shutdown_grace;
+
+        let mut kept = Vec::new();
+        for running in std::mem::take(&mut self.spools) {
+            match config.spools.iter().find(|s| s.path == running.config.path) {
+                Some(new) if *new == running.config => kept.push(running),
+                other => {
+                    running.token.cancel();
+                    if other.is_none() {
+                        changes.push(format!("spool {} removed", running.config.path.display()));
+                    }
+                }
+            }
+        }
+        self.spools = kept;
+        for spool_cfg in &config.spools {
+            if self.spools.iter().any(|s| s.config.path == spool_cfg.path) {
+                continue;
+            }
+            let verb = if changes
+                .iter()
+                .any(|c| c == &format!("spool {} removed", spool_cfg.path.display()))
+            {
+                "added"
+            } else {
+                "started"
+            };
+            match self.start_spool(spool_cfg.clone()) {
+                Ok(()) => changes.push(format!("spool {} {verb}", spool_cfg.path.display())),
+                Err(e) => tracing::error!(error = %e, "reload: cannot watch the spool"),
+            }
+        }
+        self.wake.notify_one();
+        changes
+    }
+
+    /// Runs ingest, upload and housekeeping until shutdown, applying every
+    /// configuration that arrives on `reloads`.
+    pub async fn run(
+        mut self,
+        mut reloads: tokio::sync::watch::Receiver<Arc<Config>>,
+    ) -> Result<(), crate::cli::Failure> {
         let uploader = tokio::spawn(upload::run_uploader(
             self.store.clone(),
-            self.targets.values().cloned().collect(),
-            self.check_interval,
+            self.shared.clone(),
             self.wake.clone(),
             Arc::new(NoObserver),
             self.shutdown.clone(),
             self.grace,
         ));
+        reloads.borrow_and_update();
         let mut paused = false;
-        let mut housekeeping = tokio::time::interval(self.check_interval);
+        let mut housekeeping = tokio::time::interval(self.shared.check_interval());
         let mut last_forget = std::time::Instant::now() - Duration::from_secs(3600);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let config = reloads.borrow_and_update().clone();
+                    let changes = self.apply(&config);
+                    housekeeping = tokio::time::interval(self.shared.check_interval());
+                    if changes.is_empty() {
+                        tracing::info!("reload: agent settings unchanged");
+                    } else {
+                        tracing::info!(changes = %changes.join("; "), "reload: agent updated");
+                    }
+                }
                 _ = housekeeping.tick() => {
                     if paused && self.buffer_has_room().await {
                         paused = false;
                         tracing::info!("buffer below max_buffer_bytes again; resuming ingest");
-                        self.spools.iter().for_each(|(_, h)| h.rescan());
+                        self.spools.iter().for_each(|s| s.handle.rescan());
                     }
                     if last_forget.elapsed() >= Duration::from_secs(3600) {
                         last_forget = std::time::Instant::now();
@@ -183,11 +292,21 @@ impl Agent {
 
     /// Ingests one candidate; returns whether ingest must pause (buffer full).
     async fn ingest(&self, candidate: Candidate) -> bool {
-        let Some((spool_cfg, _)) = self.spools.iter().find(|(s, _)| s.path == candidate.spool)
+        let Some(spool_cfg) = self
+            .spools
+            .iter()
+            .map(|s| &s.config)
+            .find(|s| s.path == candidate.spool)
         else {
-            return false;
+            return false; // The spool was removed by a reload; the file stays where it is.
         };
-        let Some(target) = self.targets.get(&spool_cfg.target) else {
+        let Some(target) = self
+            .shared
+            .targets()
+            .into_iter()
+            .find(|t| t.config.name == spool_cfg.target)
+        else {
+            tracing::warn!(spool = %spool_cfg.path.display(), target = %spool_cfg.target, "the spool's target is not configured; the file waits in the spool");
             return false;
         };
         let (store, spool_cfg, target_cfg): (Store, SpoolConfig, TargetConfig) =
@@ -241,4 +360,28 @@ impl Agent {
             }
         }
     }
+}
+
+/// Target runtimes for `configs`, reusing an old runtime (and its HTTP client
+/// and protocol knowledge) when the target's settings did not change.
+fn build_targets(
+    configs: &[TargetConfig],
+    old: &[Arc<TargetRuntime>],
+) -> Result<Vec<Arc<TargetRuntime>>, AgentError> {
+    let mut out = Vec::new();
+    for target in configs {
+        if let Some(same) = old.iter().find(|o| o.config == *target) {
+            out.push(same.clone());
+            continue;
+        }
+        let runtime = TargetRuntime::new(target.clone()).map_err(|e| AgentError::Target {
+            name: target.name.clone(),
+            message: e.to_string(),
+        })?;
+        if target.api_key.is_none() && std::env::var_os("INDEXEDCP_API_KEY").is_none() {
+            tracing::warn!(target = %target.name, "no api_key, api_key_file or INDEXEDCP_API_KEY: uploads will be refused with 401 by receivers that require a key");
+        }
+        out.push(Arc::new(runtime));
+    }
+    Ok(out)
 }

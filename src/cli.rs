@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, LogFormat, PathMode, ServerConfig};
-use crate::daemon::{self, OnReload};
+use crate::daemon;
 use crate::logging;
 use crate::server::ReceiverOptions;
 use crate::store::{FileRecord, Store};
@@ -369,7 +369,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let rt = runtime()?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                let signals = daemon::spawn_signal_handler(shutdown.clone(), OnReload::Ignore)?;
+                let signals = daemon::spawn_signal_handler(shutdown.clone(), None)?;
                 let (cfg, generated) = daemon::with_api_keys(cfg);
                 let options = ReceiverOptions {
                     read_timeout: args.read_timeout,

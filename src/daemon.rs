@@ -12,49 +12,35 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent;
 use crate::cli::Failure;
 use crate::config::{Config, ServerConfig};
+use crate::logging;
 use crate::server::{self, Receiver, ReceiverOptions};
 
 /// Grace period for in-flight requests when the config does not say.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// What to do on SIGHUP.
-pub enum OnReload {
-    /// Nothing to re-read (the `server` command).
-    Ignore,
-    /// Re-read and validate this file, reporting the result.
-    Validate(Arc<Path>),
-}
-
 /// Cancels `shutdown` on the first SIGTERM/SIGINT and exits the process on the
-/// second; handles SIGHUP by `on_reload`.
+/// second; forwards SIGHUP to `reloads` (or logs that there is nothing to reload).
 pub fn spawn_signal_handler(
     shutdown: CancellationToken,
-    on_reload: OnReload,
+    reloads: Option<mpsc::Sender<()>>,
 ) -> Result<tokio::task::JoinHandle<()>, Failure> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Failure::io(format!("cannot install signal handlers: {e}")))?;
     Ok(tokio::spawn(async move {
         while let Some(signal) = signals.next().await {
             match signal {
-                SIGHUP => match &on_reload {
-                    OnReload::Ignore => tracing::info!("SIGHUP received; nothing to reload"),
-                    OnReload::Validate(path) => match Config::load(path) {
-                        Ok(_) => tracing::warn!(
-                            config = %path.display(),
-                            "SIGHUP: the configuration is valid; this version applies changes at the next restart"
-                        ),
-                        Err(e) => {
-                            for line in e.messages() {
-                                tracing::error!(config = %path.display(), "SIGHUP: invalid configuration kept out: {line}");
-                            }
-                        }
-                    },
+                SIGHUP => match &reloads {
+                    None => tracing::info!("SIGHUP received; nothing to reload (no config file)"),
+                    Some(tx) => {
+                        let _ = tx.try_send(());
+                    }
                 },
                 _ if shutdown.is_cancelled() => {
                     tracing::warn!("second stop signal: exiting now");
@@ -86,32 +72,31 @@ pub async fn run_receiver(
     Ok(())
 }
 
-/// `indexedcp daemon`: the roles of the config file at `path`.
+/// `indexedcp daemon`: the roles of the config file at `path`, reloaded on SIGHUP.
 pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
     let shutdown = CancellationToken::new();
-    let signals = spawn_signal_handler(shutdown.clone(), OnReload::Validate(Arc::from(path)))?;
-    let grace = config.daemon.shutdown_grace;
+    let (reload_tx, mut reload_rx) = mpsc::channel(4);
+    let signals = spawn_signal_handler(shutdown.clone(), Some(reload_tx))?;
+    let config = Arc::new(config);
+    let (config_tx, config_rx) = watch::channel(config.clone());
     let mut roles: JoinSet<Result<(), Failure>> = JoinSet::new();
 
-    if let Some(server_cfg) = config.server.clone() {
-        let (server_cfg, generated) = with_api_keys(server_cfg);
-        let receiver = open_receiver(&server_cfg, &ReceiverOptions::default()).await?;
-        let listener = bind_and_announce(&server_cfg, generated.as_deref()).await?;
-        let token = shutdown.child_token();
-        roles.spawn(async move {
-            server::serve(listener, receiver, token, grace).await;
-            tracing::info!("receiver stopped");
-            Ok(())
-        });
-    }
-    if !config.spools.is_empty() {
+    let mut server = match &config.server {
+        Some(cfg) => {
+            Some(ServerRole::start(cfg, config.daemon.shutdown_grace, &mut roles, &shutdown).await?)
+        }
+        None => None,
+    };
+    let mut probe = None;
+    if !config.spools.is_empty() || !config.targets.is_empty() {
         let agent = agent::Agent::start(&config, shutdown.child_token())
             .await
             .map_err(|e| match e {
                 agent::AgentError::Target { .. } => Failure::config(e.to_string()),
                 other => Failure::io(other.to_string()),
             })?;
-        roles.spawn(async move { agent.run().await });
+        probe = Some(agent.probe());
+        roles.spawn(async move { agent.run(config_rx).await });
     }
     if roles.is_empty() {
         return Err(Failure::config(format!(
@@ -121,20 +106,227 @@ pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(config = %path.display(), "indexedcp daemon running");
+    let status = tokio::spawn(report_status(
+        probe,
+        config.daemon.check_interval,
+        shutdown.clone(),
+    ));
 
+    let mut current = config;
     let mut result = Ok(());
-    while let Some(done) = roles.join_next().await {
-        let outcome =
-            done.unwrap_or_else(|e| Err(Failure::software(format!("a role panicked: {e}"))));
-        if let Err(failure) = outcome {
-            // One role failing stops the others: the service manager restarts us.
-            tracing::error!(error = %failure.message, "stopping");
-            shutdown.cancel();
-            result = Err(failure);
+    loop {
+        tokio::select! {
+            Some(()) = reload_rx.recv() => {
+                if let Some(next) = reload(path, &current, &mut server, &mut roles, &shutdown).await {
+                    current = next.clone();
+                    let _ = config_tx.send(next);
+                }
+            }
+            done = roles.join_next() => {
+                let Some(done) = done else { break };
+                let outcome = done.unwrap_or_else(|e| Err(Failure::software(format!("a role panicked: {e}"))));
+                if let Err(failure) = outcome {
+                    // One role failing stops the others: the service manager restarts us.
+                    tracing::error!(error = %failure.message, "stopping");
+                    shutdown.cancel();
+                    result = Err(failure);
+                }
+            }
         }
     }
+    status.abort();
     signals.abort();
     result
+}
+
+/// Re-reads the config file. Invalid: every error is logged and `None` keeps the
+/// running config. Valid: the receiver and the log level are updated here, and
+/// the new config is returned for the agent to apply.
+async fn reload(
+    path: &Path,
+    current: &Arc<Config>,
+    server: &mut Option<ServerRole>,
+    roles: &mut JoinSet<Result<(), Failure>>,
+    shutdown: &CancellationToken,
+) -> Option<Arc<Config>> {
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+    let _ = sd_notify::notify(false, &reloading);
+    let owned = path.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&owned)).await;
+    let outcome = match loaded {
+        Ok(Ok(new)) => {
+            let mut changes = Vec::new();
+            if new.daemon.log_level != current.daemon.log_level {
+                let level = logging::set_level(&new.daemon.log_level);
+                changes.push(format!("log level {level}"));
+            }
+            if current.spools.is_empty() && current.targets.is_empty() && !new.spools.is_empty() {
+                tracing::warn!(
+                    "reload: [[spool]] sections were added to a receiver-only daemon; restart it to start the agent role"
+                );
+            }
+            match (server.as_mut(), &new.server) {
+                (Some(role), Some(cfg)) => changes.extend(
+                    role.reload(cfg, new.daemon.shutdown_grace, roles, shutdown)
+                        .await,
+                ),
+                (Some(role), None) => {
+                    role.accepting.cancel();
+                    *server = None;
+                    changes.push("receiver stopped".into());
+                }
+                (None, Some(cfg)) => {
+                    match ServerRole::start(cfg, new.daemon.shutdown_grace, roles, shutdown).await {
+                        Ok(role) => {
+                            *server = Some(role);
+                            changes.push("receiver started".into());
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e.message, "reload: cannot start the receiver")
+                        }
+                    }
+                }
+                (None, None) => {}
+            }
+            tracing::info!(config = %path.display(), changes = %changes.join("; "), "configuration reloaded");
+            Some(Arc::new(new))
+        }
+        Ok(Err(e)) => {
+            for line in e.messages() {
+                tracing::error!(config = %path.display(), "reload refused, running configuration kept: {line}");
+            }
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload task failed; running configuration kept");
+            None
+        }
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    outcome
+}
+
+/// The receiver role of a daemon: the config in force, the receiver new
+/// connections get, and the token that stops accepting on the current listener.
+struct ServerRole {
+    config: ServerConfig,
+    receivers: watch::Sender<Receiver>,
+    accepting: CancellationToken,
+}
+
+impl ServerRole {
+    async fn start(
+        cfg: &ServerConfig,
+        grace: Duration,
+        roles: &mut JoinSet<Result<(), Failure>>,
+        shutdown: &CancellationToken,
+    ) -> Result<ServerRole, Failure> {
+        let (cfg, generated) = with_api_keys(cfg.clone());
+        let receiver = open_receiver(&cfg, &ReceiverOptions::default()).await?;
+        let listener = bind_and_announce(&cfg, generated.as_deref()).await?;
+        let (receivers, rx) = watch::channel(receiver);
+        let accepting = shutdown.child_token();
+        let token = accepting.clone();
+        roles.spawn(async move {
+            server::serve_reloadable(listener, rx, token, grace).await;
+            Ok(())
+        });
+        Ok(ServerRole {
+            config: cfg,
+            receivers,
+            accepting,
+        })
+    }
+
+    /// Applies a changed `[server]`: new connections get the new settings; a new
+    /// listen address gets a new listener before the old one stops accepting.
+    /// Requests in flight finish on the settings they started with.
+    async fn reload(
+        &mut self,
+        new: &ServerConfig,
+        grace: Duration,
+        roles: &mut JoinSet<Result<(), Failure>>,
+        shutdown: &CancellationToken,
+    ) -> Vec<String> {
+        let mut new = new.clone();
+        if new.api_keys.is_empty() {
+            // Keep the key from the environment or the one generated at start.
+            new.api_keys = self.config.api_keys.clone();
+        }
+        if new == self.config {
+            return Vec::new();
+        }
+        let receiver = match open_receiver(&new, &ReceiverOptions::default()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e.message, "reload: receiver settings kept");
+                return Vec::new();
+            }
+        };
+        let mut changes = vec!["receiver settings".to_string()];
+        if new.listen != self.config.listen {
+            let listener = match bind_and_announce(&new, None).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e.message, "reload: still listening on {}", self.config.listen);
+                    return Vec::new();
+                }
+            };
+            let accepting = shutdown.child_token();
+            let (token, rx) = (accepting.clone(), self.receivers.subscribe());
+            roles.spawn(async move {
+                server::serve_reloadable(listener, rx, token, grace).await;
+                Ok(())
+            });
+            self.accepting.cancel();
+            self.accepting = accepting;
+            changes.push(format!("listening on {}", new.listen));
+        }
+        self.receivers.send_replace(receiver);
+        self.config = new;
+        changes
+    }
+}
+
+/// Tells systemd how the agent is doing (STATUS=) and, when a watchdog is set,
+/// pings it only while the uploader loop is alive.
+async fn report_status(
+    probe: Option<agent::AgentProbe>,
+    check_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut watchdog_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let period = if watchdog {
+        Duration::from_micros(watchdog_usec / 2)
+    } else {
+        check_interval.max(Duration::from_secs(5))
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let mut alive = true;
+        if let Some(probe) = &probe {
+            let store = probe.store.clone();
+            let counts = tokio::task::spawn_blocking(move || {
+                Ok::<_, crate::store::StoreError>((store.counts()?, store.buffered_bytes()?))
+            })
+            .await;
+            if let Ok(Ok(((queued, failed, _), bytes))) = counts {
+                let line = format!("{queued} queued ({bytes} bytes), {failed} failed");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&line)]);
+            }
+            let stale = probe.shared.check_interval() * 3 + Duration::from_secs(30);
+            alive =
+                crate::store::now_ms() - probe.shared.last_heartbeat() < stale.as_millis() as i64;
+        }
+        if watchdog && alive {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+    }
 }
 
 async fn open_receiver(cfg: &ServerConfig, options: &ReceiverOptions) -> Result<Receiver, Failure> {

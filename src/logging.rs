@@ -3,9 +3,11 @@
 //! configuration, then `info`; it accepts the original's level names (`fatal` means
 //! `error`) or any `RUST_LOG`-style filter.
 
-use tracing_subscriber::EnvFilter;
+use std::sync::OnceLock;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::LogFormat;
 
@@ -40,6 +42,8 @@ fn under_systemd() -> bool {
 /// are ignored (tests in one process may call it repeatedly).
 pub fn init(configured_level: Option<&str>, format: LogFormat) {
     let filter = filter_from(&effective_level(configured_level));
+    let (filter, handle) = reload::Layer::new(filter);
+    let _ = RELOAD.set(handle);
     let registry = tracing_subscriber::registry().with(filter);
     let want_journald = match format {
         LogFormat::Journald => true,
@@ -74,6 +78,18 @@ pub fn init(configured_level: Option<&str>, format: LogFormat) {
             )
             .try_init();
     }
+}
+
+static RELOAD: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Changes the level of the running subscriber (on SIGHUP); the environment
+/// variable still wins. Returns the level now in force.
+pub fn set_level(configured_level: &str) -> String {
+    let level = effective_level(Some(configured_level));
+    if let Some(handle) = RELOAD.get() {
+        let _ = handle.modify(|filter| *filter = filter_from(&level));
+    }
+    level
 }
 
 #[cfg(test)]

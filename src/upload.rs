@@ -587,15 +587,58 @@ async fn fail(
     Ok(FileOutcome::RetryLater)
 }
 
-/// Drains the buffer for `targets` until `shutdown`: wakes every
+/// What the uploader loop reads on every round, replaceable on reload: the
+/// targets (an upload in flight keeps the target it started with), the check
+/// interval, and a heartbeat the supervisor reads for the systemd watchdog.
+pub struct UploaderShared {
+    targets: std::sync::RwLock<Vec<Arc<TargetRuntime>>>,
+    check_interval_ms: std::sync::atomic::AtomicU64,
+    heartbeat_ms: std::sync::atomic::AtomicI64,
+}
+
+impl UploaderShared {
+    pub fn new(targets: Vec<Arc<TargetRuntime>>, check_interval: Duration) -> UploaderShared {
+        UploaderShared {
+            targets: std::sync::RwLock::new(targets),
+            check_interval_ms: std::sync::atomic::AtomicU64::new(check_interval.as_millis() as u64),
+            heartbeat_ms: std::sync::atomic::AtomicI64::new(store::now_ms()),
+        }
+    }
+
+    pub fn targets(&self) -> Vec<Arc<TargetRuntime>> {
+        self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_targets(&self, targets: Vec<Arc<TargetRuntime>>) {
+        *self.targets.write().unwrap_or_else(|p| p.into_inner()) = targets;
+    }
+
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_millis(self.check_interval_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_check_interval(&self, interval: Duration) {
+        self.check_interval_ms
+            .store(interval.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// When the uploader loop last went round (ms since the epoch).
+    pub fn last_heartbeat(&self) -> i64 {
+        self.heartbeat_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Drains the buffer for the targets in `shared` until `shutdown`: wakes every
 /// `check_interval`, when `wake` is notified (after an ingest), and when the
 /// earliest retry is due; keeps up to `concurrency` files per target in flight.
 /// On shutdown, chunks in flight get `grace` to finish and are then abandoned
 /// (safely: an unacknowledged chunk is simply sent again).
 pub async fn run_uploader(
     store: Store,
-    targets: Vec<Arc<TargetRuntime>>,
-    check_interval: Duration,
+    shared: Arc<UploaderShared>,
     wake: Arc<Notify>,
     observer: Arc<dyn UploadObserver>,
     shutdown: CancellationToken,
@@ -604,8 +647,12 @@ pub async fn run_uploader(
     let mut in_flight: JoinSet<(String, i64)> = JoinSet::new();
     let mut busy: HashMap<String, Vec<i64>> = HashMap::new();
     loop {
+        shared
+            .heartbeat_ms
+            .store(store::now_ms(), Ordering::Relaxed);
+        let check_interval = shared.check_interval();
         let mut earliest: Option<i64> = None;
-        for target in &targets {
+        for target in &shared.targets() {
             let name = target.config.name.clone();
             let taken = busy.entry(name.clone()).or_default().clone();
             let room = target.config.concurrency.saturating_sub(taken.len());

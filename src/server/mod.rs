@@ -409,30 +409,46 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let router = receiver.router();
-    let read_timeout = receiver.inner.read_timeout;
+    let (_keep, receivers) = tokio::sync::watch::channel(receiver);
+    serve_reloadable(listener, receivers, shutdown, grace).await
+}
+
+/// Like [`serve`], but each new connection is served by the receiver current in
+/// `receivers`, so a configuration reload (keys, path mode, limits) takes effect
+/// without closing the listener or dropping requests in flight.
+pub async fn serve_reloadable(
+    listener: TcpListener,
+    mut receivers: tokio::sync::watch::Receiver<Receiver>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let mut receiver = receivers.borrow_and_update().clone();
+    let mut router = receiver.router();
     let maintenance = {
-        let receiver = receiver.clone();
+        let mut receivers = receivers.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            receiver.recover().await;
-            let period = (receiver.inner.incomplete_expiry / 4)
-                .clamp(Duration::from_secs(1), Duration::from_secs(600));
+            let mut current = receivers.borrow_and_update().clone();
+            current.recover().await;
             loop {
-                receiver.expire().await;
+                current.expire().await;
+                let period = (current.inner.incomplete_expiry / 4)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(600));
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(period) => {}
+                    changed = receivers.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        current = receivers.borrow_and_update().clone();
+                        current.recover().await;
+                    }
                 }
             }
         })
     };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout)
-        .keep_alive(true);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -446,6 +462,15 @@ pub async fn serve(
                 }
             },
         };
+        if receivers.has_changed().unwrap_or(false) {
+            receiver = receivers.borrow_and_update().clone();
+            router = receiver.router();
+        }
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(receiver.inner.read_timeout)
+            .keep_alive(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);

@@ -10,3 +10,4 @@ mod receiver_limits;
 mod receiver_names;
 mod receiver_process;
 mod receiver_resumable;
+mod reload;
