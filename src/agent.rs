@@ -141,6 +141,7 @@ impl Agent {
     /// target settings take effect for the next request. Returns what changed.
     pub fn apply(&mut self, config: &Config) -> Vec<String> {
         let mut changes = Vec::new();
+        let mut changed_targets: Vec<String> = Vec::new();
         let old_targets = self.shared.targets();
         match build_targets(&config.targets, &old_targets) {
             Ok(targets) => {
@@ -148,7 +149,8 @@ impl Agent {
                     match old_targets.iter().find(|o| o.config.name == t.config.name) {
                         None => changes.push(format!("target {} added", t.config.name)),
                         Some(o) if !Arc::ptr_eq(o, t) => {
-                            changes.push(format!("target {} changed", t.config.name))
+                            changes.push(format!("target {} changed", t.config.name));
+                            changed_targets.push(t.config.name.clone());
                         }
                         Some(_) => {}
                     }
@@ -177,6 +179,18 @@ impl Agent {
             self.max_buffer_bytes = config.daemon.max_buffer_bytes;
         }
         self.grace = config.daemon.shutdown_grace;
+        if !changed_targets.is_empty() {
+            // Files waiting out a delay earned under the old settings (a wrong
+            // key, say) are tried again at once.
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || {
+                for name in changed_targets {
+                    if let Err(e) = store.reschedule_now(&name) {
+                        tracing::warn!(target = %name, error = %e, "cannot reschedule the target's files");
+                    }
+                }
+            });
+        }
 
         let mut kept = Vec::new();
         for running in std::mem::take(&mut self.spools) {

@@ -214,12 +214,14 @@ pub fn ingest_candidate(
     let Some(file_id) = committed else {
         return Ok(IngestOutcome::Changed);
     };
+    crate::failpoint::hit(crate::failpoint::INGEST_AFTER_COMMIT);
     dispose(
         &candidate.path,
         &candidate.relative,
         expected,
         &spool.disposition,
     )?;
+    crate::failpoint::hit(crate::failpoint::INGEST_AFTER_DISPOSE);
     Ok(IngestOutcome::Buffered {
         file_id,
         bytes: expected.size,

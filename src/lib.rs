@@ -12,6 +12,8 @@
 //! - [`logging`]: the `tracing` subscriber (journald, text or JSON).
 //! - [`daemon`]: signals, cancellation, sd_notify and running the roles a config
 //!   enables. Owns no domain logic.
+//! - [`failpoint`]: named crash points armed by `INDEXEDCP_FAILPOINTS`, for the
+//!   fault-injection tests; inert otherwise.
 //! - [`cli`]: clap types, dispatch and the mapping of failures to sysexits codes.
 //!   Contains no SQL and no protocol logic.
 //!
@@ -23,6 +25,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod failpoint;
 pub mod ingest;
 pub mod logging;
 pub mod protocol;

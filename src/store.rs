@@ -540,6 +540,17 @@ impl Store {
         Ok(())
     }
 
+    /// Makes every queued file of `target` due now (after its settings changed,
+    /// there is no reason to wait out a delay earned under the old ones).
+    pub fn reschedule_now(&self, target: &str) -> Result<usize> {
+        let conn = self.pool.get()?;
+        Ok(conn.execute(
+            "UPDATE chunks SET next_attempt = 0 WHERE state = 'pending' AND file_id IN
+                (SELECT id FROM files WHERE state = 'queued' AND target = ?1)",
+            params![target],
+        )?)
+    }
+
     /// Puts every chunk of a file back to pending (the receiver lost the upload).
     pub fn reset_chunks(&self, file_id: i64) -> Result<()> {
         let conn = self.pool.get()?;

@@ -452,6 +452,11 @@ pub async fn upload_file(
         let data = blocking(move || s.chunk_data(id, idx)).await?;
         match client.send_chunk(file, &chunk, data).await {
             Ok(reply) => {
+                crate::failpoint::hit(if reply.complete == Some(true) {
+                    crate::failpoint::UPLOAD_AFTER_COMPLETE
+                } else {
+                    crate::failpoint::UPLOAD_AFTER_ACK
+                });
                 let s = store.clone();
                 blocking(move || s.mark_uploaded(id, &[idx])).await?;
                 observer.on_event(&UploadEvent {

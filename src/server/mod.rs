@@ -289,9 +289,11 @@ impl Receiver {
             inner
                 .state
                 .set_phase(upload_id, UploadPhase::Finalizing, Some(&final_name))?;
+            crate::failpoint::hit(crate::failpoint::SERVER_BEFORE_RENAME);
             if paths::rename_no_replace(&inner.staging, upload_id, &parent, &candidate.name)? {
                 paths::fsync_dir(&parent)?;
                 paths::fsync_dir(&inner.staging)?;
+                crate::failpoint::hit(crate::failpoint::SERVER_AFTER_RENAME);
                 inner.state.complete(upload_id, &final_name)?;
                 tracing::info!(upload_id, client_name = %upload.meta.client_name, file = %final_name, size = upload.meta.file_size, "file complete");
                 return Ok(final_name);

@@ -5,6 +5,8 @@ mod support;
 
 mod agent;
 mod config_errors;
+mod failpoints;
+mod outage;
 mod receiver_compat;
 mod receiver_limits;
 mod receiver_names;

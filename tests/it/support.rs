@@ -131,8 +131,18 @@ impl Server {
     /// Starts the binary with `args`, waits for its "Server listening" line and
     /// for `/health` to answer.
     pub async fn spawn(args: Vec<String>, output_dir: &Path) -> Server {
+        Server::spawn_with_env(args, output_dir, &[]).await
+    }
+
+    /// [`Server::spawn`] with extra environment variables.
+    pub async fn spawn_with_env(
+        args: Vec<String>,
+        output_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut child = Command::new(BIN)
             .args(&args)
+            .envs(env.iter().copied())
             .env_remove("INDEXEDCP_API_KEY")
             .env("INDEXEDCP_LOG_LEVEL", "info")
             .stdout(Stdio::piped())
@@ -388,9 +398,15 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
         let child = Command::new(BIN)
             .args(["daemon", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env_remove("INDEXEDCP_API_KEY")
             .env("INDEXEDCP_LOG_LEVEL", "info")
             .stdout(Stdio::null())
