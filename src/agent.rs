@@ -335,6 +335,8 @@ impl Agent {
         let spool = candidate.spool.display().to_string();
         match result {
             Ok(Ok(IngestOutcome::Buffered { file_id, bytes })) => {
+                crate::metrics::INGESTED_FILES.add(1);
+                crate::metrics::INGESTED_BYTES.add(bytes);
                 tracing::info!(%spool, file, file_id, bytes, "buffered");
                 self.wake.notify_one();
                 false

@@ -75,6 +75,8 @@ pub struct DaemonConfig {
     pub max_buffer_bytes: u64,
     /// How long shutdown waits for work in flight before abandoning it.
     pub shutdown_grace: Duration,
+    /// Where Prometheus metrics are served (`/metrics`); `None` = off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -86,6 +88,7 @@ impl Default for DaemonConfig {
             check_interval: DEFAULT_CHECK_INTERVAL,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            metrics_listen: None,
         }
     }
 }
@@ -403,6 +406,9 @@ impl Config {
         out.string("check_interval", &format_duration(daemon.check_interval));
         out.string("max_buffer_bytes", &format_size(daemon.max_buffer_bytes));
         out.string("shutdown_grace", &format_duration(daemon.shutdown_grace));
+        if let Some(addr) = daemon.metrics_listen {
+            out.string("metrics_listen", &addr.to_string());
+        }
 
         for target in &self.targets {
             out.section("[[target]]");
@@ -588,6 +594,7 @@ struct RawDaemon {
     check_interval: Field<Value>,
     max_buffer_bytes: Field<Value>,
     shutdown_grace: Field<Value>,
+    metrics_listen: Field<String>,
 }
 
 #[derive(Deserialize)]
@@ -811,6 +818,18 @@ impl Checker<'_> {
                 "daemon.shutdown_grace",
                 defaults.shutdown_grace,
                 duration_value,
+            ),
+            metrics_listen: self.field(
+                raw.metrics_listen,
+                "daemon.metrics_listen",
+                defaults.metrics_listen,
+                |listen| {
+                    listen.parse().map(Some).map_err(|_| {
+                        format!(
+                            "invalid address {listen:?}: use an IP address and port such as \"127.0.0.1:9464\""
+                        )
+                    })
+                },
             ),
         }
     }

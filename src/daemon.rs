@@ -106,6 +106,19 @@ pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(config = %path.display(), "indexedcp daemon running");
+    if let Some(addr) = config.daemon.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Failure::io(format!(
+                "cannot listen on daemon.metrics_listen {addr}: {e}; choose another address"
+            ))
+        })?;
+        tracing::info!(%addr, "serving metrics at /metrics");
+        let (probe, token) = (probe.clone(), shutdown.clone());
+        roles.spawn(async move {
+            serve_metrics(listener, probe, token).await;
+            Ok(())
+        });
+    }
     let status = tokio::spawn(report_status(
         probe,
         config.daemon.check_interval,
@@ -287,6 +300,53 @@ impl ServerRole {
         self.config = new;
         changes
     }
+}
+
+/// Serves `/metrics` (Prometheus text) until `shutdown`.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    probe: Option<agent::AgentProbe>,
+    shutdown: CancellationToken,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let probe = probe.clone();
+            async move {
+                let queues = match probe {
+                    Some(probe) => tokio::task::spawn_blocking(move || probe.store.target_queues())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                let now = crate::store::now_ms();
+                let gauges: Vec<crate::metrics::QueueGauge> = queues
+                    .into_iter()
+                    .map(|q| crate::metrics::QueueGauge {
+                        oldest_queued_age_secs: q
+                            .oldest_queued_at
+                            .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+                        target: q.target,
+                        queued_files: q.queued_files,
+                        queued_bytes: q.queued_bytes,
+                        failed_files: q.failed_files,
+                    })
+                    .collect();
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    crate::metrics::render(&gauges),
+                )
+            }
+        }),
+    );
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
 }
 
 /// Tells systemd how the agent is doing (STATUS=) and, when a watchdog is set,

@@ -9,6 +9,17 @@
 //! - [`server`]: the receiver (axum): authentication, path modes, v1 append
 //!   sessions, resumable staging and finalize, its own SQLite state. It never
 //!   imports the client side.
+//! - [`spool`]: notify watchers, start-up/overflow scans and the settle rule; emits
+//!   complete regular files. Never touches SQLite or HTTP.
+//! - [`ingest`]: streams a complete file into the store (one transaction, SHA-256
+//!   per chunk and per file), then disposes of the source. Knows no HTTP.
+//! - [`store`]: the agent's SQLite buffer (r2d2 pool, WAL, migrations): every SQL
+//!   statement of the agent. Blocking methods; knows nothing of tokio or HTTP.
+//! - [`upload`]: the HTTP client side, the retry schedule, retry-or-park
+//!   decisions and the uploader loop. Writes no SQL.
+//! - [`agent`]: wires spool -> ingest -> store -> upload for the daemon, and
+//!   applies reloaded configs to them.
+//! - [`metrics`]: process-wide counters and the Prometheus text for `/metrics`.
 //! - [`logging`]: the `tracing` subscriber (journald, text or JSON).
 //! - [`daemon`]: signals, cancellation, sd_notify and running the roles a config
 //!   enables. Owns no domain logic.
@@ -28,6 +39,7 @@ pub mod daemon;
 pub mod failpoint;
 pub mod ingest;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod spool;

@@ -202,6 +202,17 @@ pub struct ChunkMeta {
     pub retry_count: u64,
 }
 
+/// One target's share of the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetQueue {
+    pub target: String,
+    pub queued_files: u64,
+    pub queued_bytes: u64,
+    pub failed_files: u64,
+    /// When the oldest queued file was buffered (ms since the epoch).
+    pub oldest_queued_at: Option<i64>,
+}
+
 /// Receives a file's chunks during [`Store::ingest`].
 pub struct ChunkSink<'a> {
     tx: &'a rusqlite::Transaction<'a>,
@@ -679,6 +690,30 @@ impl Store {
             "DELETE FROM files WHERE state = 'confirmed' AND confirmed_at < ?1",
             params![cutoff],
         )?)
+    }
+
+    /// Per target: queued files and bytes, failed files, and when the oldest
+    /// queued file was buffered (ms), for metrics and status.
+    pub fn target_queues(&self) -> Result<Vec<TargetQueue>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT target,
+                    coalesce(sum(state = 'queued'), 0),
+                    coalesce(sum(CASE WHEN state = 'queued' THEN size ELSE 0 END), 0),
+                    coalesce(sum(state = 'failed'), 0),
+                    min(CASE WHEN state = 'queued' THEN created_at END)
+             FROM files GROUP BY target ORDER BY target",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TargetQueue {
+                target: r.get(0)?,
+                queued_files: r.get::<_, i64>(1)? as u64,
+                queued_bytes: r.get::<_, i64>(2)? as u64,
+                failed_files: r.get::<_, i64>(3)? as u64,
+                oldest_queued_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Counts by state, for status lines.

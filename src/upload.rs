@@ -450,7 +450,10 @@ pub async fn upload_file(
         let s = store.clone();
         let idx = chunk.idx;
         let data = blocking(move || s.chunk_data(id, idx)).await?;
-        match client.send_chunk(file, &chunk, data).await {
+        let started = std::time::Instant::now();
+        let sent = client.send_chunk(file, &chunk, data).await;
+        crate::metrics::observe_upload_latency(started.elapsed());
+        match sent {
             Ok(reply) => {
                 crate::failpoint::hit(if reply.complete == Some(true) {
                     crate::failpoint::UPLOAD_AFTER_COMPLETE
@@ -459,6 +462,8 @@ pub async fn upload_file(
                 });
                 let s = store.clone();
                 blocking(move || s.mark_uploaded(id, &[idx])).await?;
+                crate::metrics::UPLOADED_CHUNKS.add(1);
+                crate::metrics::UPLOADED_BYTES.add(chunk.length);
                 observer.on_event(&UploadEvent {
                     file_id: file.id,
                     file_name: file.remote_name.clone(),
@@ -506,6 +511,8 @@ async fn confirm(
     let s = store.clone();
     let (id, name) = (file.id, server_name.clone());
     blocking(move || s.confirm(id, name.as_deref())).await?;
+    crate::metrics::CONFIRMED_FILES.add(1);
+    crate::metrics::CONFIRMED_BYTES.add(file.size);
     tracing::info!(file = %file.remote_name, server_name = server_name.as_deref().unwrap_or(""), target = %file.target, size = file.size, "file delivered");
     observer.on_event(&UploadEvent {
         file_id: file.id,
@@ -536,6 +543,7 @@ async fn fail(
         let s = store.clone();
         let (id, r) = (file.id, reason.clone());
         blocking(move || s.park(id, &r)).await?;
+        crate::metrics::PARKED_FILES.add(1);
         tracing::error!(file = %file.remote_name, target = %file.target, reason = %reason, "file parked as failed; fix the cause, then run `indexedcp retry`");
         observer.on_event(&UploadEvent {
             file_id: file.id,
@@ -570,6 +578,7 @@ async fn fail(
         s.record_failure(id, idx, &msg, next_attempt)
     })
     .await?;
+    crate::metrics::RETRIES.add(1);
     if let Some(max) = target.config.max_retries
         && count > u64::from(max)
     {

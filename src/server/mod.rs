@@ -639,6 +639,7 @@ async fn cors(request: Request, next: Next) -> Response {
     } else {
         next.run(request).await
     };
+    crate::metrics::count_receiver_reply(response.status().as_u16());
     let h = response.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,

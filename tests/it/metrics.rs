@@ -1,0 +1,102 @@
+//! `[daemon] metrics_listen`: Prometheus text at /metrics, scraped as a
+//! monitoring system would.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::support::*;
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_the_agent_and_receiver_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, metrics_port) = (free(), free());
+    let config = agent_config(
+        dir.path(),
+        &format!("http://127.0.0.1:{port}/upload"),
+        &spool,
+        "",
+        "chunk_size = \"64KiB\"",
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[daemon]\n",
+        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
+    ) + &format!(
+        "\n[server]\nlisten = \"127.0.0.1:{port}\"\noutput_dir = {:?}\napi_keys = [\"{KEY}\"]\n",
+        out.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let _daemon = Daemon::start(&config);
+    let mut files = BTreeMap::new();
+    for i in 0..3usize {
+        let name = format!("m{i}.bin");
+        files.insert(name.clone(), pseudo_random(100_000 * (i + 1), i as u64));
+        drop_file(&staging, &spool, &name, &files[&name]);
+    }
+    wait_for_files(&out, &files, Duration::from_secs(30)).await;
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let total: usize = files.values().map(Vec::len).sum();
+    let scrape = eventually(
+        Duration::from_secs(10),
+        "the metrics to settle",
+        async || {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            (sample(&text, "indexedcp_confirmed_files_total") == Some(3.0)
+                && sample(&text, "indexedcp_queue_files{target=\"central\"}") == Some(0.0))
+            .then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(
+        sample(&scrape, "indexedcp_ingested_files_total"),
+        Some(3.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(&scrape, "indexedcp_ingested_bytes_total"),
+        Some(total as f64)
+    );
+    assert_eq!(
+        sample(&scrape, "indexedcp_confirmed_bytes_total"),
+        Some(total as f64)
+    );
+    // 100 000, 200 000 and 300 000 bytes in 64 KiB chunks: 2 + 4 + 5 chunks.
+    assert_eq!(
+        sample(&scrape, "indexedcp_uploaded_chunks_total"),
+        Some(11.0)
+    );
+    assert_eq!(
+        sample(&scrape, "indexedcp_chunk_upload_seconds_count"),
+        Some(11.0)
+    );
+    assert_eq!(
+        sample(&scrape, "indexedcp_receiver_requests_total{status=\"200\"}"),
+        Some(11.0)
+    );
+    assert_eq!(
+        sample(&scrape, "indexedcp_failed_files{target=\"central\"}"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&scrape, "indexedcp_failed_files_total"), Some(0.0));
+}
