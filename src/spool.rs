@@ -42,6 +42,16 @@ const EVENT_QUEUE: usize = 4096;
 /// Entries a scan may walk ahead of the task.
 const SCAN_QUEUE: usize = 256;
 
+/// How often a full scan runs anyway, as a safety net for events the kernel
+/// or notify may not deliver (it offers only files not offered as they are).
+const SAFETY_SCAN_PERIOD: Duration = Duration::from_secs(60);
+
+/// How long after a new directory appears it is scanned a second time.
+/// notify adds the watch for a new directory only after handing out its create
+/// event, so a file renamed into it between the first scan and the watch would
+/// otherwise be missed.
+const NEW_DIRECTORY_RESCAN: Duration = Duration::from_millis(1000);
+
 /// Name endings that common tools use while a file is still being written.
 const TEMPORARY_SUFFIXES: [&str; 4] = [".tmp", ".part", ".swp", "~"];
 
@@ -350,6 +360,9 @@ struct SpoolWatch {
     /// Paths already logged as skipped, so each is logged once.
     reported: HashSet<PathBuf>,
     scan_queue: VecDeque<ScanRequest>,
+    /// Directories to scan again once their watch is surely in place.
+    delayed_scans: Vec<(Instant, String)>,
+    last_full_scan: Instant,
     root_lost: Option<RootLost>,
 }
 
@@ -400,6 +413,8 @@ impl SpoolWatch {
             offered: BTreeMap::new(),
             reported: HashSet::new(),
             scan_queue: VecDeque::new(),
+            delayed_scans: Vec::new(),
+            last_full_scan: Instant::now(),
             root_lost: None,
         };
         Ok((state, events))
@@ -585,6 +600,8 @@ impl SpoolWatch {
         }
         match self.place(path) {
             Place::Entry(relative) if !is_hidden(&relative) => {
+                self.delayed_scans
+                    .push((Instant::now() + NEW_DIRECTORY_RESCAN, relative.clone()));
                 self.request_scan(ScanRequest::Directory(relative));
             }
             Place::NonUtf8(relative) if !has_hidden_component(&relative) => {
@@ -695,7 +712,10 @@ impl SpoolWatch {
     fn start_next_scan(&mut self) -> Option<mpsc::Receiver<ScanItem>> {
         let request = self.scan_queue.pop_front()?;
         let start = match request {
-            ScanRequest::Full => String::new(),
+            ScanRequest::Full => {
+                self.last_full_scan = Instant::now();
+                String::new()
+            }
             ScanRequest::Directory(relative) => relative,
         };
         debug!(spool = %self.spool_root.display(), dir = %start, "scanning");
@@ -710,6 +730,17 @@ impl SpoolWatch {
     async fn on_tick(&mut self) -> ControlFlow<()> {
         if self.root_lost.is_some() {
             self.watch_again();
+        }
+        let now = Instant::now();
+        if now.duration_since(self.last_full_scan) >= SAFETY_SCAN_PERIOD {
+            self.request_scan(ScanRequest::Full);
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed_scans)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.delayed_scans = later;
+        for (_, relative) in due {
+            self.request_scan(ScanRequest::Directory(relative));
         }
         self.settle_pending().await
     }

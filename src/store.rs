@@ -253,10 +253,16 @@ impl Store {
         let manager = SqliteConnectionManager::file(path).with_init(|conn| {
             conn.execute_batch(
                 "PRAGMA busy_timeout = 60000;
-                 PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
                  PRAGMA foreign_keys = ON;",
-            )
+            )?;
+            // Switching the journal mode takes an exclusive lock, which a second
+            // connection opened while the first writes would not get: only switch once.
+            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
+            }
+            Ok(())
         });
         let pool = r2d2::Pool::builder()
             .max_size(8)
@@ -655,7 +661,9 @@ impl Store {
     /// all of them. Returns how many were re-queued.
     pub fn retry(&self, file_id: Option<i64>) -> Result<usize> {
         let mut conn = self.pool.get()?;
-        let tx = conn.transaction()?;
+        // Reads then writes: take the write lock first, or a concurrent writer
+        // makes the upgrade fail with SQLITE_BUSY instead of waiting.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let ids: Vec<i64> = {
             let mut stmt = tx.prepare(
                 "SELECT id FROM files WHERE state = 'failed' AND (?1 IS NULL OR id = ?1)",

@@ -141,10 +141,16 @@ impl UploadState {
         let manager = SqliteConnectionManager::file(path).with_init(|conn| {
             conn.execute_batch(
                 "PRAGMA busy_timeout = 10000;
-                 PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
                  PRAGMA foreign_keys = ON;",
-            )
+            )?;
+            // Switching the journal mode takes an exclusive lock, which a second
+            // connection opened while the first writes would not get: only switch once.
+            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
+            }
+            Ok(())
         });
         let pool = r2d2::Pool::builder()
             .max_size(8)
@@ -358,7 +364,9 @@ impl UploadState {
     /// caller deletes.
     pub fn expire(&self, cutoff: i64) -> Result<(Vec<String>, usize)> {
         let mut conn = self.pool.get()?;
-        let tx = conn.transaction()?;
+        // Reads then writes: take the write lock first, or a concurrent writer
+        // makes the upgrade fail with SQLITE_BUSY instead of waiting.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let stale: Vec<String> = {
             let mut stmt = tx.prepare(
                 "SELECT upload_id FROM uploads WHERE updated_at < ?1 AND state = 'receiving'",
