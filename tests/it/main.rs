@@ -8,6 +8,7 @@ mod config_errors;
 mod failpoints;
 mod metrics;
 mod outage;
+mod packaging;
 mod receiver_compat;
 mod receiver_limits;
 mod receiver_names;
