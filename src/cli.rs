@@ -1,18 +1,27 @@
 //! The command line (DESIGN.md section 4): clap types, dispatch, and the mapping
-//! of failures to sysexits exit codes. No SQL and no protocol logic lives here.
+//! of failures to sysexits exit codes. No SQL and no protocol logic lives here:
+//! the one-shot commands (`upload`, `add`, and the cp-style `indexedcp FILE...
+//! URL`) drive the library's [`Client`], the status commands read the [`Store`].
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use crate::client::{Client, ClientError, ClientOptions, FailedFile, ProgressEvent};
 use crate::config::{self, Config, LogFormat, PathMode, ServerConfig};
 use crate::daemon;
+use crate::ingest::IngestError;
 use crate::logging;
 use crate::server::ReceiverOptions;
 use crate::store::{FileRecord, Store};
+use crate::upload::Retry;
 
 /// Exit codes (sysexits.h).
 pub mod exit {
@@ -23,6 +32,8 @@ pub mod exit {
     pub const SOFTWARE: i32 = 70;
     pub const IO_ERR: i32 = 74;
     pub const CONFIG: i32 = 78;
+    /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+    pub const INTERRUPTED: i32 = 130;
 }
 
 /// A failure that ends the process: the message for stderr and the exit code.
@@ -57,6 +68,12 @@ impl Failure {
             message: message.into(),
         }
     }
+    pub fn data(message: impl Into<String>) -> Failure {
+        Failure {
+            code: exit::DATA_ERR,
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -64,7 +81,8 @@ impl Failure {
     name = "indexedcp",
     version,
     about = "Files dropped into a folder reach a central receiver exactly once, byte-identical",
-    after_help = "Examples:\n  indexedcp daemon --config config/quickstart.toml\n  indexedcp server --port 3000 --output-dir ./received --api-key SECRET\n  indexedcp check-config --config /etc/indexedcp/indexedcp.toml"
+    override_usage = "indexedcp <COMMAND>\n       indexedcp [OPTIONS] FILE... URL   (cp-style: the same as `indexedcp upload --server URL FILE...`)",
+    after_help = "Examples:\n  indexedcp report.pdf data.csv http://central:3000/upload    copy files: buffer, then upload\n  indexedcp upload --server http://central:3000/upload -k KEY *.log\n  indexedcp add *.log                                          buffer only; works offline\n  indexedcp upload --server http://central:3000/upload         send what is buffered\n  indexedcp status\n  indexedcp daemon --config config/quickstart.toml\n  indexedcp server --port 3000 --output-dir ./received --api-key SECRET\n  indexedcp check-config --config /etc/indexedcp/indexedcp.toml\n  indexedcp completions bash > ~/.local/share/bash-completion/completions/indexedcp\n\nWithout a config file the one-shot commands keep their buffer in ~/.indexcp/db/client.db."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -73,6 +91,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Buffer FILEs, then upload everything buffered to a receiver, with retries.
+    #[command(
+        after_help = "Examples:\n  indexedcp upload --server http://central:3000/upload --api-key KEY report.pdf data.csv\n  indexedcp upload --server http://central:3000/upload           # what is buffered (after add, or an interrupted upload)\n  INDEXEDCP_API_KEY=KEY indexedcp upload --server https://central/upload --max-retries 10 *.log\n  indexedcp report.pdf http://central:3000/upload                 # cp-style shorthand\n\nPrints `FILE -> NAME ON THE SERVER` for each file delivered (with progress bars on a terminal).\nExit status: 0 when every file was delivered; 65 when a file is missing or the receiver refused one;\n69 when the receiver stayed unreachable (the files stay buffered; run the same command again);\n78 when the receiver refused the API key or URL; 130 on Ctrl-C (the rest stays buffered)."
+    )]
+    Upload(UploadArgs),
+    /// Buffer FILEs for a later `indexedcp upload` (works offline).
+    #[command(
+        after_help = "Examples:\n  indexedcp add report.pdf data.csv\n  indexedcp add --storage ./buffer.db *.log\n  indexedcp upload --server http://central:3000/upload    # later, to send them"
+    )]
+    Add(AddArgs),
     /// Run the roles the configuration enables (the systemd service's ExecStart).
     #[command(after_help = "Example:\n  indexedcp daemon --config /etc/indexedcp/indexedcp.toml")]
     Daemon(ConfigArg),
@@ -98,6 +126,47 @@ pub enum Command {
         after_help = "Example:\n  indexedcp check-config --config /etc/indexedcp/indexedcp.toml"
     )]
     CheckConfig(ConfigArg),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  indexedcp completions bash > ~/.local/share/bash-completion/completions/indexedcp\n  indexedcp completions zsh > ~/.zfunc/_indexedcp\n  indexedcp completions fish > ~/.config/fish/completions/indexedcp.fish"
+    )]
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// The receiver's upload URL (a URL without a path gets /upload).
+    #[arg(long, short, value_name = "URL")]
+    pub server: String,
+    /// API key sent as `Authorization: Bearer`.
+    #[arg(long, short = 'k', env = "INDEXEDCP_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub buffer: BufferArg,
+    /// Retries of an unreachable receiver before giving up (the files stay buffered).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub max_retries: u32,
+    /// The first retry's delay; each next one doubles (at most 30s).
+    #[arg(long, default_value = "1s", value_parser = config::parse_duration, value_name = "DURATION")]
+    pub retry_delay: Duration,
+    /// Files to buffer and send; without any, what is buffered is sent.
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    pub buffer: BufferArg,
+    /// Files to buffer.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -264,8 +333,49 @@ impl ServerArgs {
     }
 }
 
+/// `indexedcp FILE... URL` (an http(s) URL among the arguments, usually the
+/// last, and a first argument that is not a command) becomes
+/// `indexedcp upload --server URL FILE...`; anything else is left alone. Options
+/// may stand anywhere (`indexedcp -k KEY a.txt URL`, `indexedcp a.txt URL -k KEY`).
+fn expand_cp_style(args: Vec<OsString>) -> Vec<OsString> {
+    let Some(first) = args.get(1) else {
+        return args;
+    };
+    let is_url = |a: &OsString| {
+        let a = a.to_string_lossy();
+        a.starts_with("http://") || a.starts_with("https://")
+    };
+    let Some(url_at) = args.iter().skip(2).rposition(is_url).map(|i| i + 2) else {
+        return args;
+    };
+    let first = first.to_string_lossy();
+    let command = Cli::command();
+    let is_command = first == "help"
+        || command
+            .get_subcommands()
+            .any(|c| c.get_name() == first || c.get_all_aliases().any(|a| a == first));
+    if is_command {
+        return args;
+    }
+    let mut expanded = vec![
+        args[0].clone(),
+        "upload".into(),
+        "--server".into(),
+        args[url_at].clone(),
+    ];
+    expanded.extend(
+        args.iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(i, _)| *i != url_at)
+            .map(|(_, a)| a.clone()),
+    );
+    expanded
+}
+
 /// Parses the arguments, runs the command, and returns the process exit code.
 pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    let args = expand_cp_style(args.into_iter().collect());
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -299,6 +409,18 @@ fn load_config(path: &std::path::Path) -> Result<Config, Failure> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Upload(args) => upload(args),
+        Command::Add(args) => add(args),
+        Command::Completions(args) => {
+            let mut command = Cli::command();
+            clap_complete::generate(
+                args.shell,
+                &mut command,
+                "indexedcp",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::CheckConfig(arg) => {
             let config = load_config(&arg.config)?;
             print!("{}", config.to_effective_toml());
@@ -444,4 +566,406 @@ fn status_table(files: &[FileRecord]) -> String {
         }
     }
     out
+}
+
+/// Refuses, before anything is buffered, names that are not readable regular
+/// files, naming each.
+fn check_files(files: &[PathBuf]) -> Result<(), Failure> {
+    let problems: Vec<String> = files
+        .iter()
+        .filter_map(|path| match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => None,
+            Ok(meta) if meta.is_dir() => Some(format!(
+                "{} is a directory; name the files in it (for example {}/*)",
+                path.display(),
+                path.display()
+            )),
+            Ok(_) => Some(format!("{} is not a regular file", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("{}: no such file", path.display()))
+            }
+            Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::data(format!(
+            "{}\nindexedcp: nothing was buffered",
+            problems.join("\nindexedcp: ")
+        )))
+    }
+}
+
+fn client_failure(error: ClientError) -> Failure {
+    let message = error.to_string();
+    match error {
+        ClientError::InvalidOptions(_) | ClientError::NoServerUrl | ClientError::NoApiKey => {
+            Failure::usage(message)
+        }
+        ClientError::Ingest(IngestError::Store(_)) => Failure::io(message),
+        ClientError::Ingest(_) => Failure::data(message),
+        ClientError::StorageDir { .. } | ClientError::Store(_) => Failure::io(message),
+        _ => Failure::software(message),
+    }
+}
+
+/// The flags that name the buffer, to repeat in hints.
+fn buffer_flags(buffer: &BufferArg) -> String {
+    match (&buffer.storage, &buffer.config) {
+        (Some(path), _) => format!(" --storage {}", path.display()),
+        (None, Some(path)) => format!(" --config {}", path.display()),
+        (None, None) => String::new(),
+    }
+}
+
+fn absolute_name(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
+fn ingest_failure(path: &Path, error: ClientError) -> Failure {
+    let failure = client_failure(error);
+    if failure.message.contains(&path.display().to_string()) {
+        failure
+    } else {
+        Failure {
+            code: failure.code,
+            message: format!("{}: {}", path.display(), failure.message),
+        }
+    }
+}
+
+/// `indexedcp add FILE...`: buffers only.
+fn add(args: AddArgs) -> Result<(), Failure> {
+    check_files(&args.files)?;
+    let storage = args.buffer.path()?;
+    logging::init(Some("off"), LogFormat::Text);
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let client = Client::new(ClientOptions {
+            storage_path: storage,
+            log_level: None,
+            ..ClientOptions::default()
+        })
+        .await
+        .map_err(client_failure)?;
+        for path in &args.files {
+            let added = client
+                .buffer_file(path)
+                .await
+                .map_err(|e| ingest_failure(path, e))?;
+            if added.already_buffered {
+                println!(
+                    "{} is already buffered (id {})",
+                    path.display(),
+                    added.file_id
+                );
+            } else {
+                println!(
+                    "buffered {} ({} bytes, {} chunk(s), id {})",
+                    path.display(),
+                    added.bytes,
+                    added.chunk_count,
+                    added.file_id
+                );
+            }
+        }
+        client.close().await;
+        eprintln!(
+            "indexedcp: send with `indexedcp upload --server URL{}`",
+            buffer_flags(&args.buffer)
+        );
+        Ok(())
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+/// `indexedcp upload --server URL [FILE...]`: buffers the files, then sends
+/// everything queued, retrying an unreachable receiver a few times.
+fn upload(args: UploadArgs) -> Result<(), Failure> {
+    check_files(&args.files)?;
+    let api_key = args
+        .api_key
+        .clone()
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| Failure::usage("no API key: pass --api-key KEY or set INDEXEDCP_API_KEY"))?;
+    let storage = args.buffer.path()?;
+    logging::init(Some("off"), LogFormat::Text);
+    let resume = format!(
+        "indexedcp upload --server {}{}",
+        args.server,
+        buffer_flags(&args.buffer)
+    );
+    let rt = runtime()?;
+    let reporter = Arc::new(Reporter::new());
+    let result = rt.block_on(async {
+        tokio::select! {
+            result = upload_files(&args, api_key, storage, &resume, reporter.clone()) => result,
+            _ = tokio::signal::ctrl_c() => Err(Failure {
+                code: exit::INTERRUPTED,
+                message: format!("interrupted; what was not delivered stays buffered, and `{resume}` resumes it"),
+            }),
+        }
+    });
+    reporter.finish();
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+async fn upload_files(
+    args: &UploadArgs,
+    api_key: String,
+    storage: PathBuf,
+    resume: &str,
+    reporter: Arc<Reporter>,
+) -> Result<(), Failure> {
+    let client = Client::new(ClientOptions {
+        server_url: Some(args.server.clone()),
+        api_key: Some(api_key),
+        storage_path: storage,
+        log_level: None,
+        ..ClientOptions::default()
+    })
+    .await
+    .map_err(client_failure)?;
+    for path in &args.files {
+        client
+            .buffer_file(path)
+            .await
+            .map_err(|e| ingest_failure(path, e))?;
+        reporter.name(absolute_name(path), path.display().to_string());
+    }
+    let queued = |files: Vec<FileRecord>| -> Vec<FileRecord> {
+        files.into_iter().filter(|f| f.state == "queued").collect()
+    };
+    let all = client.buffered_files().await.map_err(client_failure)?;
+    let parked_before = all.iter().filter(|f| f.state == "failed").count();
+    if parked_before > 0 {
+        reporter.note(&format!(
+            "{parked_before} file(s) parked earlier are not sent; `indexedcp status` shows why, `indexedcp retry --all` re-queues them"
+        ));
+    }
+    if queued(all).is_empty() {
+        reporter.note("nothing to upload: no file is waiting in the buffer");
+        return Ok(());
+    }
+    let progress = reporter.clone();
+    client.on_upload_progress(move |event| progress.progress(event));
+
+    let mut parked: Vec<FailedFile> = Vec::new();
+    let mut retries = 0u32;
+    let mut delay = args.retry_delay;
+    loop {
+        let waiting = queued(client.buffered_files().await.map_err(client_failure)?);
+        reporter.prepare(&waiting);
+        let failed = match client.upload_buffered_files().await {
+            Ok(delivered) => {
+                reporter.delivered(&delivered);
+                Vec::new()
+            }
+            Err(ClientError::Undelivered { delivered, failed }) => {
+                reporter.delivered(&delivered);
+                failed
+            }
+            Err(e) => return Err(client_failure(e)),
+        };
+        let (now_parked, pending): (Vec<FailedFile>, Vec<FailedFile>) =
+            failed.into_iter().partition(|f| f.parked);
+        for f in &now_parked {
+            reporter.note(&format!(
+                "{}: refused, not retried: {}",
+                reporter.display(&f.file_name),
+                f.error
+            ));
+        }
+        parked.extend(now_parked);
+        if pending.is_empty() {
+            break;
+        }
+        let refused = pending.iter().find(|f| f.retry == Retry::AtMaximum);
+        if let Some(refused) = refused {
+            return Err(Failure {
+                code: exit::CONFIG,
+                message: format!(
+                    "the receiver refused the request: {}; check --server and --api-key. {} file(s) stay buffered; `{resume}` sends them",
+                    refused.error,
+                    pending.len()
+                ),
+            });
+        }
+        if retries >= args.max_retries {
+            return Err(Failure {
+                code: exit::UNAVAILABLE,
+                message: format!(
+                    "gave up after {retries} retries: {}. {} file(s) stay buffered; `{resume}` resumes them",
+                    pending[0].error,
+                    pending.len()
+                ),
+            });
+        }
+        retries += 1;
+        reporter.note(&format!(
+            "{} file(s) not delivered yet ({}); retry {retries} of {} in {:.1}s",
+            pending.len(),
+            pending[0].error,
+            args.max_retries,
+            delay.as_secs_f64()
+        ));
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+    client.close().await;
+    if let Some(first) = parked.first() {
+        return Err(Failure::data(format!(
+            "the receiver refused {} file(s) ({}: {}); they are parked in the buffer: `indexedcp status` shows them, `indexedcp retry --all` re-queues them once the cause is fixed",
+            parked.len(),
+            reporter.display(&first.file_name),
+            first.error
+        )));
+    }
+    Ok(())
+}
+
+/// What the one-shot upload shows: progress bars (one per file and a total) on
+/// a terminal, otherwise one `FILE -> SERVER NAME` line per delivered file.
+struct Reporter {
+    bars: Option<Bars>,
+    /// Client name (absolute path) -> the path as typed on the command line.
+    typed: Mutex<HashMap<String, String>>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    total: ProgressBar,
+    files: Mutex<HashMap<String, ProgressBar>>,
+    style: ProgressStyle,
+}
+
+impl Reporter {
+    fn new() -> Reporter {
+        use std::io::IsTerminal;
+        let bars = std::io::stderr().is_terminal().then(|| {
+            let multi = MultiProgress::new();
+            let total = multi.add(ProgressBar::new(0));
+            total.set_style(
+                ProgressStyle::with_template(
+                    "{msg:>30!} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            total.set_message("total");
+            Bars {
+                multi,
+                total,
+                files: Mutex::new(HashMap::new()),
+                style: ProgressStyle::with_template("{msg:>30!} [{bar:30}] {bytes}/{total_bytes}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            }
+        });
+        Reporter {
+            bars,
+            typed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn name(&self, client_name: String, typed: String) {
+        self.typed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(client_name, typed);
+    }
+
+    fn display(&self, client_name: &str) -> String {
+        self.typed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(client_name)
+            .cloned()
+            .unwrap_or_else(|| client_name.to_owned())
+    }
+
+    /// Prints a line on stdout, above the bars when there are any.
+    fn line(&self, text: &str) {
+        match &self.bars {
+            Some(bars) => bars.multi.suspend(|| println!("{text}")),
+            None => println!("{text}"),
+        }
+    }
+
+    /// Prints a note on stderr, above the bars when there are any.
+    fn note(&self, text: &str) {
+        match &self.bars {
+            Some(bars) => bars.multi.suspend(|| eprintln!("indexedcp: {text}")),
+            None => eprintln!("indexedcp: {text}"),
+        }
+    }
+
+    /// Adds a bar for every file about to be sent that has none yet.
+    fn prepare(&self, files: &[FileRecord]) {
+        let Some(bars) = &self.bars else { return };
+        let mut map = bars.files.lock().unwrap_or_else(|p| p.into_inner());
+        for file in files {
+            if map.contains_key(&file.rel_path) {
+                continue;
+            }
+            let bar = bars
+                .multi
+                .insert_before(&bars.total, ProgressBar::new(file.size));
+            bar.set_style(bars.style.clone());
+            bar.set_message(file.remote_name.clone());
+            bars.total.inc_length(file.size);
+            map.insert(file.rel_path.clone(), bar);
+        }
+    }
+
+    fn progress(&self, event: &ProgressEvent) {
+        let Some(bars) = &self.bars else { return };
+        if event.status != crate::client::ChunkStatus::Success || event.chunk_count == 0 {
+            return;
+        }
+        let map = bars.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bar) = map.get(&event.file_name) {
+            let done = (u128::from(event.file_size) * u128::from(event.chunk_index + 1)
+                / u128::from(event.chunk_count)) as u64;
+            let before = bar.position();
+            if done > before {
+                bar.set_position(done);
+                bars.total.inc(done - before);
+            }
+        }
+    }
+
+    fn delivered(&self, delivered: &HashMap<String, String>) {
+        let mut names: Vec<(&String, &String)> = delivered.iter().collect();
+        names.sort();
+        for (client_name, server_name) in names {
+            if let Some(bars) = &self.bars
+                && let Some(bar) = bars
+                    .files
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(client_name)
+            {
+                bars.total.inc(bar.length().unwrap_or(0) - bar.position());
+                bar.finish_and_clear();
+                bars.multi.remove(&bar);
+            }
+            self.line(&format!("{} -> {server_name}", self.display(client_name)));
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bars) = &self.bars {
+            for (_, bar) in bars.files.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                bar.abandon();
+            }
+            bars.total.finish_and_clear();
+        }
+    }
 }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Disposition, SpoolConfig, TargetConfig};
 use crate::protocol;
 use crate::spool::Candidate;
-use crate::store::{Identity, IngestDecision, NewFile, Store, StoreError};
+use crate::store::{FileRecord, FileState, Identity, IngestDecision, NewFile, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -37,6 +37,10 @@ pub enum IngestError {
         #[source]
         source: io::Error,
     },
+    #[error("{path} is not a regular file; only files can be buffered")]
+    NotAFile { path: PathBuf },
+    #[error("{path} changed while it was read; try again once it is complete")]
+    Changed { path: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -175,43 +179,15 @@ pub fn ingest_candidate(
         identity: expected,
         remember_kept: keep,
     };
-    let path = candidate.path.clone();
-    let committed = store.ingest(&new_file, |sink| -> Result<IngestDecision, IngestError> {
-        let read_err = |source| IngestError::Read {
-            path: path.clone(),
-            source,
-        };
-        let mut reader = &file;
-        let mut whole = Sha256::new();
-        let mut buf = vec![0u8; target.chunk_size as usize];
-        let mut total = 0u64;
-        loop {
-            let n = fill(&mut reader, &mut buf).map_err(read_err)?;
-            if n == 0 && total > 0 {
-                break;
-            }
-            let chunk = &buf[..n];
-            whole.update(chunk);
-            sink.push(chunk, &hex::encode(Sha256::digest(chunk)))?;
-            total += n as u64;
-            if n < buf.len() {
-                break;
-            }
-        }
-        // The file must be exactly what was announced, before and after reading:
-        // same size and mtime through the open handle, same inode at the path.
-        let after = file.metadata().map_err(read_err)?;
-        let at_path = std::fs::symlink_metadata(&path)
-            .ok()
-            .map(|m| identity_of(&m));
-        if identity_of(&after) != expected || at_path != Some(expected) || total != expected.size {
-            return Ok(IngestDecision::Abort);
-        }
-        Ok(IngestDecision::Commit {
-            sha256: hex::encode(whole.finalize()),
-        })
-    })?;
-    let Some(file_id) = committed else {
+    let streamed = stream_into_store(
+        store,
+        &new_file,
+        &file,
+        &candidate.path,
+        expected,
+        PathCheck::NoFollow,
+    )?;
+    let Some((file_id, _)) = streamed else {
         return Ok(IngestOutcome::Changed);
     };
     crate::failpoint::hit(crate::failpoint::INGEST_AFTER_COMMIT);
@@ -226,6 +202,202 @@ pub fn ingest_candidate(
         file_id,
         bytes: expected.size,
     })
+}
+
+/// How the path is checked after reading: a spool path must still be the very
+/// inode that was read (a symlink is never followed there); a path a user named
+/// may be a symlink to the file, as with `cp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathCheck {
+    NoFollow,
+    Follow,
+}
+
+/// Streams the open `file` into the store as `new_file` in one transaction:
+/// SHA-256 per chunk and for the whole file, one chunk of memory at a time.
+/// Returns the new file's id and chunk count, or `None` (nothing kept) when the
+/// file was not exactly `expected` before and after reading.
+fn stream_into_store(
+    store: &Store,
+    new_file: &NewFile,
+    file: &File,
+    path: &Path,
+    expected: Identity,
+    path_check: PathCheck,
+) -> Result<Option<(i64, u64)>, IngestError> {
+    let mut n_chunks = 0u64;
+    let committed = store.ingest(new_file, |sink| -> Result<IngestDecision, IngestError> {
+        let read_err = |source| IngestError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mut reader = file;
+        let mut whole = Sha256::new();
+        let mut buf = vec![0u8; new_file.chunk_size as usize];
+        let mut total = 0u64;
+        loop {
+            let n = fill(&mut reader, &mut buf).map_err(read_err)?;
+            // An empty file is one empty chunk, so that it is delivered too.
+            if n == 0 && total > 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            whole.update(chunk);
+            sink.push(chunk, &hex::encode(Sha256::digest(chunk)))?;
+            n_chunks += 1;
+            total += n as u64;
+            if n < buf.len() {
+                break;
+            }
+        }
+        // The file must be exactly what was announced, before and after reading:
+        // same size and mtime through the open handle, same inode at the path.
+        let after = file.metadata().map_err(read_err)?;
+        let at_path = match path_check {
+            PathCheck::NoFollow => std::fs::symlink_metadata(path),
+            PathCheck::Follow => std::fs::metadata(path),
+        }
+        .ok()
+        .map(|m| identity_of(&m));
+        if identity_of(&after) != expected || at_path != Some(expected) || total != expected.size {
+            return Ok(IngestDecision::Abort);
+        }
+        Ok(IngestDecision::Commit {
+            sha256: hex::encode(whole.finalize()),
+        })
+    })?;
+    Ok(committed.map(|file_id| (file_id, n_chunks)))
+}
+
+/// The `spool` key of files buffered by [`ingest_path`] (the one-shot commands
+/// and the library's `Client::add_file`); a spool path is always absolute, so
+/// the two never mix.
+pub const PATH_SPOOL: &str = "(path)";
+
+/// A file buffered by [`ingest_path`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathIngest {
+    pub file_id: i64,
+    pub chunk_count: u64,
+    pub bytes: u64,
+    /// The same unchanged file was already waiting in the buffer (an earlier
+    /// `add` or an interrupted upload); it was not buffered a second time.
+    pub already_buffered: bool,
+}
+
+/// Buffers the file at `path` for `target`, sent as `remote_name`, and leaves
+/// the source alone. The file's absolute path is its client name (`rel_path`).
+///
+/// A file already waiting in the buffer unchanged (same path, inode, size, mtime
+/// or, failing that, same content) is not buffered again, so repeating an
+/// interrupted `indexedcp upload FILE` never delivers the file twice. Once the
+/// earlier copy is confirmed, adding the file again sends it again, like `cp`.
+pub fn ingest_path(
+    store: &Store,
+    path: &Path,
+    remote_name: &str,
+    target: &TargetConfig,
+) -> Result<PathIngest, IngestError> {
+    let read_err = |source| IngestError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let absolute = std::path::absolute(path).map_err(read_err)?;
+    // O_NONBLOCK: a FIFO never blocks the open. Symlinks are followed, as `cp` does
+    // for the files it is given.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(IngestError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let expected = identity_of(&meta);
+    let client_name = absolute.display().to_string();
+    if let Some(found) = find_waiting(store, &client_name, &file, expected, target)? {
+        return Ok(PathIngest {
+            file_id: found.id,
+            chunk_count: found.chunk_count,
+            bytes: found.size,
+            already_buffered: true,
+        });
+    }
+    let new_file = NewFile {
+        spool: PATH_SPOOL.to_owned(),
+        rel_path: client_name,
+        remote_name: remote_name.to_owned(),
+        target: target.name.clone(),
+        chunk_size: target.chunk_size,
+        upload_id: protocol::new_upload_id(),
+        src_path: absolute.display().to_string(),
+        identity: expected,
+        remember_kept: false,
+    };
+    match stream_into_store(store, &new_file, &file, path, expected, PathCheck::Follow)? {
+        Some((file_id, chunk_count)) => Ok(PathIngest {
+            file_id,
+            chunk_count,
+            bytes: expected.size,
+            already_buffered: false,
+        }),
+        None => Err(IngestError::Changed {
+            path: path.to_owned(),
+        }),
+    }
+}
+
+/// A not yet confirmed buffered copy of this very file, if there is one.
+fn find_waiting(
+    store: &Store,
+    client_name: &str,
+    file: &File,
+    expected: Identity,
+    target: &TargetConfig,
+) -> Result<Option<FileRecord>, IngestError> {
+    let waiting = |r: &FileRecord| {
+        r.state != FileState::Confirmed.as_str()
+            && r.target == target.name
+            && r.rel_path == client_name
+    };
+    let Some(id) = store.find_by_source(PATH_SPOOL, expected)? else {
+        return Ok(None);
+    };
+    let first = store.file(id)?;
+    if waiting(&first) {
+        return Ok(Some(first));
+    }
+    // The identity lookup found an older, confirmed copy; a newer one may still
+    // be waiting. Compare content, which the identity cannot do here.
+    let candidates: Vec<FileRecord> = store
+        .list()?
+        .into_iter()
+        .filter(|r| r.spool == PATH_SPOOL && waiting(r) && r.size == expected.size)
+        .collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let read_err = |source| IngestError::Read {
+        path: PathBuf::from(client_name),
+        source,
+    };
+    let mut whole = Sha256::new();
+    let mut reader = file;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = fill(&mut reader, &mut buf).map_err(read_err)?;
+        whole.update(&buf[..n]);
+        if n < buf.len() {
+            break;
+        }
+    }
+    // Rewind, so that the caller streams the file from its start.
+    std::io::Seek::rewind(&mut reader).map_err(read_err)?;
+    let sha256 = hex::encode(whole.finalize());
+    Ok(candidates.into_iter().find(|r| r.sha256 == sha256))
 }
 
 fn libc_flags() -> i32 {
@@ -364,6 +536,60 @@ mod tests {
         assert_eq!(remote_name("", "a/b.txt"), "a/b.txt");
         assert_eq!(remote_name("site1", "a/b.txt"), "site1/a/b.txt");
         assert_eq!(remote_name("site1/", "b.txt"), "site1/b.txt");
+    }
+
+    #[test]
+    fn a_named_file_waiting_in_the_buffer_is_not_buffered_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let mut target = TargetConfig::new("cli", "http://127.0.0.1:9/upload");
+        target.chunk_size = 4;
+        let path = dir.path().join("a.txt");
+        std::fs::write(&path, b"0123456789").unwrap();
+
+        let first = ingest_path(&store, &path, "a.txt", &target).unwrap();
+        assert_eq!(
+            (first.chunk_count, first.bytes, first.already_buffered),
+            (3, 10, false)
+        );
+        let record = store.file(first.file_id).unwrap();
+        assert_eq!(record.rel_path, path.display().to_string());
+        assert_eq!(
+            (record.remote_name.as_str(), record.spool.as_str()),
+            ("a.txt", PATH_SPOOL)
+        );
+        let again = ingest_path(&store, &path, "a.txt", &target).unwrap();
+        assert_eq!(
+            (again.file_id, again.already_buffered),
+            (first.file_id, true)
+        );
+
+        // Delivered: the next add is a new copy, and that copy is then the one
+        // found, although the identity lookup meets the confirmed one first.
+        store.confirm(first.file_id, Some("a.txt")).unwrap();
+        let second = ingest_path(&store, &path, "a.txt", &target).unwrap();
+        assert!(!second.already_buffered && second.file_id != first.file_id);
+        let third = ingest_path(&store, &path, "a.txt", &target).unwrap();
+        assert_eq!(
+            (third.file_id, third.already_buffered),
+            (second.file_id, true)
+        );
+
+        // Changed content is a new file.
+        std::fs::write(&path, b"abc").unwrap();
+        let changed = ingest_path(&store, &path, "a.txt", &target).unwrap();
+        assert!(!changed.already_buffered);
+        assert_eq!(store.chunk_data(changed.file_id, 0).unwrap(), b"abc");
+
+        assert!(matches!(
+            ingest_path(&store, dir.path(), "x", &target),
+            Err(IngestError::NotAFile { .. })
+        ));
+        assert!(matches!(
+            ingest_path(&store, &dir.path().join("missing"), "x", &target),
+            Err(IngestError::Read { .. })
+        ));
+        assert_eq!(store.list().unwrap().len(), 3);
     }
 
     #[test]

@@ -20,6 +20,11 @@
 //! - [`agent`]: wires spool -> ingest -> store -> upload for the daemon, and
 //!   applies reloaded configs to them.
 //! - [`metrics`]: process-wide counters and the Prometheus text for `/metrics`.
+//! - [`client`]: the original's library API (`Client`: add files, upload them
+//!   with retries, callbacks, a background uploader) on `ingest`, `store` and
+//!   `upload`; the one-shot CLI commands are built on it.
+//! - [`storage`]: the original's async key-value `Storage` trait and its SQLite
+//!   backend, for applications; not the upload buffer (that is `store`).
 //! - [`logging`]: the `tracing` subscriber (journald, text or JSON).
 //! - [`daemon`]: signals, cancellation, sd_notify and running the roles a config
 //!   enables. Owns no domain logic.
@@ -34,6 +39,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod failpoint;
@@ -43,5 +49,6 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod spool;
+pub mod storage;
 pub mod store;
 pub mod upload;

@@ -180,6 +180,9 @@ pub enum EventStatus {
 /// Receives [`UploadEvent`]s; the default does nothing.
 pub trait UploadObserver: Send + Sync {
     fn on_event(&self, _event: &UploadEvent) {}
+    /// The error behind a failed attempt at `file`, before it is recorded (for
+    /// callers that decide on its [`UploadError::retry`], like the one-shot CLI).
+    fn on_failure(&self, _file: &FileRecord, _error: &UploadError) {}
 }
 
 /// An observer that ignores everything.
@@ -536,6 +539,7 @@ async fn fail(
     error: UploadError,
     observer: &dyn UploadObserver,
 ) -> Result<FileOutcome, UploadError> {
+    observer.on_failure(file, &error);
     let backoff = Backoff::of(&target.config);
     let message = error.to_string();
     let retry = error.retry();
@@ -599,6 +603,106 @@ async fn fail(
         error: Some(message),
     });
     Ok(FileOutcome::RetryLater)
+}
+
+/// One attempt at a queued file, as [`upload_queued_once`] reports it.
+#[derive(Debug, Clone)]
+pub struct FileAttempt {
+    /// The file as it was before the attempt.
+    pub file: FileRecord,
+    pub outcome: FileOutcome,
+    /// Why the attempt did not confirm the file, and what the retry rule says
+    /// about it; `None` when it was confirmed.
+    pub error: Option<(String, Retry)>,
+}
+
+/// Forwards events and remembers the error behind each file's failed attempt.
+struct FailureRecorder<'a> {
+    inner: &'a dyn UploadObserver,
+    errors: std::sync::Mutex<HashMap<i64, (String, Retry)>>,
+}
+
+impl UploadObserver for FailureRecorder<'_> {
+    fn on_event(&self, event: &UploadEvent) {
+        self.inner.on_event(event);
+    }
+    fn on_failure(&self, file: &FileRecord, error: &UploadError) {
+        self.inner.on_failure(file, error);
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(file.id, (error.to_string(), error.retry()));
+    }
+}
+
+/// One attempt at every queued file of `target` whose retry is due at `due_at`
+/// (ms since the epoch; `i64::MAX` takes them all, whatever their schedule),
+/// with up to the target's `concurrency` files in flight. Every outcome is
+/// recorded in the store exactly as the daemon's [`run_uploader`] records it;
+/// this is the same work done once, for the one-shot CLI and the library's
+/// `Client`. The attempts are returned in buffer order (oldest first).
+pub async fn upload_queued_once(
+    store: &Store,
+    target: &TargetRuntime,
+    observer: &dyn UploadObserver,
+    due_at: i64,
+) -> Result<Vec<FileAttempt>, UploadError> {
+    let s = store.clone();
+    let name = target.config.name.clone();
+    let files = blocking(move || s.due_files(&name, due_at, &[], usize::MAX)).await?;
+    Ok(upload_files_once(store, target, observer, files).await)
+}
+
+/// One attempt at each of `files` (buffered files of `target`), as
+/// [`upload_queued_once`] makes them, for a caller that already listed them.
+pub async fn upload_files_once(
+    store: &Store,
+    target: &TargetRuntime,
+    observer: &dyn UploadObserver,
+    files: Vec<FileRecord>,
+) -> Vec<FileAttempt> {
+    use futures::StreamExt;
+    let recorder = FailureRecorder {
+        inner: observer,
+        errors: std::sync::Mutex::new(HashMap::new()),
+    };
+    let recorder = &recorder;
+    let mut attempts: Vec<FileAttempt> = futures::stream::iter(files)
+        .map(|file| async move {
+            let (outcome, error) = match upload_file(store, target, &file, recorder).await {
+                Ok(FileOutcome::Confirmed { server_name }) => {
+                    (FileOutcome::Confirmed { server_name }, None)
+                }
+                Ok(outcome) => {
+                    let recorded = recorder
+                        .errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&file.id);
+                    let error = recorded.unwrap_or_else(|| match &outcome {
+                        FileOutcome::Parked { reason } => (reason.clone(), Retry::Never),
+                        _ => (
+                            "the receiver did not confirm the file".to_owned(),
+                            Retry::Backoff,
+                        ),
+                    });
+                    (outcome, Some(error))
+                }
+                // The buffer itself failed (not the receiver): the file stays
+                // queued and the caller hears why.
+                Err(e) => (FileOutcome::RetryLater, Some((e.to_string(), e.retry()))),
+            };
+            FileAttempt {
+                file,
+                outcome,
+                error,
+            }
+        })
+        .buffer_unordered(target.config.concurrency.max(1))
+        .collect()
+        .await;
+    attempts.sort_by_key(|a| a.file.id);
+    attempts
 }
 
 /// What the uploader loop reads on every round, replaceable on reload: the

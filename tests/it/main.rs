@@ -4,8 +4,10 @@
 mod support;
 
 mod agent;
+mod cli_oneshot;
 mod config_errors;
 mod failpoints;
+mod library;
 mod metrics;
 mod outage;
 mod packaging;
