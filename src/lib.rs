@@ -19,6 +19,8 @@
 //!   decisions and the uploader loop. Writes no SQL.
 //! - [`agent`]: wires spool -> ingest -> store -> upload for the daemon, and
 //!   applies reloaded configs to them.
+//! - [`sqlite`]: the pool settings (WAL, `synchronous=FULL`, busy timeout) and
+//!   `user_version` migrations every database here shares; no SQL of its own.
 //! - [`metrics`]: process-wide counters and the Prometheus text for `/metrics`.
 //! - [`client`]: the original's library API (`Client`: add files, upload them
 //!   with retries, callbacks, a background uploader) on `ingest`, `store` and
@@ -49,6 +51,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod spool;
+pub mod sqlite;
 pub mod storage;
 pub mod store;
 pub mod upload;

@@ -28,7 +28,7 @@ use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use r2d2_sqlite::SqliteConnectionManager;
+
 use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 
@@ -327,7 +327,7 @@ pub fn create_storage(kind: &str, options: StorageOptions) -> Result<Box<dyn Sto
     }
 }
 
-type Pool = r2d2::Pool<SqliteConnectionManager>;
+use crate::sqlite::Pool;
 
 /// [`Storage`] in a table of an SQLite database, through an r2d2 pool, with
 /// every call on tokio's blocking pool.
@@ -467,12 +467,7 @@ impl Storage for SqliteStorage {
                         source,
                     })?;
                 }
-                let manager = SqliteConnectionManager::file(&path).with_init(|conn| {
-                    conn.execute_batch("PRAGMA busy_timeout = 30000; PRAGMA journal_mode = WAL;")
-                });
-                let pool = r2d2::Pool::builder()
-                    .max_size(4)
-                    .build(manager)
+                let pool = crate::sqlite::open_pool(&path, std::time::Duration::from_secs(30))
                     .map_err(|source| StorageError::Open {
                         path: path.clone(),
                         source,

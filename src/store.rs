@@ -8,10 +8,11 @@
 //! `synchronous = FULL` because the source is deleted right after it.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{OptionalExtension, params};
+
+use crate::sqlite::{self, Pool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,10 +28,8 @@ pub enum StoreError {
     Pool(#[from] r2d2::Error),
     #[error("buffer database: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error(
-        "buffer database has schema version {found}, newer than this build knows ({known}); upgrade indexedcp"
-    )]
-    TooNew { found: i64, known: i64 },
+    #[error("buffer database: {0}")]
+    Migrate(#[from] sqlite::MigrateError),
     #[error("no buffered file with id {0}")]
     NoSuchFile(i64),
 }
@@ -43,8 +42,6 @@ impl StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
-
-const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE files (
@@ -244,54 +241,20 @@ pub enum IngestDecision {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: r2d2::Pool<SqliteConnectionManager>,
+    pool: Pool,
 }
 
 impl Store {
     /// Opens (creating and migrating) the buffer at `path`.
     pub fn open(path: &Path) -> Result<Store> {
-        let manager = SqliteConnectionManager::file(path).with_init(|conn| {
-            conn.execute_batch(
-                "PRAGMA busy_timeout = 60000;
-                 PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;",
-            )?;
-            // Switching the journal mode takes an exclusive lock, which a second
-            // connection opened while the first writes would not get: only switch once.
-            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
-            }
-            Ok(())
-        });
-        let pool = r2d2::Pool::builder()
-            .max_size(8)
-            .build(manager)
-            .map_err(|source| StoreError::Open {
+        let pool = sqlite::open_pool(path, Duration::from_secs(60)).map_err(|source| {
+            StoreError::Open {
                 path: path.display().to_string(),
                 source,
-            })?;
-        let store = Store { pool };
-        store.migrate()?;
-        Ok(store)
-    }
-
-    fn migrate(&self) -> Result<()> {
-        let mut conn = self.pool.get()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                found: version,
-                known: SCHEMA_VERSION,
-            });
-        }
-        if version < 1 {
-            tx.execute_batch(SCHEMA_V1)?;
-        }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
-        Ok(())
+            }
+        })?;
+        sqlite::migrate(&pool, &[SCHEMA_V1])?;
+        Ok(Store { pool })
     }
 
     /// The id of a buffered file with this source identity in this spool, if any:

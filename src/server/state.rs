@@ -5,12 +5,11 @@
 //! complete, so the receiver's "complete" must survive a power cut.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{OptionalExtension, params};
 
-pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+use crate::sqlite::{self, Pool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -24,15 +23,11 @@ pub enum StateError {
     Pool(#[from] r2d2::Error),
     #[error("receiver state database: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error(
-        "receiver state database has schema version {found}, newer than this build knows ({known}); upgrade indexedcp"
-    )]
-    TooNew { found: i64, known: i64 },
+    #[error("receiver state database: {0}")]
+    Migrate(#[from] sqlite::MigrateError),
 }
 
 pub type Result<T> = std::result::Result<T, StateError>;
-
-const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE uploads (
@@ -138,48 +133,14 @@ pub struct UploadState {
 
 impl UploadState {
     pub fn open(path: &Path) -> Result<UploadState> {
-        let manager = SqliteConnectionManager::file(path).with_init(|conn| {
-            conn.execute_batch(
-                "PRAGMA busy_timeout = 10000;
-                 PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;",
-            )?;
-            // Switching the journal mode takes an exclusive lock, which a second
-            // connection opened while the first writes would not get: only switch once.
-            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
-            }
-            Ok(())
-        });
-        let pool = r2d2::Pool::builder()
-            .max_size(8)
-            .build(manager)
-            .map_err(|source| StateError::Open {
+        let pool = sqlite::open_pool(path, Duration::from_secs(10)).map_err(|source| {
+            StateError::Open {
                 path: path.display().to_string(),
                 source,
-            })?;
-        let state = UploadState { pool };
-        state.migrate()?;
-        Ok(state)
-    }
-
-    fn migrate(&self) -> Result<()> {
-        let mut conn = self.pool.get()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StateError::TooNew {
-                found: version,
-                known: SCHEMA_VERSION,
-            });
-        }
-        if version < 1 {
-            tx.execute_batch(SCHEMA_V1)?;
-        }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
-        Ok(())
+            }
+        })?;
+        sqlite::migrate(&pool, &[SCHEMA_V1])?;
+        Ok(UploadState { pool })
     }
 
     pub fn upload(&self, upload_id: &str) -> Result<Option<Upload>> {

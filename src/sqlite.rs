@@ -1,0 +1,66 @@
+//! The SQLite set-up every database of this crate shares: an r2d2 pool whose
+//! connections wait for locks, sync every commit (`synchronous = FULL`), use WAL
+//! and enforce foreign keys; and schema migrations by `PRAGMA user_version`.
+//!
+//! Knows nothing of what the databases hold: `store` (the agent's buffer),
+//! `server::state` (the receiver's uploads) and `storage` own their SQL.
+
+use std::path::Path;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+
+pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+/// Opens a pool on `path` (created if missing). `busy_timeout` is how long a
+/// statement waits for another connection's lock before failing.
+pub fn open_pool(path: &Path, busy_timeout: Duration) -> Result<Pool, r2d2::Error> {
+    let busy_ms = busy_timeout.as_millis();
+    let manager = SqliteConnectionManager::file(path).with_init(move |conn| {
+        conn.execute_batch(&format!(
+            "PRAGMA busy_timeout = {busy_ms};
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;"
+        ))?;
+        // Switching the journal mode takes an exclusive lock, which a second
+        // connection opened while the first writes would not get: only switch once.
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
+        }
+        Ok(())
+    });
+    r2d2::Pool::builder().max_size(8).build(manager)
+}
+
+/// A schema newer than this build.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("schema version {found} is newer than this build knows ({known}); upgrade indexedcp")]
+    TooNew { found: i64, known: i64 },
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Pool(#[from] r2d2::Error),
+}
+
+/// Brings the database to `migrations.len()`: migration `i` (0-based) takes
+/// `user_version` from `i` to `i + 1`. All in one transaction.
+pub fn migrate(pool: &Pool, migrations: &[&str]) -> Result<(), MigrateError> {
+    let known = migrations.len() as i64;
+    let mut conn = pool.get()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > known {
+        return Err(MigrateError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for sql in &migrations[version.max(0) as usize..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", known)?;
+    tx.commit()?;
+    Ok(())
+}
