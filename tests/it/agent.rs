@@ -460,26 +460,27 @@ async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
     )
     .await;
     // The refused file stays buffered (parked), not retried and not lost.
-    let status = std::process::Command::new(BIN)
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let listing: serde_json::Value = serde_json::from_slice(&status.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&status.stderr)));
-    let parked = listing
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["rel_path"] == "sub/refused.txt")
-        .expect("listed");
-    assert_eq!(parked["state"], "failed", "{parked}");
+    let parked = eventually(
+        Duration::from_secs(30),
+        "the refused file parked",
+        async || {
+            let status = std::process::Command::new(BIN)
+                .args(["status", "--json", "--config"])
+                .arg(&config)
+                .output()
+                .ok()?;
+            let listing: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
+            listing
+                .as_array()?
+                .iter()
+                .find(|f| f["rel_path"] == "sub/refused.txt" && f["state"] == "failed")
+                .cloned()
+        },
+    )
+    .await;
+    let failure = parked["failure"].as_str().unwrap();
     assert!(
-        parked["failure"]
-            .as_str()
-            .unwrap()
-            .contains("Invalid filename")
-            || parked["failure"].as_str().unwrap().contains("400"),
+        failure.contains("400") && failure.contains("path separators"),
         "{parked}"
     );
 }
