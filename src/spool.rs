@@ -42,6 +42,12 @@ const EVENT_QUEUE: usize = 4096;
 /// Entries a scan may walk ahead of the task.
 const SCAN_QUEUE: usize = 256;
 
+/// How long a file closed after writing must stay unchanged before it is
+/// offered. Not zero: a writer that rewrites a file in place (open with
+/// O_TRUNC, write, close, again) closes one version while the next is already
+/// truncated, and the close event must not offer that empty moment.
+const CLOSE_QUIET: Duration = Duration::from_millis(100);
+
 /// How often a full scan runs anyway, as a safety net for events the kernel
 /// or notify may not deliver (it offers only files not offered as they are).
 const SAFETY_SCAN_PERIOD: Duration = Duration::from_secs(60);
@@ -294,6 +300,9 @@ struct Pending {
     seen: Option<SourceIdentity>,
     /// When `seen` was last observed to change.
     since: Instant,
+    /// The writer closed the file and nothing changed it since: it only has to
+    /// stay quiet for [`CLOSE_QUIET`] instead of the full settle period.
+    closed: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -538,8 +547,16 @@ impl SpoolWatch {
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
                 for path in &event.paths {
                     if let Some(relative) = self.file_entry(path) {
-                        // The writer closed it: what it wrote is all there is.
-                        self.offer(relative, None).await?;
+                        // The writer closed it: what it wrote is all there
+                        // is, once nothing else changes it for a moment.
+                        self.pending.insert(
+                            relative,
+                            Pending {
+                                seen: None,
+                                since: Instant::now(),
+                                closed: true,
+                            },
+                        );
                     }
                 }
             }
@@ -638,6 +655,7 @@ impl SpoolWatch {
             Pending {
                 seen: None,
                 since: Instant::now(),
+                closed: false,
             },
         );
     }
@@ -676,6 +694,7 @@ impl SpoolWatch {
                     Pending {
                         seen: Some(identity),
                         since: Instant::now(),
+                        closed: false,
                     },
                 );
             }
@@ -777,9 +796,18 @@ impl SpoolWatch {
                 Ok(meta) if meta.is_file() => {
                     let identity = SourceIdentity::of(&meta);
                     if pending.seen != Some(identity) {
+                        // A change after the close means another writer: the
+                        // full settle rule applies again.
+                        pending.closed &= pending.seen.is_none();
                         pending.seen = Some(identity);
                         pending.since = now;
-                    } else if now.duration_since(pending.since) >= self.settle {
+                    } else if now.duration_since(pending.since)
+                        >= if pending.closed {
+                            self.settle.min(CLOSE_QUIET)
+                        } else {
+                            self.settle
+                        }
+                    {
                         due.push((relative, identity));
                     }
                 }
@@ -885,6 +913,7 @@ impl SpoolWatch {
                 Pending {
                     seen: Some(identity),
                     since: Instant::now(),
+                    closed: false,
                 },
             );
             return None;

@@ -16,6 +16,13 @@ pub type Pool = r2d2::Pool<SqliteConnectionManager>;
 /// statement waits for another connection's lock before failing.
 pub fn open_pool(path: &Path, busy_timeout: Duration) -> Result<Pool, r2d2::Error> {
     let busy_ms = busy_timeout.as_millis();
+    // r2d2 opens its connections in parallel; switch a new file to WAL once,
+    // alone, first (the mode is persistent), so they never race for the
+    // exclusive lock the switch needs. A failure here resurfaces below.
+    if let Ok(conn) = rusqlite::Connection::open(path) {
+        let _ = conn.busy_timeout(busy_timeout);
+        let _ = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0));
+    }
     let manager = SqliteConnectionManager::file(path).with_init(move |conn| {
         conn.execute_batch(&format!(
             "PRAGMA busy_timeout = {busy_ms};

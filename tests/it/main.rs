@@ -7,6 +7,7 @@ mod agent;
 mod cli_oneshot;
 mod config_errors;
 mod failpoints;
+mod faults;
 mod library;
 mod metrics;
 mod outage;
