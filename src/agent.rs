@@ -290,7 +290,13 @@ impl Agent {
     async fn buffer_has_room(&self) -> bool {
         let store = self.store.clone();
         let max = self.max_buffer_bytes;
-        matches!(tokio::task::spawn_blocking(move || store.buffered_bytes()).await, Ok(Ok(n)) if n < max)
+        let has_room = move || {
+            let disk_ok = store
+                .free_bytes()
+                .is_none_or(|free| free > 2 * ingest::DISK_RESERVE);
+            store.buffered_bytes().map(|n| n < max && disk_ok)
+        };
+        matches!(tokio::task::spawn_blocking(has_room).await, Ok(Ok(true)))
     }
 
     async fn forget_old_confirmed(&self) {
@@ -349,6 +355,10 @@ impl Agent {
             Ok(Ok(IngestOutcome::Changed)) => {
                 tracing::debug!(%spool, file, "changed while being read; waiting for it to settle again");
                 false
+            }
+            Ok(Ok(IngestOutcome::DiskFull { free })) => {
+                tracing::error!(%spool, file, free_bytes = free, "the buffer's disk is full: ingest paused, files wait in the spool until uploads free space");
+                true
             }
             Ok(Ok(IngestOutcome::BufferFull)) => {
                 tracing::warn!(%spool, file, max_buffer_bytes = self.max_buffer_bytes, "buffer full: ingest paused, files wait in the spool until uploads free space");

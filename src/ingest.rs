@@ -55,6 +55,10 @@ impl IngestError {
     }
 }
 
+/// Free space kept on the buffer's file system beyond what a file needs, so that
+/// uploads can still be recorded (and space freed) when ingest has paused.
+pub const DISK_RESERVE: u64 = 2 << 20;
+
 /// What happened to a candidate.
 #[derive(Debug, PartialEq, Eq)]
 pub enum IngestOutcome {
@@ -68,6 +72,9 @@ pub enum IngestOutcome {
     Changed,
     /// The buffer is above `max_buffer_bytes`; the file waits in the spool.
     BufferFull,
+    /// The buffer's disk has too little room left (`free` bytes) for this file
+    /// and the reserve; the file waits in the spool.
+    DiskFull { free: u64 },
     /// The file alone is larger than `max_buffer_bytes` and can never be buffered.
     TooLarge { size: u64, limit: u64 },
     /// Not a regular file (any more), or unreadable; skipped with this reason.
@@ -136,6 +143,13 @@ pub fn ingest_candidate(
     }
     if store.buffered_bytes()? + expected.size > max_buffer_bytes {
         return Ok(IngestOutcome::BufferFull);
+    }
+    // The file goes through the WAL and then into the database, and the uploader
+    // needs room to record its progress: never fill the disk to the last byte.
+    if let Some(free) = store.free_bytes()
+        && free < expected.size.saturating_mul(2) + DISK_RESERVE
+    {
+        return Ok(IngestOutcome::DiskFull { free });
     }
 
     // O_NOFOLLOW: a symlink swapped in is refused; O_NONBLOCK: a FIFO swapped in

@@ -27,7 +27,8 @@ pub fn open_pool(path: &Path, busy_timeout: Duration) -> Result<Pool, r2d2::Erro
         conn.execute_batch(&format!(
             "PRAGMA busy_timeout = {busy_ms};
              PRAGMA synchronous = FULL;
-             PRAGMA foreign_keys = ON;"
+             PRAGMA foreign_keys = ON;
+             PRAGMA journal_size_limit = 67108864;"
         ))?;
         // Switching the journal mode takes an exclusive lock, which a second
         // connection opened while the first writes would not get: only switch once.

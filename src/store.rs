@@ -242,6 +242,7 @@ pub enum IngestDecision {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -254,7 +255,10 @@ impl Store {
             }
         })?;
         sqlite::migrate(&pool, &[SCHEMA_V1])?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            path: path.to_owned(),
+        })
     }
 
     /// The id of a buffered file with this source identity in this spool, if any:
@@ -281,6 +285,35 @@ impl Store {
             )
             .optional()?;
         Ok(found.is_some())
+    }
+
+    /// Bytes the buffer can still grow by: free space for an unprivileged
+    /// writer on its file system plus the database's free pages, if known.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let stat = rustix::fs::statvfs(dir).ok()?;
+        let disk = stat.f_bavail.saturating_mul(stat.f_frsize);
+        // Pages freed inside the database (by confirmed files) are reused
+        // before the file grows: they count as free too.
+        let reusable = self
+            .pool
+            .get()
+            .ok()
+            .and_then(|conn| {
+                conn.query_row(
+                    "SELECT freelist_count * page_size FROM pragma_freelist_count(), pragma_page_size()",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+            })
+            .unwrap_or(0)
+            .max(0) as u64;
+        Some(disk + reusable)
     }
 
     /// Bytes held for files not yet confirmed.

@@ -762,8 +762,9 @@ pub async fn run_uploader(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let mut in_flight: JoinSet<(String, i64)> = JoinSet::new();
+    let mut in_flight: JoinSet<(String, i64, bool)> = JoinSet::new();
     let mut busy: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut cooling: HashMap<i64, (String, std::time::Instant)> = HashMap::new();
     loop {
         shared
             .heartbeat_ms
@@ -772,8 +773,14 @@ pub async fn run_uploader(
         let mut earliest: Option<i64> = None;
         for target in &shared.targets() {
             let name = target.config.name.clone();
-            let taken = busy.entry(name.clone()).or_default().clone();
+            let mut taken = busy.entry(name.clone()).or_default().clone();
             let room = target.config.concurrency.saturating_sub(taken.len());
+            taken.extend(
+                cooling
+                    .iter()
+                    .filter(|(_, (t, _))| *t == name)
+                    .map(|(id, _)| *id),
+            );
             let s = store.clone();
             let n = name.clone();
             let found = tokio::task::spawn_blocking(move || {
@@ -808,11 +815,14 @@ pub async fn run_uploader(
                     name.clone(),
                 );
                 in_flight.spawn(async move {
-                    match upload_file(&store, &target, &file, observer.as_ref()).await {
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(file = %file.remote_name, error = %e, "upload attempt failed"),
-                    }
-                    (name, file.id)
+                    let failed = match upload_file(&store, &target, &file, observer.as_ref()).await {
+                        Ok(_) => false,
+                        Err(e) => {
+                            tracing::error!(file = %file.remote_name, error = %e, "upload attempt failed; retrying after check_interval");
+                            true
+                        }
+                    };
+                    (name, file.id, failed)
                 });
             }
         }
@@ -827,17 +837,21 @@ pub async fn run_uploader(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Ok((name, id)) = done {
-                    busy.entry(name).or_default().retain(|x| *x != id);
+                if let Ok(done) = done {
+                    finish(done, &mut busy, &mut cooling, check_interval);
                 }
             }
         }
         // Collect every other finished task without waiting.
         while let Some(done) = in_flight.try_join_next() {
-            if let Ok((name, id)) = done {
-                busy.entry(name).or_default().retain(|x| *x != id);
+            if let Ok(done) = done {
+                finish(done, &mut busy, &mut cooling, check_interval);
             }
         }
+        // Files whose attempt failed outside the retry schedule (the store
+        // could not record it, e.g. a full disk) wait a check_interval.
+        let now = std::time::Instant::now();
+        cooling.retain(|_, (_, until)| *until > now);
     }
     if !in_flight.is_empty() {
         let n = in_flight.len();
@@ -853,6 +867,20 @@ pub async fn run_uploader(
             );
             in_flight.abort_all();
         }
+    }
+}
+
+/// Books a finished attempt: the file is free again, or cooling down when the
+/// attempt failed without being recorded.
+fn finish(
+    (name, id, failed): (String, i64, bool),
+    busy: &mut HashMap<String, Vec<i64>>,
+    cooling: &mut HashMap<i64, (String, std::time::Instant)>,
+    check_interval: Duration,
+) {
+    busy.entry(name.clone()).or_default().retain(|x| *x != id);
+    if failed {
+        cooling.insert(id, (name, std::time::Instant::now() + check_interval));
     }
 }
 
