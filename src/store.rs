@@ -102,6 +102,21 @@ CREATE TABLE kept_sources (
 );
 ";
 
+/// Chunk bytes move to their own table: SQLite rewrites a whole row on every
+/// update, so keeping a 1 MiB BLOB next to the retry bookkeeping made every
+/// acknowledgement and every failed attempt rewrite the chunk (twice the disk
+/// traffic, and a WAL that could fill a small disk on retries alone).
+const SCHEMA_V2: &str = "
+CREATE TABLE chunk_data (
+    file_id       INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    idx           INTEGER NOT NULL,
+    data          BLOB NOT NULL,
+    PRIMARY KEY (file_id, idx)
+);
+INSERT INTO chunk_data (file_id, idx, data) SELECT file_id, idx, data FROM chunks WHERE data IS NOT NULL;
+UPDATE chunks SET data = NULL WHERE data IS NOT NULL;
+";
+
 /// Errors kept per chunk.
 pub const ERROR_HISTORY: usize = 5;
 
@@ -222,8 +237,12 @@ impl ChunkSink<'_> {
     /// Appends the next chunk, with its SHA-256 as hex.
     pub fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
         self.tx.execute(
-            "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![self.file_id, self.next_idx as i64, self.offset as i64, data.len() as i64, sha256, data],
+            "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![self.file_id, self.next_idx as i64, self.offset as i64, data.len() as i64, sha256],
+        )?;
+        self.tx.execute(
+            "INSERT INTO chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)",
+            params![self.file_id, self.next_idx as i64, data],
         )?;
         self.next_idx += 1;
         self.offset += data.len() as u64;
@@ -254,7 +273,7 @@ impl Store {
                 source,
             }
         })?;
-        sqlite::migrate(&pool, &[SCHEMA_V1])?;
+        sqlite::migrate(&pool, &[SCHEMA_V1, SCHEMA_V2])?;
         Ok(Store {
             pool,
             path: path.to_owned(),
@@ -397,6 +416,8 @@ impl Store {
             .map_err(StoreError::from)?;
         }
         tx.commit().map_err(StoreError::from)?;
+        drop(conn);
+        self.truncate_wal();
         Ok(Some(file_id))
     }
 
@@ -527,10 +548,11 @@ impl Store {
         let conn = self.pool.get()?;
         Ok(conn
             .query_row(
-                "SELECT data FROM chunks WHERE file_id = ?1 AND idx = ?2",
+                "SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2",
                 params![file_id, idx as i64],
-                |r| r.get::<_, Option<Vec<u8>>>(0),
-            )?
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()?
             .unwrap_or_default())
     }
 
@@ -646,11 +668,26 @@ impl Store {
             params![file_id, server_name, now],
         )?;
         tx.execute(
-            "UPDATE chunks SET state = 'confirmed', data = NULL WHERE file_id = ?1",
+            "UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1",
+            params![file_id],
+        )?;
+        tx.execute(
+            "DELETE FROM chunk_data WHERE file_id = ?1",
             params![file_id],
         )?;
         tx.commit()?;
+        drop(conn);
+        self.truncate_wal();
         Ok(())
+    }
+
+    /// Copies the WAL into the database and truncates it, so that a file's
+    /// bytes are not held twice on disk (WAL and database) once committed. Best
+    /// effort: with readers active it does what it can.
+    pub fn truncate_wal(&self) {
+        if let Ok(conn) = self.pool.get() {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
     }
 
     /// Puts failed files back in the queue with fresh retry counts; `None` means
@@ -868,6 +905,29 @@ mod tests {
         assert!(!store.purge(b).unwrap());
         assert_eq!(store.forget_confirmed_before(now_ms() + 1).unwrap(), 1);
         assert!(store.list().unwrap().is_empty());
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_version_1_buffer_is_migrated_with_its_chunk_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        {
+            let pool = sqlite::open_pool(&path, Duration::from_secs(5)).unwrap();
+            sqlite::migrate(&pool, &[SCHEMA_V1]).unwrap();
+            let conn = pool.get().unwrap();
+            conn.execute_batch(
+                "INSERT INTO files (id, spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count,
+                     upload_id, src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
+                 VALUES (1, 's', 'a', 'a', 't', 3, 'x', 4, 1, 'upload-a-0123456789', '/s/a', 1, 1, 3, 1, 'queued', 0, 0);
+                 INSERT INTO chunks (file_id, idx, byte_offset, length, sha256, data) VALUES (1, 0, 0, 3, 'y', x'616263');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.chunk_data(1, 0).unwrap(), b"abc");
+        store.confirm(1, Some("a")).unwrap();
+        assert!(store.chunk_data(1, 0).unwrap().is_empty());
         assert_eq!(store.integrity_check().unwrap(), "ok");
     }
 

@@ -485,17 +485,25 @@ async fn background_upload_delivers_what_is_added() {
         ("second.txt".to_owned(), b"second".to_vec()),
     ]);
     wait_for_files(&rx.out, &expected, Duration::from_secs(10)).await;
+    // The receiver has the files a moment before the client records them.
+    eventually(
+        Duration::from_secs(10),
+        "both files confirmed",
+        async || {
+            let states = in_store(&client, |s| {
+                s.list()
+                    .unwrap()
+                    .into_iter()
+                    .map(|f| f.state)
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            (states == ["confirmed", "confirmed"]).then_some(())
+        },
+    )
+    .await;
     client.stop_upload_background().await;
     assert!(!client.is_background_running());
-    let states = in_store(&client, |s| {
-        s.list()
-            .unwrap()
-            .into_iter()
-            .map(|f| f.state)
-            .collect::<Vec<_>>()
-    })
-    .await;
-    assert_eq!(states, ["confirmed", "confirmed"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
