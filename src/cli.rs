@@ -533,6 +533,63 @@ fn human_time(ms: i64) -> String {
     }
 }
 
+/// One line per target: queued files and bytes, in progress, failed, the age
+/// of the oldest queued file, and the last error.
+fn target_summary(files: &[FileRecord]) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    #[derive(Default)]
+    struct Summary<'a> {
+        queued: u64,
+        bytes: u64,
+        in_progress: u64,
+        failed: u64,
+        oldest: Option<i64>,
+        last_error: Option<&'a str>,
+    }
+    let mut targets: BTreeMap<&str, Summary> = BTreeMap::new();
+    for f in files {
+        let t = targets.entry(f.target.as_str()).or_default();
+        match f.state {
+            "queued" => {
+                t.queued += 1;
+                t.bytes += f.size;
+                t.in_progress += u64::from(f.chunks_uploaded > 0);
+                t.oldest = Some(t.oldest.map_or(f.created_at, |o| o.min(f.created_at)));
+                if let Some(e) = &f.last_error {
+                    t.last_error = Some(e);
+                }
+            }
+            "failed" => {
+                t.failed += 1;
+                t.last_error = f.failure.as_deref().or(t.last_error);
+            }
+            _ => {}
+        }
+    }
+    let now = crate::store::now_ms();
+    let mut out = String::new();
+    for (name, t) in targets {
+        let _ = write!(
+            out,
+            "target {name}: {} queued ({} bytes), {} in progress, {} failed",
+            t.queued, t.bytes, t.in_progress, t.failed
+        );
+        if let Some(oldest) = t.oldest {
+            let _ = write!(
+                out,
+                ", oldest waiting {:.0}s",
+                (now - oldest).max(0) as f64 / 1000.0
+            );
+        }
+        if let Some(e) = t.last_error {
+            let _ = write!(out, "; last error: {e}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The human-readable `status` listing.
 fn status_table(files: &[FileRecord]) -> String {
     use std::fmt::Write;
@@ -541,6 +598,8 @@ fn status_table(files: &[FileRecord]) -> String {
         out.push_str("the buffer is empty\n");
         return out;
     }
+    out.push_str(&target_summary(files));
+    out.push('\n');
     let _ = writeln!(
         out,
         "{:>5}  {:<9}  {:>12}  {:>9}  {:>7}  {:<9}  name",

@@ -483,4 +483,17 @@ async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
         failure.contains("400") && failure.contains("path separators"),
         "{parked}"
     );
+    // The human listing starts with a line per target.
+    let text = std::process::Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    let summary = text.lines().next().unwrap_or_default();
+    assert!(
+        summary.starts_with("target central: 0 queued (0 bytes), 0 in progress, 1 failed")
+            && summary.contains("last error: refused:"),
+        "{text}"
+    );
 }
