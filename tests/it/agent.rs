@@ -33,13 +33,7 @@ fn many_files() -> BTreeMap<String, Vec<u8>> {
 async fn deliver_many(
     disposition: &str,
 ) -> (tempfile::TempDir, Daemon, Server, BTreeMap<String, Vec<u8>>) {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let server = Server::start(&out, &["--path-mode", "allow-paths"]).await;
     let extra = match disposition {
         "move" => format!(
@@ -97,13 +91,7 @@ async fn moved_sources_keep_their_relative_paths() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kept_sources_stay_and_are_not_sent_again_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let _server = Server::start(&out, &["--path-mode", "allow-paths"]).await;
     let config = agent_config(
         dir.path(),
@@ -180,13 +168,7 @@ async fn a_slowly_written_file_is_delivered_once_complete() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn files_present_before_start_and_dropped_while_stopped_are_delivered() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let server = Server::start(&out, &["--path-mode", "allow-paths"]).await;
     let mut files = BTreeMap::new();
     for i in 0..5 {
@@ -256,13 +238,7 @@ async fn refusing_receiver(listener: tokio::net::TcpListener, hits: Arc<Mutex<Ve
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unavailable_then_unreachable_receiver_gets_everything_on_the_retry_schedule() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}/upload");
@@ -397,13 +373,7 @@ async fn a_v1_only_receiver_gets_identical_files_with_chunks_in_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_buffer_pauses_ingest_and_leaves_files_in_the_spool() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     // Reserve a port with nothing listening: the receiver is down at first.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -440,13 +410,7 @@ async fn a_full_buffer_pauses_ingest_and_leaves_files_in_the_spool() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     // sanitize mode refuses names with sub-directories: a permanent 400.
     let server = Server::start(&out, &[]).await;
     let config = agent_config(dir.path(), &server.upload_url(), &spool, "", "");

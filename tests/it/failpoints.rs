@@ -37,13 +37,7 @@ fn wait_for_crash(child: &mut std::process::Child, what: &str) {
 }
 
 async fn crash_at(point: &str) -> (usize, usize, usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -17,13 +17,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_the_agent_and_receiver_did() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

@@ -80,13 +80,7 @@ fn buffered(config: &std::path::Path) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unavailable_then_throttled_then_wrong_key_then_fixed_by_sighup() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let receiver = Server::start(&out, &[]).await;
     let state = Arc::new(Front {
         mode: AtomicU8::new(UNAVAILABLE),

@@ -152,13 +152,7 @@ async fn reload_moves_delivery_to_a_new_receiver_without_loss_or_duplicates() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_reload_keeps_the_running_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let server = Server::start(&out, &[]).await;
     let config = agent_config(dir.path(), &server.upload_url(), &spool, "", "");
     let good = std::fs::read_to_string(&config).unwrap();
@@ -195,13 +189,7 @@ async fn an_invalid_reload_keeps_the_running_config() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_large_upload_then_restart_resumes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, spool, staging) = (
-        dir.path().join("out"),
-        dir.path().join("spool"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
+    let (dir, out, spool, staging) = agent_dirs();
     let server = Server::start(&out, &[]).await;
     let config = agent_config(
         dir.path(),

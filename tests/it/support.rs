@@ -526,3 +526,17 @@ pub async fn wait_for_files(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A temp dir with the paths an agent test uses: the receiver's output, the
+/// spool, and a staging folder (created) to write files in before renaming
+/// them into the spool.
+pub fn agent_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spool, staging) = (
+        dir.path().join("out"),
+        dir.path().join("spool"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    (dir, out, spool, staging)
+}
