@@ -9,6 +9,7 @@ mod config_errors;
 mod failpoints;
 mod faults;
 mod library;
+mod logging;
 mod metrics;
 mod outage;
 mod packaging;
