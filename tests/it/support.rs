@@ -200,18 +200,7 @@ impl Server {
 
     /// Sends `signal` and waits (up to `timeout`) for the process to exit.
     pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
-        unsafe_kill(self.child.id(), signal);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "indexedcp did not exit within {timeout:?} after signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal_and_wait(&mut self.child, signal, timeout)
     }
 
     /// Restarts the process with the same arguments (on a new port).
@@ -429,20 +418,9 @@ impl Daemon {
         *self = Daemon::start(&self.config);
     }
 
-    /// Sends `signal` and waits (up to `timeout`) for the exit status.
+    /// Sends `signal` and waits (up to `timeout`) for the process to exit.
     pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
-        unsafe_kill(self.child.id(), signal);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not exit within {timeout:?} after signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal_and_wait(&mut self.child, signal, timeout)
     }
 }
 
@@ -539,4 +517,21 @@ pub fn agent_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     );
     std::fs::create_dir_all(&staging).unwrap();
     (dir, out, spool, staging)
+}
+
+/// Sends `signal` to `child` and waits (up to `timeout`) for its exit status.
+pub fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> ExitStatus {
+    unsafe_kill(child.id(), signal);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {} did not exit within {timeout:?} after signal {signal}",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
