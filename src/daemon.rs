@@ -356,13 +356,16 @@ async fn report_status(
     check_interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut watchdog_usec = 0u64;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
-    let period = if watchdog {
-        Duration::from_micros(watchdog_usec / 2)
-    } else {
-        check_interval.max(Duration::from_secs(5))
+    let watchdog = watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    );
+    let period = match watchdog {
+        Some(interval) => interval / 2,
+        None => check_interval.max(Duration::from_secs(5)),
     };
+    let watchdog = watchdog.is_some();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -372,11 +375,19 @@ async fn report_status(
         if let Some(probe) = &probe {
             let store = probe.store.clone();
             let counts = tokio::task::spawn_blocking(move || {
-                Ok::<_, crate::store::StoreError>((store.counts()?, store.buffered_bytes()?))
+                Ok::<_, crate::store::StoreError>((
+                    store.counts()?,
+                    store.buffered_bytes()?,
+                    store.last_error()?,
+                ))
             })
             .await;
-            if let Ok(Ok(((queued, failed, _), bytes))) = counts {
-                let line = format!("{queued} queued ({bytes} bytes), {failed} failed");
+            if let Ok(Ok(((queued, failed, _), bytes, last_error))) = counts {
+                let mut line = format!("{queued} queued ({bytes} bytes), {failed} failed");
+                if let Some(error) = last_error {
+                    line.push_str("; last error: ");
+                    line.push_str(&error);
+                }
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&line)]);
             }
             let stale = probe.shared.check_interval() * 3 + Duration::from_secs(30);
@@ -386,6 +397,17 @@ async fn report_status(
         if watchdog && alive {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
+    }
+}
+
+/// The watchdog interval systemd asked for, read as libsystemd's
+/// `sd_watchdog_enabled` does: `WATCHDOG_USEC` set and positive, and
+/// `WATCHDOG_PID`, when present, naming this process.
+fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+    match pid {
+        Some(pid) if pid.trim().parse::<u32>().ok() != Some(me) => None,
+        _ => Some(Duration::from_micros(usec)),
     }
 }
 
@@ -435,4 +457,21 @@ pub fn with_api_keys(mut cfg: ServerConfig) -> (ServerConfig, Option<String>) {
     let key = server::generate_api_key();
     cfg.api_keys.push(key.clone());
     (cfg, Some(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_follows_libsystemd_rules() {
+        let second = Some(Duration::from_secs(1));
+        assert_eq!(watchdog_interval(Some("1000000"), None, 7), second);
+        assert_eq!(watchdog_interval(Some("1000000"), Some("7"), 7), second);
+        assert_eq!(watchdog_interval(Some("1000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_interval(Some("1000000"), Some("x"), 7), None);
+        assert_eq!(watchdog_interval(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval(Some("soon"), None, 7), None);
+        assert_eq!(watchdog_interval(None, Some("7"), 7), None);
+    }
 }

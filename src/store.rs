@@ -767,6 +767,19 @@ impl Store {
         )?)
     }
 
+    /// The newest error of a file still waiting or parked, for status lines.
+    pub fn last_error(&self) -> Result<Option<String>> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .query_row(
+                "SELECT e.error FROM chunk_errors e JOIN files f ON f.id = e.file_id
+                 WHERE f.state != 'confirmed' ORDER BY e.id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     pub fn integrity_check(&self) -> Result<String> {
         let conn = self.pool.get()?;
         Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)

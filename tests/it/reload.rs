@@ -296,3 +296,60 @@ async fn sd_notify_ready_reloading_stopping() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sd_notify_watchdog_pings_and_status_lines() {
+    let (dir, _, spool, staging) = agent_dirs();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    // Nothing listens here, so the file stays queued with an error.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/upload");
+    let config = agent_config(dir.path(), &url, &spool, "", "");
+    // systemd sets WATCHDOG_PID to the service's main pid; `exec` keeps the
+    // shell's pid, so the daemon sees its own.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" daemon --config \"$1\"")
+        .arg(BIN)
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("INDEXEDCP_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon { child, config };
+    notifications(&socket, "READY=1", Duration::from_secs(20));
+    let pings = notifications(&socket, "WATCHDOG=1", Duration::from_secs(10));
+    let status = pings
+        .iter()
+        .find(|m| m.starts_with("STATUS="))
+        .expect("a STATUS= line before the first ping");
+    assert_eq!(status.trim_end(), "STATUS=0 queued (0 bytes), 0 failed");
+
+    drop_file(&staging, &spool, "late.txt", b"waiting");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = notifications(&socket, "WATCHDOG=1", Duration::from_secs(5));
+        let status = got.iter().find(|m| m.starts_with("STATUS="));
+        if let Some(status) = status.filter(|s| s.contains("last error")) {
+            assert!(
+                status.starts_with("STATUS=1 queued (7 bytes), 0 failed; last error: "),
+                "{status}"
+            );
+            assert!(status.contains(&port.to_string()), "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no STATUS= with the last error: {got:?}"
+        );
+    }
+    let status = daemon.signal_and_wait(SIGTERM, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+}
