@@ -45,8 +45,14 @@ const SCAN_QUEUE: usize = 256;
 /// How long a file closed after writing must stay unchanged before it is
 /// offered. Not zero: a writer that rewrites a file in place (open with
 /// O_TRUNC, write, close, again) closes one version while the next is already
-/// truncated, and the close event must not offer that empty moment.
-const CLOSE_QUIET: Duration = Duration::from_millis(100);
+/// truncated, and the close event must not offer that empty moment. Two stats
+/// this far apart must agree; closed files are looked at on their own timer,
+/// not the settle tick, so a closed file is offered this soon after its close.
+const CLOSE_QUIET: Duration = Duration::from_millis(25);
+
+/// The least time between two looks at closed files: a burst of closes is
+/// looked at in batches, not once per close.
+const CLOSE_CHECK_SPACING: Duration = Duration::from_millis(5);
 
 /// How often a full scan runs anyway, as a safety net for events the kernel
 /// or notify may not deliver (it offers only files not offered as they are).
@@ -373,6 +379,8 @@ struct SpoolWatch {
     delayed_scans: Vec<(Instant, String)>,
     last_full_scan: Instant,
     root_lost: Option<RootLost>,
+    /// When a closed pending file is next due for a look ([`CLOSE_QUIET`]).
+    close_check: Option<Instant>,
 }
 
 impl SpoolWatch {
@@ -425,6 +433,7 @@ impl SpoolWatch {
             delayed_scans: Vec::new(),
             last_full_scan: Instant::now(),
             root_lost: None,
+            close_check: None,
         };
         Ok((state, events))
     }
@@ -477,6 +486,10 @@ impl SpoolWatch {
                     ControlFlow::Continue(())
                 }
                 _ = tick.tick() => self.on_tick().await,
+                () = sleep_until_some(self.close_check) => {
+                    self.close_check = None;
+                    self.settle_pending().await
+                }
             };
             if flow.is_break() {
                 break;
@@ -549,14 +562,17 @@ impl SpoolWatch {
                     if let Some(relative) = self.file_entry(path) {
                         // The writer closed it: what it wrote is all there
                         // is, once nothing else changes it for a moment.
+                        let now = Instant::now();
                         self.pending.insert(
                             relative,
                             Pending {
                                 seen: None,
-                                since: Instant::now(),
+                                since: now,
                                 closed: true,
                             },
                         );
+                        // A first look now, the second CLOSE_QUIET later.
+                        self.close_check.get_or_insert(now);
                     }
                 }
             }
@@ -830,6 +846,17 @@ impl SpoolWatch {
                 }
             }
         }
+        // Closed files are looked at again as soon as their quiet time is over.
+        self.close_check = self
+            .pending
+            .values()
+            .filter(|p| p.closed)
+            .map(|p| match p.seen {
+                None => now,
+                Some(_) => p.since + self.settle.min(CLOSE_QUIET),
+            })
+            .min()
+            .map(|at| at.max(now + CLOSE_CHECK_SPACING));
         for (relative, identity) in due {
             self.offer(relative, Some(identity)).await?;
         }
@@ -1001,6 +1028,14 @@ impl SpoolWatch {
 /// soon after it settled, rarely enough to cost nothing when idle.
 fn tick_period(settle: Duration) -> Duration {
     (settle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+}
+
+/// Resolves at `at`; never when there is no `at`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next item of the running scan; never resolves when no scan runs.

@@ -319,7 +319,11 @@ impl TargetClient {
             .body(data);
         let response = request.send().await.map_err(|e| self.transport(e))?;
         if !response.status().is_success() {
-            self.note_resumable(response.headers());
+            // A refusal from a proxy in front of the receiver (502, 503) says
+            // nothing about the receiver: only a reply that carries the header counts.
+            if response.headers().contains_key(protocol::RESUMABLE) {
+                self.note_resumable(response.headers());
+            }
             return Err(self.refusal(response).await);
         }
         self.note_resumable(response.headers());
