@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SpoolConfig, TargetConfig};
-use crate::ingest::{self, IngestOutcome};
+use crate::ingest::{self, IngestError, IngestOutcome};
 use crate::spool::{self, Candidate, SpoolHandle};
 use crate::store::{self, Store, StoreError};
 use crate::upload::{self, NoObserver, TargetRuntime, UploaderShared};
@@ -26,6 +26,12 @@ pub const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Candidates queued between the watchers and the ingest worker.
 const CANDIDATE_QUEUE: usize = 1024;
+
+/// At most this many files, or about this many bytes, are buffered in one
+/// transaction when they arrive together: one sync covers them all, and the
+/// uploader does not wait long for the first of them.
+const INGEST_BATCH_FILES: usize = 256;
+const INGEST_BATCH_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -275,7 +281,16 @@ impl Agent {
                     if paused {
                         continue; // It stays in the spool; the rescan on resume offers it again.
                     }
-                    paused = self.ingest(candidate).await;
+                    // Files that arrived together are buffered together: one
+                    // transaction, one sync.
+                    let mut batch = vec![candidate];
+                    let mut bytes = batch[0].identity.size;
+                    while batch.len() < INGEST_BATCH_FILES && bytes < INGEST_BATCH_BYTES {
+                        let Ok(next) = self.candidates.try_recv() else { break };
+                        bytes += next.identity.size;
+                        batch.push(next);
+                    }
+                    paused = self.ingest(batch).await;
                 }
             }
         }
@@ -291,6 +306,8 @@ impl Agent {
         let store = self.store.clone();
         let max = self.max_buffer_bytes;
         let has_room = move || {
+            // A WAL left large by a failed write holds space the database could use.
+            store.trim_wal();
             let disk_ok = store
                 .free_bytes()
                 .is_none_or(|free| free > 2 * ingest::DISK_RESERVE);
@@ -310,78 +327,112 @@ impl Agent {
         }
     }
 
-    /// Ingests one candidate; returns whether ingest must pause (buffer full).
-    async fn ingest(&self, candidate: Candidate) -> bool {
-        let Some(spool_cfg) = self
-            .spools
-            .iter()
-            .map(|s| &s.config)
-            .find(|s| s.path == candidate.spool)
-        else {
-            return false; // The spool was removed by a reload; the file stays where it is.
-        };
-        let Some(target) = self
-            .shared
-            .targets()
-            .into_iter()
-            .find(|t| t.config.name == spool_cfg.target)
-        else {
-            tracing::warn!(spool = %spool_cfg.path.display(), target = %spool_cfg.target, "the spool's target is not configured; the file waits in the spool");
+    /// Ingests candidates in one batch; returns whether ingest must pause
+    /// (buffer or disk full).
+    async fn ingest(&self, candidates: Vec<Candidate>) -> bool {
+        let mut offers = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            let Some(spool_cfg) = self
+                .spools
+                .iter()
+                .map(|s| &s.config)
+                .find(|s| s.path == candidate.spool)
+            else {
+                continue; // The spool was removed by a reload; the file stays where it is.
+            };
+            let Some(target) = self
+                .shared
+                .targets()
+                .into_iter()
+                .find(|t| t.config.name == spool_cfg.target)
+            else {
+                tracing::warn!(spool = %spool_cfg.path.display(), target = %spool_cfg.target, "the spool's target is not configured; the file waits in the spool");
+                continue;
+            };
+            offers.push(ingest::Offer {
+                candidate,
+                spool: spool_cfg.clone(),
+                target: target.config.clone(),
+            });
+        }
+        if offers.is_empty() {
             return false;
+        }
+        let (store, max) = (self.store.clone(), self.max_buffer_bytes);
+        let batch = offers.clone();
+        let result =
+            tokio::task::spawn_blocking(move || ingest::ingest_candidates(&store, &batch, max))
+                .await;
+        let outcomes = match result {
+            Ok(Ok(outcomes)) => outcomes,
+            Ok(Err(e)) => {
+                let pause = e.is_disk_full();
+                if pause {
+                    tracing::error!(files = offers.len(), error = %e, "the buffer's disk is full: ingest paused, files wait in the spool");
+                } else {
+                    tracing::error!(files = offers.len(), error = %e, "ingest failed; the files stay in the spool");
+                }
+                return pause;
+            }
+            Err(e) => {
+                tracing::error!(files = offers.len(), error = %e, "ingest task failed");
+                return false;
+            }
         };
-        let (store, spool_cfg, target_cfg): (Store, SpoolConfig, TargetConfig) =
-            (self.store.clone(), spool_cfg.clone(), target.config.clone());
-        let max = self.max_buffer_bytes;
-        let c = candidate.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            ingest::ingest_candidate(&store, &c, &spool_cfg, &target_cfg, max)
-        })
-        .await;
+        let mut pause = false;
+        let mut buffered = false;
+        for (offer, outcome) in offers.iter().zip(outcomes) {
+            buffered |= matches!(outcome, Ok(IngestOutcome::Buffered { .. }));
+            pause |= self.report(&offer.candidate, outcome);
+        }
+        if buffered {
+            self.wake.notify_one();
+        }
+        pause
+    }
+
+    /// Logs what became of one candidate; returns whether ingest must pause.
+    fn report(&self, candidate: &Candidate, outcome: Result<IngestOutcome, IngestError>) -> bool {
         let file = candidate.relative.as_str();
         let spool = candidate.spool.display().to_string();
-        match result {
-            Ok(Ok(IngestOutcome::Buffered { file_id, bytes })) => {
+        match outcome {
+            Ok(IngestOutcome::Buffered { file_id, bytes }) => {
                 crate::metrics::INGESTED_FILES.add(1);
                 crate::metrics::INGESTED_BYTES.add(bytes);
                 tracing::info!(%spool, file, file_id, bytes, "buffered");
-                self.wake.notify_one();
                 false
             }
-            Ok(Ok(IngestOutcome::AlreadyBuffered { file_id })) => {
+            Ok(IngestOutcome::AlreadyBuffered { file_id }) => {
                 tracing::info!(%spool, file, file_id, "already buffered before a restart; source disposed of now");
                 false
             }
-            Ok(Ok(IngestOutcome::AlreadyKept)) => false,
-            Ok(Ok(IngestOutcome::Changed)) => {
+            Ok(IngestOutcome::AlreadyKept) => false,
+            Ok(IngestOutcome::Changed) => {
                 tracing::debug!(%spool, file, "changed while being read; waiting for it to settle again");
                 false
             }
-            Ok(Ok(IngestOutcome::DiskFull { free })) => {
+            Ok(IngestOutcome::DiskFull { free }) => {
                 tracing::error!(%spool, file, free_bytes = free, "the buffer's disk is full: ingest paused, files wait in the spool until uploads free space");
                 true
             }
-            Ok(Ok(IngestOutcome::BufferFull)) => {
+            Ok(IngestOutcome::BufferFull) => {
                 tracing::warn!(%spool, file, max_buffer_bytes = self.max_buffer_bytes, "buffer full: ingest paused, files wait in the spool until uploads free space");
                 true
             }
-            Ok(Ok(IngestOutcome::TooLarge { size, limit })) => {
+            Ok(IngestOutcome::TooLarge { size, limit }) => {
                 tracing::error!(%spool, file, size, max_buffer_bytes = limit, "file is larger than daemon.max_buffer_bytes and stays in the spool; raise max_buffer_bytes");
                 false
             }
-            Ok(Ok(IngestOutcome::Skipped(reason))) => {
+            Ok(IngestOutcome::Skipped(reason)) => {
                 tracing::warn!(%spool, file, %reason, "skipped");
                 false
             }
-            Ok(Err(e)) if e.is_disk_full() => {
+            Err(e) if e.is_disk_full() => {
                 tracing::error!(%spool, file, error = %e, "the buffer's disk is full: ingest paused, files wait in the spool");
                 true
             }
-            Ok(Err(e)) => {
-                tracing::error!(%spool, file, error = %e, "ingest failed; the file stays in the spool");
-                false
-            }
             Err(e) => {
-                tracing::error!(%spool, file, error = %e, "ingest task failed");
+                tracing::error!(%spool, file, error = %e, "ingest failed; the file stays in the spool");
                 false
             }
         }

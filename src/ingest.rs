@@ -12,13 +12,16 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use crate::config::{Disposition, SpoolConfig, TargetConfig};
 use crate::protocol;
 use crate::spool::Candidate;
-use crate::store::{FileRecord, FileState, Identity, IngestDecision, NewFile, Store, StoreError};
+use crate::store::{
+    ChunkSink, FileRecord, FileState, Identity, IngestDecision, NewFile, Store, StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -112,6 +115,14 @@ pub fn remote_name(prefix: &str, relative: &str) -> String {
     }
 }
 
+/// A spool file to buffer, with the settings of its spool and its target.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub candidate: Candidate,
+    pub spool: SpoolConfig,
+    pub target: TargetConfig,
+}
+
 /// Buffers one candidate from `spool` for `target`, then disposes of it.
 pub fn ingest_candidate(
     store: &Store,
@@ -120,11 +131,122 @@ pub fn ingest_candidate(
     target: &TargetConfig,
     max_buffer_bytes: u64,
 ) -> Result<IngestOutcome, IngestError> {
+    let offer = Offer {
+        candidate: candidate.clone(),
+        spool: spool.clone(),
+        target: target.clone(),
+    };
+    let mut outcomes = ingest_candidates(store, std::slice::from_ref(&offer), max_buffer_bytes)?;
+    outcomes.pop().unwrap_or(Ok(IngestOutcome::Changed))
+}
+
+/// A candidate that passed the checks and is open for reading.
+struct Prepared {
+    at: usize,
+    file: File,
+    new_file: NewFile,
+    expected: Identity,
+}
+
+/// Buffers several candidates in one transaction (one sync for all of them),
+/// then disposes of each one kept. Returns an outcome per offer, in order. An
+/// error of the whole batch (the store failed) keeps none of them: they stay
+/// in the spool.
+pub fn ingest_candidates(
+    store: &Store,
+    offers: &[Offer],
+    max_buffer_bytes: u64,
+) -> Result<Vec<Result<IngestOutcome, IngestError>>, IngestError> {
+    let mut outcomes: Vec<Option<Result<IngestOutcome, IngestError>>> =
+        offers.iter().map(|_| None).collect();
+    let mut buffered = store.buffered_bytes()?;
+    let mut free = store.free_bytes();
+    let mut prepared = Vec::new();
+    for (at, offer) in offers.iter().enumerate() {
+        match prepare(store, offer, max_buffer_bytes, &mut buffered, &mut free) {
+            Ok(Ok((file, new_file, expected))) => prepared.push(Prepared {
+                at,
+                file,
+                new_file,
+                expected,
+            }),
+            Ok(Err(outcome)) => outcomes[at] = Some(Ok(outcome)),
+            Err(e) => outcomes[at] = Some(Err(e)),
+        }
+    }
+
+    let kept = store.ingest_batch(|batch| -> Result<Vec<(usize, i64)>, IngestError> {
+        let mut kept = Vec::new();
+        for p in &prepared {
+            let offer = &offers[p.at];
+            let added = batch.add(&p.new_file, |sink| {
+                fill_chunks(
+                    sink,
+                    &p.new_file,
+                    &p.file,
+                    &offer.candidate.path,
+                    p.expected,
+                    PathCheck::NoFollow,
+                )
+            });
+            match added {
+                Ok(Some(file_id)) => kept.push((p.at, file_id)),
+                Ok(None) => outcomes[p.at] = Some(Ok(IngestOutcome::Changed)),
+                // This file could not be read; the rest of the batch goes on.
+                Err(e @ IngestError::Read { .. }) => outcomes[p.at] = Some(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(kept)
+    })?;
+    if !kept.is_empty() {
+        crate::failpoint::hit(crate::failpoint::INGEST_AFTER_COMMIT);
+    }
+    for (at, file_id) in kept {
+        let (candidate, spool) = (&offers[at].candidate, &offers[at].spool);
+        let expected: Identity = candidate.identity.into();
+        outcomes[at] = Some(
+            dispose(
+                &candidate.path,
+                &candidate.relative,
+                expected,
+                &spool.disposition,
+            )
+            .map(|()| {
+                crate::failpoint::hit(crate::failpoint::INGEST_AFTER_DISPOSE);
+                IngestOutcome::Buffered {
+                    file_id,
+                    bytes: expected.size,
+                }
+            }),
+        );
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Ok(IngestOutcome::Changed)))
+        .collect())
+}
+
+/// The checks before reading an offer: already buffered or kept, room in the
+/// buffer (`buffered` bytes so far) and on its disk (`free` bytes), and the
+/// file still the one announced. `Ok(Err(outcome))` ends the offer there.
+fn prepare(
+    store: &Store,
+    offer: &Offer,
+    max_buffer_bytes: u64,
+    buffered: &mut u64,
+    free: &mut Option<u64>,
+) -> Result<Result<(File, NewFile, Identity), IngestOutcome>, IngestError> {
+    let Offer {
+        candidate,
+        spool,
+        target,
+    } = offer;
     let spool_key = spool.path.display().to_string();
     let expected: Identity = candidate.identity.into();
     let keep = matches!(spool.disposition, Disposition::Keep);
     if keep && store.is_kept(&spool_key, &candidate.relative, expected)? {
-        return Ok(IngestOutcome::AlreadyKept);
+        return Ok(Err(IngestOutcome::AlreadyKept));
     }
     if !keep && let Some(file_id) = store.find_by_source(&spool_key, expected)? {
         dispose(
@@ -133,23 +255,24 @@ pub fn ingest_candidate(
             expected,
             &spool.disposition,
         )?;
-        return Ok(IngestOutcome::AlreadyBuffered { file_id });
+        return Ok(Err(IngestOutcome::AlreadyBuffered { file_id }));
     }
     if expected.size > max_buffer_bytes {
-        return Ok(IngestOutcome::TooLarge {
+        return Ok(Err(IngestOutcome::TooLarge {
             size: expected.size,
             limit: max_buffer_bytes,
-        });
+        }));
     }
-    if store.buffered_bytes()? + expected.size > max_buffer_bytes {
-        return Ok(IngestOutcome::BufferFull);
+    if *buffered + expected.size > max_buffer_bytes {
+        return Ok(Err(IngestOutcome::BufferFull));
     }
     // The file goes through the WAL and then into the database, and the uploader
     // needs room to record its progress: never fill the disk to the last byte.
-    if let Some(free) = store.free_bytes()
-        && free < expected.size.saturating_mul(2) + DISK_RESERVE
+    let needed = expected.size.saturating_mul(2);
+    if let Some(room) = *free
+        && room < needed + DISK_RESERVE
     {
-        return Ok(IngestOutcome::DiskFull { free });
+        return Ok(Err(IngestOutcome::DiskFull { free: room }));
     }
 
     // O_NOFOLLOW: a symlink swapped in is refused; O_NONBLOCK: a FIFO swapped in
@@ -160,12 +283,12 @@ pub fn ingest_candidate(
         .open(&candidate.path)
     {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(IngestOutcome::Changed),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(IngestOutcome::Changed)),
         Err(e) => {
-            return Ok(IngestOutcome::Skipped(format!(
+            return Ok(Err(IngestOutcome::Skipped(format!(
                 "cannot open {}: {e}",
                 candidate.path.display()
-            )));
+            ))));
         }
     };
     let meta = file.metadata().map_err(|source| IngestError::Read {
@@ -173,15 +296,18 @@ pub fn ingest_candidate(
         source,
     })?;
     if !meta.is_file() {
-        return Ok(IngestOutcome::Skipped(format!(
+        return Ok(Err(IngestOutcome::Skipped(format!(
             "{} is not a regular file",
             candidate.path.display()
-        )));
+        ))));
     }
     if identity_of(&meta) != expected {
-        return Ok(IngestOutcome::Changed);
+        return Ok(Err(IngestOutcome::Changed));
     }
-
+    *buffered += expected.size;
+    if let Some(room) = free {
+        *room -= needed;
+    }
     let new_file = NewFile {
         spool: spool_key,
         rel_path: candidate.relative.clone(),
@@ -193,29 +319,7 @@ pub fn ingest_candidate(
         identity: expected,
         remember_kept: keep,
     };
-    let streamed = stream_into_store(
-        store,
-        &new_file,
-        &file,
-        &candidate.path,
-        expected,
-        PathCheck::NoFollow,
-    )?;
-    let Some((file_id, _)) = streamed else {
-        return Ok(IngestOutcome::Changed);
-    };
-    crate::failpoint::hit(crate::failpoint::INGEST_AFTER_COMMIT);
-    dispose(
-        &candidate.path,
-        &candidate.relative,
-        expected,
-        &spool.disposition,
-    )?;
-    crate::failpoint::hit(crate::failpoint::INGEST_AFTER_DISPOSE);
-    Ok(IngestOutcome::Buffered {
-        file_id,
-        bytes: expected.size,
-    })
+    Ok(Ok((file, new_file, expected)))
 }
 
 /// How the path is checked after reading: a spool path must still be the very
@@ -227,8 +331,7 @@ enum PathCheck {
     Follow,
 }
 
-/// Streams the open `file` into the store as `new_file` in one transaction:
-/// SHA-256 per chunk and for the whole file, one chunk of memory at a time.
+/// Streams the open `file` into the store as `new_file` in one transaction.
 /// Returns the new file's id and chunk count, or `None` (nothing kept) when the
 /// file was not exactly `expected` before and after reading.
 fn stream_into_store(
@@ -240,30 +343,64 @@ fn stream_into_store(
     path_check: PathCheck,
 ) -> Result<Option<(i64, u64)>, IngestError> {
     let mut n_chunks = 0u64;
-    let committed = store.ingest(new_file, |sink| -> Result<IngestDecision, IngestError> {
-        let read_err = |source| IngestError::Read {
-            path: path.to_owned(),
-            source,
-        };
+    let committed = store.ingest(new_file, |sink| {
+        let decision = fill_chunks(sink, new_file, file, path, expected, path_check);
+        n_chunks = sink.chunks();
+        decision
+    })?;
+    Ok(committed.map(|file_id| (file_id, n_chunks)))
+}
+
+/// Pushes the open `file` into `sink` as `new_file`'s chunks: SHA-256 per
+/// chunk and for the whole file, a few chunks of memory at a time. Decides to
+/// abort when the file was not exactly `expected` before and after reading.
+fn fill_chunks(
+    sink: &mut ChunkSink<'_>,
+    new_file: &NewFile,
+    file: &File,
+    path: &Path,
+    expected: Identity,
+    path_check: PathCheck,
+) -> Result<IngestDecision, IngestError> {
+    let read_err = |source| IngestError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let chunk_size = new_file.chunk_size as usize;
+    // The whole-file hash runs on its own thread, beside the chunk hashes and
+    // the SQLite writes; at most WHOLE_HASH_QUEUE chunks wait for it.
+    let (to_whole, chunks) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(WHOLE_HASH_QUEUE);
+    std::thread::scope(|scope| {
+        let whole = scope.spawn(move || {
+            let mut whole = Sha256::new();
+            for chunk in chunks {
+                whole.update(&chunk[..]);
+            }
+            whole.finalize()
+        });
+        // Reads exactly the announced size (an empty file is one empty chunk, so
+        // that it is delivered too); a file that grew or shrank meanwhile fails
+        // the identity check below.
         let mut reader = file;
-        let mut whole = Sha256::new();
-        let mut buf = vec![0u8; new_file.chunk_size as usize];
         let mut total = 0u64;
         loop {
+            let want = (expected.size - total).min(chunk_size as u64) as usize;
+            let mut buf = vec![0u8; want];
             let n = fill(&mut reader, &mut buf).map_err(read_err)?;
-            // An empty file is one empty chunk, so that it is delivered too.
-            if n == 0 && total > 0 {
-                break;
-            }
-            let chunk = &buf[..n];
-            whole.update(chunk);
-            sink.push(chunk, &hex::encode(Sha256::digest(chunk)))?;
-            n_chunks += 1;
+            buf.truncate(n);
+            let chunk = Arc::new(buf);
+            // Only fails if the hashing thread panicked, which join reports.
+            let _ = to_whole.send(chunk.clone());
+            sink.push(&chunk, &hex::encode(Sha256::digest(&chunk[..])))?;
             total += n as u64;
-            if n < buf.len() {
+            if n < want || total == expected.size {
                 break;
             }
         }
+        drop(to_whole);
+        let whole = whole
+            .join()
+            .map_err(|_| read_err(io::Error::other("the hashing thread panicked")))?;
         // The file must be exactly what was announced, before and after reading:
         // same size and mtime through the open handle, same inode at the path.
         let after = file.metadata().map_err(read_err)?;
@@ -277,11 +414,14 @@ fn stream_into_store(
             return Ok(IngestDecision::Abort);
         }
         Ok(IngestDecision::Commit {
-            sha256: hex::encode(whole.finalize()),
+            sha256: hex::encode(whole),
         })
-    })?;
-    Ok(committed.map(|file_id| (file_id, n_chunks)))
+    })
 }
+
+/// Chunks read ahead of the whole-file hash: memory is bounded by this many
+/// chunks plus the one being written.
+const WHOLE_HASH_QUEUE: usize = 2;
 
 /// The `spool` key of files buffered by [`ingest_path`] (the one-shot commands
 /// and the library's `Client::add_file`); a spool path is always absolute, so
@@ -580,7 +720,13 @@ mod tests {
 
         // Delivered: the next add is a new copy, and that copy is then the one
         // found, although the identity lookup meets the confirmed one first.
-        store.confirm(first.file_id, Some("a.txt")).unwrap();
+        store
+            .confirm(
+                first.file_id,
+                Some("a.txt"),
+                crate::store::Durability::Synced,
+            )
+            .unwrap();
         let second = ingest_path(&store, &path, "a.txt", &target).unwrap();
         assert!(!second.already_buffered && second.file_id != first.file_id);
         let third = ingest_path(&store, &path, "a.txt", &target).unwrap();

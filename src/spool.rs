@@ -488,7 +488,18 @@ impl SpoolWatch {
                 _ = tick.tick() => self.on_tick().await,
                 () = sleep_until_some(self.close_check) => {
                     self.close_check = None;
-                    self.settle_pending().await
+                    // Events already queued come first (select picks a ready
+                    // branch at random): a writer that truncated the file again
+                    // after its close must be seen before the file is offered.
+                    let mut flow = ControlFlow::Continue(());
+                    while flow.is_continue() && let Ok(event) = events.try_recv() {
+                        flow = self.handle_event(event).await;
+                    }
+                    if flow.is_continue() {
+                        self.settle_pending().await
+                    } else {
+                        flow
+                    }
                 }
             };
             if flow.is_break() {
@@ -824,7 +835,7 @@ impl SpoolWatch {
                             self.settle
                         }
                     {
-                        due.push((relative, identity));
+                        due.push((relative, identity, pending.closed));
                     }
                 }
                 Ok(meta) => {
@@ -846,6 +857,33 @@ impl SpoolWatch {
                 }
             }
         }
+        // A closed file that some process has open for writing again (a writer
+        // that reopened it, perhaps truncated, and stalled) is not complete:
+        // it waits for its next close, or the full settle rule.
+        let probe: Vec<String> = due
+            .iter()
+            .filter(|(_, _, closed)| *closed)
+            .map(|(relative, _, _)| relative.clone())
+            .collect();
+        if !probe.is_empty() {
+            let root = self.watch_root.clone();
+            let writing = move || {
+                probe
+                    .into_iter()
+                    .filter(|relative| open_for_writing(&root.join(relative)) == Some(true))
+                    .collect::<HashSet<String>>()
+            };
+            let Ok(writing) = tokio::task::spawn_blocking(writing).await else {
+                return ControlFlow::Break(());
+            };
+            due.retain(|(relative, _, _)| !writing.contains(relative));
+            for relative in &writing {
+                if let Some(pending) = self.pending.get_mut(relative) {
+                    pending.closed = false;
+                    pending.since = now;
+                }
+            }
+        }
         // Closed files are looked at again as soon as their quiet time is over.
         self.close_check = self
             .pending
@@ -857,7 +895,7 @@ impl SpoolWatch {
             })
             .min()
             .map(|at| at.max(now + CLOSE_CHECK_SPACING));
-        for (relative, identity) in due {
+        for (relative, identity, _) in due {
             self.offer(relative, Some(identity)).await?;
         }
         ControlFlow::Continue(())
@@ -1028,6 +1066,34 @@ impl SpoolWatch {
 /// soon after it settled, rarely enough to cost nothing when idle.
 fn tick_period(settle: Duration) -> Duration {
     (settle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+}
+
+/// Whether some process has the file at `path` open for writing, as the kernel
+/// tells by refusing a read lease (`fcntl(F_SETLEASE, F_RDLCK)` fails with
+/// EAGAIN while the file is open for writing anywhere). `None` when it cannot
+/// tell: leases need the file's owner (or CAP_LEASE) and a file system that
+/// supports them. The lease, when granted, is released at once.
+fn open_for_writing(path: &Path) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+        .ok()?;
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is an open descriptor owned by `file` for the whole call;
+    // F_SETLEASE takes an integer argument and touches no memory.
+    let granted = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } == 0;
+    if granted {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
 }
 
 /// Resolves at `at`; never when there is no `at`.
@@ -1318,6 +1384,24 @@ mod tests {
 
     fn non_utf8_name() -> &'static OsStr {
         OsStr::from_bytes(b"bad\xffname.dat")
+    }
+
+    #[test]
+    fn a_file_open_for_writing_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
+        let mut writer = File::create(&path).unwrap();
+        writer.write_all(b"half").unwrap();
+        // The file's owner may take leases; anyone else gets "cannot tell".
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let owner = unsafe { libc::geteuid() } == fs::metadata(&path).unwrap().uid();
+        let expected = |v: bool| if owner { Some(v) } else { None };
+        assert_eq!(super::open_for_writing(&path), expected(true));
+        drop(writer);
+        assert_eq!(super::open_for_writing(&path), expected(false));
+        let _reader = File::open(&path).unwrap();
+        assert_eq!(super::open_for_writing(&path), expected(false));
+        assert_eq!(super::open_for_writing(&dir.path().join("missing")), None);
     }
 
     #[test]

@@ -227,25 +227,132 @@ pub struct TargetQueue {
 
 /// Receives a file's chunks during [`Store::ingest`].
 pub struct ChunkSink<'a> {
-    tx: &'a rusqlite::Transaction<'a>,
+    conn: &'a rusqlite::Connection,
     file_id: i64,
     next_idx: u64,
     offset: u64,
 }
 
 impl ChunkSink<'_> {
+    /// How many chunks were pushed so far.
+    pub fn chunks(&self) -> u64 {
+        self.next_idx
+    }
+
     /// Appends the next chunk, with its SHA-256 as hex.
     pub fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
-        self.tx.execute(
+        self.conn.prepare_cached(
             "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![self.file_id, self.next_idx as i64, self.offset as i64, data.len() as i64, sha256],
-        )?;
-        self.tx.execute(
-            "INSERT INTO chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)",
-            params![self.file_id, self.next_idx as i64, data],
-        )?;
+        )?
+        .execute(params![self.file_id, self.next_idx as i64, self.offset as i64, data.len() as i64, sha256])?;
+        self.conn
+            .prepare_cached("INSERT INTO chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)")?
+            .execute(params![self.file_id, self.next_idx as i64, data])?;
         self.next_idx += 1;
         self.offset += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// Files being buffered in one transaction; see [`Store::ingest_batch`].
+pub struct IngestBatch<'c> {
+    tx: rusqlite::Transaction<'c>,
+    /// Bytes of the files kept so far.
+    bytes: u64,
+}
+
+impl IngestBatch<'_> {
+    /// Adds one file: `fill` pushes every chunk into the sink and decides
+    /// whether to keep it. Returns the new file's id, or `None` when `fill`
+    /// aborted (nothing of this file is kept; the rest of the batch is).
+    pub fn add<E>(
+        &mut self,
+        file: &NewFile,
+        fill: impl FnOnce(&mut ChunkSink<'_>) -> std::result::Result<IngestDecision, E>,
+    ) -> std::result::Result<Option<i64>, E>
+    where
+        E: From<StoreError>,
+    {
+        let now = now_ms();
+        self.tx
+            .prepare_cached(
+                "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
+                                    src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, '', ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12, ?12)",
+            )
+            .and_then(|mut insert| {
+                insert.execute(params![
+                    file.spool,
+                    file.rel_path,
+                    file.remote_name,
+                    file.target,
+                    file.chunk_size as i64,
+                    file.upload_id,
+                    file.src_path,
+                    file.identity.dev as i64,
+                    file.identity.ino as i64,
+                    file.identity.size as i64,
+                    file.identity.mtime_ns,
+                    now
+                ])
+            })
+            .map_err(StoreError::from)?;
+        let file_id = self.tx.last_insert_rowid();
+        let mut sink = ChunkSink {
+            conn: &self.tx,
+            file_id,
+            next_idx: 0,
+            offset: 0,
+        };
+        // A file that failed or changed leaves nothing behind; the rest of the
+        // batch stays. (Not a savepoint: that would copy every page it touches.)
+        let decision = fill(&mut sink);
+        let (n_chunks, size) = (sink.next_idx, sink.offset);
+        let sha256 = match decision {
+            Ok(IngestDecision::Commit { sha256 }) => sha256,
+            Ok(IngestDecision::Abort) => {
+                self.forget(file_id)?;
+                return Ok(None);
+            }
+            Err(e) => {
+                self.forget(file_id)?;
+                return Err(e);
+            }
+        };
+        self.tx
+            .prepare_cached(
+                "UPDATE files SET size = ?2, sha256 = ?3, chunk_count = ?4 WHERE id = ?1",
+            )
+            .and_then(|mut update| {
+                update.execute(params![file_id, size as i64, sha256, n_chunks as i64])
+            })
+            .map_err(StoreError::from)?;
+        if file.remember_kept {
+            self.tx
+                .prepare_cached("INSERT OR REPLACE INTO kept_sources (spool, rel_path, src_dev, src_ino, src_size, src_mtime_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)").map_err(StoreError::from)?.execute(params![
+                        file.spool,
+                        file.rel_path,
+                        file.identity.dev as i64,
+                        file.identity.ino as i64,
+                        file.identity.size as i64,
+                        file.identity.mtime_ns
+                    ])
+                .map_err(StoreError::from)?;
+        }
+        self.bytes += size;
+        Ok(Some(file_id))
+    }
+
+    /// Removes what was written of file `file_id` in this batch.
+    fn forget(&self, file_id: i64) -> Result<()> {
+        for sql in [
+            "DELETE FROM chunk_data WHERE file_id = ?1",
+            "DELETE FROM chunks WHERE file_id = ?1",
+            "DELETE FROM files WHERE id = ?1",
+        ] {
+            self.tx.prepare_cached(sql)?.execute(params![file_id])?;
+        }
         Ok(())
     }
 }
@@ -258,6 +365,38 @@ pub enum IngestDecision {
     Abort,
 }
 
+/// How a bookkeeping commit is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before returning (`synchronous = FULL`).
+    Synced,
+    /// Written to the WAL but not synced: a power cut may undo it, a crash
+    /// does not. For progress a resumable receiver can tell again.
+    Unsynced,
+}
+
+impl Durability {
+    fn run<T>(
+        self,
+        conn: &mut rusqlite::Connection,
+        f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        match self {
+            Durability::Synced => f(conn),
+            Durability::Unsynced => sqlite::unsynced(conn, f),
+        }
+    }
+}
+
+/// A commit that moved at least this many bytes in or out of the buffer, or
+/// that left the WAL at least this large, is followed by a WAL checkpoint that
+/// truncates the WAL, so that a file's bytes are not held twice on disk for
+/// long; small commits share one checkpoint.
+const WAL_TRUNCATE_AFTER: u64 = 4 << 20;
+
+/// Page size of a new buffer: chunks are BLOBs of up to several MiB.
+const BLOB_PAGE_SIZE: u32 = 65536;
+
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
@@ -267,12 +406,12 @@ pub struct Store {
 impl Store {
     /// Opens (creating and migrating) the buffer at `path`.
     pub fn open(path: &Path) -> Result<Store> {
-        let pool = sqlite::open_pool(path, Duration::from_secs(60)).map_err(|source| {
-            StoreError::Open {
+        let pool =
+            sqlite::open_pool_with_page_size(path, Duration::from_secs(60), Some(BLOB_PAGE_SIZE))
+                .map_err(|source| StoreError::Open {
                 path: path.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         sqlite::migrate(&pool, &[SCHEMA_V1, SCHEMA_V2])?;
         Ok(Store {
             pool,
@@ -285,11 +424,8 @@ impl Store {
     pub fn find_by_source(&self, spool: &str, id: Identity) -> Result<Option<i64>> {
         let conn = self.pool.get()?;
         Ok(conn
-            .query_row(
-                "SELECT id FROM files WHERE spool = ?1 AND src_dev = ?2 AND src_ino = ?3 AND src_size = ?4 AND src_mtime_ns = ?5",
-                params![spool, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT id FROM files WHERE spool = ?1 AND src_dev = ?2 AND src_ino = ?3 AND src_size = ?4 AND src_mtime_ns = ?5")?.query_row(params![spool, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
+                |r| r.get(0))
             .optional()?)
     }
 
@@ -297,11 +433,8 @@ impl Store {
     pub fn is_kept(&self, spool: &str, rel_path: &str, id: Identity) -> Result<bool> {
         let conn = self.pool.get()?;
         let found: Option<i64> = conn
-            .query_row(
-                "SELECT 1 FROM kept_sources WHERE spool = ?1 AND rel_path = ?2 AND src_dev = ?3 AND src_ino = ?4 AND src_size = ?5 AND src_mtime_ns = ?6",
-                params![spool, rel_path, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT 1 FROM kept_sources WHERE spool = ?1 AND rel_path = ?2 AND src_dev = ?3 AND src_ino = ?4 AND src_size = ?5 AND src_mtime_ns = ?6")?.query_row(params![spool, rel_path, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
+                |r| r.get(0))
             .optional()?;
         Ok(found.is_some())
     }
@@ -309,13 +442,7 @@ impl Store {
     /// Bytes the buffer can still grow by: free space for an unprivileged
     /// writer on its file system plus the database's free pages, if known.
     pub fn free_bytes(&self) -> Option<u64> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let stat = rustix::fs::statvfs(dir).ok()?;
-        let disk = stat.f_bavail.saturating_mul(stat.f_frsize);
+        let disk = self.free_disk_bytes()?;
         // Pages freed inside the database (by confirmed files) are reused
         // before the file grows: they count as free too.
         let reusable = self
@@ -323,11 +450,8 @@ impl Store {
             .get()
             .ok()
             .and_then(|conn| {
-                conn.query_row(
-                    "SELECT freelist_count * page_size FROM pragma_freelist_count(), pragma_page_size()",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
+                conn.prepare_cached("SELECT freelist_count * page_size FROM pragma_freelist_count(), pragma_page_size()").ok()?.query_row([],
+                    |r| r.get::<_, i64>(0))
                 .ok()
             })
             .unwrap_or(0)
@@ -335,14 +459,23 @@ impl Store {
         Some(disk + reusable)
     }
 
+    /// Free space for an unprivileged writer on the buffer's file system.
+    fn free_disk_bytes(&self) -> Option<u64> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let stat = rustix::fs::statvfs(dir).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
     /// Bytes held for files not yet confirmed.
     pub fn buffered_bytes(&self) -> Result<u64> {
         let conn = self.pool.get()?;
-        let n: i64 = conn.query_row(
-            "SELECT coalesce(sum(size), 0) FROM files WHERE state != 'confirmed'",
-            [],
-            |r| r.get(0),
-        )?;
+        let n: i64 = conn
+            .prepare_cached("SELECT coalesce(sum(size), 0) FROM files WHERE state != 'confirmed'")?
+            .query_row([], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -357,68 +490,35 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let mut conn = self.pool.get().map_err(StoreError::from)?;
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(StoreError::from)?;
-        let now = now_ms();
-        tx.execute(
-            "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
-                                src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, 0, '', ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12, ?12)",
-            params![
-                file.spool,
-                file.rel_path,
-                file.remote_name,
-                file.target,
-                file.chunk_size as i64,
-                file.upload_id,
-                file.src_path,
-                file.identity.dev as i64,
-                file.identity.ino as i64,
-                file.identity.size as i64,
-                file.identity.mtime_ns,
-                now
-            ],
-        )
-        .map_err(StoreError::from)?;
-        let file_id = tx.last_insert_rowid();
-        let mut sink = ChunkSink {
-            tx: &tx,
-            file_id,
-            next_idx: 0,
-            offset: 0,
+        self.ingest_batch(|batch| batch.add(file, fill))
+    }
+
+    /// Buffers several files in one transaction, so that one sync covers them
+    /// all: `f` adds them one by one to the [`IngestBatch`]; each is kept or
+    /// rolled back on its own. Nothing is kept when `f` fails.
+    pub fn ingest_batch<T, E>(
+        &self,
+        f: impl FnOnce(&mut IngestBatch<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let (value, bytes) = {
+            let mut conn = self.pool.get().map_err(StoreError::from)?;
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(StoreError::from)?;
+            let mut batch = IngestBatch { tx, bytes: 0 };
+            let value = f(&mut batch)?;
+            batch.tx.commit().map_err(StoreError::from)?;
+            (value, batch.bytes)
         };
-        let decision = fill(&mut sink)?;
-        let (n_chunks, size) = (sink.next_idx, sink.offset);
-        let IngestDecision::Commit { sha256 } = decision else {
-            tx.rollback().map_err(StoreError::from)?;
-            return Ok(None);
-        };
-        tx.execute(
-            "UPDATE files SET size = ?2, sha256 = ?3, chunk_count = ?4 WHERE id = ?1",
-            params![file_id, size as i64, sha256, n_chunks as i64],
-        )
-        .map_err(StoreError::from)?;
-        if file.remember_kept {
-            tx.execute(
-                "INSERT OR REPLACE INTO kept_sources (spool, rel_path, src_dev, src_ino, src_size, src_mtime_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    file.spool,
-                    file.rel_path,
-                    file.identity.dev as i64,
-                    file.identity.ino as i64,
-                    file.identity.size as i64,
-                    file.identity.mtime_ns
-                ],
-            )
-            .map_err(StoreError::from)?;
+        if bytes >= WAL_TRUNCATE_AFTER {
+            self.truncate_wal();
+        } else {
+            self.trim_wal();
         }
-        tx.commit().map_err(StoreError::from)?;
-        drop(conn);
-        self.truncate_wal();
-        Ok(Some(file_id))
+        Ok(value)
     }
 
     fn file_records(
@@ -494,14 +594,18 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<FileRecord>> {
         let conn = self.pool.get()?;
-        let mut stmt = conn.prepare(
+        // Walks the queue in id order and stops at the first `limit` due files
+        // not busy: the cost does not grow with the length of the queue.
+        let mut stmt = conn.prepare_cached(
             "SELECT f.id FROM files f
              WHERE f.state = 'queued' AND f.target = ?1
                AND coalesce((SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'), 0) <= ?2
-             ORDER BY f.id",
+             ORDER BY f.id LIMIT ?3",
         )?;
         let ids = stmt
-            .query_map(params![target, now], |r| r.get::<_, i64>(0))?
+            .query_map(params![target, now, (limit + busy.len()) as i64], |r| {
+                r.get::<_, i64>(0)
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         drop(stmt);
         drop(conn);
@@ -517,12 +621,9 @@ impl Store {
         let conn = self.pool.get()?;
         // A file is due when its latest-scheduled pending chunk is; the earliest
         // such moment over all files is when the uploader must wake.
-        Ok(conn.query_row(
-            "SELECT min(due) FROM (SELECT max(c.next_attempt) AS due FROM chunks c JOIN files f ON f.id = c.file_id
-             WHERE f.state = 'queued' AND f.target = ?1 AND c.state = 'pending' GROUP BY f.id)",
-            params![target],
-            |r| r.get(0),
-        )?)
+        Ok(conn.prepare_cached("SELECT min(due) FROM (SELECT max(c.next_attempt) AS due FROM chunks c JOIN files f ON f.id = c.file_id
+             WHERE f.state = 'queued' AND f.target = ?1 AND c.state = 'pending' GROUP BY f.id)")?.query_row(params![target],
+            |r| r.get(0))?)
     }
 
     pub fn chunks(&self, file_id: i64) -> Result<Vec<ChunkMeta>> {
@@ -547,31 +648,29 @@ impl Store {
     pub fn chunk_data(&self, file_id: i64, idx: u64) -> Result<Vec<u8>> {
         let conn = self.pool.get()?;
         Ok(conn
-            .query_row(
-                "SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2",
-                params![file_id, idx as i64],
-                |r| r.get::<_, Vec<u8>>(0),
-            )
+            .prepare_cached("SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2")?
+            .query_row(params![file_id, idx as i64], |r| r.get::<_, Vec<u8>>(0))
             .optional()?
             .unwrap_or_default())
     }
 
     /// Marks chunks acknowledged by the receiver.
-    pub fn mark_uploaded(&self, file_id: i64, idxs: &[u64]) -> Result<()> {
+    pub fn mark_uploaded(&self, file_id: i64, idxs: &[u64], durability: Durability) -> Result<()> {
         let mut conn = self.pool.get()?;
-        let tx = conn.transaction()?;
-        let now = now_ms();
-        for idx in idxs {
-            tx.execute(
-                "UPDATE chunks SET state = 'uploaded', last_attempt = ?3 WHERE file_id = ?1 AND idx = ?2 AND state = 'pending'",
-                params![file_id, *idx as i64, now],
-            )?;
-        }
-        tx.execute(
-            "UPDATE files SET updated_at = ?2 WHERE id = ?1",
-            params![file_id, now],
-        )?;
-        tx.commit()?;
+        durability.run(&mut conn, |conn| {
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            {
+                let mut mark = tx.prepare_cached(
+                    "UPDATE chunks SET state = 'uploaded', last_attempt = ?3 WHERE file_id = ?1 AND idx = ?2 AND state = 'pending'",
+                )?;
+                for idx in idxs {
+                    mark.execute(params![file_id, *idx as i64, now])?;
+                }
+            }
+            tx.prepare_cached("UPDATE files SET updated_at = ?2 WHERE id = ?1")?.execute(params![file_id, now])?;
+            tx.commit()
+        })?;
         Ok(())
     }
 
@@ -579,20 +678,19 @@ impl Store {
     /// there is no reason to wait out a delay earned under the old ones).
     pub fn reschedule_now(&self, target: &str) -> Result<usize> {
         let conn = self.pool.get()?;
-        Ok(conn.execute(
-            "UPDATE chunks SET next_attempt = 0 WHERE state = 'pending' AND file_id IN
+        Ok(conn
+            .prepare_cached(
+                "UPDATE chunks SET next_attempt = 0 WHERE state = 'pending' AND file_id IN
                 (SELECT id FROM files WHERE state = 'queued' AND target = ?1)",
-            params![target],
-        )?)
+            )?
+            .execute(params![target])?)
     }
 
     /// Puts every chunk of a file back to pending (the receiver lost the upload).
     pub fn reset_chunks(&self, file_id: i64) -> Result<()> {
         let conn = self.pool.get()?;
-        conn.execute(
-            "UPDATE chunks SET state = 'pending' WHERE file_id = ?1",
-            params![file_id],
-        )?;
+        conn.prepare_cached("UPDATE chunks SET state = 'pending' WHERE file_id = ?1")?
+            .execute(params![file_id])?;
         Ok(())
     }
 
@@ -609,29 +707,19 @@ impl Store {
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
         let now = now_ms();
-        tx.execute(
-            "UPDATE chunks SET retry_count = retry_count + 1, last_attempt = ?3, next_attempt = ?4, last_error = ?5
-             WHERE file_id = ?1 AND idx = ?2",
-            params![file_id, idx as i64, now, next_attempt, error],
-        )?;
-        tx.execute(
+        tx.prepare_cached("UPDATE chunks SET retry_count = retry_count + 1, last_attempt = ?3, next_attempt = ?4, last_error = ?5
+             WHERE file_id = ?1 AND idx = ?2")?.execute(params![file_id, idx as i64, now, next_attempt, error])?;
+        tx.prepare_cached(
             "INSERT INTO chunk_errors (file_id, idx, at, error) VALUES (?1, ?2, ?3, ?4)",
-            params![file_id, idx as i64, now, error],
-        )?;
-        tx.execute(
-            "DELETE FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 AND id NOT IN
-                (SELECT id FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 ORDER BY id DESC LIMIT ?3)",
-            params![file_id, idx as i64, ERROR_HISTORY as i64],
-        )?;
-        let count: i64 = tx.query_row(
-            "SELECT retry_count FROM chunks WHERE file_id = ?1 AND idx = ?2",
-            params![file_id, idx as i64],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "UPDATE files SET updated_at = ?2 WHERE id = ?1",
-            params![file_id, now],
-        )?;
+        )?
+        .execute(params![file_id, idx as i64, now, error])?;
+        tx.prepare_cached("DELETE FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 AND id NOT IN
+                (SELECT id FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 ORDER BY id DESC LIMIT ?3)")?.execute(params![file_id, idx as i64, ERROR_HISTORY as i64])?;
+        let count: i64 = tx
+            .prepare_cached("SELECT retry_count FROM chunks WHERE file_id = ?1 AND idx = ?2")?
+            .query_row(params![file_id, idx as i64], |r| r.get(0))?;
+        tx.prepare_cached("UPDATE files SET updated_at = ?2 WHERE id = ?1")?
+            .execute(params![file_id, now])?;
         tx.commit()?;
         Ok(count as u64)
     }
@@ -650,40 +738,80 @@ impl Store {
     /// or purges it.
     pub fn park(&self, file_id: i64, reason: &str) -> Result<()> {
         let conn = self.pool.get()?;
-        conn.execute(
+        conn.prepare_cached(
             "UPDATE files SET state = 'failed', failure = ?2, updated_at = ?3 WHERE id = ?1",
-            params![file_id, reason, now_ms()],
-        )?;
+        )?
+        .execute(params![file_id, reason, now_ms()])?;
         Ok(())
     }
 
     /// The receiver confirmed the whole file: its data leaves the store; the
     /// record stays (with the server's name) until the retention period passes.
-    pub fn confirm(&self, file_id: i64, server_name: Option<&str>) -> Result<()> {
+    pub fn confirm(
+        &self,
+        file_id: i64,
+        server_name: Option<&str>,
+        durability: Durability,
+    ) -> Result<()> {
+        match self.confirm_once(file_id, server_name, durability) {
+            // The WAL may hold the space this needs: move it into the database
+            // (whose free pages the commit can reuse) and try once more.
+            Err(e) if e.is_disk_full() => {
+                self.truncate_wal();
+                self.confirm_once(file_id, server_name, durability)
+            }
+            done => done,
+        }
+    }
+
+    fn confirm_once(
+        &self,
+        file_id: i64,
+        server_name: Option<&str>,
+        durability: Durability,
+    ) -> Result<()> {
         let mut conn = self.pool.get()?;
-        let tx = conn.transaction()?;
-        let now = now_ms();
-        tx.execute(
-            "UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1",
-            params![file_id, server_name, now],
-        )?;
-        tx.execute(
-            "UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1",
-            params![file_id],
-        )?;
-        tx.execute(
-            "DELETE FROM chunk_data WHERE file_id = ?1",
-            params![file_id],
-        )?;
-        tx.commit()?;
+        let freed: i64 = durability.run(&mut conn, |conn| {
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1")?.execute(params![file_id, server_name, now])?;
+            tx.prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?.execute(params![file_id])?;
+            let freed = tx.prepare_cached("SELECT coalesce(sum(length), 0) FROM chunks WHERE file_id = ?1")?.query_row(params![file_id],
+                |r| r.get(0))?;
+            tx.prepare_cached("DELETE FROM chunk_data WHERE file_id = ?1")?.execute(params![file_id])?;
+            tx.commit()?;
+            Ok(freed)
+        })?;
         drop(conn);
-        self.truncate_wal();
+        if freed as u64 >= WAL_TRUNCATE_AFTER {
+            self.truncate_wal();
+        } else {
+            self.trim_wal();
+        }
         Ok(())
     }
 
     /// Copies the WAL into the database and truncates it, so that a file's
     /// bytes are not held twice on disk (WAL and database) once committed. Best
     /// effort: with readers active it does what it can.
+    /// [`Store::truncate_wal`] once the WAL has grown past
+    /// [`WAL_TRUNCATE_AFTER`], so that small commits share one checkpoint; at
+    /// once when the disk is nearly full, where the WAL's space is needed.
+    pub fn trim_wal(&self) {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let Ok(size) = std::fs::metadata(&wal).map(|m| m.len()) else {
+            return;
+        };
+        let tight = || {
+            self.free_disk_bytes()
+                .is_some_and(|free| free < 4 * WAL_TRUNCATE_AFTER)
+        };
+        if size >= WAL_TRUNCATE_AFTER || (size > 0 && tight()) {
+            self.truncate_wal();
+        }
+    }
+
     pub fn truncate_wal(&self) {
         if let Ok(conn) = self.pool.get() {
             let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
@@ -705,14 +833,14 @@ impl Store {
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
         for id in &ids {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE files SET state = 'queued', failure = NULL, updated_at = ?2 WHERE id = ?1",
-                params![id, now_ms()],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![id, now_ms()])?;
+            tx.prepare_cached(
                 "UPDATE chunks SET retry_count = 0, next_attempt = 0 WHERE file_id = ?1",
-                params![id],
-            )?;
+            )?
+            .execute(params![id])?;
         }
         tx.commit()?;
         Ok(ids.len())
@@ -721,16 +849,18 @@ impl Store {
     /// Deletes a file and its data from the buffer. Returns whether it existed.
     pub fn purge(&self, file_id: i64) -> Result<bool> {
         let conn = self.pool.get()?;
-        Ok(conn.execute("DELETE FROM files WHERE id = ?1", params![file_id])? > 0)
+        Ok(conn
+            .prepare_cached("DELETE FROM files WHERE id = ?1")?
+            .execute(params![file_id])?
+            > 0)
     }
 
     /// Forgets confirmed files confirmed before `cutoff` (ms). Returns how many.
     pub fn forget_confirmed_before(&self, cutoff: i64) -> Result<usize> {
         let conn = self.pool.get()?;
-        Ok(conn.execute(
-            "DELETE FROM files WHERE state = 'confirmed' AND confirmed_at < ?1",
-            params![cutoff],
-        )?)
+        Ok(conn
+            .prepare_cached("DELETE FROM files WHERE state = 'confirmed' AND confirmed_at < ?1")?
+            .execute(params![cutoff])?)
     }
 
     /// Per target: queued files and bytes, failed files, and when the oldest
@@ -760,29 +890,27 @@ impl Store {
     /// Counts by state, for status lines.
     pub fn counts(&self) -> Result<(u64, u64, u64)> {
         let conn = self.pool.get()?;
-        Ok(conn.query_row(
-            "SELECT coalesce(sum(state = 'queued'), 0), coalesce(sum(state = 'failed'), 0), coalesce(sum(state = 'confirmed'), 0) FROM files",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
-        )?)
+        Ok(conn.prepare_cached("SELECT coalesce(sum(state = 'queued'), 0), coalesce(sum(state = 'failed'), 0), coalesce(sum(state = 'confirmed'), 0) FROM files")?.query_row([],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))?)
     }
 
     /// The newest error of a file still waiting or parked, for status lines.
     pub fn last_error(&self) -> Result<Option<String>> {
         let conn = self.pool.get()?;
         Ok(conn
-            .query_row(
+            .prepare_cached(
                 "SELECT e.error FROM chunk_errors e JOIN files f ON f.id = e.file_id
                  WHERE f.state != 'confirmed' ORDER BY e.id DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
+            )?
+            .query_row([], |r| r.get(0))
             .optional()?)
     }
 
     pub fn integrity_check(&self) -> Result<String> {
         let conn = self.pool.get()?;
-        Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+        Ok(conn
+            .prepare_cached("PRAGMA integrity_check")?
+            .query_row([], |r| r.get(0))?)
     }
 }
 
@@ -904,8 +1032,10 @@ mod tests {
         let store = Store::open(&dir.path().join("b.db")).unwrap();
         let a = ingest(&store, &new_file("a", 1), b"0123456789");
         let b = ingest(&store, &new_file("b", 2), b"0123456789");
-        store.mark_uploaded(a, &[0, 1, 2]).unwrap();
-        store.confirm(a, Some("a")).unwrap();
+        store
+            .mark_uploaded(a, &[0, 1, 2], Durability::Synced)
+            .unwrap();
+        store.confirm(a, Some("a"), Durability::Synced).unwrap();
         assert!(store.chunk_data(a, 0).unwrap().is_empty());
         assert_eq!(store.file(a).unwrap().server_name.as_deref(), Some("a"));
         assert_eq!(store.buffered_bytes().unwrap(), 10);
@@ -939,7 +1069,7 @@ mod tests {
         }
         let store = Store::open(&path).unwrap();
         assert_eq!(store.chunk_data(1, 0).unwrap(), b"abc");
-        store.confirm(1, Some("a")).unwrap();
+        store.confirm(1, Some("a"), Durability::Unsynced).unwrap();
         assert!(store.chunk_data(1, 0).unwrap().is_empty());
         assert_eq!(store.integrity_check().unwrap(), "ok");
     }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TargetConfig;
 use crate::protocol::{self, ChunkReply, ErrorReply, UploadStatus};
-use crate::store::{self, ChunkMeta, FileRecord, Store, StoreError};
+use crate::store::{self, ChunkMeta, Durability, FileRecord, Store, StoreError};
 
 /// The retry schedule: `min(initial * multiplier^(n-1), max)` for the n-th retry,
 /// plus up to 10 % jitter (never beyond `max`).
@@ -234,6 +234,18 @@ impl TargetClient {
         }
     }
 
+    /// How progress with this receiver is recorded. A resumable receiver
+    /// remembers what it received and completed, so a record lost to a power
+    /// cut only costs a question (`GET /upload/<id>`) or a duplicate chunk it
+    /// recognises; with a v1 receiver a lost record would send data twice.
+    pub fn durability(&self) -> Durability {
+        if self.resumable() == Some(true) {
+            Durability::Unsynced
+        } else {
+            Durability::Synced
+        }
+    }
+
     fn note_resumable(&self, headers: &HeaderMap) {
         let yes = headers
             .get(protocol::RESUMABLE)
@@ -414,14 +426,14 @@ pub async fn upload_file(
     if has_progress && client.resumable() != Some(false) {
         match client.status(&file.upload_id).await {
             Ok(Some(status)) if status.complete => {
-                return confirm(store, file, status.actual_filename, observer).await;
+                return confirm(store, client, file, status.actual_filename, observer).await;
             }
             Ok(Some(status)) => {
                 let received: Vec<u64> = status.received_chunks;
                 let s = store.clone();
                 blocking(move || {
                     s.reset_chunks(id)?;
-                    s.mark_uploaded(id, &received)
+                    s.mark_uploaded(id, &received, Durability::Unsynced)
                 })
                 .await?;
                 let s = store.clone();
@@ -467,8 +479,16 @@ pub async fn upload_file(
                 } else {
                     crate::failpoint::UPLOAD_AFTER_ACK
                 });
-                let s = store.clone();
-                blocking(move || s.mark_uploaded(id, &[idx])).await?;
+                let complete = reply.complete == Some(true)
+                    || (reply.complete.is_none()
+                        && client.resumable() != Some(true)
+                        && idx == last_idx);
+                // The confirmation below covers the last chunk.
+                if !complete {
+                    let s = store.clone();
+                    let durability = client.durability();
+                    blocking(move || s.mark_uploaded(id, &[idx], durability)).await?;
+                }
                 crate::metrics::UPLOADED_CHUNKS.add(1);
                 crate::metrics::UPLOADED_BYTES.add(chunk.length);
                 observer.on_event(&UploadEvent {
@@ -481,12 +501,8 @@ pub async fn upload_file(
                     error: None,
                 });
                 tracing::debug!(file = %file.remote_name, chunk = idx, of = file.chunk_count, "chunk sent");
-                let complete = reply.complete == Some(true)
-                    || (reply.complete.is_none()
-                        && client.resumable() != Some(true)
-                        && idx == last_idx);
                 if complete {
-                    return confirm(store, file, reply.actual_filename, observer).await;
+                    return confirm(store, client, file, reply.actual_filename, observer).await;
                 }
             }
             Err(e) => return fail(store, target, file, &chunk, e, observer).await,
@@ -511,13 +527,15 @@ pub async fn upload_file(
 
 async fn confirm(
     store: &Store,
+    client: &TargetClient,
     file: &FileRecord,
     server_name: Option<String>,
     observer: &dyn UploadObserver,
 ) -> Result<FileOutcome, UploadError> {
     let s = store.clone();
     let (id, name) = (file.id, server_name.clone());
-    blocking(move || s.confirm(id, name.as_deref())).await?;
+    let durability = client.durability();
+    blocking(move || s.confirm(id, name.as_deref(), durability)).await?;
     crate::metrics::CONFIRMED_FILES.add(1);
     crate::metrics::CONFIRMED_BYTES.add(file.size);
     tracing::info!(file = %file.remote_name, server_name = server_name.as_deref().unwrap_or(""), target = %file.target, size = file.size, "file delivered");
@@ -788,12 +806,19 @@ pub async fn run_uploader(
             let s = store.clone();
             let n = name.clone();
             let found = tokio::task::spawn_blocking(move || {
-                let due = if room > 0 {
-                    s.due_files(&n, store::now_ms(), &taken, room)?
+                if room == 0 {
+                    // A finished upload wakes the loop.
+                    return Ok((Vec::new(), None));
+                }
+                let due = s.due_files(&n, store::now_ms(), &taken, room)?;
+                // With every slot filled, a finished upload wakes the loop;
+                // otherwise it sleeps until the next file is due.
+                let next = if due.len() < room {
+                    s.next_due(&n)?
                 } else {
-                    Vec::new()
+                    None
                 };
-                Ok::<_, StoreError>((due, s.next_due(&n)?))
+                Ok::<_, StoreError>((due, next))
             })
             .await;
             let (due, next) = match found {

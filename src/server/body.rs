@@ -15,10 +15,13 @@ use sha2::{Digest, Sha256};
 /// Frames queued between the network and the writer thread.
 const QUEUE_FRAMES: usize = 4;
 
-/// Where the body's bytes go: `file` at `offset` onwards, synced before returning.
+/// Where the body's bytes go: `file` at `offset` onwards.
 pub struct Sink {
     pub file: File,
     pub offset: u64,
+    /// Sync the bytes before returning: v1 replies promise durability chunk by
+    /// chunk. A resumable upload is synced once, whole, after it is verified.
+    pub sync: bool,
 }
 
 #[derive(Debug)]
@@ -58,8 +61,7 @@ pub async fn read_body(
             }
             length += buf.len() as u64;
         }
-        if let Some(sink) = &sink {
-            // The chunk must be on disk before the state database records it.
+        if let Some(sink) = sink.as_ref().filter(|s| s.sync) {
             sink.file.sync_data()?;
         }
         Ok(BodyOutcome {

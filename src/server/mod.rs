@@ -379,7 +379,8 @@ fn destination_from_display(display: &str) -> Destination {
 fn sha256_of(file: &File) -> io::Result<String> {
     use std::io::Read;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let size = file.metadata()?.len();
+    let mut buf = vec![0u8; size.clamp(1, 1 << 20) as usize];
     let mut reader = file;
     loop {
         let n = reader.read(&mut buf)?;
@@ -979,6 +980,7 @@ async fn receive_resumable(
         let sink = Sink {
             file,
             offset: ext.offset,
+            sync: false,
         };
         let outcome = read_body(body, Some(sink), limit, inner.read_timeout)
             .await
@@ -1068,7 +1070,11 @@ async fn receive_v1(
         let (limit, too_long) = limits(0);
         let outcome = match read_body(
             body,
-            Some(Sink { file, offset: 0 }),
+            Some(Sink {
+                file,
+                offset: 0,
+                sync: true,
+            }),
             limit,
             inner.read_timeout,
         )
@@ -1111,7 +1117,11 @@ async fn receive_v1(
         let rollback = file.try_clone()?;
         let outcome = match read_body(
             body,
-            Some(Sink { file, offset: size }),
+            Some(Sink {
+                file,
+                offset: size,
+                sync: true,
+            }),
             limit,
             inner.read_timeout,
         )

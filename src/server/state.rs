@@ -146,24 +146,23 @@ impl UploadState {
     pub fn upload(&self, upload_id: &str) -> Result<Option<Upload>> {
         let conn = self.pool.get()?;
         Ok(conn
-            .query_row(
+            .prepare_cached(
                 "SELECT client_name, file_size, chunk_count, file_sha256, state, actual_name
                  FROM uploads WHERE upload_id = ?1",
-                params![upload_id],
-                |r| {
-                    Ok(Upload {
-                        upload_id: upload_id.to_owned(),
-                        meta: FileMeta {
-                            client_name: r.get(0)?,
-                            file_size: r.get::<_, i64>(1)? as u64,
-                            chunk_count: r.get::<_, i64>(2)? as u64,
-                            file_sha256: r.get(3)?,
-                        },
-                        phase: UploadPhase::parse(&r.get::<_, String>(4)?),
-                        actual_name: r.get(5)?,
-                    })
-                },
-            )
+            )?
+            .query_row(params![upload_id], |r| {
+                Ok(Upload {
+                    upload_id: upload_id.to_owned(),
+                    meta: FileMeta {
+                        client_name: r.get(0)?,
+                        file_size: r.get::<_, i64>(1)? as u64,
+                        chunk_count: r.get::<_, i64>(2)? as u64,
+                        file_sha256: r.get(3)?,
+                    },
+                    phase: UploadPhase::parse(&r.get::<_, String>(4)?),
+                    actual_name: r.get(5)?,
+                })
+            })
             .optional()?)
     }
 
@@ -171,19 +170,16 @@ impl UploadState {
     pub fn get_or_create_upload(&self, upload_id: &str, meta: &FileMeta) -> Result<Upload> {
         let conn = self.pool.get()?;
         let now = now_secs();
-        conn.execute(
-            "INSERT OR IGNORE INTO uploads
+        conn.prepare_cached("INSERT OR IGNORE INTO uploads
                  (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'receiving', ?6, ?6)",
-            params![
+             VALUES (?1, ?2, ?3, ?4, ?5, 'receiving', ?6, ?6)")?.execute(params![
                 upload_id,
                 meta.client_name,
                 meta.file_size as i64,
                 meta.chunk_count as i64,
                 meta.file_sha256,
                 now
-            ],
-        )?;
+            ])?;
         drop(conn);
         Ok(self
             .upload(upload_id)?
@@ -193,19 +189,18 @@ impl UploadState {
     pub fn chunk(&self, upload_id: &str, chunk_idx: u64) -> Result<Option<ChunkRecord>> {
         let conn = self.pool.get()?;
         Ok(conn
-            .query_row(
+            .prepare_cached(
                 "SELECT chunk_offset, length, sha256 FROM upload_chunks
                  WHERE upload_id = ?1 AND chunk_idx = ?2",
-                params![upload_id, chunk_idx as i64],
-                |r| {
-                    Ok(ChunkRecord {
-                        chunk_idx,
-                        offset: r.get::<_, i64>(0)? as u64,
-                        length: r.get::<_, i64>(1)? as u64,
-                        sha256: r.get(2)?,
-                    })
-                },
-            )
+            )?
+            .query_row(params![upload_id, chunk_idx as i64], |r| {
+                Ok(ChunkRecord {
+                    chunk_idx,
+                    offset: r.get::<_, i64>(0)? as u64,
+                    length: r.get::<_, i64>(1)? as u64,
+                    sha256: r.get(2)?,
+                })
+            })
             .optional()?)
     }
 
@@ -226,32 +221,30 @@ impl UploadState {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// Records a chunk whose bytes are already durable in the staging file and
-    /// returns how many chunks the upload now has.
+    /// Records a received chunk; returns how many chunks the upload has.
+    /// Not synced: a chunk record lost to a power cut is sent again by the
+    /// client, and one that outlived its (unsynced) data fails the whole-file
+    /// check, which discards the upload for a fresh start.
     pub fn record_chunk(&self, upload_id: &str, chunk: &ChunkRecord) -> Result<u64> {
         let mut conn = self.pool.get()?;
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT OR IGNORE INTO upload_chunks (upload_id, chunk_idx, chunk_offset, length, sha256)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                upload_id,
-                chunk.chunk_idx as i64,
-                chunk.offset as i64,
-                chunk.length as i64,
-                chunk.sha256
-            ],
-        )?;
-        tx.execute(
-            "UPDATE uploads SET updated_at = ?2 WHERE upload_id = ?1",
-            params![upload_id, now_secs()],
-        )?;
-        let count: i64 = tx.query_row(
-            "SELECT count(*) FROM upload_chunks WHERE upload_id = ?1",
-            params![upload_id],
-            |r| r.get(0),
-        )?;
-        tx.commit()?;
+        let count = sqlite::unsynced(&mut conn, |conn| {
+            let tx = conn.transaction()?;
+            tx.prepare_cached("INSERT OR IGNORE INTO upload_chunks (upload_id, chunk_idx, chunk_offset, length, sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![
+                    upload_id,
+                    chunk.chunk_idx as i64,
+                    chunk.offset as i64,
+                    chunk.length as i64,
+                    chunk.sha256
+                ])?;
+            tx.prepare_cached("UPDATE uploads SET updated_at = ?2 WHERE upload_id = ?1")?
+                .execute(params![upload_id, now_secs()])?;
+            let count: i64 = tx
+                .prepare_cached("SELECT count(*) FROM upload_chunks WHERE upload_id = ?1")?
+                .query_row(params![upload_id], |r| r.get(0))?;
+            tx.commit()?;
+            Ok(count)
+        })?;
         Ok(count as u64)
     }
 
@@ -262,28 +255,33 @@ impl UploadState {
         actual_name: Option<&str>,
     ) -> Result<()> {
         let conn = self.pool.get()?;
-        conn.execute(
+        conn.prepare_cached(
             "UPDATE uploads SET state = ?2, actual_name = ?3, updated_at = ?4 WHERE upload_id = ?1",
-            params![upload_id, phase.as_str(), actual_name, now_secs()],
-        )?;
+        )?
+        .execute(params![upload_id, phase.as_str(), actual_name, now_secs()])?;
         Ok(())
     }
 
     /// Marks an upload complete and drops its chunk records, which are no longer
     /// needed: only the id, the metadata and the final name are remembered.
+    /// Not synced: the synced "finalizing" record with the final name, and the
+    /// rename made durable before this, are enough for [`Receiver::recover`]
+    /// to redo it after a power cut.
+    ///
+    /// [`Receiver::recover`]: crate::server::Receiver::recover
     pub fn complete(&self, upload_id: &str, actual_name: &str) -> Result<()> {
         let mut conn = self.pool.get()?;
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE uploads SET state = 'complete', actual_name = ?2, updated_at = ?3
-             WHERE upload_id = ?1",
-            params![upload_id, actual_name, now_secs()],
-        )?;
-        tx.execute(
-            "DELETE FROM upload_chunks WHERE upload_id = ?1",
-            params![upload_id],
-        )?;
-        tx.commit()?;
+        sqlite::unsynced(&mut conn, |conn| {
+            let tx = conn.transaction()?;
+            tx.prepare_cached(
+                "UPDATE uploads SET state = 'complete', actual_name = ?2, updated_at = ?3
+                 WHERE upload_id = ?1",
+            )?
+            .execute(params![upload_id, actual_name, now_secs()])?;
+            tx.prepare_cached("DELETE FROM upload_chunks WHERE upload_id = ?1")?
+                .execute(params![upload_id])?;
+            tx.commit()
+        })?;
         Ok(())
     }
 
@@ -291,10 +289,8 @@ impl UploadState {
     /// start it again.
     pub fn forget_upload(&self, upload_id: &str) -> Result<()> {
         let conn = self.pool.get()?;
-        conn.execute(
-            "DELETE FROM uploads WHERE upload_id = ?1",
-            params![upload_id],
-        )?;
+        conn.prepare_cached("DELETE FROM uploads WHERE upload_id = ?1")?
+            .execute(params![upload_id])?;
         Ok(())
     }
 
@@ -335,14 +331,13 @@ impl UploadState {
             stmt.query_map(params![cutoff], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
-        let forgotten = tx.execute(
-            "DELETE FROM uploads WHERE updated_at < ?1 AND state IN ('receiving', 'complete')",
-            params![cutoff],
-        )?;
-        tx.execute(
-            "DELETE FROM v1_sessions WHERE updated_at < ?1",
-            params![cutoff],
-        )?;
+        let forgotten = tx
+            .prepare_cached(
+                "DELETE FROM uploads WHERE updated_at < ?1 AND state IN ('receiving', 'complete')",
+            )?
+            .execute(params![cutoff])?;
+        tx.prepare_cached("DELETE FROM v1_sessions WHERE updated_at < ?1")?
+            .execute(params![cutoff])?;
         tx.commit()?;
         Ok((stale, forgotten))
     }
@@ -350,9 +345,7 @@ impl UploadState {
     pub fn v1_session(&self, client_name: &str) -> Result<Option<V1Session>> {
         let conn = self.pool.get()?;
         Ok(conn
-            .query_row(
-                "SELECT actual_name, next_idx, size, last_sha256 FROM v1_sessions WHERE client_name = ?1",
-                params![client_name],
+            .prepare_cached("SELECT actual_name, next_idx, size, last_sha256 FROM v1_sessions WHERE client_name = ?1")?.query_row(params![client_name],
                 |r| {
                     Ok(V1Session {
                         client_name: client_name.to_owned(),
@@ -361,33 +354,34 @@ impl UploadState {
                         size: r.get::<_, i64>(2)? as u64,
                         last_sha256: r.get(3)?,
                     })
-                },
-            )
+                })
             .optional()?)
     }
 
     /// Creates or replaces the v1 session of a client file name.
     pub fn put_v1_session(&self, session: &V1Session) -> Result<()> {
         let conn = self.pool.get()?;
-        conn.execute(
+        conn.prepare_cached(
             "INSERT OR REPLACE INTO v1_sessions
                  (client_name, actual_name, next_idx, size, last_sha256, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                session.client_name,
-                session.actual_name,
-                session.next_idx as i64,
-                session.size as i64,
-                session.last_sha256,
-                now_secs()
-            ],
-        )?;
+        )?
+        .execute(params![
+            session.client_name,
+            session.actual_name,
+            session.next_idx as i64,
+            session.size as i64,
+            session.last_sha256,
+            now_secs()
+        ])?;
         Ok(())
     }
 
     pub fn integrity_check(&self) -> Result<String> {
         let conn = self.pool.get()?;
-        Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+        Ok(conn
+            .prepare_cached("PRAGMA integrity_check")?
+            .query_row([], |r| r.get(0))?)
     }
 }
 

@@ -5,12 +5,15 @@
 //! - Agent: every source file is unlinked only after the thread that unlinks it
 //!   wrote the file's rows to the buffer's WAL and then fsync'ed (or
 //!   fdatasync'ed) the WAL: the source is never disposed of before its buffered
-//!   copy is durable.
-//! - Receiver: for every finished upload, the staged file is fsync'ed before it
-//!   is renamed into place, the destination directory is fsync'ed after the
-//!   rename, the completion is committed to the state database (its WAL synced)
-//!   after that, and only then is a reply saying `"complete":true` for that
-//!   upload written to a socket.
+//!   copy is durable. Files that arrive together are committed as one batch
+//!   and then unlinked back to back.
+//! - Receiver: for every finished upload, the staged file is fsync'ed and then
+//!   the state database (its WAL) is synced, holding the final name, before the
+//!   file is renamed into place; the destination directory is fsync'ed after
+//!   the rename, and only then is a reply saying `"complete":true` for that
+//!   upload written to a socket. (The completion record itself is not synced:
+//!   after a power cut, the synced final name and the durable rename let the
+//!   receiver's recovery finish it.)
 //!
 //! What the traces prove, and what they do not:
 //! - They show the order in which the processes issued system calls and when
@@ -254,7 +257,7 @@ fn unlinked_path(call: &Call) -> Option<String> {
 }
 
 /// The agent's rule: each source unlink follows, on its thread, a WAL write and
-/// then a WAL sync. Returns the number of source unlinks checked and the
+/// then a WAL sync (the unlinks of one batch follow its commit back to back). Returns the number of source unlinks checked and the
 /// violations.
 fn check_agent(calls: &[Call], spool: &Path) -> (usize, Vec<String>) {
     let spool = spool.display().to_string();
@@ -276,11 +279,13 @@ fn check_agent(calls: &[Call], spool: &Path) -> (usize, Vec<String>) {
             .iter()
             .filter(|c| c.tid == unlink.tid && c.end < unlink.start)
             .collect();
-        // This ingest's part of the thread: since its previous source unlink.
-        let since = mine
-            .iter()
-            .rposition(|c| unlinked_path(c).is_some_and(|p| p.starts_with(&spool)))
-            .map_or(0, |p| p + 1);
+        let source_unlink = |c: &&Call| unlinked_path(c).is_some_and(|p| p.starts_with(&spool));
+        // Files buffered in one batch share its commit and are disposed of back
+        // to back: skip the batch's earlier unlinks, then this batch's part of
+        // the thread runs from the previous batch's last unlink.
+        let batch_start = mine.len() - mine.iter().rev().take_while(|c| source_unlink(c)).count();
+        let mine = &mine[..batch_start];
+        let since = mine.iter().rposition(source_unlink).map_or(0, |p| p + 1);
         let mine = &mine[since..];
         let Some(last_write) = mine.iter().rposition(|c| is_write(c) && wal(c)) else {
             problems.push(format!(
@@ -336,6 +341,26 @@ fn check_receiver(calls: &[Call], out: &Path) -> (usize, Vec<String>) {
                 rename.start + 1
             ));
         }
+        let staged_sync = calls
+            .iter()
+            .filter(|c| {
+                is_sync(c) && c.ok() && c.fd_path() == Some(&staged) && c.end < rename.start
+            })
+            .map(|c| c.end)
+            .max();
+        let state_sync = calls.iter().find(|c| {
+            is_sync(c)
+                && c.ok()
+                && c.fd_path().is_some_and(|p| p.ends_with("/uploads.db-wal"))
+                && staged_sync.is_some_and(|end| c.start > end)
+                && c.end < rename.start
+        });
+        if state_sync.is_none() {
+            problems.push(format!(
+                "{what}: renamed (line {}) without a sync of the state database (the final name) after the staged file's fsync",
+                rename.start + 1
+            ));
+        }
         let Some(dir_sync) = calls.iter().find(|c| {
             is_sync(c) && c.ok() && c.fd_path() == Some(dest_dir) && c.start > rename.end
         }) else {
@@ -345,12 +370,6 @@ fn check_receiver(calls: &[Call], out: &Path) -> (usize, Vec<String>) {
             ));
             continue;
         };
-        let state_sync = calls.iter().find(|c| {
-            is_sync(c)
-                && c.ok()
-                && c.fd_path().is_some_and(|p| p.ends_with("/uploads.db-wal"))
-                && c.start > dir_sync.end
-        });
         let reply = calls.iter().find(|c| {
             matches!(c.name.as_str(), "write" | "writev" | "sendto" | "sendmsg")
                 && c.fd_path()
@@ -368,13 +387,6 @@ fn check_receiver(calls: &[Call], out: &Path) -> (usize, Vec<String>) {
                 reply.start + 1,
                 dir_sync.end + 1
             ));
-        }
-        match state_sync {
-            Some(sync) if sync.end < reply.start => {}
-            _ => problems.push(format!(
-                "{what}: complete reply (line {}) not preceded by a sync of the state database after the rename",
-                reply.start + 1
-            )),
         }
         // No complete reply for this upload before the rename either.
         if let Some(early) = calls.iter().find(|c| {
@@ -502,21 +514,35 @@ fn traces_are_parsed_across_unfinished_calls() {
 }
 
 #[test]
-fn a_reply_before_the_directory_sync_is_caught() {
+fn a_reply_before_the_directory_sync_or_a_rename_before_the_state_sync_is_caught() {
     let reply = "writev(12<socket:[1]>, [{iov_base=\"HTTP/1.1 200 OK\\r\\n\\r\\n\", iov_len=19}, {iov_base=\"{\\\"uploadId\\\":\\\"abcdefabcdefabcdef\\\",\\\"complete\\\":true}\", iov_len=50}], 2) = 69";
-    let head = "\
-201 12:00:00.000001 fsync(9</o/.indexedcp/staging/abcdefabcdefabcdef>) = 0
-201 12:00:00.000002 renameat2(8</o/.indexedcp/staging>, \"abcdefabcdefabcdef\", 7</o>, \"a.bin\", RENAME_NOREPLACE) = 0
-";
-    let early = format!(
-        "{head}202 12:00:00.000003 {reply}\n201 12:00:00.000004 fsync(7</o>) = 0\n201 12:00:00.000005 fdatasync(5</o/.indexedcp/uploads.db-wal>) = 0\n"
+    let staged = "201 12:00:00.000001 fsync(9</o/.indexedcp/staging/abcdefabcdefabcdef>) = 0\n";
+    let state = "201 12:00:00.000002 fdatasync(5</o/.indexedcp/uploads.db-wal>) = 0\n";
+    let rename = "201 12:00:00.000003 renameat2(8</o/.indexedcp/staging>, \"abcdefabcdefabcdef\", 7</o>, \"a.bin\", RENAME_NOREPLACE) = 0\n";
+    let dir = "201 12:00:00.000005 fsync(7</o>) = 0\n";
+    let check = |trace: String| {
+        let (checked, problems) = check_receiver(&parse_trace(&trace), Path::new("/o"));
+        assert_eq!(checked, 1);
+        problems
+    };
+    let early_reply = check(format!(
+        "{staged}{state}{rename}202 12:00:00.000004 {reply}\n{dir}"
+    ));
+    assert_eq!(early_reply.len(), 1, "{early_reply:#?}");
+    assert!(
+        early_reply[0].contains("before the directory fsync"),
+        "{early_reply:#?}"
     );
-    let (checked, problems) = check_receiver(&parse_trace(&early), Path::new("/o"));
-    assert_eq!(checked, 1);
-    assert_eq!(problems.len(), 2, "{problems:#?}");
-    let good = format!(
-        "{head}201 12:00:00.000004 fsync(7</o>) = 0\n201 12:00:00.000005 fdatasync(5</o/.indexedcp/uploads.db-wal>) = 0\n202 12:00:00.000006 {reply}\n"
+    let unsynced_name = check(format!(
+        "{staged}{rename}{dir}{state}202 12:00:00.000006 {reply}\n"
+    ));
+    assert_eq!(unsynced_name.len(), 1, "{unsynced_name:#?}");
+    assert!(
+        unsynced_name[0].contains("without a sync of the state database"),
+        "{unsynced_name:#?}"
     );
-    let (checked, problems) = check_receiver(&parse_trace(&good), Path::new("/o"));
-    assert_eq!((checked, problems.len()), (1, 0), "{problems:#?}");
+    let good = check(format!(
+        "{staged}{state}{rename}{dir}202 12:00:00.000006 {reply}\n"
+    ));
+    assert!(good.is_empty(), "{good:#?}");
 }
