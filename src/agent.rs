@@ -387,6 +387,8 @@ impl Agent {
         }
         if buffered {
             self.wake.notify_one();
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.trim_wal_if_tight()).await;
         }
         pause
     }

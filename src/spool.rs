@@ -36,8 +36,10 @@ use crate::config::SpoolConfig;
 
 /// Events buffered between notify's thread and the watcher task. When the task
 /// falls further behind, events are dropped and a full scan catches up, so
-/// notify's thread never blocks.
-const EVENT_QUEUE: usize = 4096;
+/// notify's thread never blocks. Room for a burst of ten thousand files
+/// dropped at once (a few MiB at most): a full scan of a large spool costs far
+/// more than the queue.
+const EVENT_QUEUE: usize = 16384;
 
 /// Entries a scan may walk ahead of the task.
 const SCAN_QUEUE: usize = 256;

@@ -15,18 +15,22 @@ pub type Pool = r2d2::Pool<SqliteConnectionManager>;
 /// Opens a pool on `path` (created if missing). `busy_timeout` is how long a
 /// statement waits for another connection's lock before failing.
 pub fn open_pool(path: &Path, busy_timeout: Duration) -> Result<Pool, r2d2::Error> {
-    open_pool_with_page_size(path, busy_timeout, None)
+    open_pool_with(path, busy_timeout, None, true)
 }
 
 /// [`open_pool`], and a new database gets pages of `page_size` bytes (a power
 /// of two up to 65536). Large pages suit large BLOBs: a 1 MiB chunk is 16 WAL
 /// frames instead of 256, which more than doubles the write rate. An existing
-/// database keeps the page size it was created with.
-pub fn open_pool_with_page_size(
+/// database keeps the page size it was created with. Without
+/// `auto_checkpoint`, commits never copy the WAL into the database: the owner
+/// checkpoints when it suits it (`PRAGMA wal_checkpoint`).
+pub fn open_pool_with(
     path: &Path,
     busy_timeout: Duration,
     page_size: Option<u32>,
+    auto_checkpoint: bool,
 ) -> Result<Pool, r2d2::Error> {
+    let auto_checkpoint_pages = if auto_checkpoint { 1000 } else { 0 };
     let busy_ms = busy_timeout.as_millis();
     // r2d2 opens its connections in parallel; switch a new file to WAL once,
     // alone, first (the mode is persistent), so they never race for the
@@ -44,7 +48,8 @@ pub fn open_pool_with_page_size(
             "PRAGMA busy_timeout = {busy_ms};
              PRAGMA synchronous = FULL;
              PRAGMA foreign_keys = ON;
-             PRAGMA journal_size_limit = 67108864;"
+             PRAGMA journal_size_limit = 67108864;
+             PRAGMA wal_autocheckpoint = {auto_checkpoint_pages};"
         ))?;
         // Every statement on a hot path is prepared once per connection.
         conn.set_prepared_statement_cache_capacity(64);

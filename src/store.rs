@@ -257,8 +257,6 @@ impl ChunkSink<'_> {
 /// Files being buffered in one transaction; see [`Store::ingest_batch`].
 pub struct IngestBatch<'c> {
     tx: rusqlite::Transaction<'c>,
-    /// Bytes of the files kept so far.
-    bytes: u64,
 }
 
 impl IngestBatch<'_> {
@@ -340,7 +338,6 @@ impl IngestBatch<'_> {
                     ])
                 .map_err(StoreError::from)?;
         }
-        self.bytes += size;
         Ok(Some(file_id))
     }
 
@@ -407,11 +404,11 @@ impl Store {
     /// Opens (creating and migrating) the buffer at `path`.
     pub fn open(path: &Path) -> Result<Store> {
         let pool =
-            sqlite::open_pool_with_page_size(path, Duration::from_secs(60), Some(BLOB_PAGE_SIZE))
+            sqlite::open_pool_with(path, Duration::from_secs(60), Some(BLOB_PAGE_SIZE), false)
                 .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+                    path: path.display().to_string(),
+                    source,
+                })?;
         sqlite::migrate(&pool, &[SCHEMA_V1, SCHEMA_V2])?;
         Ok(Store {
             pool,
@@ -490,12 +487,16 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        self.ingest_batch(|batch| batch.add(file, fill))
+        let added = self.ingest_batch(|batch| batch.add(file, fill))?;
+        self.trim_wal();
+        Ok(added)
     }
 
     /// Buffers several files in one transaction, so that one sync covers them
     /// all: `f` adds them one by one to the [`IngestBatch`]; each is kept or
-    /// rolled back on its own. Nothing is kept when `f` fails.
+    /// rolled back on its own. Nothing is kept when `f` fails. The caller
+    /// trims the WAL afterwards ([`Store::trim_wal`]), once the uploader knows
+    /// of the files, so that the two overlap.
     pub fn ingest_batch<T, E>(
         &self,
         f: impl FnOnce(&mut IngestBatch<'_>) -> std::result::Result<T, E>,
@@ -503,21 +504,16 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let (value, bytes) = {
+        let value = {
             let mut conn = self.pool.get().map_err(StoreError::from)?;
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(StoreError::from)?;
-            let mut batch = IngestBatch { tx, bytes: 0 };
+            let mut batch = IngestBatch { tx };
             let value = f(&mut batch)?;
             batch.tx.commit().map_err(StoreError::from)?;
-            (value, batch.bytes)
+            value
         };
-        if bytes >= WAL_TRUNCATE_AFTER {
-            self.truncate_wal();
-        } else {
-            self.trim_wal();
-        }
         Ok(value)
     }
 
@@ -797,19 +793,35 @@ impl Store {
     /// [`Store::truncate_wal`] once the WAL has grown past
     /// [`WAL_TRUNCATE_AFTER`], so that small commits share one checkpoint; at
     /// once when the disk is nearly full, where the WAL's space is needed.
+    /// (Commits never checkpoint by themselves: the buffer is opened without
+    /// SQLite's automatic checkpoints.)
     pub fn trim_wal(&self) {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        let Ok(size) = std::fs::metadata(&wal).map(|m| m.len()) else {
-            return;
-        };
-        let tight = || {
-            self.free_disk_bytes()
-                .is_some_and(|free| free < 4 * WAL_TRUNCATE_AFTER)
-        };
-        if size >= WAL_TRUNCATE_AFTER || (size > 0 && tight()) {
+        if self.wal_size() >= WAL_TRUNCATE_AFTER || self.disk_is_tight() {
             self.truncate_wal();
         }
+    }
+
+    /// [`Store::truncate_wal`] only when the disk is nearly full. After a
+    /// large ingest: the bytes just committed are held once, in the WAL,
+    /// until they are confirmed, and the checkpoint then (which has to copy
+    /// them into the database) does not compete with their upload.
+    pub fn trim_wal_if_tight(&self) {
+        if self.disk_is_tight() {
+            self.truncate_wal();
+        }
+    }
+
+    fn wal_size(&self) -> u64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        std::fs::metadata(&wal).map_or(0, |m| m.len())
+    }
+
+    fn disk_is_tight(&self) -> bool {
+        self.wal_size() > 0
+            && self
+                .free_disk_bytes()
+                .is_some_and(|free| free < 4 * WAL_TRUNCATE_AFTER)
     }
 
     pub fn truncate_wal(&self) {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Notify;
@@ -395,6 +396,10 @@ pub enum FileOutcome {
     },
 }
 
+/// Chunks of one file in flight at once to a resumable receiver: memory per
+/// file is this many chunks.
+const CHUNK_WINDOW: usize = 4;
+
 /// Everything one target's uploads need.
 pub struct TargetRuntime {
     pub config: TargetConfig,
@@ -465,13 +470,29 @@ pub async fn upload_file(
         // last chunk again makes the receiver answer with the completed reply.
         pending.extend(chunks.last().cloned());
     }
-    for chunk in pending {
+    // A resumable receiver takes chunks in any order: keep a few in flight, so
+    // that reading the buffer, the network and the receiver's writes overlap.
+    // A v1 receiver (or one not known yet) gets them one by one, in order.
+    let window = if client.resumable() == Some(true) {
+        CHUNK_WINDOW
+    } else {
+        1
+    };
+    let mut sends = futures::stream::iter(pending.into_iter().map(|chunk| {
         let s = store.clone();
+        async move {
+            let idx = chunk.idx;
+            let data = blocking(move || s.chunk_data(id, idx)).await?;
+            let started = std::time::Instant::now();
+            let sent = client.send_chunk(file, &chunk, data).await;
+            crate::metrics::observe_upload_latency(started.elapsed());
+            Ok::<_, UploadError>((chunk, sent))
+        }
+    }))
+    .buffer_unordered(window);
+    while let Some(done) = sends.next().await {
+        let (chunk, sent) = done?;
         let idx = chunk.idx;
-        let data = blocking(move || s.chunk_data(id, idx)).await?;
-        let started = std::time::Instant::now();
-        let sent = client.send_chunk(file, &chunk, data).await;
-        crate::metrics::observe_upload_latency(started.elapsed());
         match sent {
             Ok(reply) => {
                 crate::failpoint::hit(if reply.complete == Some(true) {
@@ -505,9 +526,12 @@ pub async fn upload_file(
                     return confirm(store, client, file, reply.actual_filename, observer).await;
                 }
             }
+            // Chunks still in flight are dropped with the stream; an
+            // acknowledgement lost that way only means a duplicate later.
             Err(e) => return fail(store, target, file, &chunk, e, observer).await,
         }
     }
+    drop(sends);
     // The receiver is resumable and has every chunk, yet did not say complete:
     // ask it next time.
     let s = store.clone();
