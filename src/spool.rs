@@ -287,6 +287,17 @@ fn start_watcher(
     overflowed: Arc<AtomicBool>,
 ) -> notify::Result<RecommendedWatcher> {
     let forward = move |event: notify::Result<Event>| {
+        // Opens (ours among them: every ingest opens its file) say nothing
+        // about completeness; only a close after writing does. Dropping them
+        // here keeps a burst of files within the queue.
+        if let Ok(Event {
+            kind: EventKind::Access(access),
+            ..
+        }) = &event
+            && *access != AccessKind::Close(AccessMode::Write)
+        {
+            return;
+        }
         // Never block notify's thread: a task that is behind catches up with a
         // full scan instead.
         if let Err(TrySendError::Full(_)) = events.try_send(event) {

@@ -404,12 +404,42 @@ const CHUNK_WINDOW: usize = 4;
 pub struct TargetRuntime {
     pub config: TargetConfig,
     pub client: TargetClient,
+    /// When a failed attempt was last logged at warning level, and how many
+    /// were logged at debug level since.
+    last_warning: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// Failed attempts of one target are logged as warnings at most this often:
+/// with a receiver down and thousands of files waiting, one line per attempt
+/// would bury the journal. The others go to the debug level.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 impl TargetRuntime {
     pub fn new(config: TargetConfig) -> Result<TargetRuntime, UploadError> {
         let client = TargetClient::new(&config)?;
-        Ok(TargetRuntime { config, client })
+        Ok(TargetRuntime {
+            config,
+            client,
+            last_warning: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Whether a failed attempt should be logged as a warning now; if so, also
+    /// how many were logged at debug level since the last one.
+    fn warning_due(&self) -> Option<u64> {
+        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match &mut *last {
+            Some((at, quiet)) if now.duration_since(*at) < WARNING_INTERVAL => {
+                *quiet += 1;
+                None
+            }
+            _ => {
+                let quiet = last.map_or(0, |(_, quiet)| quiet);
+                *last = Some((now, 0));
+                Some(quiet)
+            }
+        }
     }
 }
 
@@ -634,10 +664,16 @@ async fn fail(
     {
         return park(format!("gave up after {max} retries: {message}")).await;
     }
-    if retry == Retry::AtMaximum {
-        tracing::error!(file = %file.remote_name, target = %file.target, url = %target.config.url, error = %message, next_retry_in = ?delay, "the receiver refused this agent's configuration (API key or URL); fix the [[target]] and send SIGHUP");
-    } else {
-        tracing::warn!(file = %file.remote_name, target = %file.target, chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, "chunk failed; will retry");
+    match (retry, target.warning_due()) {
+        (Retry::AtMaximum, Some(more_failures)) => {
+            tracing::error!(file = %file.remote_name, target = %file.target, url = %target.config.url, error = %message, next_retry_in = ?delay, more_failures, "the receiver refused this agent's configuration (API key or URL); fix the [[target]] and send SIGHUP");
+        }
+        (_, Some(more_failures)) => {
+            tracing::warn!(file = %file.remote_name, target = %file.target, chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, more_failures, "chunk failed; will retry (more_failures: failed attempts since the last warning, logged at debug level)");
+        }
+        (_, None) => {
+            tracing::debug!(file = %file.remote_name, target = %file.target, chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, "chunk failed; will retry");
+        }
     }
     observer.on_event(&UploadEvent {
         file_id: file.id,

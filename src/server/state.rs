@@ -167,19 +167,26 @@ impl UploadState {
     }
 
     /// Returns the upload, creating it with `meta` if it does not exist yet.
+    /// Not synced, like the chunk records that follow it: an upload lost to a
+    /// power cut is unknown to the client's `GET`, and it starts again.
     pub fn get_or_create_upload(&self, upload_id: &str, meta: &FileMeta) -> Result<Upload> {
-        let conn = self.pool.get()?;
+        let mut conn = self.pool.get()?;
         let now = now_secs();
-        conn.prepare_cached("INSERT OR IGNORE INTO uploads
-                 (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'receiving', ?6, ?6)")?.execute(params![
+        sqlite::unsynced(&mut conn, |conn| {
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO uploads
+                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'receiving', ?6, ?6)",
+            )?
+            .execute(params![
                 upload_id,
                 meta.client_name,
                 meta.file_size as i64,
                 meta.chunk_count as i64,
                 meta.file_sha256,
                 now
-            ])?;
+            ])
+        })?;
         drop(conn);
         Ok(self
             .upload(upload_id)?

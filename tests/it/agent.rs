@@ -375,11 +375,7 @@ async fn a_v1_only_receiver_gets_identical_files_with_chunks_in_order() {
 async fn a_full_buffer_pauses_ingest_and_leaves_files_in_the_spool() {
     let (dir, out, spool, staging) = agent_dirs();
     // Reserve a port with nothing listening: the receiver is down at first.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = reserve_port();
     let url = format!("http://127.0.0.1:{port}/upload");
     let config = agent_config(dir.path(), &url, &spool, "", "");
     let text = std::fs::read_to_string(&config)

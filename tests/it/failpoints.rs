@@ -38,12 +38,7 @@ fn wait_for_crash(child: &mut std::process::Child, what: &str) {
 
 async fn crash_at(point: &str) -> (usize, usize, usize) {
     let (dir, out, spool, staging) = agent_dirs();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = reserve_port().to_string();
     let server_args = vec![
         "server".to_string(),
         "--port".into(),

@@ -303,11 +303,7 @@ async fn sd_notify_watchdog_pings_and_status_lines() {
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     // Nothing listens here, so the file stays queued with an error.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = reserve_port();
     let url = format!("http://127.0.0.1:{port}/upload");
     let config = agent_config(dir.path(), &url, &spool, "", "");
     // systemd sets WATCHDOG_PID to the service's main pid; `exec` keeps the

@@ -535,3 +535,12 @@ pub fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> Exi
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A free port on 127.0.0.1 (nothing listens on it when this returns).
+pub fn reserve_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -193,14 +193,7 @@ impl Drop for Fixture {
     }
 }
 
-/// A free port on 127.0.0.1 (nothing listens on it when this returns).
-pub fn reserve_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::support::reserve_port;
 
 /// Starts `program args` with stderr appended to `log` (and stdout to `stdout`,
 /// if given, else the null device).
