@@ -283,7 +283,7 @@ pub struct ServerArgs {
     /// Remove partial uploads untouched for this long (e.g. 7d).
     #[arg(long, default_value = "7d", value_parser = config::parse_duration)]
     pub incomplete_expiry: Duration,
-    /// Upload state and staging; default <output-dir>/.indexedcp.
+    /// Upload state and staging; default OUTPUT_DIR/.indexedcp.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Time a client may take to send its headers, and between pieces of a body.

@@ -19,8 +19,10 @@
 //!   decisions and the uploader loop. Writes no SQL.
 //! - [`agent`]: wires spool -> ingest -> store -> upload for the daemon, and
 //!   applies reloaded configs to them.
-//! - [`sqlite`]: the pool settings (WAL, `synchronous=FULL`, busy timeout) and
-//!   `user_version` migrations every database here shares; no SQL of its own.
+//! - [`sqlite`]: the pool settings (WAL, `synchronous=FULL` with an explicit
+//!   unsynced mode for records a peer can tell again, busy timeout, page size,
+//!   automatic checkpoints or not) and `user_version` migrations every
+//!   database here shares; no SQL of its own.
 //! - [`metrics`]: process-wide counters and the Prometheus text for `/metrics`.
 //! - [`client`]: the original's library API (`Client`: add files, upload them
 //!   with retries, callbacks, a background uploader) on `ingest`, `store` and

@@ -1,6 +1,7 @@
 //! The SQLite set-up every database of this crate shares: an r2d2 pool whose
-//! connections wait for locks, sync every commit (`synchronous = FULL`), use WAL
-//! and enforce foreign keys; and schema migrations by `PRAGMA user_version`.
+//! connections wait for locks, sync every commit (`synchronous = FULL`) unless
+//! a caller asks otherwise ([`unsynced`]), use WAL and enforce foreign keys;
+//! and schema migrations by `PRAGMA user_version`.
 //!
 //! Knows nothing of what the databases hold: `store` (the agent's buffer),
 //! `server::state` (the receiver's uploads) and `storage` own their SQL.

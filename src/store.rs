@@ -5,7 +5,11 @@
 //! All SQL lives here. Every method blocks: callers run them off the async
 //! executor (`spawn_blocking`). This module knows nothing of tokio, HTTP or the
 //! config file. The commit that makes a file durable runs with
-//! `synchronous = FULL` because the source is deleted right after it.
+//! `synchronous = FULL` because the source is deleted right after it; progress
+//! with a resumable receiver may be recorded without a sync ([`Durability`]).
+//! The buffer uses 64 KiB pages and checkpoints its WAL itself
+//! ([`Store::trim_wal`]), after files are confirmed rather than while they are
+//! sent.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -791,7 +795,7 @@ impl Store {
     /// bytes are not held twice on disk (WAL and database) once committed. Best
     /// effort: with readers active it does what it can.
     /// [`Store::truncate_wal`] once the WAL has grown past
-    /// [`WAL_TRUNCATE_AFTER`], so that small commits share one checkpoint; at
+    /// 4 MiB (`WAL_TRUNCATE_AFTER`), so that small commits share one checkpoint; at
     /// once when the disk is nearly full, where the WAL's space is needed.
     /// (Commits never checkpoint by themselves: the buffer is opened without
     /// SQLite's automatic checkpoints.)
