@@ -396,14 +396,22 @@ pub enum FileOutcome {
     },
 }
 
-/// Chunks of one file in flight at once to a resumable receiver: memory per
-/// file is this many chunks.
+/// Chunks of one file in flight at once to a resumable receiver, as far as the
+/// target's byte budget ([`TargetRuntime::budget`]) allows.
 const CHUNK_WINDOW: usize = 4;
+
+/// The unit of a target's byte budget: a chunk in flight holds one permit
+/// per started unit of its length.
+const BUDGET_UNIT: u64 = 4096;
 
 /// Everything one target's uploads need.
 pub struct TargetRuntime {
     pub config: TargetConfig,
     pub client: TargetClient,
+    /// Chunk bytes in flight for this target at most: `chunk_size x
+    /// concurrency`, whatever the number of files or the chunk window, so that
+    /// memory stays bounded by that product.
+    budget: Arc<tokio::sync::Semaphore>,
     /// When a failed attempt was last logged at warning level, and how many
     /// were logged at debug level since.
     last_warning: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
@@ -417,11 +425,28 @@ const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 impl TargetRuntime {
     pub fn new(config: TargetConfig) -> Result<TargetRuntime, UploadError> {
         let client = TargetClient::new(&config)?;
+        let units = (config.chunk_size.max(1).div_ceil(BUDGET_UNIT)
+            * config.concurrency.max(1) as u64)
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64);
         Ok(TargetRuntime {
             config,
             client,
+            budget: Arc::new(tokio::sync::Semaphore::new(units as usize)),
             last_warning: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Waits until `length` more chunk bytes may be in flight; they may until
+    /// the returned permit is dropped.
+    async fn reserve(&self, length: u64) -> tokio::sync::SemaphorePermit<'_> {
+        let units = length
+            .div_ceil(BUDGET_UNIT)
+            .clamp(1, self.config.chunk_size.max(1).div_ceil(BUDGET_UNIT))
+            as u32;
+        self.budget
+            .acquire_many(units)
+            .await
+            .expect("the budget semaphore is never closed")
     }
 
     /// Whether a failed attempt should be logged as a warning now; if so, also
@@ -512,6 +537,7 @@ pub async fn upload_file(
         let s = store.clone();
         async move {
             let idx = chunk.idx;
+            let _in_flight = target.reserve(chunk.length).await;
             let data = blocking(move || s.chunk_data(id, idx)).await?;
             let started = std::time::Instant::now();
             let sent = client.send_chunk(file, &chunk, data).await;
@@ -976,6 +1002,34 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn chunks_in_flight_stay_within_chunk_size_times_concurrency() {
+        let mut config = TargetConfig::new("t", "http://127.0.0.1:9/upload");
+        config.chunk_size = 1 << 20;
+        config.concurrency = 2;
+        let target = TargetRuntime::new(config).unwrap();
+        let wait = Duration::from_millis(50);
+        let first = target.reserve(1 << 20).await;
+        let small = target.reserve(4096).await;
+        // A whole chunk more does not fit until something is released.
+        assert!(
+            tokio::time::timeout(wait, target.reserve(1 << 20))
+                .await
+                .is_err()
+        );
+        drop(small);
+        let second = tokio::time::timeout(wait, target.reserve(1 << 20)).await;
+        assert!(second.is_ok());
+        drop(first);
+        // A chunk larger than chunk_size (buffered before a reload) still fits.
+        drop(second);
+        assert!(
+            tokio::time::timeout(wait, target.reserve(8 << 20))
+                .await
+                .is_ok()
+        );
+    }
 
     #[test]
     fn the_schedule_doubles_from_one_second_and_caps_at_sixty() {
