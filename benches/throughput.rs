@@ -485,6 +485,11 @@ fn format_mib(mib: f64) -> String {
     format!("{mib:.1} MiB")
 }
 
+/// The median over runs of one figure of each run.
+fn median_of<T>(runs: &[T], figure: impl Fn(&T) -> f64) -> f64 {
+    median(runs.iter().map(figure).collect())
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
@@ -554,9 +559,9 @@ fn end_to_end(settings: &Settings, large: &LargeFile) -> Result<EndToEnd> {
         value: median(runs.iter().filter_map(|r| r.1).collect()),
     });
     Ok(EndToEnd {
-        mb_per_s: median(runs.iter().map(|r| r.0).collect()),
+        mb_per_s: median_of(&runs, |r| r.0),
         curl,
-        peak_rss_mib: median(runs.iter().map(|r| r.2).collect()),
+        peak_rss_mib: median_of(&runs, |r| r.2),
     })
 }
 
@@ -646,7 +651,7 @@ fn ingest_alone(settings: &Settings, large: &LargeFile) -> Result<IngestAlone> {
         value: median(runs.iter().filter_map(|r| r.1).collect()),
     });
     Ok(IngestAlone {
-        mb_per_s: median(runs.iter().map(|r| r.0).collect()),
+        mb_per_s: median_of(&runs, |r| r.0),
         sha256sum,
     })
 }
@@ -748,8 +753,8 @@ fn small_files(settings: &Settings) -> Result<SmallFiles> {
         Ok((files_per_s, peak_rss))
     })?;
     Ok(SmallFiles {
-        files_per_s: median(runs.iter().map(|r| r.0).collect()),
-        peak_rss_mib: median(runs.iter().map(|r| r.1).collect()),
+        files_per_s: median_of(&runs, |r| r.0),
+        peak_rss_mib: median_of(&runs, |r| r.1),
     })
 }
 
@@ -798,8 +803,8 @@ fn latency(settings: &Settings) -> Result<Latency> {
         Ok((run_median, run_p99))
     })?;
     Ok(Latency {
-        median_ms: median(runs.iter().map(|r| r.0).collect()),
-        p99_ms: median(runs.iter().map(|r| r.1).collect()),
+        median_ms: median_of(&runs, |r| r.0),
+        p99_ms: median_of(&runs, |r| r.1),
     })
 }
 
@@ -830,8 +835,8 @@ fn two_processes(settings: &Settings, large: &LargeFile) -> Result<TwoProcesses>
         Ok((agent_rss, receiver_rss))
     })?;
     Ok(TwoProcesses {
-        agent_rss_mib: median(runs.iter().map(|r| r.0).collect()),
-        receiver_rss_mib: median(runs.iter().map(|r| r.1).collect()),
+        agent_rss_mib: median_of(&runs, |r| r.0),
+        receiver_rss_mib: median_of(&runs, |r| r.1),
     })
 }
 
@@ -960,9 +965,9 @@ fn receiver_alone(settings: &Settings) -> Result<ReceiverAlone> {
         Ok((chunks_per_s, disk, peak_rss))
     })?;
     Ok(ReceiverAlone {
-        chunks_per_s: median(runs.iter().map(|r| r.0).collect()),
-        disk_chunks_per_s: median(runs.iter().map(|r| r.1).collect()),
-        peak_rss_mib: median(runs.iter().map(|r| r.2).collect()),
+        chunks_per_s: median_of(&runs, |r| r.0),
+        disk_chunks_per_s: median_of(&runs, |r| r.1),
+        peak_rss_mib: median_of(&runs, |r| r.2),
     })
 }
 
