@@ -359,23 +359,25 @@ impl Agent {
             return false;
         }
         let (store, max) = (self.store.clone(), self.max_buffer_bytes);
-        let batch = offers.clone();
-        let result =
-            tokio::task::spawn_blocking(move || ingest::ingest_candidates(&store, &batch, max))
-                .await;
-        let outcomes = match result {
-            Ok(Ok(outcomes)) => outcomes,
+        let files = offers.len();
+        // The offers go to the blocking task and come back with their outcomes.
+        let result = tokio::task::spawn_blocking(move || {
+            ingest::ingest_candidates(&store, &offers, max).map(|outcomes| (offers, outcomes))
+        })
+        .await;
+        let (offers, outcomes) = match result {
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 let pause = e.is_disk_full();
                 if pause {
-                    tracing::error!(files = offers.len(), error = %e, "the buffer's disk is full: ingest paused, files wait in the spool");
+                    tracing::error!(files, error = %e, "the buffer's disk is full: ingest paused, files wait in the spool");
                 } else {
-                    tracing::error!(files = offers.len(), error = %e, "ingest failed; the files stay in the spool");
+                    tracing::error!(files, error = %e, "ingest failed; the files stay in the spool");
                 }
                 return pause;
             }
             Err(e) => {
-                tracing::error!(files = offers.len(), error = %e, "ingest task failed");
+                tracing::error!(files, error = %e, "ingest task failed");
                 return false;
             }
         };

@@ -123,23 +123,6 @@ pub struct Offer {
     pub target: TargetConfig,
 }
 
-/// Buffers one candidate from `spool` for `target`, then disposes of it.
-pub fn ingest_candidate(
-    store: &Store,
-    candidate: &Candidate,
-    spool: &SpoolConfig,
-    target: &TargetConfig,
-    max_buffer_bytes: u64,
-) -> Result<IngestOutcome, IngestError> {
-    let offer = Offer {
-        candidate: candidate.clone(),
-        spool: spool.clone(),
-        target: target.clone(),
-    };
-    let mut outcomes = ingest_candidates(store, std::slice::from_ref(&offer), max_buffer_bytes)?;
-    outcomes.pop().unwrap_or(Ok(IngestOutcome::Changed))
-}
-
 /// A candidate that passed the checks and is open for reading.
 struct Prepared {
     at: usize,

@@ -509,7 +509,7 @@ impl SpoolWatch {
                         flow = self.handle_event(event).await;
                     }
                     if flow.is_continue() {
-                        self.settle_pending().await
+                        self.settle_pending(Look::Closed).await
                     } else {
                         flow
                     }
@@ -801,17 +801,23 @@ impl SpoolWatch {
         for (_, relative) in due {
             self.request_scan(ScanRequest::Directory(relative));
         }
-        self.settle_pending().await
+        self.settle_pending(Look::All).await
     }
 
-    /// Applies the settle rule: stats every pending file and offers those whose
-    /// identity has not changed for `settle`.
-    async fn settle_pending(&mut self) -> ControlFlow<()> {
+    /// Applies the settle rule: stats the pending files (`which`: all, at the
+    /// settle tick; only the closed ones, at their own quicker timer) and
+    /// offers those whose identity has not changed for long enough.
+    async fn settle_pending(&mut self, which: Look) -> ControlFlow<()> {
         if self.pending.is_empty() {
             return ControlFlow::Continue(());
         }
         let root = self.watch_root.clone();
-        let relatives: Vec<String> = self.pending.keys().cloned().collect();
+        let relatives: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| which == Look::All || p.closed)
+            .map(|(relative, _)| relative.clone())
+            .collect();
         let stat_all = move || {
             relatives
                 .into_iter()
@@ -1107,6 +1113,13 @@ fn open_for_writing(path: &Path) -> Option<bool> {
         Some(libc::EAGAIN) => Some(true),
         _ => None,
     }
+}
+
+/// Which pending files a settle pass looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    All,
+    Closed,
 }
 
 /// Resolves at `at`; never when there is no `at`.

@@ -389,10 +389,9 @@ impl Durability {
     }
 }
 
-/// A commit that moved at least this many bytes in or out of the buffer, or
-/// that left the WAL at least this large, is followed by a WAL checkpoint that
-/// truncates the WAL, so that a file's bytes are not held twice on disk for
-/// long; small commits share one checkpoint.
+/// A commit that left the WAL at least this large is followed by a WAL
+/// checkpoint that truncates it, so that a file's bytes are not held twice on
+/// disk for long; small commits share one checkpoint.
 const WAL_TRUNCATE_AFTER: u64 = 4 << 20;
 
 /// Page size of a new buffer: chunks are BLOBs of up to several MiB.
@@ -771,36 +770,29 @@ impl Store {
         durability: Durability,
     ) -> Result<()> {
         let mut conn = self.pool.get()?;
-        let freed: i64 = durability.run(&mut conn, |conn| {
+        durability.run(&mut conn, |conn| {
             let tx = conn.transaction()?;
             let now = now_ms();
             tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1")?.execute(params![file_id, server_name, now])?;
             tx.prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?.execute(params![file_id])?;
-            let freed = tx.prepare_cached("SELECT coalesce(sum(length), 0) FROM chunks WHERE file_id = ?1")?.query_row(params![file_id],
-                |r| r.get(0))?;
             tx.prepare_cached("DELETE FROM chunk_data WHERE file_id = ?1")?.execute(params![file_id])?;
-            tx.commit()?;
-            Ok(freed)
+            tx.commit()
         })?;
         drop(conn);
-        if freed as u64 >= WAL_TRUNCATE_AFTER {
-            self.truncate_wal();
-        } else {
-            self.trim_wal();
-        }
+        // A large file's pages are still in the WAL (ingest does not
+        // checkpoint): now they are copied and the WAL emptied.
+        self.trim_wal();
         Ok(())
     }
 
-    /// Copies the WAL into the database and truncates it, so that a file's
-    /// bytes are not held twice on disk (WAL and database) once committed. Best
-    /// effort: with readers active it does what it can.
     /// [`Store::truncate_wal`] once the WAL has grown past
     /// 4 MiB (`WAL_TRUNCATE_AFTER`), so that small commits share one checkpoint; at
     /// once when the disk is nearly full, where the WAL's space is needed.
     /// (Commits never checkpoint by themselves: the buffer is opened without
     /// SQLite's automatic checkpoints.)
     pub fn trim_wal(&self) {
-        if self.wal_size() >= WAL_TRUNCATE_AFTER || self.disk_is_tight() {
+        let wal = self.wal_size();
+        if wal >= WAL_TRUNCATE_AFTER || (wal > 0 && self.disk_is_tight()) {
             self.truncate_wal();
         }
     }
@@ -810,7 +802,7 @@ impl Store {
     /// until they are confirmed, and the checkpoint then (which has to copy
     /// them into the database) does not compete with their upload.
     pub fn trim_wal_if_tight(&self) {
-        if self.disk_is_tight() {
+        if self.wal_size() > 0 && self.disk_is_tight() {
             self.truncate_wal();
         }
     }
@@ -822,12 +814,13 @@ impl Store {
     }
 
     fn disk_is_tight(&self) -> bool {
-        self.wal_size() > 0
-            && self
-                .free_disk_bytes()
-                .is_some_and(|free| free < 4 * WAL_TRUNCATE_AFTER)
+        self.free_disk_bytes()
+            .is_some_and(|free| free < 4 * WAL_TRUNCATE_AFTER)
     }
 
+    /// Copies the WAL into the database and truncates it, so that a file's
+    /// bytes are not held twice on disk (WAL and database) once committed. Best
+    /// effort: with readers active it does what it can.
     pub fn truncate_wal(&self) {
         if let Ok(conn) = self.pool.get() {
             let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
