@@ -22,6 +22,18 @@ pub const FILE_SHA256: &str = "x-file-sha256";
 /// Reply header by which a receiver announces the resumable extension.
 pub const RESUMABLE: &str = "x-indexedcp-resumable";
 
+// Batch extension: whole small files, many per request (`POST <url>/batch`).
+/// Reply header by which a receiver announces batches: the most files it takes
+/// in one batch request.
+pub const BATCH: &str = "x-indexedcp-batch";
+/// Request header of a batch: the length in bytes of the JSON manifest that
+/// opens the body; the files' bytes follow it back to back, in manifest order.
+pub const MANIFEST_LENGTH: &str = "x-manifest-length";
+/// The longest manifest a receiver reads.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// The most files a receiver takes in one batch.
+pub const MAX_BATCH_FILES: usize = 1024;
+
 /// `error` of a 422 reply: the chunk body did not match `X-Chunk-Sha256` (resend it).
 pub const CHUNK_MISMATCH_ERROR: &str = "Chunk checksum mismatch";
 /// `error` of a 422 reply: the whole file did not verify and was discarded (resend all).
@@ -83,6 +95,50 @@ pub struct UploadStatus {
     pub complete: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actual_filename: Option<String>,
+}
+
+/// One whole file of a batch, as the manifest declares it: the file is its
+/// own single chunk (index 0, offset 0), with the upload id it keeps across
+/// retries, single requests included.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchEntry {
+    pub upload_id: String,
+    pub file_name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The JSON that opens a batch body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchManifest {
+    pub files: Vec<BatchEntry>,
+}
+
+/// What became of one file of a batch: complete under `actualFilename`, or
+/// refused with the `status`, `error` and `message` a single request for it
+/// would have received.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchResult {
+    pub upload_id: String,
+    pub complete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_filename: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Reply to an accepted batch: one result per manifest entry, in its order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchReply {
+    pub files: Vec<BatchResult>,
 }
 
 /// Body of every error reply: `error` is a short category, `message` says what to do.

@@ -608,6 +608,7 @@ impl Store {
             .collect::<rusqlite::Result<Vec<_>>>()?;
         drop(stmt);
         drop(conn);
+        let busy: std::collections::HashSet<i64> = busy.iter().copied().collect();
         let mut out = Vec::new();
         for id in ids.into_iter().filter(|id| !busy.contains(id)).take(limit) {
             out.push(self.file(id)?);
@@ -752,30 +753,42 @@ impl Store {
         server_name: Option<&str>,
         durability: Durability,
     ) -> Result<()> {
-        match self.confirm_once(file_id, server_name, durability) {
+        self.confirm_many(&[(file_id, server_name.map(str::to_owned))], durability)
+    }
+
+    /// [`Store::confirm`] for several files (id, the receiver's name) in one commit.
+    pub fn confirm_many(
+        &self,
+        files: &[(i64, Option<String>)],
+        durability: Durability,
+    ) -> Result<()> {
+        match self.confirm_once(files, durability) {
             // The WAL may hold the space this needs: move it into the database
             // (whose free pages the commit can reuse) and try once more.
             Err(e) if e.is_disk_full() => {
                 self.truncate_wal();
-                self.confirm_once(file_id, server_name, durability)
+                self.confirm_once(files, durability)
             }
             done => done,
         }
     }
 
-    fn confirm_once(
-        &self,
-        file_id: i64,
-        server_name: Option<&str>,
-        durability: Durability,
-    ) -> Result<()> {
+    fn confirm_once(&self, files: &[(i64, Option<String>)], durability: Durability) -> Result<()> {
         let mut conn = self.pool.get()?;
         durability.run(&mut conn, |conn| {
             let tx = conn.transaction()?;
             let now = now_ms();
-            tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1")?.execute(params![file_id, server_name, now])?;
-            tx.prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?.execute(params![file_id])?;
-            tx.prepare_cached("DELETE FROM chunk_data WHERE file_id = ?1")?.execute(params![file_id])?;
+            {
+                let mut file = tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1")?;
+                let mut chunks =
+                    tx.prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?;
+                let mut data = tx.prepare_cached("DELETE FROM chunk_data WHERE file_id = ?1")?;
+                for (file_id, server_name) in files {
+                    file.execute(params![file_id, server_name, now])?;
+                    chunks.execute(params![file_id])?;
+                    data.execute(params![file_id])?;
+                }
+            }
             tx.commit()
         })?;
         drop(conn);

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -22,7 +22,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TargetConfig;
-use crate::protocol::{self, ChunkReply, ErrorReply, UploadStatus};
+use crate::protocol::{
+    self, BatchEntry, BatchManifest, BatchReply, ChunkReply, ErrorReply, UploadStatus,
+};
 use crate::store::{self, ChunkMeta, Durability, FileRecord, Store, StoreError};
 
 /// The retry schedule: `min(initial * multiplier^(n-1), max)` for the n-th retry,
@@ -128,6 +130,42 @@ pub enum Retry {
 }
 
 impl UploadError {
+    /// The same error again, for each file of a batch it ended. (A buffer
+    /// error never comes from the receiver; it is copied as its message.)
+    fn same(&self) -> UploadError {
+        match self {
+            UploadError::Transport { url, message } => UploadError::Transport {
+                url: url.clone(),
+                message: message.clone(),
+            },
+            UploadError::Status {
+                url,
+                status,
+                error,
+                message,
+                retry_after,
+            } => UploadError::Status {
+                url: url.clone(),
+                status: *status,
+                error: error.clone(),
+                message: message.clone(),
+                retry_after: *retry_after,
+            },
+            UploadError::Protocol { url, message } => UploadError::Protocol {
+                url: url.clone(),
+                message: message.clone(),
+            },
+            UploadError::Request { what, message } => UploadError::Request {
+                what: what.clone(),
+                message: message.clone(),
+            },
+            UploadError::Store(e) => UploadError::Protocol {
+                url: String::new(),
+                message: e.to_string(),
+            },
+        }
+    }
+
     /// The one place that decides retry versus park.
     pub fn retry(&self) -> Retry {
         match self {
@@ -200,6 +238,8 @@ pub struct TargetClient {
     url: String,
     api_key: Option<String>,
     resumable: AtomicU8,
+    /// The most files the receiver takes in one batch; 0 when it announced none.
+    batch: AtomicUsize,
 }
 
 impl TargetClient {
@@ -223,6 +263,7 @@ impl TargetClient {
             url: target.url.clone(),
             api_key,
             resumable: AtomicU8::new(RESUMABLE_UNKNOWN),
+            batch: AtomicUsize::new(0),
         })
     }
 
@@ -247,6 +288,16 @@ impl TargetClient {
         }
     }
 
+    /// The most files the receiver takes in one batch request (`POST
+    /// <url>/batch`); 0 until a reply announced batches.
+    pub fn batch_limit(&self) -> usize {
+        if self.resumable() == Some(true) {
+            self.batch.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
     fn note_resumable(&self, headers: &HeaderMap) {
         let yes = headers
             .get(protocol::RESUMABLE)
@@ -255,6 +306,12 @@ impl TargetClient {
             if yes { RESUMABLE_YES } else { RESUMABLE_NO },
             Ordering::Relaxed,
         );
+        let batch = headers
+            .get(protocol::BATCH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        self.batch.store(batch, Ordering::Relaxed);
     }
 
     fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -345,6 +402,41 @@ impl TargetClient {
             url: self.url.clone(),
             message: format!("{e} in {:?}", text.chars().take(200).collect::<String>()),
         })
+    }
+
+    /// Sends a batch: `body` is the JSON manifest (`manifest_len` bytes) and
+    /// then the files' bytes.
+    pub async fn send_batch(
+        &self,
+        manifest_len: usize,
+        body: Vec<u8>,
+    ) -> Result<BatchReply, UploadError> {
+        let url = format!("{}/batch", self.url.trim_end_matches('/'));
+        let response = self
+            .authorize(self.http.post(&url))
+            .header(protocol::MANIFEST_LENGTH, manifest_len)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        if !response.status().is_success() {
+            if response.headers().contains_key(protocol::RESUMABLE) {
+                self.note_resumable(response.headers());
+            }
+            return Err(self.refusal(response).await);
+        }
+        self.note_resumable(response.headers());
+        let text = response.text().await.map_err(|e| self.transport(e))?;
+        serde_json::from_str::<BatchReply>(&text).map_err(|e| UploadError::Protocol {
+            url: self.url.clone(),
+            message: format!("{e} in {:?}", text.chars().take(200).collect::<String>()),
+        })
+    }
+
+    /// The receiver refused batches (an older receiver): send files one by one.
+    fn forget_batches(&self) {
+        self.batch.store(0, Ordering::Relaxed);
     }
 
     /// `GET /upload/<id>`: what the receiver has of an upload (`None`: nothing).
@@ -616,6 +708,12 @@ async fn confirm(
     let (id, name) = (file.id, server_name.clone());
     let durability = client.durability();
     blocking(move || s.confirm(id, name.as_deref(), durability)).await?;
+    confirmed(file, server_name.clone(), observer);
+    Ok(FileOutcome::Confirmed { server_name })
+}
+
+/// Reports a file whose confirmation is recorded.
+fn confirmed(file: &FileRecord, server_name: Option<String>, observer: &dyn UploadObserver) {
     crate::metrics::CONFIRMED_FILES.add(1);
     crate::metrics::CONFIRMED_BYTES.add(file.size);
     tracing::info!(file = %file.remote_name, server_name = server_name.as_deref().unwrap_or(""), target = %file.target, size = file.size, "file delivered");
@@ -623,14 +721,11 @@ async fn confirm(
         file_id: file.id,
         file_name: file.remote_name.clone(),
         chunk_index: file.chunk_count.saturating_sub(1),
-        status: EventStatus::Complete {
-            server_name: server_name.clone(),
-        },
+        status: EventStatus::Complete { server_name },
         retry_count: 0,
         next_retry_in: None,
         error: None,
     });
-    Ok(FileOutcome::Confirmed { server_name })
 }
 
 async fn fail(
@@ -713,6 +808,257 @@ async fn fail(
     Ok(FileOutcome::RetryLater)
 }
 
+/// Files per batch request at most (also bounded by the receiver's announced
+/// limit and, in bytes, by the target's `chunk_size`).
+const BATCH_FILES: usize = 256;
+
+/// What one uploader task attempts: a file on its own, or several small files
+/// (each a single chunk) in one batch request.
+#[derive(Debug)]
+pub enum Attempt {
+    One(Box<FileRecord>),
+    Batch(Vec<FileRecord>),
+}
+
+impl Attempt {
+    pub fn ids(&self) -> Vec<i64> {
+        match self {
+            Attempt::One(file) => vec![file.id],
+            Attempt::Batch(files) => files.iter().map(|f| f.id).collect(),
+        }
+    }
+}
+
+/// Groups `files` (in order) into at most `slots` attempts: when the receiver
+/// takes batches, runs of files that fit in one chunk share a batch of up to
+/// [`BATCH_FILES`] files and `chunk_size` bytes. Files beyond the slots are
+/// left for the next round.
+pub fn plan_attempts(target: &TargetRuntime, files: Vec<FileRecord>, slots: usize) -> Vec<Attempt> {
+    let max_files = target.client.batch_limit().min(BATCH_FILES);
+    let max_bytes = target.config.chunk_size.max(1);
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let mut batch: Vec<FileRecord> = Vec::new();
+    let mut batch_bytes = 0u64;
+    let close = |batch: &mut Vec<FileRecord>, attempts: &mut Vec<Attempt>| match batch.len() {
+        0 => {}
+        1 => attempts.push(Attempt::One(Box::new(batch.remove(0)))),
+        _ => attempts.push(Attempt::Batch(std::mem::take(batch))),
+    };
+    for file in files {
+        let batchable = max_files > 1 && file.chunk_count == 1 && file.size <= max_bytes;
+        if batchable {
+            if !batch.is_empty()
+                && (batch.len() >= max_files || batch_bytes + file.size > max_bytes)
+            {
+                close(&mut batch, &mut attempts);
+                batch_bytes = 0;
+            }
+            // An open batch holds a slot of its own.
+            if batch.is_empty() && attempts.len() >= slots {
+                break;
+            }
+            batch_bytes += file.size;
+            batch.push(file);
+        } else {
+            close(&mut batch, &mut attempts);
+            batch_bytes = 0;
+            if attempts.len() >= slots {
+                break;
+            }
+            attempts.push(Attempt::One(Box::new(file)));
+        }
+    }
+    close(&mut batch, &mut attempts);
+    attempts
+}
+
+/// Runs one attempt: the outcome of every file in it, or why it could not be
+/// recorded (the buffer failed) and what the retry rule says about that.
+async fn run_attempt(
+    store: &Store,
+    target: &TargetRuntime,
+    attempt: Attempt,
+    observer: &dyn UploadObserver,
+) -> Vec<(FileRecord, Result<FileOutcome, (String, Retry)>)> {
+    let unrecorded = |e: UploadError| (e.to_string(), e.retry());
+    match attempt {
+        Attempt::One(file) => {
+            let outcome = upload_file(store, target, &file, observer).await;
+            vec![(*file, outcome.map_err(unrecorded))]
+        }
+        Attempt::Batch(files) => match upload_batch(store, target, &files, observer).await {
+            Ok(Some(outcomes)) => files
+                .into_iter()
+                .zip(outcomes.into_iter().map(Ok))
+                .collect(),
+            // The receiver refused batches: the same files, one by one.
+            Ok(None) => {
+                let mut out = Vec::with_capacity(files.len());
+                for file in files {
+                    let outcome = upload_file(store, target, &file, observer).await;
+                    out.push((file, outcome.map_err(unrecorded)));
+                }
+                out
+            }
+            Err(e) => {
+                let e = unrecorded(e);
+                files.into_iter().map(|f| (f, Err(e.clone()))).collect()
+            }
+        },
+    }
+}
+
+/// One attempt at several small files, each the single chunk of its file, in
+/// one batch request. Each file gets the outcome (and the record in the store)
+/// a single attempt would have had; the confirmations share one commit.
+/// `None`: the receiver refused the batch route (it predates batches), nothing
+/// was recorded, and the files are to be sent one by one.
+pub async fn upload_batch(
+    store: &Store,
+    target: &TargetRuntime,
+    files: &[FileRecord],
+    observer: &dyn UploadObserver,
+) -> Result<Option<Vec<FileOutcome>>, UploadError> {
+    let client = &target.client;
+    let bytes: u64 = files.iter().map(|f| f.size).sum();
+    let _in_flight = target.reserve(bytes).await;
+    let s = store.clone();
+    let ids: Vec<(i64, String, String)> = files
+        .iter()
+        .map(|f| (f.id, f.upload_id.clone(), f.remote_name.clone()))
+        .collect();
+    let (chunks, manifest_len, body) = blocking(move || {
+        let mut chunks = Vec::with_capacity(ids.len());
+        let mut entries = Vec::with_capacity(ids.len());
+        for (id, upload_id, name) in &ids {
+            let chunk = s.chunks(*id)?.into_iter().next().unwrap_or(ChunkMeta {
+                idx: 0,
+                offset: 0,
+                length: 0,
+                sha256: String::new(),
+                uploaded: false,
+                retry_count: 0,
+            });
+            entries.push(BatchEntry {
+                upload_id: upload_id.clone(),
+                file_name: name.clone(),
+                size: chunk.length,
+                sha256: chunk.sha256.clone(),
+            });
+            chunks.push(chunk);
+        }
+        let mut body =
+            serde_json::to_vec(&BatchManifest { files: entries }).expect("a manifest serialises");
+        let manifest_len = body.len();
+        body.reserve(bytes as usize);
+        for (id, _, _) in &ids {
+            body.extend_from_slice(&s.chunk_data(*id, 0)?);
+        }
+        Ok((chunks, manifest_len, body))
+    })
+    .await?;
+    let started = std::time::Instant::now();
+    let sent = client.send_batch(manifest_len, body).await;
+    crate::metrics::observe_upload_latency(started.elapsed());
+    let reply = match sent {
+        Ok(reply)
+            if reply.files.len() == files.len()
+                && reply
+                    .files
+                    .iter()
+                    .zip(files)
+                    .all(|(r, f)| r.upload_id == f.upload_id) =>
+        {
+            reply
+        }
+        Ok(_) => {
+            let e = UploadError::Protocol {
+                url: client.url.clone(),
+                message: "the batch reply does not list the files of the request in order".into(),
+            };
+            return fail_all(store, target, files, &chunks, &e, observer)
+                .await
+                .map(Some);
+        }
+        Err(UploadError::Status {
+            status: 404 | 405, ..
+        }) => {
+            client.forget_batches();
+            tracing::info!(target = %target.config.name, "the receiver does not take batches; sending files one by one");
+            return Ok(None);
+        }
+        Err(e) => {
+            return fail_all(store, target, files, &chunks, &e, observer)
+                .await
+                .map(Some);
+        }
+    };
+
+    let mut outcomes: Vec<Option<FileOutcome>> = vec![None; files.len()];
+    let mut done = Vec::new();
+    for (i, result) in reply.files.into_iter().enumerate() {
+        let (file, chunk) = (&files[i], &chunks[i]);
+        if result.complete {
+            crate::metrics::UPLOADED_CHUNKS.add(1);
+            crate::metrics::UPLOADED_BYTES.add(chunk.length);
+            observer.on_event(&UploadEvent {
+                file_id: file.id,
+                file_name: file.remote_name.clone(),
+                chunk_index: 0,
+                status: EventStatus::Success,
+                retry_count: chunk.retry_count,
+                next_retry_in: None,
+                error: None,
+            });
+            done.push((i, result.actual_filename));
+        } else {
+            let e = UploadError::Status {
+                url: client.url.clone(),
+                status: result.status.unwrap_or(500),
+                error: result.error.unwrap_or_default(),
+                message: result.message.unwrap_or_default(),
+                retry_after: None,
+            };
+            outcomes[i] = Some(fail(store, target, file, chunk, e, observer).await?);
+        }
+    }
+    if !done.is_empty() {
+        let s = store.clone();
+        let confirmations: Vec<(i64, Option<String>)> = done
+            .iter()
+            .map(|(i, name)| (files[*i].id, name.clone()))
+            .collect();
+        let durability = client.durability();
+        blocking(move || s.confirm_many(&confirmations, durability)).await?;
+        for (i, server_name) in done {
+            confirmed(&files[i], server_name.clone(), observer);
+            outcomes[i] = Some(FileOutcome::Confirmed { server_name });
+        }
+    }
+    Ok(Some(
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(FileOutcome::RetryLater))
+            .collect(),
+    ))
+}
+
+/// Records the same failure for every file of a batch.
+async fn fail_all(
+    store: &Store,
+    target: &TargetRuntime,
+    files: &[FileRecord],
+    chunks: &[ChunkMeta],
+    error: &UploadError,
+    observer: &dyn UploadObserver,
+) -> Result<Vec<FileOutcome>, UploadError> {
+    let mut outcomes = Vec::with_capacity(files.len());
+    for (file, chunk) in files.iter().zip(chunks) {
+        outcomes.push(fail(store, target, file, chunk, error.same(), observer).await?);
+    }
+    Ok(outcomes)
+}
+
 /// One attempt at a queued file, as [`upload_queued_once`] reports it.
 #[derive(Debug, Clone)]
 pub struct FileAttempt {
@@ -775,9 +1121,13 @@ pub async fn upload_files_once(
         errors: std::sync::Mutex::new(HashMap::new()),
     };
     let recorder = &recorder;
-    let mut attempts: Vec<FileAttempt> = futures::stream::iter(files)
-        .map(|file| async move {
-            let (outcome, error) = match upload_file(store, target, &file, recorder).await {
+    let planned = plan_attempts(target, files, usize::MAX);
+    let mut attempts: Vec<FileAttempt> = futures::stream::iter(planned)
+        .map(|attempt| run_attempt(store, target, attempt, recorder))
+        .buffer_unordered(target.config.concurrency.max(1))
+        .flat_map(futures::stream::iter)
+        .map(|(file, outcome)| {
+            let (outcome, error) = match outcome {
                 Ok(FileOutcome::Confirmed { server_name }) => {
                     (FileOutcome::Confirmed { server_name }, None)
                 }
@@ -798,7 +1148,7 @@ pub async fn upload_files_once(
                 }
                 // The buffer itself failed (not the receiver): the file stays
                 // queued and the caller hears why.
-                Err(e) => (FileOutcome::RetryLater, Some((e.to_string(), e.retry()))),
+                Err(error) => (FileOutcome::RetryLater, Some(error)),
             };
             FileAttempt {
                 file,
@@ -806,7 +1156,6 @@ pub async fn upload_files_once(
                 error,
             }
         })
-        .buffer_unordered(target.config.concurrency.max(1))
         .collect()
         .await;
     attempts.sort_by_key(|a| a.file.id);
@@ -870,8 +1219,9 @@ pub async fn run_uploader(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let mut in_flight: JoinSet<(String, i64, bool)> = JoinSet::new();
-    let mut busy: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut in_flight: JoinSet<(String, Vec<i64>, bool)> = JoinSet::new();
+    // The attempts in flight per target, each with the ids of its files.
+    let mut busy: HashMap<String, Vec<Vec<i64>>> = HashMap::new();
     let mut cooling: HashMap<i64, (String, std::time::Instant)> = HashMap::new();
     loop {
         shared
@@ -881,8 +1231,9 @@ pub async fn run_uploader(
         let mut earliest: Option<i64> = None;
         for target in &shared.targets() {
             let name = target.config.name.clone();
-            let mut taken = busy.entry(name.clone()).or_default().clone();
-            let room = target.config.concurrency.saturating_sub(taken.len());
+            let attempts = busy.entry(name.clone()).or_default();
+            let room = target.config.concurrency.saturating_sub(attempts.len());
+            let mut taken: Vec<i64> = attempts.iter().flatten().copied().collect();
             taken.extend(
                 cooling
                     .iter()
@@ -891,15 +1242,17 @@ pub async fn run_uploader(
             );
             let s = store.clone();
             let n = name.clone();
+            // With batches, one slot may take many small files.
+            let wanted = room.saturating_mul(target.client.batch_limit().clamp(1, BATCH_FILES));
             let found = tokio::task::spawn_blocking(move || {
                 if room == 0 {
                     // A finished upload wakes the loop.
                     return Ok((Vec::new(), None));
                 }
-                let due = s.due_files(&n, store::now_ms(), &taken, room)?;
+                let due = s.due_files(&n, store::now_ms(), &taken, wanted)?;
                 // With every slot filled, a finished upload wakes the loop;
                 // otherwise it sleeps until the next file is due.
-                let next = if due.len() < room {
+                let next = if due.len() < wanted {
                     s.next_due(&n)?
                 } else {
                     None
@@ -921,8 +1274,9 @@ pub async fn run_uploader(
             if let Some(next) = next {
                 earliest = Some(earliest.map_or(next, |e: i64| e.min(next)));
             }
-            for file in due {
-                busy.entry(name.clone()).or_default().push(file.id);
+            for attempt in plan_attempts(target, due, room) {
+                let ids = attempt.ids();
+                busy.entry(name.clone()).or_default().push(ids.clone());
                 let (store, target, observer, name) = (
                     store.clone(),
                     target.clone(),
@@ -930,14 +1284,14 @@ pub async fn run_uploader(
                     name.clone(),
                 );
                 in_flight.spawn(async move {
-                    let failed = match upload_file(&store, &target, &file, observer.as_ref()).await {
-                        Ok(_) => false,
-                        Err(e) => {
-                            tracing::error!(file = %file.remote_name, error = %e, "upload attempt failed; retrying after check_interval");
-                            true
+                    let mut failed = false;
+                    for (file, outcome) in run_attempt(&store, &target, attempt, observer.as_ref()).await {
+                        if let Err((error, _)) = outcome {
+                            tracing::error!(file = %file.remote_name, %error, "upload attempt failed; retrying after check_interval");
+                            failed = true;
                         }
-                    };
-                    (name, file.id, failed)
+                    }
+                    (name, ids, failed)
                 });
             }
         }
@@ -988,14 +1342,20 @@ pub async fn run_uploader(
 /// Books a finished attempt: the file is free again, or cooling down when the
 /// attempt failed without being recorded.
 fn finish(
-    (name, id, failed): (String, i64, bool),
-    busy: &mut HashMap<String, Vec<i64>>,
+    (name, ids, failed): (String, Vec<i64>, bool),
+    busy: &mut HashMap<String, Vec<Vec<i64>>>,
     cooling: &mut HashMap<i64, (String, std::time::Instant)>,
     check_interval: Duration,
 ) {
-    busy.entry(name.clone()).or_default().retain(|x| *x != id);
+    let attempts = busy.entry(name.clone()).or_default();
+    if let Some(at) = attempts.iter().position(|a| *a == ids) {
+        attempts.swap_remove(at);
+    }
     if failed {
-        cooling.insert(id, (name, std::time::Instant::now() + check_interval));
+        let until = std::time::Instant::now() + check_interval;
+        for id in ids {
+            cooling.insert(id, (name.clone(), until));
+        }
     }
 }
 

@@ -50,24 +50,82 @@ pub async fn read_body(
     limit: u64,
     idle: Duration,
 ) -> Result<BodyOutcome, BodyError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE_FRAMES);
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<BodyOutcome> {
-        let mut hasher = Sha256::new();
-        let mut length = 0u64;
-        while let Some(buf) = rx.blocking_recv() {
-            hasher.update(&buf);
-            if let Some(sink) = &sink {
-                sink.file.write_all_at(&buf, sink.offset + length)?;
+    let written = stream_body(
+        body,
+        limit,
+        idle,
+        move |frames| -> io::Result<BodyOutcome> {
+            let mut hasher = Sha256::new();
+            let mut length = 0u64;
+            while let Some(buf) = frames.next_frame() {
+                hasher.update(&buf);
+                if let Some(sink) = &sink {
+                    sink.file.write_all_at(&buf, sink.offset + length)?;
+                }
+                length += buf.len() as u64;
             }
-            length += buf.len() as u64;
+            if let Some(sink) = sink.as_ref().filter(|s| s.sync) {
+                sink.file.sync_data()?;
+            }
+            Ok(BodyOutcome {
+                length,
+                sha256: hex::encode(hasher.finalize()),
+            })
+        },
+    )
+    .await?;
+    Ok(written?)
+}
+
+/// A request body as a blocking thread sees it: frames as they arrive, or a
+/// byte stream ([`io::Read`]). The end comes when the body ends, or early when
+/// reading it failed (the error is the caller's of [`stream_body`]).
+pub struct Frames {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Frames {
+    /// The next bytes of the body; `None` at its end.
+    pub fn next_frame(&mut self) -> Option<Bytes> {
+        if !self.current.is_empty() {
+            return Some(std::mem::take(&mut self.current));
         }
-        if let Some(sink) = sink.as_ref().filter(|s| s.sync) {
-            sink.file.sync_data()?;
+        self.rx.blocking_recv()
+    }
+}
+
+impl io::Read for Frames {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(frame) => self.current = frame,
+                None => return Ok(0),
+            }
         }
-        Ok(BodyOutcome {
-            length,
-            sha256: hex::encode(hasher.finalize()),
-        })
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Runs `work` on a blocking thread over the frames of `body` (at most `limit`
+/// bytes, each frame within `idle`); at most a few frames wait between the
+/// network and `work`. An error reading the body wins over what `work`
+/// returned (`work` saw the body end early).
+pub async fn stream_body<T: Send + 'static>(
+    body: Body,
+    limit: u64,
+    idle: Duration,
+    work: impl FnOnce(&mut Frames) -> T + Send + 'static,
+) -> Result<T, BodyError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE_FRAMES);
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut frames = Frames {
+            rx,
+            current: Bytes::new(),
+        };
+        work(&mut frames)
     });
 
     let mut body = body;
@@ -88,16 +146,18 @@ pub async fn read_body(
             break Err(BodyError::TooLong { limit });
         }
         if tx.send(data).await.is_err() {
-            // The writer stopped early; its own error says why.
+            // The worker stopped early; its own result says why. Reading a
+            // little more lets the client see that reply rather than a reset.
+            drain(body).await;
             break Ok(());
         }
     };
     drop(tx);
-    let written = writer
+    let done = worker
         .await
         .map_err(|e| BodyError::Io(io::Error::other(e.to_string())))?;
     read_result?;
-    Ok(written?)
+    Ok(done)
 }
 
 /// Bytes of a refused body that are read and thrown away before replying, so the

@@ -40,8 +40,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{PathMode, ServerConfig};
-use crate::protocol::{self, ChunkReply, ErrorReply, UploadStatus};
-use body::{BodyError, Sink, is_disk_full, read_body};
+use crate::protocol::{
+    self, BatchEntry, BatchManifest, BatchReply, BatchResult, ChunkReply, ErrorReply, UploadStatus,
+};
+use body::{BodyError, Frames, Sink, is_disk_full, read_body, stream_body};
 use paths::{Destination, InvalidName};
 use state::{ChunkRecord, FileMeta, UploadPhase, UploadState, V1Session};
 
@@ -173,6 +175,7 @@ impl Receiver {
         Router::new()
             .route("/health", get(health))
             .route("/upload", post(upload))
+            .route("/upload/batch", post(receive_batch))
             .route("/upload/{upload_id}", get(upload_status))
             .fallback(not_found)
             .layer(middleware::from_fn(cors))
@@ -266,9 +269,19 @@ impl Receiver {
             (UploadPhase::Complete, Some(name)) => return Ok(name),
             (UploadPhase::Finalizing, Some(name)) => {
                 if !paths::exists_in(&inner.staging, upload_id)? {
-                    // The rename happened before the crash; only the record is missing.
                     let dest = destination_from_display(&name);
-                    paths::fsync_dir(&paths::open_parent(&inner.root, &dest).map_err(open_error)?)?;
+                    let parent = paths::open_parent(&inner.root, &dest).map_err(open_error)?;
+                    if !paths::exists_in(&parent, &dest.name)? {
+                        // Neither name holds the file (a power cut took the
+                        // staging entry before the rename): the client sends it again.
+                        inner.state.forget_upload(upload_id)?;
+                        tracing::warn!(upload_id, file = %name, "staged file lost before its rename; the upload was discarded");
+                        return Err(ApiError::FileMismatch(format!(
+                            "the receiver lost the staged file of upload {upload_id}; send the file again from its first chunk"
+                        )));
+                    }
+                    // The rename happened before the crash; only the record is missing.
+                    paths::fsync_dir(&parent)?;
                     inner.state.complete(upload_id, &name)?;
                     return Ok(name);
                 }
@@ -496,7 +509,7 @@ pub async fn serve_reloadable(
 // ---------------------------------------------------------------------------
 
 /// A reply other than success: status plus `{"error", "message"}`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ApiError {
     Unauthorized,
     BadRequest(String),
@@ -653,15 +666,19 @@ async fn cors(request: Request, next: Next) -> Response {
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static(
-            "Content-Type, Authorization, X-Chunk-Index, X-File-Name, X-Upload-Id, X-Chunk-Offset, X-Chunk-Sha256, X-File-Size, X-Chunk-Count, X-File-Sha256",
+            "Content-Type, Authorization, X-Chunk-Index, X-File-Name, X-Upload-Id, X-Chunk-Offset, X-Chunk-Sha256, X-File-Size, X-Chunk-Count, X-File-Sha256, X-Manifest-Length",
         ),
     );
     h.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("X-IndexedCP-Resumable"),
+        HeaderValue::from_static("X-IndexedCP-Resumable, X-IndexedCP-Batch"),
     );
     if upload_route {
         h.insert(protocol::RESUMABLE, HeaderValue::from_static("1"));
+        h.insert(
+            protocol::BATCH,
+            HeaderValue::from(protocol::MAX_BATCH_FILES),
+        );
     }
     response
 }
@@ -1012,6 +1029,488 @@ async fn receive_resumable(
         ));
     }
     Ok(reply("Chunk received", duplicate, None, Some(received)))
+}
+
+/// `POST /upload/batch`: whole small files, many per request. The body is a
+/// JSON manifest of `X-Manifest-Length` bytes, then the files' bytes back to
+/// back. Each file is treated as the single chunk of its upload id, so a file
+/// may move between batches and single requests across retries; the reply
+/// gives each file the answer a single request would have had. The files that
+/// are new share their syncs: one per file's data (started as each file is
+/// written), one commit for all their final names, one per directory.
+async fn receive_batch(
+    State(receiver): State<Receiver>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !receiver.authorized(&headers) {
+        return Err(ApiError::Unauthorized);
+    }
+    let manifest_len = match header_str(&headers, protocol::MANIFEST_LENGTH)? {
+        Some(v) => number(&headers, "X-Manifest-Length", v)?,
+        None => {
+            return Err(ApiError::BadRequest(
+                "header X-Manifest-Length is required: a batch body opens with a JSON manifest of that many bytes".to_owned(),
+            ));
+        }
+    };
+    if manifest_len == 0 || manifest_len > protocol::MAX_MANIFEST_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "X-Manifest-Length must be between 1 and {} bytes, got {manifest_len}",
+            protocol::MAX_MANIFEST_BYTES
+        )));
+    }
+    let limit = manifest_len + receiver.inner.max_chunk_bytes;
+    if let Some(len) = content_length(&headers)
+        && len > limit
+    {
+        if len - limit <= body::DRAIN_BYTES {
+            body::drain(body).await;
+        }
+        return Err(too_large_batch(receiver.inner.max_chunk_bytes));
+    }
+    let this = receiver.clone();
+    let handle = tokio::runtime::Handle::current();
+    let results = stream_body(body, limit, receiver.inner.read_timeout, move |frames| {
+        this.batch_blocking(&handle, manifest_len, frames)
+    })
+    .await
+    .map_err(|e| body_error(e, |_| too_large_batch(receiver.inner.max_chunk_bytes)))??;
+    Ok(axum::Json(BatchReply { files: results }).into_response())
+}
+
+fn too_large_batch(limit: u64) -> ApiError {
+    ApiError::TooLarge(format!(
+        "a batch may carry at most {limit} bytes of files (server max_chunk_bytes); send fewer files per batch"
+    ))
+}
+
+/// What a batch does with one of its files.
+enum BatchPlan {
+    /// Written to its staging file and verified; recorded and renamed with the others.
+    New {
+        file: File,
+        dest: Destination,
+    },
+    /// Known already (complete, finalizing, or every chunk recorded): `finalize` answers.
+    Known,
+    Refused(ApiError),
+}
+
+impl Receiver {
+    /// The blocking half of [`receive_batch`]: reads the manifest and the files
+    /// from `frames`, then records and renames the new ones together.
+    fn batch_blocking(
+        &self,
+        handle: &tokio::runtime::Handle,
+        manifest_len: u64,
+        frames: &mut Frames,
+    ) -> Result<Vec<BatchResult>, ApiError> {
+        use std::io::Read;
+        let inner = &self.inner;
+        let mut raw = vec![0u8; manifest_len as usize];
+        frames.read_exact(&mut raw).map_err(|_| {
+            ApiError::BadRequest(format!(
+                "the body ended before the {manifest_len}-byte manifest did"
+            ))
+        })?;
+        let manifest: BatchManifest = serde_json::from_slice(&raw).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "the batch manifest is not valid JSON of the form {{\"files\": [{{\"uploadId\", \"fileName\", \"size\", \"sha256\"}}]}}: {e}"
+            ))
+        })?;
+        drop(raw);
+        let entries = validate_manifest(manifest, inner.max_chunk_bytes)?;
+
+        // The same locks as single requests: the file's chunk, then the upload,
+        // taken in id order so that two batches cannot wait on each other.
+        let mut order: Vec<&str> = entries.iter().map(|(e, _)| e.upload_id.as_str()).collect();
+        order.sort_unstable();
+        let mut guards = Vec::with_capacity(order.len() * 2);
+        for id in order {
+            guards.push(handle.block_on(inner.locks.lock(format!("{id}#0"))));
+            guards.push(handle.block_on(inner.locks.lock(id.to_owned())));
+        }
+
+        let mut plans = Vec::with_capacity(entries.len());
+        let mut failure = None;
+        for (entry, meta) in &entries {
+            let plan = match self.plan_batch_entry(entry, meta) {
+                Ok(plan) => plan,
+                Err(e) => BatchPlan::Refused(e),
+            };
+            let plan = match plan {
+                BatchPlan::New { file, dest } => match receive_batch_file(frames, &file, entry) {
+                    Ok(None) => {
+                        start_writeback(&file);
+                        BatchPlan::New { file, dest }
+                    }
+                    Ok(Some(refusal)) => {
+                        self.discard_staged(&entry.upload_id);
+                        BatchPlan::Refused(refusal)
+                    }
+                    Err(e) => {
+                        self.discard_staged(&entry.upload_id);
+                        failure = Some(e);
+                        BatchPlan::Known
+                    }
+                },
+                other => {
+                    if let Err(e) = skip_bytes(frames, entry.size) {
+                        failure = Some(e);
+                    }
+                    other
+                }
+            };
+            plans.push(plan);
+            if failure.is_some() {
+                break;
+            }
+        }
+        if failure.is_none() && frames.read(&mut [0u8; 1]).unwrap_or(0) != 0 {
+            failure = Some(ApiError::BadRequest(
+                "the body is longer than the files the manifest lists".to_owned(),
+            ));
+        }
+        if let Some(e) = failure {
+            for ((entry, _), plan) in entries.iter().zip(&plans) {
+                if matches!(plan, BatchPlan::New { .. }) {
+                    self.discard_staged(&entry.upload_id);
+                }
+            }
+            return Err(e);
+        }
+
+        let mut results: Vec<Option<Result<(String, bool), ApiError>>> = Vec::new();
+        let mut known = vec![false; plans.len()];
+        let mut fresh = Vec::new();
+        for (i, plan) in plans.into_iter().enumerate() {
+            match plan {
+                BatchPlan::New { file, dest } => {
+                    fresh.push((i, file, dest));
+                    results.push(None);
+                }
+                BatchPlan::Known => {
+                    known[i] = true;
+                    results.push(None);
+                }
+                BatchPlan::Refused(e) => results.push(Some(Err(e))),
+            }
+        }
+        for (i, outcome) in self.finalize_batch(&entries, fresh) {
+            results[i] = Some(outcome.map(|name| (name, false)));
+        }
+        // Files known before (and new ones whose name was taken) finish one by one.
+        for (i, slot) in results.iter_mut().enumerate() {
+            if slot.is_none() {
+                let id = &entries[i].0.upload_id;
+                *slot = Some(self.finalize_blocking(id).map(|name| (name, known[i])));
+            }
+        }
+        drop(guards);
+        Ok(entries
+            .iter()
+            .zip(results)
+            .map(|((entry, _), result)| batch_result(&entry.upload_id, result))
+            .collect())
+    }
+
+    /// Decides, from the recorded state, what to do with a batch's file.
+    fn plan_batch_entry(&self, entry: &BatchEntry, meta: &FileMeta) -> Result<BatchPlan, ApiError> {
+        let inner = &self.inner;
+        if inner.max_file_bytes > 0 && entry.size > inner.max_file_bytes {
+            return Err(too_large_file(inner.max_file_bytes));
+        }
+        let dest = self.destination(&entry.file_name)?;
+        if let Some(upload) = inner.state.upload(&entry.upload_id)? {
+            if upload.meta != *meta {
+                return Err(ApiError::Conflict(format!(
+                    "upload id {} is in use for another file ({:?}, {} bytes, {} chunks); use a new upload id",
+                    entry.upload_id,
+                    upload.meta.client_name,
+                    upload.meta.file_size,
+                    upload.meta.chunk_count
+                )));
+            }
+            if upload.phase != UploadPhase::Receiving {
+                return Ok(BatchPlan::Known);
+            }
+            if let Some(chunk) = inner.state.chunk(&entry.upload_id, 0)? {
+                if chunk.sha256 != entry.sha256 {
+                    return Err(ApiError::Conflict(format!(
+                        "chunk 0 of upload {} was already received with different content",
+                        entry.upload_id
+                    )));
+                }
+                return Ok(BatchPlan::Known);
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(inner.staging_path.join(&entry.upload_id))?;
+        Ok(BatchPlan::New { file, dest })
+    }
+
+    fn discard_staged(&self, upload_id: &str) {
+        let _ = rustix::fs::unlinkat(&self.inner.staging, upload_id, rustix::fs::AtFlags::empty());
+    }
+
+    /// Makes the new files of a batch durable and puts them in place: their
+    /// data, then the staging directory, then one synced commit of all their
+    /// final names, the renames, and one sync per directory. Returns the final
+    /// name or the refusal of each file it settled, by position; a file whose
+    /// name was taken is left recorded as finalizing, for `finalize`.
+    fn finalize_batch(
+        &self,
+        entries: &[(BatchEntry, FileMeta)],
+        fresh: Vec<(usize, File, Destination)>,
+    ) -> Vec<(usize, Result<String, ApiError>)> {
+        let inner = &self.inner;
+        let mut settled = Vec::new();
+        let mut durable = Vec::new();
+        for (i, file, dest) in fresh {
+            match file.sync_data() {
+                Ok(()) => durable.push((i, dest)),
+                Err(e) => {
+                    self.discard_staged(&entries[i].0.upload_id);
+                    settled.push((i, Err(e.into())));
+                }
+            }
+        }
+        if durable.is_empty() {
+            return settled;
+        }
+        let fail_all = |durable: Vec<(usize, Destination)>, e: ApiError, settled: &mut Vec<_>| {
+            for (i, _) in durable {
+                self.discard_staged(&entries[i].0.upload_id);
+                settled.push((i, Err(e.clone())));
+            }
+        };
+        if let Err(e) = paths::fsync_dir(&inner.staging) {
+            fail_all(durable, e.into(), &mut settled);
+            return settled;
+        }
+        let records: Vec<_> = durable
+            .iter()
+            .map(|(i, dest)| {
+                let (entry, meta) = &entries[*i];
+                let chunk = ChunkRecord {
+                    chunk_idx: 0,
+                    offset: 0,
+                    length: entry.size,
+                    sha256: entry.sha256.clone(),
+                };
+                (entry.upload_id.clone(), meta.clone(), chunk, dest.display())
+            })
+            .collect();
+        if let Err(e) = inner.state.record_finalizing(&records) {
+            fail_all(durable, e.into(), &mut settled);
+            return settled;
+        }
+        crate::failpoint::hit(crate::failpoint::SERVER_BEFORE_RENAME);
+        let mut parents: HashMap<Vec<String>, OwnedFd> = HashMap::new();
+        let mut renamed = Vec::new();
+        for (i, dest) in durable {
+            let id = &entries[i].0.upload_id;
+            let parent = match parents.entry(dest.dirs.clone()) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    match paths::open_parent(&inner.root, &dest) {
+                        Ok(fd) => v.insert(fd),
+                        Err(e) => {
+                            // Recorded as finalizing: `finalize` says the same again.
+                            settled.push((i, Err(open_error(e))));
+                            continue;
+                        }
+                    }
+                }
+            };
+            match paths::rename_no_replace(&inner.staging, id, parent, &dest.name) {
+                Ok(true) => renamed.push((i, dest.display())),
+                // The name is taken: `finalize` picks the next free one.
+                Ok(false) => {}
+                Err(e) => settled.push((i, Err(e.into()))),
+            }
+        }
+        let synced = parents
+            .values()
+            .chain(std::iter::once(&inner.staging))
+            .try_for_each(paths::fsync_dir);
+        crate::failpoint::hit(crate::failpoint::SERVER_AFTER_RENAME);
+        let done: Vec<(String, String)> = renamed
+            .iter()
+            .map(|(i, name)| (entries[*i].0.upload_id.clone(), name.clone()))
+            .collect();
+        let completed = synced
+            .map_err(ApiError::from)
+            .and_then(|()| inner.state.complete_many(&done).map_err(ApiError::from));
+        for (i, name) in renamed {
+            match &completed {
+                Ok(()) => {
+                    let (entry, _) = &entries[i];
+                    tracing::info!(upload_id = %entry.upload_id, client_name = %entry.file_name, file = %name, size = entry.size, "file complete");
+                    settled.push((i, Ok(name)));
+                }
+                Err(e) => settled.push((i, Err(e.clone()))),
+            }
+        }
+        settled
+    }
+}
+
+/// Checks a batch manifest as a whole: entry count, upload ids (valid and
+/// distinct), hashes and total size. Returns each entry with its file's metadata.
+fn validate_manifest(
+    manifest: BatchManifest,
+    max_bytes: u64,
+) -> Result<Vec<(BatchEntry, FileMeta)>, ApiError> {
+    let n = manifest.files.len();
+    if n == 0 || n > protocol::MAX_BATCH_FILES {
+        return Err(ApiError::BadRequest(format!(
+            "a batch lists 1 to {} files, this one {n}",
+            protocol::MAX_BATCH_FILES
+        )));
+    }
+    let total: u64 = manifest
+        .files
+        .iter()
+        .map(|f| f.size)
+        .fold(0, u64::saturating_add);
+    if total > max_bytes {
+        return Err(too_large_batch(max_bytes));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::with_capacity(n);
+    for mut entry in manifest.files {
+        if !protocol::is_valid_upload_id(&entry.upload_id) {
+            return Err(ApiError::BadRequest(format!(
+                "upload id {:?} in the manifest is not 16 to 64 of [A-Za-z0-9_-]",
+                entry.upload_id
+            )));
+        }
+        if !seen.insert(entry.upload_id.clone()) {
+            return Err(ApiError::BadRequest(format!(
+                "upload id {} appears twice in the manifest",
+                entry.upload_id
+            )));
+        }
+        entry.sha256 = protocol::parse_sha256_hex(&entry.sha256).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "sha256 of upload {} in the manifest must be 64 hex digits",
+                entry.upload_id
+            ))
+        })?;
+        let meta = FileMeta {
+            client_name: entry.file_name.clone(),
+            file_size: entry.size,
+            chunk_count: 1,
+            file_sha256: entry.sha256.clone(),
+        };
+        entries.push((entry, meta));
+    }
+    Ok(entries)
+}
+
+/// Copies one file of a batch body into its staging file, hashing it.
+/// `Ok(Some(_))`: the bytes arrived but the file is refused (hash mismatch,
+/// write error); `Err`: the body itself failed, and the batch with it.
+fn receive_batch_file(
+    frames: &mut Frames,
+    file: &File,
+    entry: &BatchEntry,
+) -> Result<Option<ApiError>, ApiError> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut left = entry.size;
+    let mut offset = 0u64;
+    let mut write_error = None;
+    let mut buf = vec![0u8; left.clamp(1, 64 << 10) as usize];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = frames.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(ApiError::BadRequest(format!(
+                "the body ended inside file {} of the batch ({left} of {} bytes missing)",
+                entry.upload_id, entry.size
+            )));
+        }
+        hasher.update(&buf[..n]);
+        if write_error.is_none()
+            && let Err(e) = file.write_all_at(&buf[..n], offset)
+        {
+            write_error = Some(ApiError::from(e));
+        }
+        offset += n as u64;
+        left -= n as u64;
+    }
+    if let Some(e) = write_error {
+        return Ok(Some(e));
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != entry.sha256 {
+        return Ok(Some(checksum_mismatch(0, &actual)));
+    }
+    Ok(None)
+}
+
+/// Reads and drops the `size` bytes of a file the batch does not write.
+fn skip_bytes(frames: &mut Frames, size: u64) -> Result<(), ApiError> {
+    let copied = io::copy(&mut std::io::Read::take(frames, size), &mut io::sink())?;
+    if copied < size {
+        return Err(ApiError::BadRequest(
+            "the body ended before the files the manifest lists".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Starts writing a staged file's dirty pages to disk without waiting, so that
+/// the `fdatasync` after the whole batch finds them (mostly) written.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; the call
+    // only schedules writeback and touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+fn batch_result(upload_id: &str, result: Option<Result<(String, bool), ApiError>>) -> BatchResult {
+    match result {
+        Some(Ok((name, duplicate))) => BatchResult {
+            upload_id: upload_id.to_owned(),
+            complete: true,
+            actual_filename: Some(name),
+            duplicate,
+            status: None,
+            error: None,
+            message: None,
+        },
+        Some(Err(e)) => {
+            let reply = e.reply();
+            BatchResult {
+                upload_id: upload_id.to_owned(),
+                complete: false,
+                actual_filename: None,
+                duplicate: false,
+                status: Some(e.status().as_u16()),
+                error: Some(reply.error),
+                message: reply.message,
+            }
+        }
+        None => BatchResult {
+            upload_id: upload_id.to_owned(),
+            complete: false,
+            actual_filename: None,
+            duplicate: false,
+            status: Some(500),
+            error: Some("Internal error".to_owned()),
+            message: Some("the receiver did not settle this file; ask GET /upload/<id>".to_owned()),
+        },
+    }
 }
 
 fn checksum_mismatch(chunk_idx: u64, actual: &str) -> ApiError {

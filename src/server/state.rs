@@ -277,18 +277,74 @@ impl UploadState {
     ///
     /// [`Receiver::recover`]: crate::server::Receiver::recover
     pub fn complete(&self, upload_id: &str, actual_name: &str) -> Result<()> {
+        self.complete_many(&[(upload_id.to_owned(), actual_name.to_owned())])
+    }
+
+    /// [`UploadState::complete`] for several uploads (id, final name) in one commit.
+    pub fn complete_many(&self, done: &[(String, String)]) -> Result<()> {
         let mut conn = self.pool.get()?;
+        let now = now_secs();
         sqlite::unsynced(&mut conn, |conn| {
             let tx = conn.transaction()?;
-            tx.prepare_cached(
-                "UPDATE uploads SET state = 'complete', actual_name = ?2, updated_at = ?3
-                 WHERE upload_id = ?1",
-            )?
-            .execute(params![upload_id, actual_name, now_secs()])?;
-            tx.prepare_cached("DELETE FROM upload_chunks WHERE upload_id = ?1")?
-                .execute(params![upload_id])?;
+            {
+                let mut complete = tx.prepare_cached(
+                    "UPDATE uploads SET state = 'complete', actual_name = ?2, updated_at = ?3
+                     WHERE upload_id = ?1",
+                )?;
+                let mut forget_chunks =
+                    tx.prepare_cached("DELETE FROM upload_chunks WHERE upload_id = ?1")?;
+                for (upload_id, actual_name) in done {
+                    complete.execute(params![upload_id, actual_name, now])?;
+                    forget_chunks.execute(params![upload_id])?;
+                }
+            }
             tx.commit()
         })?;
+        Ok(())
+    }
+
+    /// Records whole files received in one piece (a batch): each upload with
+    /// its only chunk and its chosen final name, in phase finalizing, all in
+    /// one synced commit. The files' bytes must be durable already. An upload
+    /// that exists (receiving, without chunks) takes the new record.
+    pub fn record_finalizing(
+        &self,
+        files: &[(String, FileMeta, ChunkRecord, String)],
+    ) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let now = now_secs();
+        let tx = conn.transaction()?;
+        {
+            let mut upload = tx.prepare_cached(
+                "INSERT INTO uploads
+                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, actual_name, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'finalizing', ?6, ?7, ?7)
+                 ON CONFLICT (upload_id) DO UPDATE SET state = 'finalizing', actual_name = ?6, updated_at = ?7",
+            )?;
+            let mut chunk = tx.prepare_cached(
+                "INSERT OR REPLACE INTO upload_chunks (upload_id, chunk_idx, chunk_offset, length, sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (upload_id, meta, record, final_name) in files {
+                upload.execute(params![
+                    upload_id,
+                    meta.client_name,
+                    meta.file_size as i64,
+                    meta.chunk_count as i64,
+                    meta.file_sha256,
+                    final_name,
+                    now
+                ])?;
+                chunk.execute(params![
+                    upload_id,
+                    record.chunk_idx as i64,
+                    record.offset as i64,
+                    record.length as i64,
+                    record.sha256
+                ])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 

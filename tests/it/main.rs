@@ -13,6 +13,7 @@ mod logging;
 mod metrics;
 mod outage;
 mod packaging;
+mod receiver_batch;
 mod receiver_compat;
 mod receiver_limits;
 mod receiver_names;
