@@ -261,46 +261,41 @@ async fn malformed_batches_are_refused_whole_and_change_nothing() {
         .unwrap();
     assert_eq!(response.status(), 401);
 
-    let cases: Vec<(&str, Option<usize>, Vec<u8>, u16, &str)> = vec![
+    let cases = [
         (
             "no manifest length",
             None,
             body.clone(),
-            400,
             "X-Manifest-Length",
         ),
         (
             "manifest not JSON",
             Some(5),
             b"nope!".to_vec(),
-            400,
             "not valid JSON",
         ),
         (
             "body ends inside a file",
             Some(len),
             body[..body.len() - 10].to_vec(),
-            400,
             "ended inside file",
         ),
         (
             "body longer than the files",
             Some(len),
             [body.as_slice(), b"extra"].concat(),
-            400,
             "longer than the files",
         ),
         (
             "manifest longer than the body",
             Some(body.len() + 100),
             body.clone(),
-            400,
             "before the",
         ),
     ];
-    for (what, manifest_len, body, status, says) in cases {
-        let (got, reply) = post_batch(&client, &server, manifest_len, body).await;
-        assert_eq!(got, status, "{what}: {reply}");
+    for (what, manifest_len, body, says) in cases {
+        let (status, reply) = post_batch(&client, &server, manifest_len, body).await;
+        assert_eq!(status, 400, "{what}: {reply}");
         let message = reply["message"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{what}: {reply}");
     }
