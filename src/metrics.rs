@@ -30,6 +30,7 @@ pub static UPLOADED_CHUNKS: Counter = Counter::new();
 pub static UPLOADED_BYTES: Counter = Counter::new();
 pub static CONFIRMED_FILES: Counter = Counter::new();
 pub static CONFIRMED_BYTES: Counter = Counter::new();
+pub static BATCHED_FILES: Counter = Counter::new();
 pub static PARKED_FILES: Counter = Counter::new();
 pub static RETRIES: Counter = Counter::new();
 
@@ -92,7 +93,7 @@ fn escape(label: &str) -> String {
 /// The Prometheus text exposition of every metric.
 pub fn render(queues: &[QueueGauge]) -> String {
     let mut out = String::new();
-    let counters: [(&str, &str, &Counter); 8] = [
+    let counters: [(&str, &str, &Counter); 9] = [
         (
             "indexedcp_ingested_files_total",
             "Files buffered from spools.",
@@ -122,6 +123,11 @@ pub fn render(queues: &[QueueGauge]) -> String {
             "indexedcp_confirmed_bytes_total",
             "Bytes of files confirmed complete.",
             &CONFIRMED_BYTES,
+        ),
+        (
+            "indexedcp_batched_files_total",
+            "Files confirmed through batch requests (many small files per request).",
+            &BATCHED_FILES,
         ),
         (
             "indexedcp_failed_files_total",

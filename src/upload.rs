@@ -240,6 +240,9 @@ pub struct TargetClient {
     resumable: AtomicU8,
     /// The most files the receiver takes in one batch; 0 when it announced none.
     batch: AtomicUsize,
+    /// The batch route was refused (a receiver or proxy that predates it):
+    /// batches stay off for this client, whatever later replies announce.
+    batch_refused: std::sync::atomic::AtomicBool,
 }
 
 impl TargetClient {
@@ -264,6 +267,7 @@ impl TargetClient {
             api_key,
             resumable: AtomicU8::new(RESUMABLE_UNKNOWN),
             batch: AtomicUsize::new(0),
+            batch_refused: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -291,7 +295,7 @@ impl TargetClient {
     /// The most files the receiver takes in one batch request (`POST
     /// <url>/batch`); 0 until a reply announced batches.
     pub fn batch_limit(&self) -> usize {
-        if self.resumable() == Some(true) {
+        if self.resumable() == Some(true) && !self.batch_refused.load(Ordering::Relaxed) {
             self.batch.load(Ordering::Relaxed)
         } else {
             0
@@ -436,7 +440,7 @@ impl TargetClient {
 
     /// The receiver refused batches (an older receiver): send files one by one.
     fn forget_batches(&self) {
-        self.batch.store(0, Ordering::Relaxed);
+        self.batch_refused.store(true, Ordering::Relaxed);
     }
 
     /// `GET /upload/<id>`: what the receiver has of an upload (`None`: nothing).
@@ -1030,6 +1034,7 @@ pub async fn upload_batch(
             .collect();
         let durability = client.durability();
         blocking(move || s.confirm_many(&confirmations, durability)).await?;
+        crate::metrics::BATCHED_FILES.add(done.len() as u64);
         for (i, server_name) in done {
             confirmed(&files[i], server_name.clone(), observer);
             outcomes[i] = Some(FileOutcome::Confirmed { server_name });
@@ -1389,6 +1394,77 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    fn queued(id: i64, size: u64, chunk_size: u64) -> FileRecord {
+        FileRecord {
+            id,
+            spool: "s".into(),
+            rel_path: format!("f{id}"),
+            remote_name: format!("f{id}"),
+            target: "t".into(),
+            size,
+            sha256: String::new(),
+            chunk_count: size.div_ceil(chunk_size).max(1),
+            upload_id: format!("upload-id-for-test-{id:04}"),
+            state: "queued",
+            failure: None,
+            server_name: None,
+            created_at: 0,
+            confirmed_at: None,
+            chunks_uploaded: 0,
+            retries: 0,
+            next_attempt: None,
+            last_error: None,
+        }
+    }
+
+    fn shapes(attempts: &[Attempt]) -> Vec<Vec<i64>> {
+        attempts.iter().map(Attempt::ids).collect()
+    }
+
+    #[test]
+    fn small_files_share_batches_within_the_file_byte_and_slot_limits() {
+        let mut config = TargetConfig::new("t", "http://127.0.0.1:9/upload");
+        config.chunk_size = 10_000;
+        let target = TargetRuntime::new(config).unwrap();
+        let files = |sizes: &[u64]| -> Vec<FileRecord> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, size)| queued(i as i64 + 1, *size, 10_000))
+                .collect()
+        };
+        // Batches not announced: one file per attempt, as many as there are slots.
+        let plan = plan_attempts(&target, files(&[10, 10, 10]), 2);
+        assert_eq!(shapes(&plan), [vec![1], vec![2]]);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::RESUMABLE, HeaderValue::from_static("1"));
+        headers.insert(protocol::BATCH, HeaderValue::from_static("3"));
+        target.client.note_resumable(&headers);
+        assert_eq!(target.client.batch_limit(), 3);
+        // At most 3 files (the receiver's limit) and 10,000 bytes per batch; a
+        // file of several chunks goes alone and splits the run; a lone small
+        // file is sent as a single request.
+        let plan = plan_attempts(
+            &target,
+            files(&[10, 10, 10, 10, 6_000, 5_000, 25_000, 10, 10]),
+            10,
+        );
+        assert_eq!(
+            shapes(&plan),
+            [vec![1, 2, 3], vec![4, 5], vec![6], vec![7], vec![8, 9]]
+        );
+        assert!(matches!(plan[2], Attempt::One(_)));
+        // Slots bound the attempts; the files beyond wait for the next round.
+        let plan = plan_attempts(&target, files(&[10; 10]), 2);
+        assert_eq!(shapes(&plan), [vec![1, 2, 3], vec![4, 5, 6]]);
+
+        // Once the batch route was refused, later announcements are ignored.
+        target.client.forget_batches();
+        target.client.note_resumable(&headers);
+        assert_eq!(target.client.batch_limit(), 0);
     }
 
     #[test]

@@ -457,3 +457,86 @@ async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
         "{text}"
     );
 }
+
+/// A resumable receiver that announces batches but refuses the batch route
+/// (as a proxy that forwards only `/upload` would): every file must still
+/// arrive, once, through single requests.
+#[derive(Default)]
+struct NoBatchReceiver {
+    files: Mutex<BTreeMap<String, Vec<Vec<u8>>>>,
+    batch_requests: Mutex<u32>,
+}
+
+async fn single_chunk_upload(
+    axum::extract::State(state): axum::extract::State<Arc<NoBatchReceiver>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let header = |name: &str| String::from_utf8(headers[name].as_bytes().to_vec()).unwrap();
+    let (name, id) = (header("x-file-name"), header("x-upload-id"));
+    assert_eq!(
+        header("x-chunk-count"),
+        "1",
+        "the test files fit in one chunk"
+    );
+    assert_eq!(header("x-file-sha256"), sha256_hex(&body));
+    state
+        .files
+        .lock()
+        .unwrap()
+        .entry(name.clone())
+        .or_default()
+        .push(body.to_vec());
+    let mut response = axum::Json(serde_json::json!({"message": "Upload complete",
+        "actualFilename": name, "chunkIndex": 0, "clientFilename": name,
+        "uploadId": id, "complete": true}))
+    .into_response();
+    let h = response.headers_mut();
+    h.insert("x-indexedcp-resumable", "1".parse().unwrap());
+    h.insert("x-indexedcp-batch", "64".parse().unwrap());
+    response
+}
+
+async fn refuse_batch(
+    axum::extract::State(state): axum::extract::State<Arc<NoBatchReceiver>>,
+) -> axum::http::StatusCode {
+    *state.batch_requests.lock().unwrap() += 1;
+    axum::http::StatusCode::NOT_FOUND
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_that_refuses_batches_gets_every_file_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let state = Arc::new(NoBatchReceiver::default());
+    let app = axum::Router::new()
+        .route("/upload", axum::routing::post(single_chunk_upload))
+        .route("/upload/batch", axum::routing::post(refuse_batch))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/upload", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = agent_config(dir.path(), &url, &spool, "", "chunk_size = \"64KiB\"");
+    // Forty files wait before the start: the first replies announce batches,
+    // so the rest are offered as a batch, which is refused.
+    let mut files = BTreeMap::new();
+    for i in 0..40usize {
+        let rel = format!("nb-{i}.bin");
+        files.insert(rel.clone(), pseudo_random(1000 + i * 10, i as u64));
+        std::fs::write(spool.join(&rel), &files[&rel]).unwrap();
+    }
+    let _daemon = Daemon::start(&config);
+    eventually(
+        Duration::from_secs(30),
+        "every file on the receiver",
+        async || (state.files.lock().unwrap().len() == files.len()).then_some(()),
+    )
+    .await;
+    // Once refused, batches are not tried again.
+    assert_eq!(*state.batch_requests.lock().unwrap(), 1);
+    for (name, copies) in state.files.lock().unwrap().iter() {
+        assert_eq!(copies, &vec![files[name].clone()], "{name}");
+    }
+}

@@ -94,3 +94,62 @@ async fn metrics_count_what_the_agent_and_receiver_did() {
     );
     assert_eq!(sample(&scrape, "indexedcp_failed_files_total"), Some(0.0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn small_files_waiting_together_travel_in_batches() {
+    let (dir, out, spool, _staging) = agent_dirs();
+    let (port, metrics_port) = (reserve_port(), reserve_port());
+    let config = agent_config(
+        dir.path(),
+        &format!("http://127.0.0.1:{port}/upload"),
+        &spool,
+        "",
+        "chunk_size = \"64KiB\"",
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[daemon]\n",
+        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
+    ) + &format!(
+        "\n[server]\nlisten = \"127.0.0.1:{port}\"\noutput_dir = {:?}\napi_keys = [\"{KEY}\"]\npath_mode = \"allow-paths\"\n",
+        out.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    // 300 small files (0 B to 8 KiB, in three folders) wait before the start,
+    // so that they are due together.
+    let mut files = BTreeMap::new();
+    for i in 0..300usize {
+        let name = format!("dir{}/small-{i}.bin", i % 3);
+        files.insert(name, pseudo_random((i * 97) % 8192, i as u64));
+    }
+    for (name, content) in &files {
+        let path = spool.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    let _daemon = Daemon::start(&config);
+    wait_for_files(&out, &files, Duration::from_secs(60)).await;
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let scrape = eventually(
+        Duration::from_secs(10),
+        "the metrics to settle",
+        async || {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            (sample(&text, "indexedcp_confirmed_files_total") == Some(300.0)).then_some(text)
+        },
+    )
+    .await;
+    // The first files go alone (the receiver's batch limit is not known yet),
+    // the rest in batches of at most 64 KiB: far fewer requests than files.
+    let batched = sample(&scrape, "indexedcp_batched_files_total").unwrap();
+    let requests = sample(&scrape, "indexedcp_receiver_requests_total{status=\"200\"}").unwrap();
+    assert!(batched >= 250.0, "{batched} files in batches\n{scrape}");
+    assert!(
+        requests <= 60.0,
+        "{requests} requests for 300 files\n{scrape}"
+    );
+    assert_eq!(sample(&scrape, "indexedcp_failed_files_total"), Some(0.0));
+    assert_eq!(
+        sample(&scrape, "indexedcp_queue_files{target=\"central\"}"),
+        Some(0.0)
+    );
+}
