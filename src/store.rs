@@ -535,7 +535,7 @@ impl Store {
                     (SELECT error FROM chunk_errors e WHERE e.file_id = f.id ORDER BY e.id DESC LIMIT 1)
              FROM files f {where_sql} ORDER BY f.id"
         );
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(args, |r| {
             let state = FileState::parse(&r.get::<_, String>(9)?);
             let chunk_count = r.get::<_, i64>(7)? as u64;
@@ -609,11 +609,17 @@ impl Store {
         drop(stmt);
         drop(conn);
         let busy: std::collections::HashSet<i64> = busy.iter().copied().collect();
-        let mut out = Vec::new();
-        for id in ids.into_iter().filter(|id| !busy.contains(id)).take(limit) {
-            out.push(self.file(id)?);
+        let wanted: Vec<i64> = ids
+            .into_iter()
+            .filter(|id| !busy.contains(id))
+            .take(limit)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        // One query for all of them (ids as a JSON array), in id order.
+        let ids = serde_json::to_string(&wanted).expect("ids serialise");
+        self.file_records("WHERE f.id IN (SELECT value FROM json_each(?1))", &[&ids])
     }
 
     /// The earliest moment (ms) any queued file of `target` becomes due.
