@@ -1,11 +1,14 @@
 //! The client side: sending a buffered file's chunks to a receiver, the retry
 //! schedule, and the uploader loop that drains the buffer.
 //!
-//! Chunks of a file go in order, one at a time, every one with the resumable
-//! extension headers; a v1 receiver ignores them. When a receiver announces the
-//! extension (`X-IndexedCP-Resumable: 1`) a resumed file first asks
-//! `GET /upload/<id>` and skips what arrived. A file's data leaves the buffer
-//! only when the receiver confirmed the whole file. [`UploadError::retry`] is the
+//! Every chunk carries the resumable extension headers; a v1 receiver ignores
+//! them and gets a file's chunks in order, one at a time. When a receiver
+//! announces the extension (`X-IndexedCP-Resumable: 1`) a file's chunks go a
+//! few at a time, and a resumed file first asks `GET /upload/<id>` and skips
+//! what arrived. When it also announces batches (`X-IndexedCP-Batch`), small
+//! files that are due together share one request ([`plan_attempts`],
+//! [`upload_batch`]). A file's data leaves the buffer only when the receiver
+//! confirmed the whole file. [`UploadError::retry`] is the
 //! one place that decides between retrying and parking. No SQL here: the store
 //! does that, always off the executor.
 

@@ -9,7 +9,9 @@
 //! whole file is verified, synced and renamed into place without replacing
 //! anything. The order "bytes durable, then recorded; name recorded, then renamed,
 //! then complete" is what lets a SIGKILL at any moment lose nothing and never show
-//! a partial file under a final name.
+//! a partial file under a final name. A batch (`POST /upload/batch`) carries
+//! whole small files, each the single chunk of its upload id, and follows the
+//! same order with its syncs shared by all its new files.
 //!
 //! This module does not import the client side (`upload`).
 
