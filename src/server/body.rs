@@ -6,6 +6,8 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -38,6 +40,8 @@ pub enum BodyError {
     Timeout(Duration),
     #[error("request body could not be read: {0}")]
     Aborted(String),
+    #[error("the request body ended before its first {wanted} bytes")]
+    Short { wanted: usize },
     #[error("writing the chunk failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -52,6 +56,7 @@ pub async fn read_body(
 ) -> Result<BodyOutcome, BodyError> {
     let written = stream_body(
         body,
+        Bytes::new(),
         limit,
         idle,
         move |frames| -> io::Result<BodyOutcome> {
@@ -79,13 +84,21 @@ pub async fn read_body(
 
 /// A request body as a blocking thread sees it: frames as they arrive, or a
 /// byte stream ([`io::Read`]). The end comes when the body ends, or early when
-/// reading it failed (the error is the caller's of [`stream_body`]).
+/// reading it failed (the error is the caller's of [`stream_body`];
+/// [`Frames::ended_cleanly`] tells the two apart).
 pub struct Frames {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
+    clean_end: Arc<AtomicBool>,
 }
 
 impl Frames {
+    /// After the last frame: whether the body ended as the client sent it
+    /// (not cut off, timed out or over its limit).
+    pub fn ended_cleanly(&self) -> bool {
+        self.clean_end.load(Ordering::Acquire)
+    }
+
     /// The next bytes of the body; `None` at its end.
     pub fn next_frame(&mut self) -> Option<Bytes> {
         if !self.current.is_empty() {
@@ -109,21 +122,26 @@ impl io::Read for Frames {
     }
 }
 
-/// Runs `work` on a blocking thread over the frames of `body` (at most `limit`
-/// bytes, each frame within `idle`); at most a few frames wait between the
-/// network and `work`. An error reading the body wins over what `work`
-/// returned (`work` saw the body end early).
+/// Runs `work` on a blocking thread over `prefix` (bytes already read) and
+/// then the frames of `body` (at most `limit` bytes, each frame within
+/// `idle`); at most a few frames wait between the network and `work`. An error
+/// reading the body wins over what `work` returned (`work` saw the body end
+/// early).
 pub async fn stream_body<T: Send + 'static>(
     body: Body,
+    prefix: Bytes,
     limit: u64,
     idle: Duration,
     work: impl FnOnce(&mut Frames) -> T + Send + 'static,
 ) -> Result<T, BodyError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE_FRAMES);
+    let clean_end = Arc::new(AtomicBool::new(false));
+    let worker_end = clean_end.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let mut frames = Frames {
             rx,
-            current: Bytes::new(),
+            current: prefix,
+            clean_end: worker_end,
         };
         work(&mut frames)
     });
@@ -152,12 +170,42 @@ pub async fn stream_body<T: Send + 'static>(
             break Ok(());
         }
     };
+    if read_result.is_ok() {
+        clean_end.store(true, Ordering::Release);
+    }
     drop(tx);
     let done = worker
         .await
         .map_err(|e| BodyError::Io(io::Error::other(e.to_string())))?;
     read_result?;
     Ok(done)
+}
+
+/// Reads the first `n` bytes of `body` (each frame within `idle`); returns
+/// them and whatever else the last frame held.
+pub async fn read_prefix(
+    body: &mut Body,
+    n: usize,
+    idle: Duration,
+) -> Result<(Vec<u8>, Bytes), BodyError> {
+    let mut prefix = Vec::with_capacity(n);
+    while prefix.len() < n {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout(idle)),
+            Ok(None) => return Err(BodyError::Short { wanted: n }),
+            Ok(Some(Err(e))) => return Err(BodyError::Aborted(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        let take = (n - prefix.len()).min(data.len());
+        prefix.extend_from_slice(&data.split_to(take));
+        if prefix.len() == n {
+            return Ok((prefix, data));
+        }
+    }
+    Ok((prefix, Bytes::new()))
 }
 
 /// Bytes of a refused body that are read and thrown away before replying, so the

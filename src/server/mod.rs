@@ -119,8 +119,13 @@ struct Inner {
     staging: OwnedFd,
     staging_path: PathBuf,
     reserved: Option<String>,
-    locks: KeyedLocks,
+    /// Shared by every `Receiver` of the process: after a reload, the new
+    /// receiver's recovery waits for requests still running on the old one.
+    locks: &'static KeyedLocks,
 }
+
+static UPLOAD_LOCKS: std::sync::LazyLock<KeyedLocks> =
+    std::sync::LazyLock::new(KeyedLocks::default);
 
 impl Receiver {
     /// Opens (creating as needed) the output and state directories and the state
@@ -163,7 +168,7 @@ impl Receiver {
                 staging,
                 staging_path,
                 reserved: reserved_component(&cfg.output_dir, &cfg.state_dir),
-                locks: KeyedLocks::default(),
+                locks: &UPLOAD_LOCKS,
             }),
         })
     }
@@ -205,21 +210,76 @@ impl Receiver {
                 }
             }
         }
+        self.sweep_staging().await;
+    }
+
+    /// Removes staging files nothing refers to: those of a batch stopped
+    /// before it recorded them, and of uploads already complete. Each is
+    /// checked under its upload's locks, so a request writing it is waited for.
+    async fn sweep_staging(&self) {
+        let path = self.inner.staging_path.clone();
+        let names = match blocking(move || {
+            std::fs::read_dir(&path)?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<io::Result<Vec<String>>>()
+        })
+        .await
+        {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the staging directory");
+                return;
+            }
+        };
+        let mut removed = 0usize;
+        // (`v1-*` files are v1 chunks on their way in, not uploads.)
+        let ids = names
+            .into_iter()
+            .filter(|n| protocol::is_valid_upload_id(n) && !n.starts_with("v1-"));
+        for id in ids {
+            let _chunk = self.inner.locks.lock(format!("{id}#0")).await;
+            let _upload = self.inner.locks.lock(id.clone()).await;
+            let this = self.clone();
+            let gone = blocking(move || {
+                let orphan = match this.inner.state.upload(&id)? {
+                    None => true,
+                    Some(upload) => upload.phase == UploadPhase::Complete,
+                };
+                if orphan {
+                    this.discard_staged(&id);
+                }
+                Ok::<_, state::StateError>(orphan)
+            })
+            .await;
+            removed += usize::from(matches!(gone, Ok(true)));
+        }
+        if removed > 0 {
+            tracing::info!(files = removed, "removed staging files of no upload");
+        }
     }
 
     /// Removes uploads untouched for `incomplete_expiry` and their staging data.
     pub async fn expire(&self) {
         let inner = self.inner.clone();
         let cutoff = state::now_secs() - inner.incomplete_expiry.as_secs() as i64;
-        let result = blocking(move || {
-            let (stale, forgotten) = inner.state.expire(cutoff)?;
-            for id in &stale {
-                let _ =
-                    rustix::fs::unlinkat(&inner.staging, id.as_str(), rustix::fs::AtFlags::empty());
+        let state = inner.state.clone();
+        let result = blocking(move || state.expire(cutoff)).await;
+        // A batch may be writing a staging file of the same id (it holds the
+        // chunk's lock): the file goes only once nobody holds it.
+        let result = match result {
+            Ok((stale, forgotten)) => {
+                for id in &stale {
+                    let _chunk = inner.locks.lock(format!("{id}#0")).await;
+                    let _ = rustix::fs::unlinkat(
+                        &inner.staging,
+                        id.as_str(),
+                        rustix::fs::AtFlags::empty(),
+                    );
+                }
+                Ok((stale.len(), forgotten))
             }
-            Ok::<_, state::StateError>((stale.len(), forgotten))
-        })
-        .await;
+            Err(e) => Err(e),
+        };
         match result {
             Ok((0, 0)) => {}
             Ok((stale, forgotten)) => {
@@ -270,24 +330,31 @@ impl Receiver {
         let (dest, first_attempt) = match (upload.phase, upload.actual_name) {
             (UploadPhase::Complete, Some(name)) => return Ok(name),
             (UploadPhase::Finalizing, Some(name)) => {
-                if !paths::exists_in(&inner.staging, upload_id)? {
-                    let dest = destination_from_display(&name);
-                    let parent = paths::open_parent(&inner.root, &dest).map_err(open_error)?;
-                    if !paths::exists_in(&parent, &dest.name)? {
-                        // Neither name holds the file (a power cut took the
-                        // staging entry before the rename): the client sends it again.
-                        inner.state.forget_upload(upload_id)?;
-                        tracing::warn!(upload_id, file = %name, "staged file lost before its rename; the upload was discarded");
-                        return Err(ApiError::FileMismatch(format!(
-                            "the receiver lost the staged file of upload {upload_id}; send the file again from its first chunk"
-                        )));
+                let dest = destination_from_display(&name);
+                // The staged file's name was made durable before the final name
+                // was recorded, so a missing staged file means the rename
+                // happened (the final file may have been taken away since).
+                let renamed = !paths::exists_in(&inner.staging, upload_id)?;
+                let parent = paths::open_parent(&inner.root, &dest).map_err(open_error)?;
+                // Where rename is emulated by link + unlink, a crash between
+                // the two leaves both names on one file.
+                let linked =
+                    !renamed && paths::same_file(&inner.staging, upload_id, &parent, &dest.name)?;
+                if renamed || linked {
+                    if linked {
+                        rustix::fs::unlinkat(
+                            &inner.staging,
+                            upload_id,
+                            rustix::fs::AtFlags::empty(),
+                        )
+                        .map_err(io::Error::from)?;
                     }
-                    // The rename happened before the crash; only the record is missing.
                     paths::fsync_dir(&parent)?;
+                    paths::fsync_dir(&inner.staging)?;
                     inner.state.complete(upload_id, &name)?;
                     return Ok(name);
                 }
-                (destination_from_display(&name), 0)
+                (dest, 0)
             }
             _ => {
                 self.verify_staged(upload_id, &upload.meta)?;
@@ -363,6 +430,8 @@ impl Receiver {
             ));
         }
         file.sync_all()?;
+        // The staged name too: recovery reads a missing staged file as renamed.
+        paths::fsync_dir(&inner.staging)?;
         Ok(())
     }
 }
@@ -641,6 +710,9 @@ fn body_error(e: BodyError, too_long: impl FnOnce(u64) -> ApiError) -> ApiError 
             t.as_secs()
         )),
         BodyError::Aborted(m) => ApiError::BadRequest(format!("the request body was cut off: {m}")),
+        BodyError::Short { wanted } => ApiError::BadRequest(format!(
+            "the body ended before the {wanted}-byte manifest did (X-Manifest-Length)"
+        )),
         BodyError::Io(e) => e.into(),
     }
 }
@@ -966,9 +1038,34 @@ async fn receive_resumable(
         .locks
         .lock(format!("{}#{chunk_idx}", ext.upload_id))
         .await;
+    // Again under the lock: a batch may have completed the upload meanwhile.
     let state = inner.state.clone();
     let id = ext.upload_id.clone();
-    let recorded = blocking(move || state.chunk(&id, chunk_idx)).await?;
+    let (phase, recorded) = blocking(move || {
+        let phase = state.upload(&id)?.map(|u| u.phase);
+        Ok::<_, state::StateError>((phase, state.chunk(&id, chunk_idx)?))
+    })
+    .await?;
+    match phase {
+        Some(UploadPhase::Receiving) => {}
+        Some(_) => {
+            drop(chunk_guard);
+            let _ = read_body(body, None, limit, inner.read_timeout).await;
+            let name = receiver.finalize(&ext.upload_id).await?;
+            return Ok(reply(
+                "Upload complete",
+                true,
+                Some(name),
+                Some(ext.meta.chunk_count),
+            ));
+        }
+        None => {
+            return Err(ApiError::Internal(format!(
+                "upload {} was discarded while this chunk waited; send it again",
+                ext.upload_id
+            )));
+        }
+    }
     let (duplicate, received) = if let Some(recorded) = recorded {
         if recorded.sha256 != ext.chunk_sha256 || recorded.offset != ext.offset {
             return Err(ApiError::Conflict(format!(
@@ -1071,13 +1168,32 @@ async fn receive_batch(
         }
         return Err(too_large_batch(receiver.inner.max_chunk_bytes));
     }
+    let inner = &receiver.inner;
+    let (max_bytes, idle) = (inner.max_chunk_bytes, inner.read_timeout);
+    let too_long = |_| too_large_batch(max_bytes);
+    let mut body = body;
+    let (raw, rest) = body::read_prefix(&mut body, manifest_len as usize, idle)
+        .await
+        .map_err(|e| body_error(e, too_long))?;
+    let entries = blocking(move || parse_manifest(&raw, max_bytes)).await?;
+
+    // The same locks as single requests: the file's chunk, then the upload,
+    // taken in id order so that two batches cannot wait on each other.
+    let mut ids: Vec<&str> = entries.iter().map(|(e, _)| e.upload_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut guards = Vec::with_capacity(ids.len() * 2);
+    for id in ids {
+        guards.push(inner.locks.lock(format!("{id}#0")).await);
+        guards.push(inner.locks.lock(id.to_owned()).await);
+    }
     let this = receiver.clone();
-    let handle = tokio::runtime::Handle::current();
-    let results = stream_body(body, limit, receiver.inner.read_timeout, move |frames| {
-        this.batch_blocking(&handle, manifest_len, frames)
+    let results = stream_body(body, rest, max_bytes, idle, move |frames| {
+        let results = this.batch_blocking(&entries, frames);
+        drop(guards);
+        results
     })
     .await
-    .map_err(|e| body_error(e, |_| too_large_batch(receiver.inner.max_chunk_bytes)))??;
+    .map_err(|e| body_error(e, too_long))??;
     Ok(axum::Json(BatchReply { files: results }).into_response())
 }
 
@@ -1089,9 +1205,15 @@ fn too_large_batch(limit: u64) -> ApiError {
 
 /// What a batch does with one of its files.
 enum BatchPlan {
-    /// Written to its staging file and verified; recorded and renamed with the others.
-    New {
+    /// New: to be written to its staging file (open), verified, then
+    /// recorded and renamed with the others.
+    Write {
         file: File,
+        dest: Destination,
+    },
+    /// Written and verified (the staging file is closed again, so that a batch
+    /// holds no descriptor per file).
+    New {
         dest: Destination,
     },
     /// Known already (complete, finalizing, or every chunk recorded): `finalize` answers.
@@ -1100,52 +1222,27 @@ enum BatchPlan {
 }
 
 impl Receiver {
-    /// The blocking half of [`receive_batch`]: reads the manifest and the files
-    /// from `frames`, then records and renames the new ones together.
+    /// The blocking half of [`receive_batch`], with the locks of every file
+    /// held: reads the files from `frames`, then records and renames the new
+    /// ones together.
     fn batch_blocking(
         &self,
-        handle: &tokio::runtime::Handle,
-        manifest_len: u64,
+        entries: &[(BatchEntry, FileMeta)],
         frames: &mut Frames,
     ) -> Result<Vec<BatchResult>, ApiError> {
         use std::io::Read;
-        let inner = &self.inner;
-        let mut raw = vec![0u8; manifest_len as usize];
-        frames.read_exact(&mut raw).map_err(|_| {
-            ApiError::BadRequest(format!(
-                "the body ended before the {manifest_len}-byte manifest did"
-            ))
-        })?;
-        let manifest: BatchManifest = serde_json::from_slice(&raw).map_err(|e| {
-            ApiError::BadRequest(format!(
-                "the batch manifest is not valid JSON of the form {{\"files\": [{{\"uploadId\", \"fileName\", \"size\", \"sha256\"}}]}}: {e}"
-            ))
-        })?;
-        drop(raw);
-        let entries = validate_manifest(manifest, inner.max_chunk_bytes)?;
-
-        // The same locks as single requests: the file's chunk, then the upload,
-        // taken in id order so that two batches cannot wait on each other.
-        let mut order: Vec<&str> = entries.iter().map(|(e, _)| e.upload_id.as_str()).collect();
-        order.sort_unstable();
-        let mut guards = Vec::with_capacity(order.len() * 2);
-        for id in order {
-            guards.push(handle.block_on(inner.locks.lock(format!("{id}#0"))));
-            guards.push(handle.block_on(inner.locks.lock(id.to_owned())));
-        }
-
         let mut plans = Vec::with_capacity(entries.len());
         let mut failure = None;
-        for (entry, meta) in &entries {
+        for (entry, meta) in entries {
             let plan = match self.plan_batch_entry(entry, meta) {
                 Ok(plan) => plan,
                 Err(e) => BatchPlan::Refused(e),
             };
             let plan = match plan {
-                BatchPlan::New { file, dest } => match receive_batch_file(frames, &file, entry) {
+                BatchPlan::Write { file, dest } => match receive_batch_file(frames, &file, entry) {
                     Ok(None) => {
                         start_writeback(&file);
-                        BatchPlan::New { file, dest }
+                        BatchPlan::New { dest }
                     }
                     Ok(Some(refusal)) => {
                         self.discard_staged(&entry.upload_id);
@@ -1174,6 +1271,13 @@ impl Receiver {
                 "the body is longer than the files the manifest lists".to_owned(),
             ));
         }
+        // A body cut off (or over its limit) right after the last file is no
+        // batch either: its error is the reply, so nothing may be recorded.
+        if failure.is_none() && !frames.ended_cleanly() {
+            failure = Some(ApiError::BadRequest(
+                "the request body did not end cleanly".to_owned(),
+            ));
+        }
         if let Some(e) = failure {
             for ((entry, _), plan) in entries.iter().zip(&plans) {
                 if matches!(plan, BatchPlan::New { .. }) {
@@ -1188,8 +1292,8 @@ impl Receiver {
         let mut fresh = Vec::new();
         for (i, plan) in plans.into_iter().enumerate() {
             match plan {
-                BatchPlan::New { file, dest } => {
-                    fresh.push((i, file, dest));
+                BatchPlan::New { dest } | BatchPlan::Write { dest, .. } => {
+                    fresh.push((i, dest));
                     results.push(None);
                 }
                 BatchPlan::Known => {
@@ -1199,7 +1303,7 @@ impl Receiver {
                 BatchPlan::Refused(e) => results.push(Some(Err(e))),
             }
         }
-        for (i, outcome) in self.finalize_batch(&entries, fresh) {
+        for (i, outcome) in self.finalize_batch(entries, fresh) {
             results[i] = Some(outcome.map(|name| (name, false)));
         }
         // Files known before (and new ones whose name was taken) finish one by one.
@@ -1209,7 +1313,6 @@ impl Receiver {
                 *slot = Some(self.finalize_blocking(id).map(|name| (name, known[i])));
             }
         }
-        drop(guards);
         Ok(entries
             .iter()
             .zip(results)
@@ -1252,7 +1355,7 @@ impl Receiver {
             .create(true)
             .truncate(true)
             .open(inner.staging_path.join(&entry.upload_id))?;
-        Ok(BatchPlan::New { file, dest })
+        Ok(BatchPlan::Write { file, dest })
     }
 
     fn discard_staged(&self, upload_id: &str) {
@@ -1267,27 +1370,44 @@ impl Receiver {
     fn finalize_batch(
         &self,
         entries: &[(BatchEntry, FileMeta)],
-        fresh: Vec<(usize, File, Destination)>,
+        fresh: Vec<(usize, Destination)>,
     ) -> Vec<(usize, Result<String, ApiError>)> {
         let inner = &self.inner;
         let mut settled = Vec::new();
+        let refuse = |i: usize, e: ApiError, settled: &mut Vec<_>| {
+            self.discard_staged(&entries[i].0.upload_id);
+            settled.push((i, Err(e)));
+        };
+        // The data (writeback started as each file was written), and where
+        // each file goes (directories created as needed) before anything is
+        // recorded.
+        let mut parents: HashMap<Vec<String>, OwnedFd> = HashMap::new();
         let mut durable = Vec::new();
-        for (i, file, dest) in fresh {
-            match file.sync_data() {
-                Ok(()) => durable.push((i, dest)),
-                Err(e) => {
-                    self.discard_staged(&entries[i].0.upload_id);
-                    settled.push((i, Err(e.into())));
+        for (i, dest) in fresh {
+            let staged = inner.staging_path.join(&entries[i].0.upload_id);
+            if let Err(e) = File::open(&staged).and_then(|f| f.sync_data()) {
+                refuse(i, e.into(), &mut settled);
+                continue;
+            }
+            if !parents.contains_key(&dest.dirs) {
+                match paths::open_parent(&inner.root, &dest) {
+                    Ok(fd) => {
+                        parents.insert(dest.dirs.clone(), fd);
+                    }
+                    Err(e) => {
+                        refuse(i, open_error(e), &mut settled);
+                        continue;
+                    }
                 }
             }
+            durable.push((i, dest));
         }
         if durable.is_empty() {
             return settled;
         }
         let fail_all = |durable: Vec<(usize, Destination)>, e: ApiError, settled: &mut Vec<_>| {
             for (i, _) in durable {
-                self.discard_staged(&entries[i].0.upload_id);
-                settled.push((i, Err(e.clone())));
+                refuse(i, e.clone(), settled);
             }
         };
         if let Err(e) = paths::fsync_dir(&inner.staging) {
@@ -1312,27 +1432,15 @@ impl Receiver {
             return settled;
         }
         crate::failpoint::hit(crate::failpoint::SERVER_BEFORE_RENAME);
-        let mut parents: HashMap<Vec<String>, OwnedFd> = HashMap::new();
         let mut renamed = Vec::new();
         for (i, dest) in durable {
             let id = &entries[i].0.upload_id;
-            let parent = match parents.entry(dest.dirs.clone()) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    match paths::open_parent(&inner.root, &dest) {
-                        Ok(fd) => v.insert(fd),
-                        Err(e) => {
-                            // Recorded as finalizing: `finalize` says the same again.
-                            settled.push((i, Err(open_error(e))));
-                            continue;
-                        }
-                    }
-                }
-            };
+            let parent = &parents[&dest.dirs];
             match paths::rename_no_replace(&inner.staging, id, parent, &dest.name) {
                 Ok(true) => renamed.push((i, dest.display())),
                 // The name is taken: `finalize` picks the next free one.
                 Ok(false) => {}
+                // Recorded as finalizing: `finalize` tries again.
                 Err(e) => settled.push((i, Err(e.into()))),
             }
         }
@@ -1362,12 +1470,15 @@ impl Receiver {
     }
 }
 
-/// Checks a batch manifest as a whole: entry count, upload ids (valid and
-/// distinct), hashes and total size. Returns each entry with its file's metadata.
-fn validate_manifest(
-    manifest: BatchManifest,
-    max_bytes: u64,
-) -> Result<Vec<(BatchEntry, FileMeta)>, ApiError> {
+/// Parses a batch manifest and checks it as a whole: entry count, upload ids
+/// (valid and distinct), hashes and total size. Returns each entry with its
+/// file's metadata.
+fn parse_manifest(raw: &[u8], max_bytes: u64) -> Result<Vec<(BatchEntry, FileMeta)>, ApiError> {
+    let manifest: BatchManifest = serde_json::from_slice(raw).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the batch manifest is not valid JSON of the form {{\"files\": [{{\"uploadId\", \"fileName\", \"size\", \"sha256\"}}]}}: {e}"
+        ))
+    })?;
     let n = manifest.files.len();
     if n == 0 || n > protocol::MAX_BATCH_FILES {
         return Err(ApiError::BadRequest(format!(

@@ -282,7 +282,10 @@ pub fn open_parent(root: &OwnedFd, dest: &Destination) -> Result<OwnedFd, OpenEr
     .map_err(io::Error::from)?;
     for dir in &dest.dirs {
         match rustix::fs::mkdirat(&current, dir.as_str(), Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            // A new directory's entry is made durable with it, so that a file
+            // reported complete below it survives a power cut.
+            Ok(()) => rustix::fs::fsync(&current).map_err(io::Error::from)?,
+            Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(io::Error::from(e).into()),
         }
         current = match rustix::fs::openat(
@@ -364,6 +367,24 @@ pub fn exists_in(dir: &OwnedFd, name: &str) -> io::Result<bool> {
         Err(rustix::io::Errno::NOENT) => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether `a` in `a_dir` and `b` in `b_dir` are the same file (one inode
+/// under two names); `false` when either is missing.
+pub fn same_file(a_dir: &OwnedFd, a: &str, b_dir: &OwnedFd, b: &str) -> io::Result<bool> {
+    let stat = |dir: &OwnedFd, name: &str| match rustix::fs::statat(
+        dir,
+        name,
+        AtFlags::SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => Ok(Some((st.st_dev, st.st_ino))),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(io::Error::from(e)),
+    };
+    Ok(match (stat(a_dir, a)?, stat(b_dir, b)?) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    })
 }
 
 pub fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {

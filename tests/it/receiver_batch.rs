@@ -339,3 +339,97 @@ async fn malformed_batches_are_refused_whole_and_change_nothing() {
         [("a.bin".to_owned(), a), ("b.bin".to_owned(), b)].into()
     );
 }
+
+#[tokio::test]
+async fn a_batch_body_cut_at_its_limit_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &["--max-chunk-bytes", "8KiB"]).await;
+    let client = reqwest::Client::new();
+    // A file as large as the limit: every byte the manifest promises, then
+    // more, sent without a length so that only reading the body finds out.
+    // The receiver stops reading at the limit, right where the file ends.
+    let a = pseudo_random(8 << 10, 30);
+    let (len, body) = batch_body(&[entry("cut-at-limit-a-000001", "a.bin", &a)]);
+    let frames: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(body[..len].to_vec()),
+        Ok(body[len..].to_vec()),
+        Ok(vec![0u8; 1000]),
+    ];
+    let response = client
+        .post(format!("{}/upload/batch", server.url))
+        .bearer_auth(KEY)
+        .header("X-Manifest-Length", len)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(frames)))
+        .send()
+        .await
+        .unwrap();
+    let (status, reply) = json(response).await;
+    assert_eq!(status, 413, "{reply}");
+    assert!(visible_files(&out).is_empty());
+    assert_eq!(staging_entries(&out), 0);
+    let response = client
+        .get(format!("{}/upload/cut-at-limit-a-000001", server.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "the file was recorded");
+}
+
+#[tokio::test]
+async fn staging_files_of_no_upload_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    // An upload in progress: its staging file must survive a restart.
+    let file = pseudo_random(3 * 1024, 40);
+    let first = ResumableChunk {
+        upload_id: "sweep-in-progress-0001",
+        name: "kept.bin",
+        file: &file,
+        chunk_size: 1024,
+        index: 0,
+    };
+    let (status, _) = json(
+        first
+            .request(&client, &server.upload_url())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // What a batch stopped before recording its files leaves behind.
+    let staging = out.join(".indexedcp/staging");
+    std::fs::write(staging.join("sweep-orphan-000000001"), b"orphan").unwrap();
+    server.restart().await;
+    let names: Vec<String> = eventually(
+        std::time::Duration::from_secs(10),
+        "the orphan to be removed",
+        async || {
+            let names: Vec<String> = std::fs::read_dir(&staging)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            (!names.iter().any(|n| n.starts_with("sweep-orphan"))).then_some(names)
+        },
+    )
+    .await;
+    assert_eq!(names, ["sweep-in-progress-0001"]);
+    // The upload goes on after the restart.
+    for index in 1..3 {
+        let chunk = ResumableChunk { index, ..first };
+        let (status, reply) = json(
+            chunk
+                .request(&client, &server.upload_url())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    assert_eq!(visible_files(&out), [("kept.bin".to_owned(), file)].into());
+}
