@@ -157,6 +157,7 @@ impl Agent {
                         Some(o) if !Arc::ptr_eq(o, t) => {
                             changes.push(format!("target {} changed", t.config.name));
                             changed_targets.push(t.config.name.clone());
+                            o.retire();
                         }
                         Some(_) => {}
                     }

@@ -418,7 +418,7 @@ impl TargetClient {
         manifest_len: usize,
         body: Vec<u8>,
     ) -> Result<BatchReply, UploadError> {
-        let url = format!("{}/batch", self.url.trim_end_matches('/'));
+        let url = self.below("batch");
         let response = self
             .authorize(self.http.post(&url))
             .header(protocol::MANIFEST_LENGTH, manifest_len)
@@ -441,6 +441,19 @@ impl TargetClient {
         })
     }
 
+    /// The target URL with one more path segment (before any query string):
+    /// `https://h/upload?k=v` and `batch` give `https://h/upload/batch?k=v`.
+    fn below(&self, segment: &str) -> String {
+        let mut url = match reqwest::Url::parse(&self.url) {
+            Ok(url) => url,
+            Err(_) => return format!("{}/{segment}", self.url.trim_end_matches('/')),
+        };
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push(segment);
+        }
+        url.into()
+    }
+
     /// The receiver refused batches (an older receiver): send files one by one.
     fn forget_batches(&self) {
         self.batch_refused.store(true, Ordering::Relaxed);
@@ -448,7 +461,7 @@ impl TargetClient {
 
     /// `GET /upload/<id>`: what the receiver has of an upload (`None`: nothing).
     pub async fn status(&self, upload_id: &str) -> Result<Option<UploadStatus>, UploadError> {
-        let url = format!("{}/{upload_id}", self.url.trim_end_matches('/'));
+        let url = self.below(upload_id);
         let response = self
             .authorize(self.http.get(&url))
             .send()
@@ -514,6 +527,9 @@ pub struct TargetRuntime {
     /// When a failed attempt was last logged at warning level, and how many
     /// were logged at debug level since.
     last_warning: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// Replaced by a reload: a failure of an attempt still running with these
+    /// settings says nothing about the new ones.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// Failed attempts of one target are logged as warnings at most this often:
@@ -532,7 +548,14 @@ impl TargetRuntime {
             client,
             budget: Arc::new(tokio::sync::Semaphore::new(units as usize)),
             last_warning: std::sync::Mutex::new(None),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks these settings as replaced by a reload: attempts still running
+    /// with them retry at once when they fail.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// Waits until `length` more chunk bytes may be in flight; they may until
@@ -771,6 +794,9 @@ async fn fail(
     }
     let n = chunk.retry_count + 1;
     let delay = match retry {
+        // The attempt ran with settings a reload has replaced (which may fix
+        // what failed): the new ones get their try at once.
+        _ if target.retired.load(Ordering::Relaxed) => Duration::ZERO,
         Retry::AtMaximum => backoff.max,
         Retry::NotBefore(at_least) => backoff.delay_with_jitter(n, random_unit()).max(at_least),
         _ => backoff.delay_with_jitter(n, random_unit()),
@@ -819,6 +845,15 @@ async fn fail(
 /// limit and, in bytes, by the target's `chunk_size`).
 const BATCH_FILES: usize = 256;
 
+/// Manifest bytes a batch may use: half of what a receiver reads, so that
+/// names full of characters JSON escapes still fit.
+const MANIFEST_BUDGET: usize = (protocol::MAX_MANIFEST_BYTES / 2) as usize;
+
+/// A generous estimate of a file's entry in a batch manifest.
+fn manifest_entry_bytes(file: &FileRecord) -> usize {
+    file.remote_name.len() + file.upload_id.len() + 160
+}
+
 /// What one uploader task attempts: a file on its own, or several small files
 /// (each a single chunk) in one batch request.
 #[derive(Debug)]
@@ -846,6 +881,7 @@ pub fn plan_attempts(target: &TargetRuntime, files: Vec<FileRecord>, slots: usiz
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut batch: Vec<FileRecord> = Vec::new();
     let mut batch_bytes = 0u64;
+    let mut manifest_bytes = 0usize;
     let close = |batch: &mut Vec<FileRecord>, attempts: &mut Vec<Attempt>| match batch.len() {
         0 => {}
         1 => attempts.push(Attempt::One(Box::new(batch.remove(0)))),
@@ -854,21 +890,27 @@ pub fn plan_attempts(target: &TargetRuntime, files: Vec<FileRecord>, slots: usiz
     for file in files {
         let batchable = max_files > 1 && file.chunk_count == 1 && file.size <= max_bytes;
         if batchable {
+            let entry_bytes = manifest_entry_bytes(&file);
             if !batch.is_empty()
-                && (batch.len() >= max_files || batch_bytes + file.size > max_bytes)
+                && (batch.len() >= max_files
+                    || batch_bytes + file.size > max_bytes
+                    || manifest_bytes + entry_bytes > MANIFEST_BUDGET)
             {
                 close(&mut batch, &mut attempts);
                 batch_bytes = 0;
+                manifest_bytes = 0;
             }
             // An open batch holds a slot of its own.
             if batch.is_empty() && attempts.len() >= slots {
                 break;
             }
             batch_bytes += file.size;
+            manifest_bytes += entry_bytes;
             batch.push(file);
         } else {
             close(&mut batch, &mut attempts);
             batch_bytes = 0;
+            manifest_bytes = 0;
             if attempts.len() >= slots {
                 break;
             }
@@ -992,6 +1034,18 @@ pub async fn upload_batch(
         }) => {
             client.forget_batches();
             tracing::info!(target = %target.config.name, "the receiver does not take batches; sending files one by one");
+            return Ok(None);
+        }
+        // A batch refused whole says nothing about its files (the receiver's
+        // limits are tighter than this agent's chunk_size, say): they go one
+        // by one, where each gets its own answer.
+        Err(
+            e @ UploadError::Status {
+                status: 400 | 413, ..
+            },
+        ) => {
+            client.forget_batches();
+            tracing::warn!(target = %target.config.name, error = %e, "the receiver refused a batch; sending files one by one from now on");
             return Ok(None);
         }
         Err(e) => {
@@ -1468,6 +1522,23 @@ mod tests {
         target.client.forget_batches();
         target.client.note_resumable(&headers);
         assert_eq!(target.client.batch_limit(), 0);
+    }
+
+    #[test]
+    fn batch_and_status_urls_keep_the_query_string() {
+        let client = |url: &str| TargetClient::new(&TargetConfig::new("t", url)).unwrap();
+        assert_eq!(
+            client("http://h:1/upload").below("batch"),
+            "http://h:1/upload/batch"
+        );
+        assert_eq!(
+            client("https://h/in/upload/?tenant=a").below("batch"),
+            "https://h/in/upload/batch?tenant=a"
+        );
+        assert_eq!(
+            client("http://h/upload?k=v").below("abcdefabcdefabcdef"),
+            "http://h/upload/abcdefabcdefabcdef?k=v"
+        );
     }
 
     #[test]

@@ -540,3 +540,48 @@ async fn a_receiver_that_refuses_batches_gets_every_file_one_by_one() {
         assert_eq!(copies, &vec![files[name].clone()], "{name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_over_the_receivers_limit_falls_back_to_single_files() {
+    let (dir, out, spool, _staging) = agent_dirs();
+    // The receiver takes at most 16 KiB per request; the agent's chunks are
+    // 64 KiB, so its batches of small files are refused whole (413).
+    let server = Server::start(&out, &["--max-chunk-bytes", "16KiB"]).await;
+    let config = agent_config(
+        dir.path(),
+        &server.upload_url(),
+        &spool,
+        "",
+        "chunk_size = \"64KiB\"",
+    );
+    std::fs::create_dir_all(&spool).unwrap();
+    let mut files = BTreeMap::new();
+    for i in 0..30usize {
+        let rel = format!("limit-{i}.bin");
+        files.insert(rel.clone(), pseudo_random(3000 + i, i as u64 + 70));
+        std::fs::write(spool.join(&rel), &files[&rel]).unwrap();
+    }
+    let _daemon = Daemon::start(&config);
+    wait_for_files(&out, &files, Duration::from_secs(30)).await;
+    // Every file confirmed, none parked on the way.
+    eventually(
+        Duration::from_secs(10),
+        "every file confirmed",
+        async || {
+            let status = std::process::Command::new(BIN)
+                .args(["status", "--json", "--config"])
+                .arg(&config)
+                .output()
+                .ok()?;
+            let listing: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
+            let states: Vec<&str> = listing
+                .as_array()?
+                .iter()
+                .filter_map(|f| f["state"].as_str())
+                .collect();
+            assert!(!states.contains(&"failed"), "{listing}");
+            (states.len() == files.len() && states.iter().all(|s| *s == "confirmed")).then_some(())
+        },
+    )
+    .await;
+}
