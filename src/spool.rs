@@ -672,9 +672,26 @@ impl SpoolWatch {
     async fn moved_in(&mut self, path: &Path) -> ControlFlow<()> {
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.is_dir() => self.directory_appeared(path),
-            Ok(_) => {
+            Ok(meta) => {
                 if let Some(relative) = self.file_entry(path) {
-                    return self.offer(relative, None).await;
+                    if !meta.is_file() {
+                        // `offer` says why it is skipped.
+                        return self.offer(relative, None).await;
+                    }
+                    // Renamed in complete, as files should be dropped: it goes
+                    // at the next closed-file check (a batch of them at once)
+                    // unless it changed since, or a process still has it open
+                    // for writing (it then waits for that writer's close).
+                    let now = Instant::now();
+                    self.pending.insert(
+                        relative,
+                        Pending {
+                            seen: Some(SourceIdentity::of(&meta)),
+                            since: now.checked_sub(CLOSE_QUIET).unwrap_or(now),
+                            closed: true,
+                        },
+                    );
+                    self.close_check.get_or_insert(now);
                 }
             }
             // Moved on already; its own event follows.
@@ -1589,6 +1606,26 @@ mod tests {
         let candidate = running.next().await;
         assert_eq!(candidate.relative, "report.dat");
         assert_eq!(candidate.identity.size, 6);
+    }
+
+    #[tokio::test]
+    async fn a_file_renamed_in_while_still_open_for_writing_waits_for_its_close() {
+        let dirs = dirs();
+        let mut spool = config(&dirs.root);
+        spool.settle = NEVER;
+        let mut running = start(spool);
+
+        // The writer keeps a handle across the rename and truncates through it.
+        let staged = dirs.outside.join("held.dat");
+        fs::write(&staged, vec![7u8; 100_000]).unwrap();
+        let handle = fs::OpenOptions::new().write(true).open(&staged).unwrap();
+        fs::rename(&staged, dirs.root.join("held.dat")).unwrap();
+        running.assert_quiet(Duration::from_millis(300)).await;
+        handle.set_len(1000).unwrap();
+        drop(handle);
+        let candidate = running.next().await;
+        assert_eq!(candidate.relative, "held.dat");
+        assert_eq!(candidate.identity.size, 1000);
     }
 
     #[tokio::test]
