@@ -16,9 +16,7 @@
 //!    down, until the source leaves the spool (it is deleted only after the
 //!    buffer's commit). Baseline: `sha256sum` of the file.
 //! 3. Many small files: 4 KiB files renamed into the spool at once, until all
-//!    are in the output directory. On ext4 without a journal, runs after the
-//!    first wait a minute first, until the inodes the run before freed may be
-//!    reused (see `unjournaled_ext4`).
+//!    are in the output directory.
 //! 4. Latency: one 4 KiB file written into the spool by a plain program
 //!    (create, write, close) of an idle daemon, until it is in the output
 //!    directory; median and p99 over many drops, `settle` at its default.
@@ -719,18 +717,7 @@ struct SmallFiles {
 
 fn small_files(settings: &Settings) -> Result<SmallFiles> {
     let count = settings.small_files;
-    let unjournaled = unjournaled_ext4(&settings.base_dir);
-    let mut first = true;
     let runs = settings.repeat("3. many small files", || {
-        // ext4 without a journal does not reuse an inode freed in the last
-        // minute: allocating one scans past all of them. The run before freed
-        // tens of thousands (its spool and its clean-up), which would slow
-        // this one's file creations (the writer's and the receiver's) by half.
-        // Each run starts as the first did.
-        if unjournaled.is_some() && !std::mem::take(&mut first) {
-            eprintln!("  waiting {INODE_REUSE_WAIT:?}: ext4 without a journal avoids inodes freed in the last minute");
-            std::thread::sleep(INODE_REUSE_WAIT);
-        }
         let run = RunDir::create(settings)?;
         let written = Instant::now();
         let names = write_files(&run.staging, "small-", count, SMALL_FILE_BYTES)?;
@@ -769,34 +756,6 @@ fn small_files(settings: &Settings) -> Result<SmallFiles> {
         files_per_s: median_of(&runs, |r| r.0),
         peak_rss_mib: median_of(&runs, |r| r.1),
     })
-}
-
-/// How long ext4 without a journal avoids reusing a freed inode (60 s once
-/// the inode table block is written back), with a margin.
-const INODE_REUSE_WAIT: Duration = Duration::from_secs(65);
-
-/// The device name when `dir` is on an ext4 file system without a journal
-/// (`/proc/fs/ext4/<dev>` exists, `/proc/fs/jbd2/<dev>-*` does not).
-fn unjournaled_ext4(dir: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(dir).ok()?.dev();
-    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")).ok()?;
-    let name = uevent
-        .lines()
-        .find_map(|l| l.strip_prefix("DEVNAME="))?
-        .to_owned();
-    if !Path::new("/proc/fs/ext4").join(&name).exists() {
-        return None;
-    }
-    let journaled = std::fs::read_dir("/proc/fs/jbd2").is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{name}-"))
-        })
-    });
-    (!journaled).then_some(name)
 }
 
 // ---------------------------------------------------------------------------
