@@ -395,6 +395,15 @@ impl TargetClient {
             .headers(headers)
             .body(data);
         let response = request.send().await.map_err(|e| self.transport(e))?;
+        self.reply::<ChunkReply>(response).await
+    }
+
+    /// A reply to an upload request: its JSON body when it succeeded, else the
+    /// refusal; either way what it announces about the receiver's extensions.
+    async fn reply<T: serde::de::DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<T, UploadError> {
         if !response.status().is_success() {
             // A refusal from a proxy in front of the receiver (502, 503) says
             // nothing about the receiver: only a reply that carries the header counts.
@@ -405,7 +414,7 @@ impl TargetClient {
         }
         self.note_resumable(response.headers());
         let text = response.text().await.map_err(|e| self.transport(e))?;
-        serde_json::from_str::<ChunkReply>(&text).map_err(|e| UploadError::Protocol {
+        serde_json::from_str::<T>(&text).map_err(|e| UploadError::Protocol {
             url: self.url.clone(),
             message: format!("{e} in {:?}", text.chars().take(200).collect::<String>()),
         })
@@ -427,18 +436,7 @@ impl TargetClient {
             .send()
             .await
             .map_err(|e| self.transport(e))?;
-        if !response.status().is_success() {
-            if response.headers().contains_key(protocol::RESUMABLE) {
-                self.note_resumable(response.headers());
-            }
-            return Err(self.refusal(response).await);
-        }
-        self.note_resumable(response.headers());
-        let text = response.text().await.map_err(|e| self.transport(e))?;
-        serde_json::from_str::<BatchReply>(&text).map_err(|e| UploadError::Protocol {
-            url: self.url.clone(),
-            message: format!("{e} in {:?}", text.chars().take(200).collect::<String>()),
-        })
+        self.reply::<BatchReply>(response).await
     }
 
     /// The target URL with one more path segment (before any query string):

@@ -1021,24 +1021,12 @@ async fn receive_resumable(
         }
     };
 
-    if upload.phase != UploadPhase::Receiving {
-        // The reply to the last chunk was lost, or the receiver stopped while
-        // completing: answer as before, never write a second copy.
-        let _ = read_body(body, None, limit, inner.read_timeout).await;
-        let name = receiver.finalize(&ext.upload_id).await?;
-        return Ok(reply(
-            "Upload complete",
-            true,
-            Some(name),
-            Some(ext.meta.chunk_count),
-        ));
-    }
-
     let chunk_guard = inner
         .locks
         .lock(format!("{}#{chunk_idx}", ext.upload_id))
         .await;
-    // Again under the lock: a batch may have completed the upload meanwhile.
+    // The phase is read under the lock: a batch may have completed the upload
+    // while this request waited for it.
     let state = inner.state.clone();
     let id = ext.upload_id.clone();
     let (phase, recorded) = blocking(move || {
@@ -1049,6 +1037,8 @@ async fn receive_resumable(
     match phase {
         Some(UploadPhase::Receiving) => {}
         Some(_) => {
+            // The reply to the last chunk was lost, or the receiver stopped
+            // while completing: answer as before, never write a second copy.
             drop(chunk_guard);
             let _ = read_body(body, None, limit, inner.read_timeout).await;
             let name = receiver.finalize(&ext.upload_id).await?;

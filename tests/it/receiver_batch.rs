@@ -56,6 +56,18 @@ async fn post_batch(
     json(request.send().await.unwrap()).await
 }
 
+/// The status of `GET /upload/<id>`.
+async fn status_of(client: &reqwest::Client, server: &Server, id: &str) -> u16 {
+    client
+        .get(format!("{}/upload/{id}", server.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 fn staging_entries(out: &std::path::Path) -> usize {
     std::fs::read_dir(out.join(".indexedcp/staging"))
         .map(|d| d.count())
@@ -322,13 +334,10 @@ async fn malformed_batches_are_refused_whole_and_change_nothing() {
     assert!(visible_files(&out).is_empty());
     assert_eq!(staging_entries(&out), 0);
     // None of it was recorded: the ids are unknown to the status route.
-    let response = client
-        .get(format!("{}/upload/malformed-batch-a-0001", server.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
+    assert_eq!(
+        status_of(&client, &server, "malformed-batch-a-0001").await,
+        404
+    );
 
     // The well-formed batch still goes through afterwards.
     let (len, body) = batch_body(&good);
@@ -368,13 +377,11 @@ async fn a_batch_body_cut_at_its_limit_records_nothing() {
     assert_eq!(status, 413, "{reply}");
     assert!(visible_files(&out).is_empty());
     assert_eq!(staging_entries(&out), 0);
-    let response = client
-        .get(format!("{}/upload/cut-at-limit-a-000001", server.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404, "the file was recorded");
+    assert_eq!(
+        status_of(&client, &server, "cut-at-limit-a-000001").await,
+        404,
+        "the file was recorded"
+    );
 }
 
 #[tokio::test]

@@ -45,11 +45,16 @@ async fn scenario_2_receiver_sigkilled_at_random_moments() {
     let mut during_upload = 0;
     for _ in 0..kills {
         tokio::time::sleep(rng.millis(min_life, max_life)).await;
-        // Prefer moments with uploads in flight: give the agent a little time to
-        // have something queued.
-        let deadline = Instant::now() + Duration::from_millis(300);
-        while buffer_counts(&fx.buffer_db()).is_none_or(|c| c.0 == 0) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // Prefer moments with uploads in flight: while files are still being
+        // dropped, give the agent a little time to have something queued
+        // (small files are delivered within milliseconds of their arrival,
+        // hence the close look).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while buffer_counts(&fx.buffer_db()).is_none_or(|c| c.0 == 0)
+            && Instant::now() < deadline
+            && !dropper.is_finished()
+        {
+            tokio::time::sleep(Duration::from_millis(3)).await;
         }
         if buffer_counts(&fx.buffer_db()).is_some_and(|c| c.0 > 0) {
             during_upload += 1;
