@@ -237,8 +237,7 @@ impl Receiver {
             .into_iter()
             .filter(|n| protocol::is_valid_upload_id(n) && !n.starts_with("v1-"));
         for id in ids {
-            let _chunk = self.inner.locks.lock(format!("{id}#0")).await;
-            let _upload = self.inner.locks.lock(id.clone()).await;
+            let _guards = self.inner.locks.lock_uploads([id.as_str()]).await;
             let this = self.clone();
             let gone = blocking(move || {
                 let orphan = match this.inner.state.upload(&id)? {
@@ -268,15 +267,17 @@ impl Receiver {
         // chunk's lock): the file goes only once nobody holds it.
         let result = match result {
             Ok((stale, forgotten)) => {
-                for id in &stale {
-                    let _chunk = inner.locks.lock(format!("{id}#0")).await;
-                    let _ = rustix::fs::unlinkat(
-                        &inner.staging,
-                        id.as_str(),
-                        rustix::fs::AtFlags::empty(),
-                    );
-                }
-                Ok((stale.len(), forgotten))
+                let _guards = inner
+                    .locks
+                    .lock_uploads(stale.iter().map(String::as_str))
+                    .await;
+                let (this, n) = (self.clone(), stale.len());
+                let _ = blocking(move || {
+                    stale.iter().for_each(|id| this.discard_staged(id));
+                    Ok::<_, ApiError>(())
+                })
+                .await;
+                Ok((n, forgotten))
             }
             Err(e) => Err(e),
         };
@@ -1167,15 +1168,10 @@ async fn receive_batch(
         .map_err(|e| body_error(e, too_long))?;
     let entries = blocking(move || parse_manifest(&raw, max_bytes)).await?;
 
-    // The same locks as single requests: the file's chunk, then the upload,
-    // taken in id order so that two batches cannot wait on each other.
-    let mut ids: Vec<&str> = entries.iter().map(|(e, _)| e.upload_id.as_str()).collect();
-    ids.sort_unstable();
-    let mut guards = Vec::with_capacity(ids.len() * 2);
-    for id in ids {
-        guards.push(inner.locks.lock(format!("{id}#0")).await);
-        guards.push(inner.locks.lock(id.to_owned()).await);
-    }
+    let guards = inner
+        .locks
+        .lock_uploads(entries.iter().map(|(e, _)| e.upload_id.as_str()))
+        .await;
     let this = receiver.clone();
     let results = stream_body(body, rest, max_bytes, idle, move |frames| {
         let results = this.batch_blocking(&entries, frames);
@@ -1845,6 +1841,23 @@ impl KeyedLocks {
             }
         };
         mutex.lock_owned().await
+    }
+
+    /// The locks a single request takes on the way for each of `ids` (its
+    /// first chunk, then the upload), held together: taken in id order, so
+    /// that two holders of several cannot wait on each other.
+    async fn lock_uploads<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut ids: Vec<&str> = ids.into_iter().collect();
+        ids.sort_unstable();
+        let mut guards = Vec::with_capacity(ids.len() * 2);
+        for id in ids {
+            guards.push(self.lock(format!("{id}#0")).await);
+            guards.push(self.lock(id.to_owned()).await);
+        }
+        guards
     }
 }
 

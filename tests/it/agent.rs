@@ -424,17 +424,9 @@ async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
         Duration::from_secs(30),
         "the refused file parked",
         async || {
-            let status = std::process::Command::new(BIN)
-                .args(["status", "--json", "--config"])
-                .arg(&config)
-                .output()
-                .ok()?;
-            let listing: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
-            listing
-                .as_array()?
-                .iter()
+            status_json(&config)
+                .into_iter()
                 .find(|f| f["rel_path"] == "sub/refused.txt" && f["state"] == "failed")
-                .cloned()
         },
     )
     .await;
@@ -568,18 +560,9 @@ async fn a_batch_over_the_receivers_limit_falls_back_to_single_files() {
         Duration::from_secs(10),
         "every file confirmed",
         async || {
-            let status = std::process::Command::new(BIN)
-                .args(["status", "--json", "--config"])
-                .arg(&config)
-                .output()
-                .ok()?;
-            let listing: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
-            let states: Vec<&str> = listing
-                .as_array()?
-                .iter()
-                .filter_map(|f| f["state"].as_str())
-                .collect();
-            assert!(!states.contains(&"failed"), "{listing}");
+            let listing = status_json(&config);
+            let states: Vec<&str> = listing.iter().filter_map(|f| f["state"].as_str()).collect();
+            assert!(!states.contains(&"failed"), "{listing:?}");
             (states.len() == files.len() && states.iter().all(|s| *s == "confirmed")).then_some(())
         },
     )

@@ -15,21 +15,20 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn metrics_count_what_the_agent_and_receiver_did() {
-    let (dir, out, spool, staging) = agent_dirs();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, metrics_port) = (free(), free());
+/// A daemon config that is agent and receiver at once (64 KiB chunks, the
+/// receiver's `[server]` plus `server_extra`), with `/metrics` on a port of its
+/// own; returns the config and that port.
+fn agent_and_receiver_with_metrics(
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    spool: &std::path::Path,
+    server_extra: &str,
+) -> (std::path::PathBuf, u16) {
+    let (port, metrics_port) = (reserve_port(), reserve_port());
     let config = agent_config(
-        dir.path(),
+        dir,
         &format!("http://127.0.0.1:{port}/upload"),
-        &spool,
+        spool,
         "",
         "chunk_size = \"64KiB\"",
     );
@@ -37,10 +36,17 @@ async fn metrics_count_what_the_agent_and_receiver_did() {
         "[daemon]\n",
         &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
     ) + &format!(
-        "\n[server]\nlisten = \"127.0.0.1:{port}\"\noutput_dir = {:?}\napi_keys = [\"{KEY}\"]\n",
+        "\n[server]\nlisten = \"127.0.0.1:{port}\"\noutput_dir = {:?}\napi_keys = [\"{KEY}\"]\n{server_extra}",
         out.display().to_string()
     );
     std::fs::write(&config, text).unwrap();
+    (config, metrics_port)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_the_agent_and_receiver_did() {
+    let (dir, out, spool, staging) = agent_dirs();
+    let (config, metrics_port) = agent_and_receiver_with_metrics(dir.path(), &out, &spool, "");
     let _daemon = Daemon::start(&config);
     let mut files = BTreeMap::new();
     for i in 0..3usize {
@@ -98,22 +104,8 @@ async fn metrics_count_what_the_agent_and_receiver_did() {
 #[tokio::test(flavor = "multi_thread")]
 async fn small_files_waiting_together_travel_in_batches() {
     let (dir, out, spool, _staging) = agent_dirs();
-    let (port, metrics_port) = (reserve_port(), reserve_port());
-    let config = agent_config(
-        dir.path(),
-        &format!("http://127.0.0.1:{port}/upload"),
-        &spool,
-        "",
-        "chunk_size = \"64KiB\"",
-    );
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[daemon]\n",
-        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
-    ) + &format!(
-        "\n[server]\nlisten = \"127.0.0.1:{port}\"\noutput_dir = {:?}\napi_keys = [\"{KEY}\"]\npath_mode = \"allow-paths\"\n",
-        out.display().to_string()
-    );
-    std::fs::write(&config, text).unwrap();
+    let (config, metrics_port) =
+        agent_and_receiver_with_metrics(dir.path(), &out, &spool, "path_mode = \"allow-paths\"\n");
     // 300 small files (0 B to 8 KiB, in three folders) wait before the start,
     // so that they are due together.
     let mut files = BTreeMap::new();

@@ -69,15 +69,6 @@ async fn front(
     }
 }
 
-fn buffered(config: &std::path::Path) -> Vec<serde_json::Value> {
-    let output = std::process::Command::new(BIN)
-        .args(["status", "--json", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn unavailable_then_throttled_then_wrong_key_then_fixed_by_sighup() {
     let (dir, out, spool, staging) = agent_dirs();
@@ -117,7 +108,7 @@ async fn unavailable_then_throttled_then_wrong_key_then_fixed_by_sighup() {
     })
     .await;
     assert_eq!(
-        buffered(&config)
+        status_json(&config)
             .iter()
             .filter(|f| f["state"] == "queued")
             .count(),
@@ -133,13 +124,13 @@ async fn unavailable_then_throttled_then_wrong_key_then_fixed_by_sighup() {
     // The receiver refuses the wrong key (401): retried at the maximum delay,
     // nothing parked, nothing lost.
     eventually(Duration::from_secs(30), "401s recorded", async || {
-        buffered(&config)
+        status_json(&config)
             .iter()
             .any(|f| f["last_error"].as_str().is_some_and(|e| e.contains("401")))
             .then_some(())
     })
     .await;
-    let listing = buffered(&config);
+    let listing = status_json(&config);
     assert_eq!(listing.len(), 8);
     assert!(
         listing.iter().all(|f| f["state"] == "queued"),
@@ -155,7 +146,7 @@ async fn unavailable_then_throttled_then_wrong_key_then_fixed_by_sighup() {
         Duration::from_secs(20),
         "every file confirmed",
         async || {
-            buffered(&config)
+            status_json(&config)
                 .iter()
                 .all(|f| f["state"] == "confirmed")
                 .then_some(())

@@ -56,6 +56,22 @@ async fn post_batch(
     json(request.send().await.unwrap()).await
 }
 
+/// One chunk sent as a single request: status and JSON reply.
+async fn send_single(
+    client: &reqwest::Client,
+    server: &Server,
+    chunk: &ResumableChunk<'_>,
+) -> (u16, serde_json::Value) {
+    json(
+        chunk
+            .request(client, &server.upload_url())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 /// The status of `GET /upload/<id>`.
 async fn status_of(client: &reqwest::Client, server: &Server, id: &str) -> u16 {
     client
@@ -175,14 +191,7 @@ async fn a_batch_delivers_each_file_once_and_answers_each_on_its_own() {
         chunk_size: 1 << 20,
         index: 0,
     };
-    let (status, one) = json(
-        single
-            .request(&client, &server.upload_url())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, one) = send_single(&client, &server, &single).await;
     assert_eq!(
         (status, one["complete"].as_bool()),
         (200, Some(true)),
@@ -212,18 +221,16 @@ async fn a_file_first_sent_alone_and_a_taken_name_are_settled_in_a_batch() {
     let server = Server::start(&out, &[]).await;
     let client = reqwest::Client::new();
     let first = pseudo_random(5000, 10);
-    let (status, _) = json(
-        ResumableChunk {
+    let (status, _) = send_single(
+        &client,
+        &server,
+        &ResumableChunk {
             upload_id: "batch-alone-first-0001",
             name: "report.csv",
             file: &first,
             chunk_size: 1 << 20,
             index: 0,
-        }
-        .request(&client, &server.upload_url())
-        .send()
-        .await
-        .unwrap(),
+        },
     )
     .await;
     assert_eq!(status, 200);
@@ -399,14 +406,7 @@ async fn staging_files_of_no_upload_are_removed_at_start() {
         chunk_size: 1024,
         index: 0,
     };
-    let (status, _) = json(
-        first
-            .request(&client, &server.upload_url())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = send_single(&client, &server, &first).await;
     assert_eq!(status, 200);
     // What a batch stopped before recording its files leaves behind.
     let staging = out.join(".indexedcp/staging");
@@ -428,14 +428,7 @@ async fn staging_files_of_no_upload_are_removed_at_start() {
     // The upload goes on after the restart.
     for index in 1..3 {
         let chunk = ResumableChunk { index, ..first };
-        let (status, reply) = json(
-            chunk
-                .request(&client, &server.upload_url())
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, reply) = send_single(&client, &server, &chunk).await;
         assert_eq!(status, 200, "{reply}");
     }
     assert_eq!(visible_files(&out), [("kept.bin".to_owned(), file)].into());

@@ -536,6 +536,17 @@ pub fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> Exi
     }
 }
 
+/// The agent's buffer as `indexedcp status --json --config CONFIG` lists it
+/// (empty when the command printed nothing readable).
+pub fn status_json(config: &Path) -> Vec<serde_json::Value> {
+    let output = Command::new(BIN)
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).unwrap_or_default()
+}
+
 /// A free port on 127.0.0.1 (nothing listens on it when this returns).
 pub fn reserve_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
