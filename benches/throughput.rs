@@ -945,6 +945,7 @@ fn receiver_alone(settings: &Settings) -> Result<ReceiverAlone> {
         let elapsed = runtime.block_on(load_receiver(&url, &chunks, files_per_connection))?;
         receiver.ensure_alive()?;
         let peak_rss = receiver.peak_rss_mib()?;
+        let cpu_ms_per_chunk = receiver.cpu_seconds()? * 1000.0 / n_chunks as f64;
         receiver.stop();
         for name in (0..RECEIVER_CONNECTIONS)
             .flat_map(|conn| (0..files_per_connection).map(move |f| upload_name(conn, f)))
@@ -959,7 +960,7 @@ fn receiver_alone(settings: &Settings) -> Result<ReceiverAlone> {
         let chunks_per_s = n_chunks as f64 / elapsed.as_secs_f64();
         let disk = disk_baseline(&run, &chunks, files_per_connection)?;
         eprintln!(
-            "  {chunks_per_s:.0} chunks/s ({:.2} s), peak RSS {peak_rss:.1} MiB; disk {disk:.0} chunks/s",
+            "  {chunks_per_s:.0} chunks/s ({:.2} s), receiver CPU {cpu_ms_per_chunk:.2} ms per chunk, peak RSS {peak_rss:.1} MiB; disk {disk:.0} chunks/s",
             elapsed.as_secs_f64()
         );
         Ok((chunks_per_s, disk, peak_rss))
@@ -1363,6 +1364,23 @@ impl Running {
             .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map(|kib| kib / 1024.0)
             .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    fn cpu_seconds(&self) -> Result<f64> {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces) in parentheses;
+        // utime and stime are the 14th and 15th fields, in clock ticks.
+        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
+            bail!("cannot parse /proc/{pid}/stat");
+        };
+        let per_second = rustix::param::clock_ticks_per_second() as f64;
+        Ok((utime + stime) / per_second)
     }
 
     /// Kills and reaps the process, then says on stderr how many warnings and

@@ -14,6 +14,8 @@ use axum::body::{Body, Bytes};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
+use super::hashes::Claim;
+
 /// Frames queued between the network and the writer thread.
 const QUEUE_FRAMES: usize = 4;
 
@@ -24,12 +26,15 @@ pub struct Sink {
     /// Sync the bytes before returning: v1 replies promise durability chunk by
     /// chunk. A resumable upload is synced once, whole, after it is verified.
     pub sync: bool,
+    /// The upload's whole-file hash, when this chunk extends it.
+    pub claim: Option<Claim>,
 }
 
-#[derive(Debug)]
 pub struct BodyOutcome {
     pub length: u64,
     pub sha256: String,
+    /// The sink's claim, fed with every byte written.
+    pub claim: Option<Claim>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,21 +65,30 @@ pub async fn read_body(
         limit,
         idle,
         move |frames| -> io::Result<BodyOutcome> {
+            let mut sink = sink;
             let mut hasher = Sha256::new();
             let mut length = 0u64;
             while let Some(buf) = frames.next_frame() {
                 hasher.update(&buf);
-                if let Some(sink) = &sink {
+                if let Some(sink) = &mut sink {
                     sink.file.write_all_at(&buf, sink.offset + length)?;
+                    if let Some(claim) = &mut sink.claim {
+                        claim.update(&buf);
+                    }
                 }
                 length += buf.len() as u64;
             }
-            if let Some(sink) = sink.as_ref().filter(|s| s.sync) {
-                sink.file.sync_data()?;
+            match &sink {
+                Some(sink) if sink.sync => sink.file.sync_data()?,
+                // The sync after the last chunk then finds the data mostly on
+                // disk already, rather than waiting for the whole file.
+                Some(sink) => start_writeback(&sink.file, sink.offset, length),
+                None => {}
             }
             Ok(BodyOutcome {
                 length,
                 sha256: hex::encode(hasher.finalize()),
+                claim: sink.and_then(|s| s.claim),
             })
         },
     )
@@ -227,6 +241,24 @@ pub async fn drain(mut body: Body) {
         }
     })
     .await;
+}
+
+/// Starts writing `len` bytes of `file` from `offset` (all of it when `len` is
+/// 0) to disk without waiting for them, so that a later sync finds them
+/// (mostly) written: data otherwise stays dirty until the sync, or until the
+/// kernel's background threshold, a tenth of memory.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; the call
+    // only schedules writeback and touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 /// Whether an I/O error means the disk (or quota) is full.

@@ -16,6 +16,7 @@
 //! This module does not import the client side (`upload`).
 
 mod body;
+mod hashes;
 pub mod paths;
 pub mod state;
 
@@ -46,6 +47,7 @@ use crate::protocol::{
     self, BatchEntry, BatchManifest, BatchReply, BatchResult, ChunkReply, ErrorReply, UploadStatus,
 };
 use body::{BodyError, Frames, Sink, is_disk_full, read_body, stream_body};
+use hashes::FileHashes;
 use paths::{Destination, InvalidName};
 use state::{ChunkRecord, FileMeta, UploadPhase, UploadState, V1Session};
 
@@ -119,6 +121,8 @@ struct Inner {
     staging: OwnedFd,
     staging_path: PathBuf,
     reserved: Option<String>,
+    /// Whole-file hashes of uploads in progress, advanced as chunks arrive.
+    hashes: FileHashes,
     /// Shared by every `Receiver` of the process: after a reload, the new
     /// receiver's recovery waits for requests still running on the old one.
     locks: &'static KeyedLocks,
@@ -168,6 +172,7 @@ impl Receiver {
                 staging,
                 staging_path,
                 reserved: reserved_component(&cfg.output_dir, &cfg.state_dir),
+                hashes: FileHashes::default(),
                 locks: &UPLOAD_LOCKS,
             }),
         })
@@ -401,7 +406,7 @@ impl Receiver {
         }
         tiled &= expected_offset == meta.file_size;
         let discard = |why: String| -> Result<(), ApiError> {
-            let _ = rustix::fs::unlinkat(&inner.staging, upload_id, rustix::fs::AtFlags::empty());
+            self.discard_staged(upload_id);
             inner.state.forget_upload(upload_id)?;
             tracing::warn!(upload_id, client_name = %meta.client_name, reason = %why, "upload discarded");
             Err(ApiError::FileMismatch(format!(
@@ -423,7 +428,15 @@ impl Receiver {
             .truncate(false)
             .open(&path)?;
         file.set_len(meta.file_size)?;
-        let actual = sha256_of(&file)?;
+        // Only what the hash followed as chunks arrived is not read back.
+        let actual = match inner.hashes.take(upload_id) {
+            hashes::Known::Whole(sha256) => sha256,
+            hashes::Known::Prefix { mut hasher, len } => {
+                hashes::hash_range(&file, len, meta.file_size - len, &mut hasher)?;
+                hex::encode(hasher.finalize())
+            }
+            hashes::Known::Nothing => sha256_of(&file)?,
+        };
         if actual != meta.file_sha256 {
             return discard(format!(
                 "the received file has SHA-256 {actual}, not X-File-Sha256 {}",
@@ -431,6 +444,7 @@ impl Receiver {
             ));
         }
         file.sync_all()?;
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
         // The staged name too: recovery reads a missing staged file as renamed.
         paths::fsync_dir(&inner.staging)?;
         Ok(())
@@ -1075,6 +1089,14 @@ async fn receive_resumable(
         let count = blocking(move || state.chunks(&id).map(|c| c.len() as u64)).await?;
         (true, count)
     } else {
+        // From here until the chunk is recorded, leaving early (an error, or
+        // the client gone) means bytes of unknown content may have been
+        // written: the whole-file hash cannot be trusted.
+        let unrecorded = Unrecorded {
+            receiver: &receiver,
+            upload_id: &ext.upload_id,
+            recorded: false,
+        };
         let staging_path = inner.staging_path.join(&ext.upload_id);
         let file = blocking(move || {
             std::fs::OpenOptions::new()
@@ -1084,10 +1106,14 @@ async fn receive_resumable(
                 .open(staging_path)
         })
         .await?;
+        let claim = inner
+            .hashes
+            .claim(&ext.upload_id, chunk_idx, ext.offset, ext.meta.chunk_count);
         let sink = Sink {
             file,
             offset: ext.offset,
             sync: false,
+            claim,
         };
         let outcome = read_body(body, Some(sink), limit, inner.read_timeout)
             .await
@@ -1101,9 +1127,21 @@ async fn receive_resumable(
             length: outcome.length,
             sha256: outcome.sha256,
         };
-        let state = inner.state.clone();
+        let this = receiver.clone();
         let id = ext.upload_id.clone();
-        let count = blocking(move || state.record_chunk(&id, &record)).await?;
+        let claim = outcome.claim;
+        let count = blocking(move || {
+            let count = this.inner.state.record_chunk(&id, &record)?;
+            if let Some(claim) = claim {
+                this.inner
+                    .hashes
+                    .extend(&id, claim, record.length, &record.sha256);
+            }
+            this.catch_up_hash(&id);
+            Ok::<_, state::StateError>(count)
+        })
+        .await?;
+        unrecorded.disarm();
         tracing::debug!(upload_id = %ext.upload_id, chunk = chunk_idx, bytes = outcome.length, "chunk recorded");
         (false, count)
     };
@@ -1227,7 +1265,7 @@ impl Receiver {
             let plan = match plan {
                 BatchPlan::Write { file, dest } => match receive_batch_file(frames, &file, entry) {
                     Ok(None) => {
-                        start_writeback(&file);
+                        body::start_writeback(&file, 0, 0);
                         BatchPlan::New { dest }
                     }
                     Ok(Some(refusal)) => {
@@ -1336,6 +1374,7 @@ impl Receiver {
                 return Ok(BatchPlan::Known);
             }
         }
+        inner.hashes.forget(&entry.upload_id);
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -1345,7 +1384,23 @@ impl Receiver {
     }
 
     fn discard_staged(&self, upload_id: &str) {
+        self.inner.hashes.forget(upload_id);
         let _ = rustix::fs::unlinkat(&self.inner.staging, upload_id, rustix::fs::AtFlags::empty());
+    }
+
+    /// Extends the upload's whole-file hash over chunks recorded ahead of it.
+    fn catch_up_hash(&self, upload_id: &str) {
+        let inner = &self.inner;
+        inner.hashes.catch_up(
+            upload_id,
+            || File::open(inner.staging_path.join(upload_id)),
+            |idx| {
+                inner
+                    .state
+                    .chunk(upload_id, idx)
+                    .map(|c| c.map(|c| (c.offset, c.length)))
+            },
+        );
     }
 
     /// Makes the new files of a batch durable and puts them in place: their
@@ -1566,17 +1621,6 @@ fn skip_bytes(frames: &mut Frames, size: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Starts writing a staged file's dirty pages to disk without waiting, so that
-/// the `fdatasync` after the whole batch finds them (mostly) written.
-fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the duration of the call; the call
-    // only schedules writeback and touches no memory of ours.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
 fn batch_result(upload_id: &str, result: Option<Result<(String, bool), ApiError>>) -> BatchResult {
     match result {
         Some(Ok((name, duplicate))) => BatchResult {
@@ -1609,6 +1653,28 @@ fn batch_result(upload_id: &str, result: Option<Result<(String, bool), ApiError>
             error: Some("Internal error".to_owned()),
             message: Some("the receiver did not settle this file; ask GET /upload/<id>".to_owned()),
         },
+    }
+}
+
+/// Spoils an upload's whole-file hash when dropped before [`Self::disarm`]:
+/// a chunk write that is not recorded may have left anything in the file.
+struct Unrecorded<'a> {
+    receiver: &'a Receiver,
+    upload_id: &'a str,
+    recorded: bool,
+}
+
+impl Unrecorded<'_> {
+    fn disarm(mut self) {
+        self.recorded = true;
+    }
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.receiver.inner.hashes.spoil(self.upload_id);
+        }
     }
 }
 
@@ -1672,6 +1738,7 @@ async fn receive_v1(
                 file,
                 offset: 0,
                 sync: true,
+                claim: None,
             }),
             limit,
             inner.read_timeout,
@@ -1719,6 +1786,7 @@ async fn receive_v1(
                 file,
                 offset: size,
                 sync: true,
+                claim: None,
             }),
             limit,
             inner.read_timeout,

@@ -162,6 +162,51 @@ async fn a_whole_file_mismatch_is_refused_and_discarded() {
     assert_eq!(visible_files(&out)["m.bin"], file);
 }
 
+/// The receiver follows each file's SHA-256 as its chunks arrive instead of
+/// reading the file back; a refused chunk that wrote over bytes already
+/// received must still be caught by the whole-file check.
+#[tokio::test]
+async fn a_refused_chunk_written_over_received_bytes_is_caught_at_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let url = server.upload_url();
+    let file = pseudo_random(3 * CHUNK, 11);
+    let id = "overwritten-upload-01";
+
+    let (status, reply) = send(&client, &url, &chunk(id, "o.bin", &file, 0)).await;
+    assert_eq!(status, 200, "{reply}");
+    // Chunk 1 declared at offset 0 with a body that does not match its hash:
+    // refused, but only after its bytes went over chunk 0's.
+    let second = chunk(id, "o.bin", &file, 1);
+    let response = second
+        .request_with(&client, &url, &[("X-Chunk-Offset", "0".to_string())])
+        .body(vec![0xEE; CHUNK])
+        .send()
+        .await
+        .unwrap();
+    let (status, reply) = json(response).await;
+    assert_eq!(status, 422, "{reply}");
+
+    let (status, reply) = send(&client, &url, &second).await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = send(&client, &url, &chunk(id, "o.bin", &file, 2)).await;
+    assert_eq!(status, 422, "the damaged file must not complete: {reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("discarded"),
+        "{reply}"
+    );
+    assert!(visible_files(&out).is_empty());
+
+    // Sent again from its first chunk, the file arrives intact.
+    for index in 0..3 {
+        let (status, reply) = send(&client, &url, &chunk(id, "o.bin", &file, index)).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    assert_eq!(visible_files(&out), [("o.bin".to_string(), file)].into());
+}
+
 #[tokio::test]
 async fn an_upload_id_reused_for_another_file_is_a_conflict() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,423 @@
+//! Whole-file SHA-256s advanced while chunks arrive, so that completing an
+//! upload does not read its staged file back: without them every byte is
+//! hashed twice, as its chunk (X-Chunk-Sha256) and again for X-File-Sha256,
+//! the second time after copying it out of the page cache.
+//!
+//! A chunk written at the end of an upload's hashed prefix is hashed into it
+//! as it is written; chunks that arrive ahead of it are read back (from the
+//! page cache) as soon as the prefix reaches them. Only what the prefix has
+//! not reached when the last chunk arrives is read at completion, and the whole
+//! file when nothing is known (after a restart or a reload: this is memory
+//! only, so a power cut that loses unsynced data is still caught by reading
+//! the file back).
+//!
+//! Why the prefix stays equal to the staged file's first bytes: each chunk is
+//! written once, under its chunk lock, and completion demands that the
+//! recorded chunks tile the file, so a recorded chunk never overwrites another
+//! one's bytes in a file that completes. Any write that is not recorded (a bad
+//! hash, a body cut off, a full disk, a request given up) may have written
+//! anywhere, so it spoils its upload's entry, and that file is read back whole.
+//! It does so before its chunk lock is released, so before the upload can
+//! complete.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+/// Uploads followed at once; more are read back at completion as before. An
+/// entry is a hasher's state (about 100 bytes) and its upload id.
+const MAX_ENTRIES: usize = 4096;
+
+/// Read-back buffer for chunks that arrived ahead of the prefix.
+const READ_BUF: usize = 256 << 10;
+
+#[derive(Default)]
+pub struct FileHashes {
+    entries: Mutex<HashMap<String, Entry>>,
+    next_generation: std::sync::atomic::AtomicU64,
+}
+
+struct Entry {
+    /// Tells an entry from a later one under the same upload id (after the
+    /// first was discarded), so that a late writer cannot update the new one.
+    generation: u64,
+    progress: Progress,
+}
+
+enum Progress {
+    /// The file's first `len` bytes, chunks `0..next_idx`.
+    Prefix {
+        hasher: Sha256,
+        len: u64,
+        next_idx: u64,
+    },
+    /// Someone is extending the prefix; `recheck`: a chunk was recorded
+    /// meanwhile that the claimant may not have seen.
+    Claimed { recheck: bool },
+    /// The whole file arrived as one chunk: its hash is the chunk's.
+    Whole { sha256: String },
+    /// A write went wrong: the file is read back whole.
+    Spoiled,
+}
+
+/// The right to extend an upload's prefix with one chunk as it is written.
+pub struct Claim {
+    generation: u64,
+    /// `None` when the chunk is the whole file: its own hash will do.
+    hasher: Option<Sha256>,
+    len: u64,
+    next_idx: u64,
+}
+
+impl Claim {
+    /// Feeds the chunk's bytes, in order, as they are written.
+    pub fn update(&mut self, bytes: &[u8]) {
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(bytes);
+        }
+    }
+}
+
+/// What is known of a file's hash when its upload completes.
+pub enum Known {
+    /// The file's SHA-256 (hex).
+    Whole(String),
+    /// The hash of its first `len` bytes: read the rest.
+    Prefix {
+        hasher: Sha256,
+        len: u64,
+    },
+    Nothing,
+}
+
+impl FileHashes {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // The map stays consistent whatever a panicking holder was doing:
+        // every update is a single assignment.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called before writing a new chunk at `offset`: returns a claim if the
+    /// chunk continues its upload's prefix (or starts it), so that it is
+    /// hashed as it is written.
+    pub fn claim(
+        &self,
+        upload_id: &str,
+        chunk_idx: u64,
+        offset: u64,
+        chunk_count: u64,
+    ) -> Option<Claim> {
+        let mut entries = self.entries();
+        match entries.get_mut(upload_id) {
+            None => {
+                if chunk_idx != 0 || offset != 0 || entries.len() >= MAX_ENTRIES {
+                    return None;
+                }
+                let generation = self
+                    .next_generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                entries.insert(
+                    upload_id.to_owned(),
+                    Entry {
+                        generation,
+                        progress: Progress::Claimed { recheck: false },
+                    },
+                );
+                Some(Claim {
+                    generation,
+                    hasher: (chunk_count > 1).then(Sha256::new),
+                    len: 0,
+                    next_idx: 0,
+                })
+            }
+            Some(entry) => match &entry.progress {
+                Progress::Prefix { len, next_idx, .. }
+                    if *len == offset && *next_idx == chunk_idx =>
+                {
+                    let Progress::Prefix {
+                        hasher,
+                        len,
+                        next_idx,
+                    } = std::mem::replace(
+                        &mut entry.progress,
+                        Progress::Claimed { recheck: false },
+                    )
+                    else {
+                        unreachable!("matched a prefix above")
+                    };
+                    Some(Claim {
+                        generation: entry.generation,
+                        hasher: Some(hasher),
+                        len,
+                        next_idx,
+                    })
+                }
+                _ => None,
+            },
+        }
+    }
+
+    /// The claimed chunk (`length` bytes, hash `sha256`) is written and
+    /// recorded: the prefix now ends after it.
+    pub fn extend(&self, upload_id: &str, claim: Claim, length: u64, sha256: &str) {
+        let mut entries = self.entries();
+        let Some(entry) = entries.get_mut(upload_id) else {
+            return;
+        };
+        if entry.generation != claim.generation
+            || !matches!(entry.progress, Progress::Claimed { .. })
+        {
+            return;
+        }
+        entry.progress = match claim.hasher {
+            Some(hasher) => Progress::Prefix {
+                hasher,
+                len: claim.len + length,
+                next_idx: claim.next_idx + 1,
+            },
+            None => Progress::Whole {
+                sha256: sha256.to_owned(),
+            },
+        };
+    }
+
+    /// A write to the upload's staging file was not recorded: what it wrote
+    /// is unknown, so the file will be read back whole.
+    pub fn spoil(&self, upload_id: &str) {
+        if let Some(entry) = self.entries().get_mut(upload_id) {
+            entry.progress = Progress::Spoiled;
+        }
+    }
+
+    /// The upload is gone (discarded, expired, or its staging file replaced).
+    pub fn forget(&self, upload_id: &str) {
+        self.entries().remove(upload_id);
+    }
+
+    /// Takes what is known of the file's hash, at completion.
+    pub fn take(&self, upload_id: &str) -> Known {
+        match self.entries().remove(upload_id).map(|e| e.progress) {
+            Some(Progress::Whole { sha256 }) => Known::Whole(sha256),
+            Some(Progress::Prefix { hasher, len, .. }) => Known::Prefix { hasher, len },
+            _ => Known::Nothing,
+        }
+    }
+
+    /// Extends the upload's prefix over chunks already recorded beyond it,
+    /// reading them back from `staged`: `recorded(idx)` gives chunk `idx`'s
+    /// offset and length if it is recorded. A chunk recorded while another
+    /// thread is extending is left to that thread.
+    pub fn catch_up<E>(
+        &self,
+        upload_id: &str,
+        staged: impl Fn() -> io::Result<File>,
+        mut recorded: impl FnMut(u64) -> Result<Option<(u64, u64)>, E>,
+    ) {
+        let mut file = None;
+        loop {
+            let (generation, mut hasher, mut len, mut next_idx) = {
+                let mut entries = self.entries();
+                let Some(entry) = entries.get_mut(upload_id) else {
+                    return;
+                };
+                match &mut entry.progress {
+                    Progress::Prefix { .. } => {}
+                    Progress::Claimed { recheck } => {
+                        *recheck = true;
+                        return;
+                    }
+                    Progress::Whole { .. } | Progress::Spoiled => return,
+                }
+                let Progress::Prefix {
+                    hasher,
+                    len,
+                    next_idx,
+                } = std::mem::replace(&mut entry.progress, Progress::Claimed { recheck: false })
+                else {
+                    unreachable!("matched a prefix above")
+                };
+                (entry.generation, hasher, len, next_idx)
+            };
+            let mut read_ok = true;
+            while let Ok(Some((offset, length))) = recorded(next_idx) {
+                if offset != len {
+                    break;
+                }
+                if file.is_none() {
+                    file = staged().ok();
+                }
+                let Some(f) = &file else {
+                    read_ok = false;
+                    break;
+                };
+                if hash_range(f, offset, length, &mut hasher).is_err() {
+                    read_ok = false;
+                    break;
+                }
+                len += length;
+                next_idx += 1;
+            }
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(upload_id) else {
+                return;
+            };
+            if entry.generation != generation {
+                return;
+            }
+            let recheck = match entry.progress {
+                Progress::Claimed { recheck } => recheck,
+                _ => return,
+            };
+            if !read_ok {
+                entry.progress = Progress::Spoiled;
+                return;
+            }
+            entry.progress = Progress::Prefix {
+                hasher,
+                len,
+                next_idx,
+            };
+            if !recheck {
+                return;
+            }
+        }
+    }
+}
+
+/// Hashes `length` bytes of `file` from `offset`; an error if it ends first.
+pub fn hash_range(file: &File, offset: u64, length: u64, hasher: &mut Sha256) -> io::Result<()> {
+    let mut buf = vec![0u8; length.clamp(1, READ_BUF as u64) as usize];
+    let mut done = 0u64;
+    while done < length {
+        let want = buf.len().min((length - done) as usize);
+        file.read_exact_at(&mut buf[..want], offset + done)?;
+        hasher.update(&buf[..want]);
+        done += want as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn staged(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("staged");
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        (dir, path)
+    }
+
+    fn digest(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    fn finish(known: Known, file: &[u8]) -> Option<String> {
+        match known {
+            Known::Whole(sha) => Some(sha),
+            Known::Prefix { mut hasher, len } => {
+                hasher.update(&file[len as usize..]);
+                Some(hex::encode(hasher.finalize()))
+            }
+            Known::Nothing => None,
+        }
+    }
+
+    #[test]
+    fn chunks_in_order_are_hashed_as_written() {
+        let file: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let hashes = FileHashes::default();
+        for (idx, part) in file.chunks(100).enumerate() {
+            let mut claim = hashes
+                .claim("u", idx as u64, idx as u64 * 100, 3)
+                .expect("claim");
+            claim.update(part);
+            hashes.extend("u", claim, part.len() as u64, &digest(part));
+        }
+        assert_eq!(finish(hashes.take("u"), &file), Some(digest(&file)));
+        assert!(matches!(hashes.take("u"), Known::Nothing), "taken once");
+    }
+
+    #[test]
+    fn a_single_chunk_file_keeps_the_chunk_hash() {
+        let hashes = FileHashes::default();
+        let mut claim = hashes.claim("u", 0, 0, 1).expect("claim");
+        claim.update(b"abc");
+        hashes.extend("u", claim, 3, &digest(b"abc"));
+        assert!(matches!(hashes.take("u"), Known::Whole(s) if s == digest(b"abc")));
+    }
+
+    #[test]
+    fn chunks_ahead_of_the_prefix_are_read_back() {
+        let file: Vec<u8> = (0..400u32).map(|i| (i * 7) as u8).collect();
+        let (_dir, path) = staged(&file);
+        let hashes = FileHashes::default();
+        let mut claim = hashes.claim("u", 0, 0, 4).expect("claim");
+        // Chunks 1 and 2 are written while chunk 0 is: no claim for them.
+        assert!(hashes.claim("u", 1, 100, 4).is_none());
+        assert!(hashes.claim("u", 2, 200, 4).is_none());
+        let recorded = |idx: u64| Ok::<_, ()>((1..3).contains(&idx).then_some((idx * 100, 100)));
+        // Chunk 1's catch-up finds the prefix claimed and leaves it a note.
+        hashes.catch_up("u", || File::open(&path), recorded);
+        claim.update(&file[..100]);
+        hashes.extend("u", claim, 100, &digest(&file[..100]));
+        hashes.catch_up("u", || File::open(&path), recorded);
+        // Chunk 3 continues the prefix again.
+        let mut claim = hashes
+            .claim("u", 3, 300, 4)
+            .expect("claim after catching up");
+        claim.update(&file[300..]);
+        hashes.extend("u", claim, 100, &digest(&file[300..]));
+        match hashes.take("u") {
+            Known::Prefix { hasher, len } => {
+                assert_eq!(len, 400);
+                assert_eq!(hex::encode(hasher.finalize()), digest(&file));
+            }
+            _ => panic!("expected the whole prefix"),
+        }
+    }
+
+    #[test]
+    fn an_unrecorded_write_spoils_the_entry_for_good() {
+        let hashes = FileHashes::default();
+        let mut claim = hashes.claim("u", 0, 0, 2).expect("claim");
+        claim.update(b"first");
+        hashes.spoil("u");
+        hashes.extend("u", claim, 5, &digest(b"first"));
+        assert!(hashes.claim("u", 1, 5, 2).is_none());
+        assert!(matches!(hashes.take("u"), Known::Nothing));
+    }
+
+    #[test]
+    fn a_late_writer_cannot_update_a_newer_upload_of_the_same_id() {
+        let hashes = FileHashes::default();
+        let old = hashes.claim("u", 0, 0, 2).expect("claim");
+        hashes.forget("u");
+        let mut new = hashes.claim("u", 0, 0, 2).expect("claim of the new upload");
+        hashes.extend("u", old, 5, &digest(b"stale"));
+        new.update(b"fresh");
+        hashes.extend("u", new, 5, &digest(b"fresh"));
+        match hashes.take("u") {
+            Known::Prefix { hasher, len } => {
+                assert_eq!(len, 5);
+                assert_eq!(hex::encode(hasher.finalize()), digest(b"fresh"));
+            }
+            _ => panic!("expected the new upload's prefix"),
+        }
+    }
+
+    #[test]
+    fn only_a_bounded_number_of_uploads_are_followed() {
+        let hashes = FileHashes::default();
+        for i in 0..MAX_ENTRIES {
+            assert!(hashes.claim(&format!("u{i}"), 0, 0, 2).is_some());
+        }
+        assert!(hashes.claim("one-more", 0, 0, 2).is_none());
+        assert!(matches!(hashes.take("one-more"), Known::Nothing));
+    }
+}
