@@ -546,7 +546,7 @@ fn format_duration(duration: Duration) -> String {
         (1000, "s"),
     ];
     for (unit_millis, unit) in units {
-        if millis % unit_millis == 0 {
+        if millis.is_multiple_of(unit_millis) {
             return format!("{}{unit}", millis / unit_millis);
         }
     }
@@ -559,7 +559,7 @@ fn format_size(bytes: u64) -> String {
         return "0".to_owned();
     }
     for (unit_bytes, unit) in [(TIB, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")] {
-        if bytes % unit_bytes == 0 {
+        if bytes.is_multiple_of(unit_bytes) {
             return format!("{}{unit}", bytes / unit_bytes);
         }
     }

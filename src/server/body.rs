@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::hashes::Claim;
+use super::sha256::Sha256Stream;
 use axum::body::{Body, Bytes};
 use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
-
-use super::hashes::Claim;
 
 /// Frames queued between the network and the writer thread.
 const QUEUE_FRAMES: usize = 4;
@@ -66,15 +65,18 @@ pub async fn read_body(
         idle,
         move |frames| -> io::Result<BodyOutcome> {
             let mut sink = sink;
-            let mut hasher = Sha256::new();
+            let mut hasher = Sha256Stream::new();
             let mut length = 0u64;
             while let Some(buf) = frames.next_frame() {
-                hasher.update(&buf);
-                if let Some(sink) = &mut sink {
-                    sink.file.write_all_at(&buf, sink.offset + length)?;
-                    if let Some(claim) = &mut sink.claim {
-                        claim.update(&buf);
+                match &mut sink {
+                    Some(sink) => {
+                        sink.file.write_all_at(&buf, sink.offset + length)?;
+                        match &mut sink.claim {
+                            Some(claim) => claim.update(&mut hasher, &buf),
+                            None => hasher.update(&buf),
+                        }
                     }
+                    None => hasher.update(&buf),
                 }
                 length += buf.len() as u64;
             }
@@ -87,7 +89,7 @@ pub async fn read_body(
             }
             Ok(BodyOutcome {
                 length,
-                sha256: hex::encode(hasher.finalize()),
+                sha256: hasher.finalize_hex(),
                 claim: sink.and_then(|s| s.claim),
             })
         },

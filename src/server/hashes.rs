@@ -26,7 +26,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
-use sha2::{Digest, Sha256};
+use super::sha256::{Sha256Stream, update_both};
 
 /// Uploads followed at once; more are read back at completion as before. An
 /// entry is a hasher's state (about 100 bytes) and its upload id.
@@ -51,7 +51,7 @@ struct Entry {
 enum Progress {
     /// The file's first `len` bytes, chunks `0..next_idx`.
     Prefix {
-        hasher: Sha256,
+        hasher: Sha256Stream,
         len: u64,
         next_idx: u64,
     },
@@ -68,16 +68,18 @@ enum Progress {
 pub struct Claim {
     generation: u64,
     /// `None` when the chunk is the whole file: its own hash will do.
-    hasher: Option<Sha256>,
+    hasher: Option<Sha256Stream>,
     len: u64,
     next_idx: u64,
 }
 
 impl Claim {
-    /// Feeds the chunk's bytes, in order, as they are written.
-    pub fn update(&mut self, bytes: &[u8]) {
-        if let Some(hasher) = &mut self.hasher {
-            hasher.update(bytes);
+    /// Feeds the chunk's bytes, in order, as they are written, to the chunk's
+    /// own hash and the file's (in one pass where the CPU allows).
+    pub fn update(&mut self, chunk: &mut Sha256Stream, bytes: &[u8]) {
+        match &mut self.hasher {
+            Some(file) => update_both(chunk, file, bytes),
+            None => chunk.update(bytes),
         }
     }
 }
@@ -88,7 +90,7 @@ pub enum Known {
     Whole(String),
     /// The hash of its first `len` bytes: read the rest.
     Prefix {
-        hasher: Sha256,
+        hasher: Sha256Stream,
         len: u64,
     },
     Nothing,
@@ -129,7 +131,7 @@ impl FileHashes {
                 );
                 Some(Claim {
                     generation,
-                    hasher: (chunk_count > 1).then(Sha256::new),
+                    hasher: (chunk_count > 1).then(Sha256Stream::new),
                     len: 0,
                     next_idx: 0,
                 })
@@ -289,7 +291,12 @@ impl FileHashes {
 }
 
 /// Hashes `length` bytes of `file` from `offset`; an error if it ends first.
-pub fn hash_range(file: &File, offset: u64, length: u64, hasher: &mut Sha256) -> io::Result<()> {
+pub fn hash_range(
+    file: &File,
+    offset: u64,
+    length: u64,
+    hasher: &mut Sha256Stream,
+) -> io::Result<()> {
     let mut buf = vec![0u8; length.clamp(1, READ_BUF as u64) as usize];
     let mut done = 0u64;
     while done < length {
@@ -304,6 +311,7 @@ pub fn hash_range(file: &File, offset: u64, length: u64, hasher: &mut Sha256) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
     use std::io::Write;
 
     fn staged(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -314,7 +322,7 @@ mod tests {
     }
 
     fn digest(bytes: &[u8]) -> String {
-        hex::encode(Sha256::digest(bytes))
+        hex::encode(sha2::Sha256::digest(bytes))
     }
 
     fn finish(known: Known, file: &[u8]) -> Option<String> {
@@ -322,7 +330,7 @@ mod tests {
             Known::Whole(sha) => Some(sha),
             Known::Prefix { mut hasher, len } => {
                 hasher.update(&file[len as usize..]);
-                Some(hex::encode(hasher.finalize()))
+                Some(hasher.finalize_hex())
             }
             Known::Nothing => None,
         }
@@ -336,7 +344,7 @@ mod tests {
             let mut claim = hashes
                 .claim("u", idx as u64, idx as u64 * 100, 3)
                 .expect("claim");
-            claim.update(part);
+            claim.update(&mut Sha256Stream::new(), part);
             hashes.extend("u", claim, part.len() as u64, &digest(part));
         }
         assert_eq!(finish(hashes.take("u"), &file), Some(digest(&file)));
@@ -347,7 +355,7 @@ mod tests {
     fn a_single_chunk_file_keeps_the_chunk_hash() {
         let hashes = FileHashes::default();
         let mut claim = hashes.claim("u", 0, 0, 1).expect("claim");
-        claim.update(b"abc");
+        claim.update(&mut Sha256Stream::new(), b"abc");
         hashes.extend("u", claim, 3, &digest(b"abc"));
         assert!(matches!(hashes.take("u"), Known::Whole(s) if s == digest(b"abc")));
     }
@@ -364,19 +372,19 @@ mod tests {
         let recorded = |idx: u64| Ok::<_, ()>((1..3).contains(&idx).then_some((idx * 100, 100)));
         // Chunk 1's catch-up finds the prefix claimed and leaves it a note.
         hashes.catch_up("u", || File::open(&path), recorded);
-        claim.update(&file[..100]);
+        claim.update(&mut Sha256Stream::new(), &file[..100]);
         hashes.extend("u", claim, 100, &digest(&file[..100]));
         hashes.catch_up("u", || File::open(&path), recorded);
         // Chunk 3 continues the prefix again.
         let mut claim = hashes
             .claim("u", 3, 300, 4)
             .expect("claim after catching up");
-        claim.update(&file[300..]);
+        claim.update(&mut Sha256Stream::new(), &file[300..]);
         hashes.extend("u", claim, 100, &digest(&file[300..]));
         match hashes.take("u") {
             Known::Prefix { hasher, len } => {
                 assert_eq!(len, 400);
-                assert_eq!(hex::encode(hasher.finalize()), digest(&file));
+                assert_eq!(hasher.finalize_hex(), digest(&file));
             }
             _ => panic!("expected the whole prefix"),
         }
@@ -386,7 +394,7 @@ mod tests {
     fn an_unrecorded_write_spoils_the_entry_for_good() {
         let hashes = FileHashes::default();
         let mut claim = hashes.claim("u", 0, 0, 2).expect("claim");
-        claim.update(b"first");
+        claim.update(&mut Sha256Stream::new(), b"first");
         hashes.spoil("u");
         hashes.extend("u", claim, 5, &digest(b"first"));
         assert!(hashes.claim("u", 1, 5, 2).is_none());
@@ -400,12 +408,12 @@ mod tests {
         hashes.forget("u");
         let mut new = hashes.claim("u", 0, 0, 2).expect("claim of the new upload");
         hashes.extend("u", old, 5, &digest(b"stale"));
-        new.update(b"fresh");
+        new.update(&mut Sha256Stream::new(), b"fresh");
         hashes.extend("u", new, 5, &digest(b"fresh"));
         match hashes.take("u") {
             Known::Prefix { hasher, len } => {
                 assert_eq!(len, 5);
-                assert_eq!(hex::encode(hasher.finalize()), digest(b"fresh"));
+                assert_eq!(hasher.finalize_hex(), digest(b"fresh"));
             }
             _ => panic!("expected the new upload's prefix"),
         }

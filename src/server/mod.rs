@@ -18,6 +18,7 @@
 mod body;
 mod hashes;
 pub mod paths;
+mod sha256;
 pub mod state;
 
 use std::collections::HashMap;
@@ -433,7 +434,7 @@ impl Receiver {
             hashes::Known::Whole(sha256) => sha256,
             hashes::Known::Prefix { mut hasher, len } => {
                 hashes::hash_range(&file, len, meta.file_size - len, &mut hasher)?;
-                hex::encode(hasher.finalize())
+                hasher.finalize_hex()
             }
             hashes::Known::Nothing => sha256_of(&file)?,
         };
