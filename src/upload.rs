@@ -645,15 +645,7 @@ pub async fn upload_file(
         // last chunk again makes the receiver answer with the completed reply.
         pending.extend(chunks.last().cloned());
     }
-    // A resumable receiver takes chunks in any order: keep a few in flight, so
-    // that reading the buffer, the network and the receiver's writes overlap.
-    // A v1 receiver (or one not known yet) gets them one by one, in order.
-    let window = if client.resumable() == Some(true) {
-        CHUNK_WINDOW
-    } else {
-        1
-    };
-    let mut sends = futures::stream::iter(pending.into_iter().map(|chunk| {
+    let send = |chunk: ChunkMeta| {
         let s = store.clone();
         async move {
             let idx = chunk.idx;
@@ -664,9 +656,27 @@ pub async fn upload_file(
             crate::metrics::observe_upload_latency(started.elapsed());
             Ok::<_, UploadError>((chunk, sent))
         }
-    }))
-    .buffer_unordered(window);
-    while let Some(done) = sends.next().await {
+    };
+    let mut pending = pending.into_iter();
+    let mut sends = futures::stream::FuturesUnordered::new();
+    loop {
+        // A resumable receiver takes chunks in any order: keep a few in
+        // flight, so that reading the buffer, the network and the receiver's
+        // writes overlap. A v1 receiver gets them one by one, in order, and so
+        // does one not known yet, until its first reply says what it is (the
+        // first file a daemon sends learns it with its first chunk).
+        let window = if client.resumable() == Some(true) {
+            CHUNK_WINDOW
+        } else {
+            1
+        };
+        while sends.len() < window {
+            let Some(chunk) = pending.next() else { break };
+            sends.push(send(chunk));
+        }
+        let Some(done) = sends.next().await else {
+            break;
+        };
         let (chunk, sent) = done?;
         let idx = chunk.idx;
         match sent {

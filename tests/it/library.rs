@@ -38,6 +38,9 @@ struct Flaky {
     fail_next: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     http: reqwest::Client,
+    /// POSTs being answered now, and the most at once.
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
 }
 
 impl Flaky {
@@ -67,6 +70,7 @@ async fn proxy(
             .unwrap_or_default()
             .to_owned()
     };
+    let _counted = (parts.method == reqwest::Method::POST).then(|| InFlight::enter(&flaky));
     if parts.method == reqwest::Method::POST {
         let failed = flaky
             .fail_next
@@ -113,6 +117,23 @@ async fn proxy(
     response
 }
 
+/// Counts a POST as in flight while it lives.
+struct InFlight<'a>(&'a Flaky);
+
+impl<'a> InFlight<'a> {
+    fn enter(flaky: &'a Flaky) -> InFlight<'a> {
+        let now = flaky.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        flaky.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(flaky)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A receiver with a [`Flaky`] proxy in front; `url` is the proxy's upload URL.
 struct Receiver {
     _server: Server,
@@ -129,6 +150,8 @@ async fn receiver(dir: &Path) -> Receiver {
         fail_next: AtomicUsize::new(0),
         seen: Mutex::new(Vec::new()),
         http: reqwest::Client::new(),
+        in_flight: AtomicUsize::new(0),
+        most_in_flight: AtomicUsize::new(0),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/upload", listener.local_addr().unwrap());
@@ -343,13 +366,16 @@ async fn a_failed_chunk_is_recorded_and_the_next_upload_delivers_the_file() {
         visible_files(&rx.out),
         BTreeMap::from([("retry.txt".to_owned(), test_content())])
     );
-    let success: Vec<(u64, u64)> = events
+    // In the order the chunks were acknowledged: a resumable receiver has a
+    // few in flight at once.
+    let mut success: Vec<(u64, u64)> = events
         .lock()
         .unwrap()
         .iter()
         .filter(|e| e.status == ChunkStatus::Success)
         .map(|e| (e.chunk_index, e.retry_count))
         .collect();
+    success.sort_unstable();
     assert_eq!(success, [(0, 1), (1, 0), (2, 0)]);
 }
 
@@ -370,8 +396,10 @@ async fn the_progress_callback_hears_every_chunk() {
     .unwrap();
     let n = client.add_file(&file).await.unwrap();
     client.upload_buffered_files().await.unwrap();
-    let events = events.lock().unwrap().clone();
+    let mut events = events.lock().unwrap().clone();
     assert_eq!(events.len() as u64, n);
+    // Heard as the chunks are acknowledged, a few in flight at once.
+    events.sort_by_key(|e| e.chunk_index);
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.file_name, key(&file));
         assert_eq!(e.remote_name, "progress.txt");
@@ -602,7 +630,7 @@ async fn multiple_files_are_all_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn chunks_of_a_file_are_sent_in_order_under_one_session() {
+async fn chunks_of_a_file_are_sent_once_each_under_one_session() {
     let dir = tempfile::tempdir().unwrap();
     let rx = receiver(dir.path()).await;
     let client = Client::new(options(dir.path(), &rx.url)).await.unwrap();
@@ -642,13 +670,37 @@ async fn chunks_of_a_file_are_sent_in_order_under_one_session() {
     let seen = rx.flaky.seen();
     for (name, upload_id, chunks) in &files {
         let sent: Vec<&Seen> = seen.iter().filter(|s| &s.name == name).collect();
+        // A resumable receiver gets a few chunks at a time, in any order (a
+        // v1 receiver gets them in order: agent.rs).
+        let mut indices: Vec<u64> = sent.iter().map(|s| s.chunk_index).collect();
+        indices.sort_unstable();
         assert_eq!(
-            sent.iter().map(|s| s.chunk_index).collect::<Vec<_>>(),
+            indices,
             (0..chunks.len() as u64).collect::<Vec<_>>(),
             "{name}"
         );
         assert!(sent.iter().all(|s| &s.upload_id == upload_id && !s.failed));
     }
+}
+
+/// A fresh client does not know yet whether the receiver is resumable, so it
+/// sends the first chunk alone; once the reply says so, the rest of that same
+/// file goes several chunks at a time (it used to go one by one to the end).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_file_sends_chunks_side_by_side_once_the_receiver_is_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = receiver(dir.path()).await;
+    let client = Client::new(options(dir.path(), &rx.url)).await.unwrap();
+    let content = pseudo_random(64 * 1024, 3);
+    client
+        .add_file(write(dir.path(), "wide.bin", &content))
+        .await
+        .unwrap();
+    client.upload_buffered_files().await.unwrap();
+    assert_eq!(visible_files(&rx.out)["wide.bin"], content);
+    assert_eq!(rx.flaky.posts(), 64, "each chunk once");
+    let most = rx.flaky.most_in_flight.load(Ordering::SeqCst);
+    assert!(most >= 2, "at most {most} chunk(s) in flight at once");
 }
 
 #[tokio::test(flavor = "multi_thread")]
