@@ -432,11 +432,11 @@ impl Receiver {
         // Only what the hash followed as chunks arrived is not read back.
         let actual = match inner.hashes.take(upload_id) {
             hashes::Known::Whole(sha256) => sha256,
-            hashes::Known::Prefix { mut hasher, len } => {
+            hashes::Known::Prefix { mut hasher, len } if len <= meta.file_size => {
                 hashes::hash_range(&file, len, meta.file_size - len, &mut hasher)?;
                 hasher.finalize_hex()
             }
-            hashes::Known::Nothing => sha256_of(&file)?,
+            hashes::Known::Prefix { .. } | hashes::Known::Nothing => sha256_of(&file)?,
         };
         if actual != meta.file_sha256 {
             return discard(format!(
