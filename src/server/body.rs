@@ -58,12 +58,30 @@ pub async fn read_body(
     limit: u64,
     idle: Duration,
 ) -> Result<BodyOutcome, BodyError> {
+    write_body(body, sink, (), limit, idle)
+        .await
+        .map(|(outcome, ())| outcome)
+}
+
+/// [`read_body`], with `held` kept by the thread that writes until its last
+/// write, then handed back. If the caller stops waiting (the request is
+/// dropped when its client goes), the writer still drains the frames already
+/// queued: whatever `held` guards (a lock, a spoiled hash) is released only
+/// after that.
+pub async fn write_body<H: Send + 'static>(
+    body: Body,
+    sink: Option<Sink>,
+    held: H,
+    limit: u64,
+    idle: Duration,
+) -> Result<(BodyOutcome, H), BodyError> {
     let written = stream_body(
         body,
         Bytes::new(),
         limit,
         idle,
-        move |frames| -> io::Result<BodyOutcome> {
+        move |frames| -> io::Result<(BodyOutcome, H)> {
+            let held = held;
             let mut sink = sink;
             let mut hasher = Sha256Stream::new();
             let mut length = 0u64;
@@ -87,11 +105,12 @@ pub async fn read_body(
                 Some(sink) => start_writeback(&sink.file, sink.offset, length),
                 None => {}
             }
-            Ok(BodyOutcome {
+            let outcome = BodyOutcome {
                 length,
                 sha256: hasher.finalize_hex(),
                 claim: sink.and_then(|s| s.claim),
-            })
+            };
+            Ok((outcome, held))
         },
     )
     .await?;

@@ -17,8 +17,13 @@
 //! one's bytes in a file that completes. Any write that is not recorded (a bad
 //! hash, a body cut off, a full disk, a request given up) may have written
 //! anywhere, so it spoils its upload's entry, and that file is read back whole.
-//! It does so before its chunk lock is released, so before the upload can
-//! complete.
+//! It does so after the thread that writes has made its last write (even when
+//! the request was dropped, its queued frames are still written), and before
+//! its chunk lock is released, so before the upload can complete. A write into
+//! bytes already hashed spoils the entry at once. The maps are shared by
+//! every receiver of the process with the same staging directory (see
+//! [`for_staging_dir`]), so requests still running on a receiver that a
+//! reload replaced spoil the same entries.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -34,6 +39,21 @@ const MAX_ENTRIES: usize = 4096;
 
 /// Read-back buffer for chunks that arrived ahead of the prefix.
 const READ_BUF: usize = 256 << 10;
+
+/// The hashes followed for the uploads staged in `staging_dir`: one map per
+/// directory for the life of the process.
+pub fn for_staging_dir(staging_dir: &std::path::Path) -> std::sync::Arc<FileHashes> {
+    static MAPS: Mutex<Vec<(std::path::PathBuf, std::sync::Arc<FileHashes>)>> =
+        Mutex::new(Vec::new());
+    let dir = std::fs::canonicalize(staging_dir).unwrap_or_else(|_| staging_dir.to_owned());
+    let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, map)) = maps.iter().find(|(d, _)| *d == dir) {
+        return map.clone();
+    }
+    let map = std::sync::Arc::new(FileHashes::default());
+    maps.push((dir, map.clone()));
+    map
+}
 
 #[derive(Default)]
 pub struct FileHashes {
@@ -55,9 +75,9 @@ enum Progress {
         len: u64,
         next_idx: u64,
     },
-    /// Someone is extending the prefix; `recheck`: a chunk was recorded
-    /// meanwhile that the claimant may not have seen.
-    Claimed { recheck: bool },
+    /// Someone is extending the prefix from byte `from`; `recheck`: a chunk
+    /// was recorded meanwhile that the claimant may not have seen.
+    Claimed { from: u64, recheck: bool },
     /// The whole file arrived as one chunk: its hash is the chunk's.
     Whole { sha256: String },
     /// A write went wrong: the file is read back whole.
@@ -126,7 +146,10 @@ impl FileHashes {
                     upload_id.to_owned(),
                     Entry {
                         generation,
-                        progress: Progress::Claimed { recheck: false },
+                        progress: Progress::Claimed {
+                            from: 0,
+                            recheck: false,
+                        },
                     },
                 );
                 Some(Claim {
@@ -146,7 +169,10 @@ impl FileHashes {
                         next_idx,
                     } = std::mem::replace(
                         &mut entry.progress,
-                        Progress::Claimed { recheck: false },
+                        Progress::Claimed {
+                            from: offset,
+                            recheck: false,
+                        },
                     )
                     else {
                         unreachable!("matched a prefix above")
@@ -157,6 +183,15 @@ impl FileHashes {
                         len,
                         next_idx,
                     })
+                }
+                // A write into bytes already hashed (or being hashed) belongs
+                // to no upload that completes (recorded chunks must tile the
+                // file), but it changes the file: no hash can be trusted.
+                Progress::Prefix { len: end, .. } | Progress::Claimed { from: end, .. }
+                    if offset < *end =>
+                {
+                    entry.progress = Progress::Spoiled;
+                    None
                 }
                 _ => None,
             },
@@ -228,17 +263,27 @@ impl FileHashes {
                 };
                 match &mut entry.progress {
                     Progress::Prefix { .. } => {}
-                    Progress::Claimed { recheck } => {
+                    Progress::Claimed { recheck, .. } => {
                         *recheck = true;
                         return;
                     }
                     Progress::Whole { .. } | Progress::Spoiled => return,
                 }
+                let prefix_end = match &entry.progress {
+                    Progress::Prefix { len, .. } => *len,
+                    _ => unreachable!("matched a prefix above"),
+                };
                 let Progress::Prefix {
                     hasher,
                     len,
                     next_idx,
-                } = std::mem::replace(&mut entry.progress, Progress::Claimed { recheck: false })
+                } = std::mem::replace(
+                    &mut entry.progress,
+                    Progress::Claimed {
+                        from: prefix_end,
+                        recheck: false,
+                    },
+                )
                 else {
                     unreachable!("matched a prefix above")
                 };
@@ -271,7 +316,7 @@ impl FileHashes {
                 return;
             }
             let recheck = match entry.progress {
-                Progress::Claimed { recheck } => recheck,
+                Progress::Claimed { recheck, .. } => recheck,
                 _ => return,
             };
             if !read_ok {
@@ -398,6 +443,18 @@ mod tests {
         hashes.spoil("u");
         hashes.extend("u", claim, 5, &digest(b"first"));
         assert!(hashes.claim("u", 1, 5, 2).is_none());
+        assert!(matches!(hashes.take("u"), Known::Nothing));
+    }
+
+    #[test]
+    fn a_write_into_hashed_bytes_spoils_the_entry() {
+        let hashes = FileHashes::default();
+        let mut claim = hashes.claim("u", 0, 0, 3).expect("claim");
+        claim.update(&mut Sha256Stream::new(), b"first");
+        hashes.extend("u", claim, 5, &digest(b"first"));
+        // Chunk 2 declared at offset 3, inside chunk 0's bytes.
+        assert!(hashes.claim("u", 2, 3, 3).is_none());
+        assert!(hashes.claim("u", 1, 5, 3).is_none(), "spoiled for good");
         assert!(matches!(hashes.take("u"), Known::Nothing));
     }
 

@@ -122,8 +122,11 @@ struct Inner {
     staging: OwnedFd,
     staging_path: PathBuf,
     reserved: Option<String>,
-    /// Whole-file hashes of uploads in progress, advanced as chunks arrive.
-    hashes: FileHashes,
+    /// Whole-file hashes of uploads in progress, advanced as chunks arrive;
+    /// shared by every `Receiver` of the process with this staging directory,
+    /// since requests still running on a receiver replaced by a reload write
+    /// the same files.
+    hashes: Arc<FileHashes>,
     /// Shared by every `Receiver` of the process: after a reload, the new
     /// receiver's recovery waits for requests still running on the old one.
     locks: &'static KeyedLocks,
@@ -159,6 +162,7 @@ impl Receiver {
             path: staging_path.clone(),
             source,
         })?;
+        let hashes = hashes::for_staging_dir(&staging_path);
         Ok(Receiver {
             inner: Arc::new(Inner {
                 output_dir: cfg.output_dir.clone(),
@@ -173,7 +177,7 @@ impl Receiver {
                 staging,
                 staging_path,
                 reserved: reserved_component(&cfg.output_dir, &cfg.state_dir),
-                hashes: FileHashes::default(),
+                hashes,
                 locks: &UPLOAD_LOCKS,
             }),
         })
@@ -273,6 +277,9 @@ impl Receiver {
         // chunk's lock): the file goes only once nobody holds it.
         let result = match result {
             Ok((stale, forgotten)) => {
+                // At once: the same ids may be used again before the locks
+                // below are free, and must not find the old hashes.
+                stale.iter().for_each(|id| inner.hashes.forget(id));
                 let _guards = inner
                     .locks
                     .lock_uploads(stale.iter().map(String::as_str))
@@ -1072,7 +1079,7 @@ async fn receive_resumable(
             )));
         }
     }
-    let (duplicate, received) = if let Some(recorded) = recorded {
+    let (duplicate, received, chunk_guard) = if let Some(recorded) = recorded {
         if recorded.sha256 != ext.chunk_sha256 || recorded.offset != ext.offset {
             return Err(ApiError::Conflict(format!(
                 "chunk {chunk_idx} of upload {} was already received with different content",
@@ -1088,14 +1095,18 @@ async fn receive_resumable(
         let state = inner.state.clone();
         let id = ext.upload_id.clone();
         let count = blocking(move || state.chunks(&id).map(|c| c.len() as u64)).await?;
-        (true, count)
+        (true, count, chunk_guard)
     } else {
         // From here until the chunk is recorded, leaving early (an error, or
         // the client gone) means bytes of unknown content may have been
-        // written: the whole-file hash cannot be trusted.
+        // written: the whole-file hash cannot be trusted. The guard holds the
+        // chunk's lock, and goes with the bytes to the thread that writes
+        // them, so that neither the lock nor the hash is let go before that
+        // thread's last write, even when this request is dropped.
         let unrecorded = Unrecorded {
-            receiver: &receiver,
-            upload_id: &ext.upload_id,
+            receiver: receiver.clone(),
+            upload_id: ext.upload_id.clone(),
+            chunk_lock: Some(chunk_guard),
             recorded: false,
         };
         let staging_path = inner.staging_path.join(&ext.upload_id);
@@ -1116,9 +1127,10 @@ async fn receive_resumable(
             sync: false,
             claim,
         };
-        let outcome = read_body(body, Some(sink), limit, inner.read_timeout)
-            .await
-            .map_err(|e| body_error(e, too_long))?;
+        let (outcome, unrecorded) =
+            body::write_body(body, Some(sink), unrecorded, limit, inner.read_timeout)
+                .await
+                .map_err(|e| body_error(e, too_long))?;
         if outcome.sha256 != ext.chunk_sha256 {
             return Err(checksum_mismatch(chunk_idx, &outcome.sha256));
         }
@@ -1142,9 +1154,9 @@ async fn receive_resumable(
             Ok::<_, state::StateError>(count)
         })
         .await?;
-        unrecorded.disarm();
+        let chunk_guard = unrecorded.disarm();
         tracing::debug!(upload_id = %ext.upload_id, chunk = chunk_idx, bytes = outcome.length, "chunk recorded");
-        (false, count)
+        (false, count, chunk_guard)
     };
     drop(chunk_guard);
 
@@ -1657,24 +1669,30 @@ fn batch_result(upload_id: &str, result: Option<Result<(String, bool), ApiError>
     }
 }
 
-/// Spoils an upload's whole-file hash when dropped before [`Self::disarm`]:
-/// a chunk write that is not recorded may have left anything in the file.
-struct Unrecorded<'a> {
-    receiver: &'a Receiver,
-    upload_id: &'a str,
+/// Spoils an upload's whole-file hash when dropped before [`Self::disarm`]
+/// (a chunk write that is not recorded may have left anything in the file),
+/// then releases the chunk's lock.
+struct Unrecorded {
+    receiver: Receiver,
+    upload_id: String,
+    chunk_lock: Option<tokio::sync::OwnedMutexGuard<()>>,
     recorded: bool,
 }
 
-impl Unrecorded<'_> {
-    fn disarm(mut self) {
+impl Unrecorded {
+    /// The chunk is recorded: hands back its lock.
+    fn disarm(mut self) -> tokio::sync::OwnedMutexGuard<()> {
         self.recorded = true;
+        self.chunk_lock
+            .take()
+            .expect("the lock is held until disarmed")
     }
 }
 
-impl Drop for Unrecorded<'_> {
+impl Drop for Unrecorded {
     fn drop(&mut self) {
         if !self.recorded {
-            self.receiver.inner.hashes.spoil(self.upload_id);
+            self.receiver.inner.hashes.spoil(&self.upload_id);
         }
     }
 }
