@@ -68,6 +68,29 @@ struct Entry {
     progress: Progress,
 }
 
+impl Entry {
+    /// Takes the prefix out, leaving the entry claimed from its end:
+    /// `(hasher, len, next_idx)`. The entry must hold a prefix.
+    fn claim_prefix(&mut self) -> (Sha256Stream, u64, u64) {
+        let from = match &self.progress {
+            Progress::Prefix { len, .. } => *len,
+            _ => unreachable!("only a prefix is claimed"),
+        };
+        let claimed = Progress::Claimed {
+            from,
+            recheck: false,
+        };
+        match std::mem::replace(&mut self.progress, claimed) {
+            Progress::Prefix {
+                hasher,
+                len,
+                next_idx,
+            } => (hasher, len, next_idx),
+            _ => unreachable!("only a prefix is claimed"),
+        }
+    }
+}
+
 enum Progress {
     /// The file's first `len` bytes, chunks `0..next_idx`.
     Prefix {
@@ -163,20 +186,7 @@ impl FileHashes {
                 Progress::Prefix { len, next_idx, .. }
                     if *len == offset && *next_idx == chunk_idx =>
                 {
-                    let Progress::Prefix {
-                        hasher,
-                        len,
-                        next_idx,
-                    } = std::mem::replace(
-                        &mut entry.progress,
-                        Progress::Claimed {
-                            from: offset,
-                            recheck: false,
-                        },
-                    )
-                    else {
-                        unreachable!("matched a prefix above")
-                    };
+                    let (hasher, len, next_idx) = entry.claim_prefix();
                     Some(Claim {
                         generation: entry.generation,
                         hasher: Some(hasher),
@@ -269,24 +279,7 @@ impl FileHashes {
                     }
                     Progress::Whole { .. } | Progress::Spoiled => return,
                 }
-                let prefix_end = match &entry.progress {
-                    Progress::Prefix { len, .. } => *len,
-                    _ => unreachable!("matched a prefix above"),
-                };
-                let Progress::Prefix {
-                    hasher,
-                    len,
-                    next_idx,
-                } = std::mem::replace(
-                    &mut entry.progress,
-                    Progress::Claimed {
-                        from: prefix_end,
-                        recheck: false,
-                    },
-                )
-                else {
-                    unreachable!("matched a prefix above")
-                };
+                let (hasher, len, next_idx) = entry.claim_prefix();
                 (entry.generation, hasher, len, next_idx)
             };
             let mut read_ok = true;
