@@ -86,14 +86,11 @@ pub async fn write_body<H: Send + 'static>(
             let mut hasher = Sha256Stream::new();
             let mut length = 0u64;
             while let Some(buf) = frames.next_frame() {
-                match &mut sink {
-                    Some(sink) => {
-                        sink.file.write_all_at(&buf, sink.offset + length)?;
-                        match &mut sink.claim {
-                            Some(claim) => claim.update(&mut hasher, &buf),
-                            None => hasher.update(&buf),
-                        }
-                    }
+                if let Some(sink) = &sink {
+                    sink.file.write_all_at(&buf, sink.offset + length)?;
+                }
+                match sink.as_mut().and_then(|s| s.claim.as_mut()) {
+                    Some(claim) => claim.update(&mut hasher, &buf),
                     None => hasher.update(&buf),
                 }
                 length += buf.len() as u64;

@@ -50,6 +50,7 @@ use crate::protocol::{
 use body::{BodyError, Frames, Sink, is_disk_full, read_body, stream_body};
 use hashes::FileHashes;
 use paths::{Destination, InvalidName};
+use sha256::Sha256Stream;
 use state::{ChunkRecord, FileMeta, UploadPhase, UploadState, V1Session};
 
 /// How long a client may take to send its request headers, and to send each
@@ -439,11 +440,16 @@ impl Receiver {
         // Only what the hash followed as chunks arrived is not read back.
         let actual = match inner.hashes.take(upload_id) {
             hashes::Known::Whole(sha256) => sha256,
-            hashes::Known::Prefix { mut hasher, len } if len <= meta.file_size => {
+            known => {
+                // Read back what the hash did not follow: all of it when
+                // nothing was followed.
+                let (mut hasher, len) = match known {
+                    hashes::Known::Prefix { hasher, len } if len <= meta.file_size => (hasher, len),
+                    _ => (Sha256Stream::new(), 0),
+                };
                 hashes::hash_range(&file, len, meta.file_size - len, &mut hasher)?;
                 hasher.finalize_hex()
             }
-            hashes::Known::Prefix { .. } | hashes::Known::Nothing => sha256_of(&file)?,
         };
         if actual != meta.file_sha256 {
             return discard(format!(
@@ -481,22 +487,6 @@ fn destination_from_display(display: &str) -> Destination {
     let mut parts: Vec<String> = display.split('/').map(str::to_owned).collect();
     let name = parts.pop().unwrap_or_default();
     Destination { dirs: parts, name }
-}
-
-fn sha256_of(file: &File) -> io::Result<String> {
-    use std::io::Read;
-    let mut hasher = Sha256::new();
-    let size = file.metadata()?.len();
-    let mut buf = vec![0u8; size.clamp(1, 1 << 20) as usize];
-    let mut reader = file;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 async fn blocking<T: Send + 'static, E: Send + 'static>(
