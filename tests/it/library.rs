@@ -1,4 +1,4 @@
-//! The library API (`indexedcp::client`, `indexedcp::storage`) against a real
+//! The library API (`indexedcp::client`, `indexedcp::client::storage`) against a real
 //! receiver: the behaviours the original Python client's test suite covers,
 //! ported to this crate's engine. Failures come from a small proxy in front of
 //! the receiver that answers 500 to as many uploads as it is told to.
@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use indexedcp::agent::store::{Store, now_ms};
+use indexedcp::agent::upload::Retry;
 use indexedcp::client::{
     ChunkStatus, Client, ClientError, ClientOptions, ProgressEvent, UploadSummary,
 };
-use indexedcp::store::{Store, now_ms};
-use indexedcp::upload::Retry;
 
 use crate::support::*;
 
@@ -814,7 +814,7 @@ async fn dropping_a_client_stops_its_background_upload() {
 
 #[tokio::test]
 async fn sqlite_storage_reads_what_the_original_wrote() {
-    use indexedcp::storage::{Storage, StorageOptions, create_storage};
+    use indexedcp::client::storage::{Storage, StorageOptions, create_storage};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("python.db");
     // The original's layout, as its SQLiteStorage creates and fills it.

@@ -7,6 +7,11 @@
 //! blocking thread, so memory stays at one chunk for ingest plus one chunk per
 //! file in flight, whatever the file sizes or the queue length.
 
+pub mod ingest;
+pub mod spool;
+pub mod store;
+pub mod upload;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +21,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SpoolConfig, TargetConfig};
-use crate::ingest::{self, IngestError, IngestOutcome};
-use crate::spool::{self, Candidate, SpoolHandle};
-use crate::store::{self, Store, StoreError};
-use crate::upload::{self, NoObserver, TargetRuntime, UploaderShared};
+use ingest::{IngestError, IngestOutcome};
+use spool::{Candidate, SpoolHandle};
+use store::{Store, StoreError};
+use upload::{NoObserver, TargetRuntime, UploaderShared};
 
 /// How long confirmed files stay listed in the buffer (with their server name).
 pub const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);

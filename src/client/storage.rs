@@ -3,17 +3,17 @@
 //! [`SqliteStorage`], and [`create_storage`] to pick a backend by name.
 //!
 //! This is a general-purpose utility for applications built on the library; the
-//! upload buffer itself is [`crate::store`], which has its own schema. Every
+//! upload buffer itself is [`crate::agent::store`], which has its own schema. Every
 //! SQLite call runs on tokio's blocking pool (`spawn_blocking`), never on the
 //! executor threads, through an r2d2 connection pool. The table layout
 //! (`key`, `data` as JSON text, `created_at`, `updated_at` in seconds) is the
 //! original's, so a database written by the Python library can be read here.
 //!
 //! ```
-//! use indexedcp::storage::{Storage, SqliteStorage};
+//! use indexedcp::client::storage::{Storage, SqliteStorage};
 //! use serde_json::json;
 //!
-//! # #[tokio::main] async fn main() -> Result<(), indexedcp::storage::StorageError> {
+//! # #[tokio::main] async fn main() -> Result<(), indexedcp::client::storage::StorageError> {
 //! let dir = tempfile::tempdir().unwrap();
 //! let storage = SqliteStorage::new(dir.path().join("app.db"), "settings")?;
 //! storage.initialize().await?;
@@ -35,7 +35,7 @@ use serde_json::Value;
 /// Why a storage operation failed.
 ///
 /// ```
-/// use indexedcp::storage::{create_storage, StorageError, StorageOptions};
+/// use indexedcp::client::storage::{create_storage, StorageError, StorageOptions};
 ///
 /// let err = create_storage("redis", StorageOptions::default()).err().unwrap();
 /// assert!(matches!(err, StorageError::UnknownBackend(_)));
@@ -80,7 +80,7 @@ pub enum StorageError {
 /// Shorthand for this module's results.
 ///
 /// ```
-/// fn ready() -> indexedcp::storage::Result<bool> {
+/// fn ready() -> indexedcp::client::storage::Result<bool> {
 ///     Ok(true)
 /// }
 /// assert!(ready().unwrap());
@@ -95,10 +95,10 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 /// [`StorageError::NotInitialized`] before `initialize` or after `close`.
 ///
 /// ```
-/// use indexedcp::storage::{create_storage, Storage, StorageOptions};
+/// use indexedcp::client::storage::{create_storage, Storage, StorageOptions};
 /// use serde_json::json;
 ///
-/// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+/// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let storage: Box<dyn Storage> = create_storage(
 ///     "sqlite",
@@ -116,8 +116,8 @@ pub trait Storage: Send + Sync {
     /// needed. Calling it again is harmless.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// let dir = tempfile::tempdir().unwrap();
     /// let path = dir.path().join("nested/dirs/app.db");
     /// let storage = SqliteStorage::new(&path, "storage")?;
@@ -132,9 +132,9 @@ pub trait Storage: Send + Sync {
     /// is kept).
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -148,8 +148,8 @@ pub trait Storage: Send + Sync {
     /// The value under `key`, or `None`.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -161,9 +161,9 @@ pub trait Storage: Send + Sync {
     /// Every value, oldest first.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -177,9 +177,9 @@ pub trait Storage: Send + Sync {
     /// Removes `key`; `true` when it existed.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -193,9 +193,9 @@ pub trait Storage: Send + Sync {
     /// Whether `key` holds a value.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -209,9 +209,9 @@ pub trait Storage: Send + Sync {
     /// Every key, oldest first.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -225,9 +225,9 @@ pub trait Storage: Send + Sync {
     /// How many keys hold a value.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -242,9 +242,9 @@ pub trait Storage: Send + Sync {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use indexedcp::storage::{Storage, SqliteStorage};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -258,9 +258,9 @@ pub trait Storage: Send + Sync {
     /// Releases the database; the data stays on disk. `initialize` opens it again.
     ///
     /// ```
-    /// use indexedcp::storage::{Storage, SqliteStorage, StorageError};
+    /// use indexedcp::client::storage::{Storage, SqliteStorage, StorageError};
     /// use serde_json::json;
-    /// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+    /// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let storage = SqliteStorage::new(dir.path().join("app.db"), "storage")?;
     /// storage.initialize().await?;
@@ -279,7 +279,7 @@ pub trait Storage: Send + Sync {
 /// The defaults are the original's: `./indexedcp.db` and table `storage`.
 ///
 /// ```
-/// use indexedcp::storage::StorageOptions;
+/// use indexedcp::client::storage::StorageOptions;
 ///
 /// let options = StorageOptions { table_name: "chunks".into(), ..StorageOptions::default() };
 /// assert_eq!(options.path, std::path::PathBuf::from("./indexedcp.db"));
@@ -307,8 +307,8 @@ impl Default for StorageOptions {
 /// case). Any other name is an error that lists the valid ones.
 ///
 /// ```
-/// use indexedcp::storage::{create_storage, StorageOptions};
-/// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+/// use indexedcp::client::storage::{create_storage, StorageOptions};
+/// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let options = StorageOptions { path: dir.path().join("kv.db"), table_name: "jobs".into() };
 /// let storage = create_storage("SQLite", options)?;
@@ -333,9 +333,9 @@ use crate::sqlite::Pool;
 /// every call on tokio's blocking pool.
 ///
 /// ```
-/// use indexedcp::storage::{Storage, SqliteStorage};
+/// use indexedcp::client::storage::{Storage, SqliteStorage};
 /// use serde_json::json;
-/// # #[tokio::main] async fn main() -> indexedcp::storage::Result<()> {
+/// # #[tokio::main] async fn main() -> indexedcp::client::storage::Result<()> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let storage = SqliteStorage::new(dir.path().join("app.db"), "chunks")?;
 /// storage.initialize().await?;
@@ -382,7 +382,7 @@ impl SqliteStorage {
     /// until [`initialize`](Storage::initialize). The table name is checked here.
     ///
     /// ```
-    /// use indexedcp::storage::{SqliteStorage, StorageError};
+    /// use indexedcp::client::storage::{SqliteStorage, StorageError};
     ///
     /// assert!(SqliteStorage::new("app.db", "chunks").is_ok());
     /// let err = SqliteStorage::new("app.db", "chunks; DROP TABLE x").unwrap_err();
@@ -402,7 +402,7 @@ impl SqliteStorage {
     /// The database file.
     ///
     /// ```
-    /// use indexedcp::storage::SqliteStorage;
+    /// use indexedcp::client::storage::SqliteStorage;
     /// let storage = SqliteStorage::new("/tmp/app.db", "storage").unwrap();
     /// assert_eq!(storage.path(), std::path::Path::new("/tmp/app.db"));
     /// ```
@@ -413,7 +413,7 @@ impl SqliteStorage {
     /// The table holding the entries.
     ///
     /// ```
-    /// use indexedcp::storage::SqliteStorage;
+    /// use indexedcp::client::storage::SqliteStorage;
     /// let storage = SqliteStorage::new("app.db", "chunks").unwrap();
     /// assert_eq!(storage.table_name(), "chunks");
     /// ```

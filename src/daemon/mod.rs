@@ -321,7 +321,7 @@ async fn serve_metrics(
                         .unwrap_or_default(),
                     None => Vec::new(),
                 };
-                let now = crate::store::now_ms();
+                let now = crate::agent::store::now_ms();
                 let gauges: Vec<crate::metrics::QueueGauge> = queues
                     .into_iter()
                     .map(|q| crate::metrics::QueueGauge {
@@ -375,7 +375,7 @@ async fn report_status(
         if let Some(probe) = &probe {
             let store = probe.store.clone();
             let counts = tokio::task::spawn_blocking(move || {
-                Ok::<_, crate::store::StoreError>((
+                Ok::<_, crate::agent::store::StoreError>((
                     store.counts()?,
                     store.buffered_bytes()?,
                     store.last_error()?,
@@ -391,8 +391,8 @@ async fn report_status(
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&line)]);
             }
             let stale = probe.shared.check_interval() * 3 + Duration::from_secs(30);
-            alive =
-                crate::store::now_ms() - probe.shared.last_heartbeat() < stale.as_millis() as i64;
+            alive = crate::agent::store::now_ms() - probe.shared.last_heartbeat()
+                < stale.as_millis() as i64;
         }
         if watchdog && alive {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);

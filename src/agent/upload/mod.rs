@@ -24,11 +24,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::store::{self, ChunkMeta, Durability, FileRecord, Store, StoreError};
 use crate::config::TargetConfig;
 use crate::protocol::{
     self, BatchEntry, BatchManifest, BatchReply, ChunkReply, ErrorReply, UploadStatus,
 };
-use crate::store::{self, ChunkMeta, Durability, FileRecord, Store, StoreError};
 
 /// The retry schedule: `min(initial * multiplier^(n-1), max)` for the n-th retry,
 /// plus up to 10 % jitter (never beyond `max`).

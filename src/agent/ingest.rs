@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Disposition, SpoolConfig, TargetConfig};
-use crate::protocol;
-use crate::spool::Candidate;
-use crate::store::{
+use crate::agent::spool::Candidate;
+use crate::agent::store::{
     ChunkSink, FileRecord, FileState, Identity, IngestDecision, NewFile, Store, StoreError,
 };
+use crate::config::{Disposition, SpoolConfig, TargetConfig};
+use crate::protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -84,8 +84,8 @@ pub enum IngestOutcome {
     Skipped(String),
 }
 
-impl From<crate::spool::SourceIdentity> for Identity {
-    fn from(s: crate::spool::SourceIdentity) -> Identity {
+impl From<crate::agent::spool::SourceIdentity> for Identity {
+    fn from(s: crate::agent::spool::SourceIdentity) -> Identity {
         Identity {
             dev: s.dev,
             ino: s.ino,
@@ -707,7 +707,7 @@ mod tests {
             .confirm(
                 first.file_id,
                 Some("a.txt"),
-                crate::store::Durability::Synced,
+                crate::agent::store::Durability::Synced,
             )
             .unwrap();
         let second = ingest_path(&store, &path, "a.txt", &target).unwrap();

@@ -32,6 +32,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod storage;
+
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -41,14 +43,14 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LogFormat, TargetConfig};
-use crate::ingest::{self, IngestError, PathIngest};
-use crate::logging;
-use crate::store::{self, FileRecord, Store, StoreError};
-use crate::upload::{
+use crate::agent::ingest::{self, IngestError, PathIngest};
+use crate::agent::store::{self, FileRecord, Store, StoreError};
+use crate::agent::upload::{
     self, Backoff, EventStatus, FileAttempt, FileOutcome, Retry, TargetRuntime, UploadError,
     UploadEvent, UploadObserver,
 };
+use crate::config::{LogFormat, TargetConfig};
+use crate::logging;
 
 /// The target name under which the client (and the one-shot commands) buffer
 /// files; the daemon's uploader never sends them.
@@ -171,7 +173,7 @@ pub struct UploadSummary {
 ///
 /// ```
 /// use indexedcp::client::FailedFile;
-/// use indexedcp::upload::Retry;
+/// use indexedcp::agent::upload::Retry;
 ///
 /// let failed = FailedFile {
 ///     file_id: 7,

@@ -14,14 +14,14 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::ingest::IngestError;
+use crate::agent::store::{FileRecord, Store};
+use crate::agent::upload::Retry;
 use crate::client::{Client, ClientError, ClientOptions, FailedFile, ProgressEvent};
 use crate::config::{self, Config, LogFormat, PathMode, ServerConfig};
 use crate::daemon;
-use crate::ingest::IngestError;
 use crate::logging;
 use crate::server::ReceiverOptions;
-use crate::store::{FileRecord, Store};
-use crate::upload::Retry;
 
 /// Exit codes (sysexits.h).
 pub mod exit {
@@ -525,7 +525,7 @@ fn confirm(question: &str) -> bool {
 }
 
 fn human_time(ms: i64) -> String {
-    let delta = ms - crate::store::now_ms();
+    let delta = ms - crate::agent::store::now_ms();
     if delta <= 0 {
         "now".to_owned()
     } else {
@@ -567,7 +567,7 @@ fn target_summary(files: &[FileRecord]) -> String {
             _ => {}
         }
     }
-    let now = crate::store::now_ms();
+    let now = crate::agent::store::now_ms();
     let mut out = String::new();
     for (name, t) in targets {
         let _ = write!(
