@@ -121,6 +121,14 @@ INSERT INTO chunk_data (file_id, idx, data) SELECT file_id, idx, data FROM chunk
 UPDATE chunks SET data = NULL WHERE data IS NOT NULL;
 ";
 
+/// Resume state of the delivery kinds: a file's upload as the peer knows it
+/// (a multipart upload id, an upload URL), and each piece's acknowledgement
+/// (a part's ETag), both opaque to the buffer.
+const SCHEMA_V3: &str = "
+ALTER TABLE files ADD COLUMN delivery_state TEXT;
+ALTER TABLE chunks ADD COLUMN ack TEXT;
+";
+
 /// Errors kept per chunk.
 pub const ERROR_HISTORY: usize = 5;
 
@@ -205,6 +213,9 @@ pub struct FileRecord {
     /// When the next attempt is due (ms since epoch), for queued files.
     pub next_attempt: Option<i64>,
     pub last_error: Option<String>,
+    /// The delivery's resume state for this file, if it recorded one.
+    #[serde(skip)]
+    pub delivery_state: Option<String>,
 }
 
 /// A chunk's metadata (without its bytes).
@@ -216,6 +227,9 @@ pub struct ChunkMeta {
     pub sha256: String,
     pub uploaded: bool,
     pub retry_count: u64,
+    /// What the delivery recorded when the piece holding this chunk was
+    /// acknowledged (a part's ETag), if anything.
+    pub ack: Option<String>,
 }
 
 /// One target's share of the buffer.
@@ -412,7 +426,7 @@ impl Store {
                     path: path.display().to_string(),
                     source,
                 })?;
-        sqlite::migrate(&pool, &[SCHEMA_V1, SCHEMA_V2])?;
+        sqlite::migrate(&pool, &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3])?;
         Ok(Store {
             pool,
             path: path.to_owned(),
@@ -532,7 +546,8 @@ impl Store {
                     (SELECT count(*) FROM chunks c WHERE c.file_id = f.id AND c.state != 'pending'),
                     (SELECT coalesce(max(retry_count), 0) FROM chunks c WHERE c.file_id = f.id),
                     (SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'),
-                    (SELECT error FROM chunk_errors e WHERE e.file_id = f.id ORDER BY e.id DESC LIMIT 1)
+                    (SELECT error FROM chunk_errors e WHERE e.file_id = f.id ORDER BY e.id DESC LIMIT 1),
+                    f.delivery_state
              FROM files f {where_sql} ORDER BY f.id"
         );
         let mut stmt = conn.prepare_cached(&sql)?;
@@ -566,6 +581,7 @@ impl Store {
                     None
                 },
                 last_error: r.get(17)?,
+                delivery_state: r.get(18)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -635,7 +651,7 @@ impl Store {
     pub fn chunks(&self, file_id: i64) -> Result<Vec<ChunkMeta>> {
         let conn = self.pool.get()?;
         let mut stmt = conn.prepare(
-            "SELECT idx, byte_offset, length, sha256, state, retry_count FROM chunks WHERE file_id = ?1 ORDER BY idx",
+            "SELECT idx, byte_offset, length, sha256, state, retry_count, ack FROM chunks WHERE file_id = ?1 ORDER BY idx",
         )?;
         let rows = stmt.query_map(params![file_id], |r| {
             Ok(ChunkMeta {
@@ -645,6 +661,7 @@ impl Store {
                 sha256: r.get(3)?,
                 uploaded: r.get::<_, String>(4)? != "pending",
                 retry_count: r.get::<_, i64>(5)? as u64,
+                ack: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -660,18 +677,25 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Marks chunks acknowledged by the receiver.
-    pub fn mark_uploaded(&self, file_id: i64, idxs: &[u64], durability: Durability) -> Result<()> {
+    /// Marks chunks acknowledged by the receiver, with what the delivery
+    /// needs to remember of their piece (`ack`), if anything.
+    pub fn mark_uploaded(
+        &self,
+        file_id: i64,
+        idxs: &[u64],
+        ack: Option<&str>,
+        durability: Durability,
+    ) -> Result<()> {
         let mut conn = self.pool.get()?;
         durability.run(&mut conn, |conn| {
             let tx = conn.transaction()?;
             let now = now_ms();
             {
                 let mut mark = tx.prepare_cached(
-                    "UPDATE chunks SET state = 'uploaded', last_attempt = ?3 WHERE file_id = ?1 AND idx = ?2 AND state = 'pending'",
+                    "UPDATE chunks SET state = 'uploaded', last_attempt = ?3, ack = ?4 WHERE file_id = ?1 AND idx = ?2 AND state = 'pending'",
                 )?;
                 for idx in idxs {
-                    mark.execute(params![file_id, *idx as i64, now])?;
+                    mark.execute(params![file_id, *idx as i64, now, ack])?;
                 }
             }
             tx.prepare_cached("UPDATE files SET updated_at = ?2 WHERE id = ?1")?.execute(params![file_id, now])?;
@@ -692,11 +716,34 @@ impl Store {
             .execute(params![target])?)
     }
 
-    /// Puts every chunk of a file back to pending (the receiver lost the upload).
+    /// Puts every chunk of a file back to pending (the receiver lost the
+    /// upload, or is about to say again what it holds).
     pub fn reset_chunks(&self, file_id: i64) -> Result<()> {
         let conn = self.pool.get()?;
-        conn.prepare_cached("UPDATE chunks SET state = 'pending' WHERE file_id = ?1")?
+        conn.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
             .execute(params![file_id])?;
+        Ok(())
+    }
+
+    /// Forgets a file's upload on the peer: every chunk pending again and no
+    /// resume state, so the next attempt starts a new upload.
+    pub fn forget_upload(&self, file_id: i64) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        tx.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
+            .execute(params![file_id])?;
+        tx.prepare_cached("UPDATE files SET delivery_state = NULL, updated_at = ?2 WHERE id = ?1")?
+            .execute(params![file_id, now_ms()])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a file's resume state (synced: the delivery depends on it
+    /// from the next request on).
+    pub fn set_delivery_state(&self, file_id: i64, state: Option<&str>) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.prepare_cached("UPDATE files SET delivery_state = ?2, updated_at = ?3 WHERE id = ?1")?
+            .execute(params![file_id, state, now_ms()])?;
         Ok(())
     }
 
@@ -1061,7 +1108,7 @@ mod tests {
         let a = ingest(&store, &new_file("a", 1), b"0123456789");
         let b = ingest(&store, &new_file("b", 2), b"0123456789");
         store
-            .mark_uploaded(a, &[0, 1, 2], Durability::Synced)
+            .mark_uploaded(a, &[0, 1, 2], None, Durability::Synced)
             .unwrap();
         store.confirm(a, Some("a"), Durability::Synced).unwrap();
         assert!(store.chunk_data(a, 0).unwrap().is_empty());
@@ -1097,9 +1144,61 @@ mod tests {
         }
         let store = Store::open(&path).unwrap();
         assert_eq!(store.chunk_data(1, 0).unwrap(), b"abc");
+        assert_eq!(store.chunks(1).unwrap()[0].ack, None);
+        assert_eq!(store.file(1).unwrap().delivery_state, None);
         store.confirm(1, Some("a"), Durability::Unsynced).unwrap();
         assert!(store.chunk_data(1, 0).unwrap().is_empty());
         assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn resume_state_and_piece_acks_stay_until_the_upload_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let store = Store::open(&path).unwrap();
+        let id = ingest(&store, &new_file("r", 1), b"0123456789");
+        assert_eq!(store.file(id).unwrap().delivery_state, None);
+        store.set_delivery_state(id, Some("multipart-7")).unwrap();
+        store
+            .mark_uploaded(id, &[0, 1], Some("etag-a"), Durability::Unsynced)
+            .unwrap();
+        // Both survive a reopen, as after a crash.
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.file(id).unwrap().delivery_state.as_deref(),
+            Some("multipart-7")
+        );
+        let acks: Vec<(bool, Option<String>)> = store
+            .chunks(id)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.uploaded, c.ack))
+            .collect();
+        let etag = Some("etag-a".to_owned());
+        assert_eq!(acks, [(true, etag.clone()), (true, etag), (false, None)]);
+        // Asking the peer again keeps the upload; forgetting it starts anew.
+        store.reset_chunks(id).unwrap();
+        assert!(
+            store
+                .chunks(id)
+                .unwrap()
+                .iter()
+                .all(|c| !c.uploaded && c.ack.is_none())
+        );
+        assert!(store.file(id).unwrap().delivery_state.is_some());
+        store
+            .mark_uploaded(id, &[2], Some("etag-b"), Durability::Synced)
+            .unwrap();
+        store.forget_upload(id).unwrap();
+        assert!(
+            store
+                .chunks(id)
+                .unwrap()
+                .iter()
+                .all(|c| !c.uploaded && c.ack.is_none())
+        );
+        assert_eq!(store.file(id).unwrap().delivery_state, None);
     }
 
     #[test]

@@ -1,0 +1,274 @@
+//! The HTTP requests of the IndexedCP protocol, and what the receiver's
+//! replies announce about it (the resumable extension, batches).
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::agent::store::{ChunkMeta, FileRecord};
+use crate::agent::upload::UploadError;
+use crate::config::TargetConfig;
+use crate::protocol::{self, BatchReply, ChunkReply, ErrorReply, UploadStatus};
+
+const RESUMABLE_UNKNOWN: u8 = 0;
+const RESUMABLE_YES: u8 = 1;
+const RESUMABLE_NO: u8 = 2;
+
+/// The IndexedCP delivery: an HTTP client for one receiver, and what its
+/// replies announced.
+pub struct IndexedCp {
+    http: reqwest::Client,
+    pub(super) url: String,
+    api_key: Option<String>,
+    resumable: AtomicU8,
+    /// The most files the receiver takes in one batch; 0 when it announced none.
+    batch: AtomicUsize,
+    /// The batch route was refused (a receiver or proxy that predates it):
+    /// batches stay off for this client, whatever later replies announce.
+    batch_refused: AtomicBool,
+}
+
+impl IndexedCp {
+    pub fn new(target: &TargetConfig) -> Result<IndexedCp, UploadError> {
+        let http = reqwest::Client::builder()
+            .timeout(target.timeout)
+            .connect_timeout(target.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("indexedcp/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UploadError::Request {
+                what: "an HTTP client".into(),
+                message: e.to_string(),
+            })?;
+        let api_key = target.api_key.clone().or_else(|| {
+            std::env::var("INDEXEDCP_API_KEY")
+                .ok()
+                .filter(|k| !k.trim().is_empty())
+        });
+        Ok(IndexedCp {
+            http,
+            url: target.url.clone(),
+            api_key,
+            resumable: AtomicU8::new(RESUMABLE_UNKNOWN),
+            batch: AtomicUsize::new(0),
+            batch_refused: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the receiver announced the resumable extension (`None`: not yet known).
+    pub fn resumable(&self) -> Option<bool> {
+        match self.resumable.load(Ordering::Relaxed) {
+            RESUMABLE_YES => Some(true),
+            RESUMABLE_NO => Some(false),
+            _ => None,
+        }
+    }
+
+    /// The most files the receiver takes in one batch request (`POST
+    /// <url>/batch`); 0 until a reply announced batches.
+    pub fn batch_limit(&self) -> usize {
+        if self.resumable() == Some(true) && !self.batch_refused.load(Ordering::Relaxed) {
+            self.batch.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    pub(crate) fn note_resumable(&self, headers: &HeaderMap) {
+        let yes = headers
+            .get(protocol::RESUMABLE)
+            .is_some_and(|v| v.as_bytes() == b"1");
+        self.resumable.store(
+            if yes { RESUMABLE_YES } else { RESUMABLE_NO },
+            Ordering::Relaxed,
+        );
+        let batch = headers
+            .get(protocol::BATCH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        self.batch.store(batch, Ordering::Relaxed);
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    fn transport(&self, e: reqwest::Error) -> UploadError {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            message.push_str(": ");
+            message.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        UploadError::Transport {
+            url: self.url.clone(),
+            message,
+        }
+    }
+
+    async fn refusal(&self, response: reqwest::Response) -> UploadError {
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response.text().await.unwrap_or_default();
+        let (error, message) = match serde_json::from_str::<ErrorReply>(&text) {
+            Ok(reply) => (reply.error.clone(), reply.message.unwrap_or(reply.error)),
+            Err(_) => (String::new(), text.chars().take(200).collect()),
+        };
+        UploadError::Status {
+            url: self.url.clone(),
+            status,
+            error,
+            message,
+            retry_after,
+        }
+    }
+
+    /// Sends one chunk.
+    pub async fn send_chunk(
+        &self,
+        file: &FileRecord,
+        chunk: &ChunkMeta,
+        data: Vec<u8>,
+    ) -> Result<ChunkReply, UploadError> {
+        let mut headers = HeaderMap::new();
+        let name = HeaderValue::from_bytes(file.remote_name.as_bytes()).map_err(|_| UploadError::Request {
+            what: format!("{:?}", file.remote_name),
+            message: "the file name contains characters an HTTP header cannot carry (control characters); rename the file".into(),
+        })?;
+        headers.insert(HeaderName::from_static(protocol::FILE_NAME), name);
+        let mut put = |name: &'static str, value: String| {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_str(&value).expect("ASCII header value"),
+            );
+        };
+        put(protocol::CHUNK_INDEX, chunk.idx.to_string());
+        put(protocol::UPLOAD_ID, file.upload_id.clone());
+        put(protocol::CHUNK_OFFSET, chunk.offset.to_string());
+        put(protocol::CHUNK_SHA256, chunk.sha256.clone());
+        put(protocol::FILE_SIZE, file.size.to_string());
+        put(protocol::CHUNK_COUNT, file.chunk_count.to_string());
+        put(protocol::FILE_SHA256, file.sha256.clone());
+        let request = self
+            .authorize(self.http.post(&self.url))
+            .headers(headers)
+            .body(data);
+        let response = request.send().await.map_err(|e| self.transport(e))?;
+        self.reply::<ChunkReply>(response).await
+    }
+
+    /// A reply to an upload request: its JSON body when it succeeded, else the
+    /// refusal; either way what it announces about the receiver's extensions.
+    async fn reply<T: serde::de::DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<T, UploadError> {
+        if !response.status().is_success() {
+            // A refusal from a proxy in front of the receiver (502, 503) says
+            // nothing about the receiver: only a reply that carries the header counts.
+            if response.headers().contains_key(protocol::RESUMABLE) {
+                self.note_resumable(response.headers());
+            }
+            return Err(self.refusal(response).await);
+        }
+        self.note_resumable(response.headers());
+        let text = response.text().await.map_err(|e| self.transport(e))?;
+        serde_json::from_str::<T>(&text).map_err(|e| UploadError::Protocol {
+            url: self.url.clone(),
+            message: format!("{e} in {:?}", text.chars().take(200).collect::<String>()),
+        })
+    }
+
+    /// Sends a batch: `body` is the JSON manifest (`manifest_len` bytes) and
+    /// then the files' bytes.
+    pub async fn send_batch_request(
+        &self,
+        manifest_len: usize,
+        body: Vec<u8>,
+    ) -> Result<BatchReply, UploadError> {
+        let url = self.below("batch");
+        let response = self
+            .authorize(self.http.post(&url))
+            .header(protocol::MANIFEST_LENGTH, manifest_len)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        self.reply::<BatchReply>(response).await
+    }
+
+    /// The target URL with one more path segment (before any query string):
+    /// `https://h/upload?k=v` and `batch` give `https://h/upload/batch?k=v`.
+    fn below(&self, segment: &str) -> String {
+        let mut url = match reqwest::Url::parse(&self.url) {
+            Ok(url) => url,
+            Err(_) => return format!("{}/{segment}", self.url.trim_end_matches('/')),
+        };
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push(segment);
+        }
+        url.into()
+    }
+
+    /// The receiver refused batches (an older receiver): send files one by one.
+    pub(crate) fn forget_batches(&self) {
+        self.batch_refused.store(true, Ordering::Relaxed);
+    }
+
+    /// `GET /upload/<id>`: what the receiver has of an upload (`None`: nothing).
+    pub async fn status(&self, upload_id: &str) -> Result<Option<UploadStatus>, UploadError> {
+        let url = self.below(upload_id);
+        let response = self
+            .authorize(self.http.get(&url))
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let text = response.text().await.map_err(|e| self.transport(e))?;
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| UploadError::Protocol {
+                        url,
+                        message: e.to_string(),
+                    })
+            }
+            _ => Err(self.refusal(response).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_and_status_urls_keep_the_query_string() {
+        let client = |url: &str| IndexedCp::new(&TargetConfig::new("t", url)).unwrap();
+        assert_eq!(
+            client("http://h:1/upload").below("batch"),
+            "http://h:1/upload/batch"
+        );
+        assert_eq!(
+            client("https://h/in/upload/?tenant=a").below("batch"),
+            "https://h/in/upload/batch?tenant=a"
+        );
+        assert_eq!(
+            client("http://h/upload?k=v").below("abcdefabcdefabcdef"),
+            "http://h/upload/abcdefabcdefabcdef?k=v"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The daemon's uploader loop: wakes on a timer, after an ingest and when the
+//! earliest retry is due, and keeps up to `concurrency` attempts per target in
+//! flight.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::store::{self, Store, StoreError};
+
+use super::batch::{BATCH_FILES, plan_attempts, run_attempt};
+use super::events::UploadObserver;
+use super::target::TargetRuntime;
+
+/// What the uploader loop reads on every round, replaceable on reload: the
+/// targets (an upload in flight keeps the target it started with), the check
+/// interval, and a heartbeat the supervisor reads for the systemd watchdog.
+pub struct UploaderShared {
+    targets: std::sync::RwLock<Vec<Arc<TargetRuntime>>>,
+    check_interval_ms: std::sync::atomic::AtomicU64,
+    heartbeat_ms: std::sync::atomic::AtomicI64,
+}
+
+impl UploaderShared {
+    pub fn new(targets: Vec<Arc<TargetRuntime>>, check_interval: Duration) -> UploaderShared {
+        UploaderShared {
+            targets: std::sync::RwLock::new(targets),
+            check_interval_ms: std::sync::atomic::AtomicU64::new(check_interval.as_millis() as u64),
+            heartbeat_ms: std::sync::atomic::AtomicI64::new(store::now_ms()),
+        }
+    }
+
+    pub fn targets(&self) -> Vec<Arc<TargetRuntime>> {
+        self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_targets(&self, targets: Vec<Arc<TargetRuntime>>) {
+        *self.targets.write().unwrap_or_else(|p| p.into_inner()) = targets;
+    }
+
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_millis(self.check_interval_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_check_interval(&self, interval: Duration) {
+        self.check_interval_ms
+            .store(interval.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// When the uploader loop last went round (ms since the epoch).
+    pub fn last_heartbeat(&self) -> i64 {
+        self.heartbeat_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Drains the buffer for the targets in `shared` until `shutdown`: wakes every
+/// `check_interval`, when `wake` is notified (after an ingest), and when the
+/// earliest retry is due; keeps up to `concurrency` files per target in flight.
+/// On shutdown, chunks in flight get `grace` to finish and are then abandoned
+/// (safely: an unacknowledged chunk is simply sent again).
+pub async fn run_uploader(
+    store: Store,
+    shared: Arc<UploaderShared>,
+    wake: Arc<Notify>,
+    observer: Arc<dyn UploadObserver>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let mut in_flight: JoinSet<(String, Vec<i64>, bool)> = JoinSet::new();
+    // The attempts in flight per target, each with the ids of its files.
+    let mut busy: HashMap<String, Vec<Vec<i64>>> = HashMap::new();
+    let mut cooling: HashMap<i64, (String, std::time::Instant)> = HashMap::new();
+    loop {
+        shared
+            .heartbeat_ms
+            .store(store::now_ms(), Ordering::Relaxed);
+        let check_interval = shared.check_interval();
+        let mut earliest: Option<i64> = None;
+        for target in &shared.targets() {
+            let name = target.config.name.clone();
+            let attempts = busy.entry(name.clone()).or_default();
+            let room = target.config.concurrency.saturating_sub(attempts.len());
+            let mut taken: Vec<i64> = attempts.iter().flatten().copied().collect();
+            taken.extend(
+                cooling
+                    .iter()
+                    .filter(|(_, (t, _))| *t == name)
+                    .map(|(id, _)| *id),
+            );
+            let s = store.clone();
+            let n = name.clone();
+            // With batches, one slot may take many small files.
+            let batch_limit = target.delivery.batches().map_or(1, |b| b.max_files());
+            let wanted = room.saturating_mul(batch_limit.clamp(1, BATCH_FILES));
+            let found = tokio::task::spawn_blocking(move || {
+                if room == 0 {
+                    // A finished upload wakes the loop.
+                    return Ok((Vec::new(), None));
+                }
+                let due = s.due_files(&n, store::now_ms(), &taken, wanted)?;
+                // With every slot filled, a finished upload wakes the loop;
+                // otherwise it sleeps until the next file is due.
+                let next = if due.len() < wanted {
+                    s.next_due(&n)?
+                } else {
+                    None
+                };
+                Ok::<_, StoreError>((due, next))
+            })
+            .await;
+            let (due, next) = match found {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read the buffer; retrying");
+                    (Vec::new(), Some(store::now_ms() + 1000))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "buffer query task failed");
+                    (Vec::new(), None)
+                }
+            };
+            if let Some(next) = next {
+                earliest = Some(earliest.map_or(next, |e: i64| e.min(next)));
+            }
+            for attempt in plan_attempts(target, due, room) {
+                let ids = attempt.ids();
+                busy.entry(name.clone()).or_default().push(ids.clone());
+                let (store, target, observer, name) = (
+                    store.clone(),
+                    target.clone(),
+                    observer.clone(),
+                    name.clone(),
+                );
+                in_flight.spawn(async move {
+                    let mut failed = false;
+                    for (file, outcome) in run_attempt(&store, &target, attempt, observer.as_ref()).await {
+                        if let Err((error, _)) = outcome {
+                            tracing::error!(file = %file.remote_name, %error, "upload attempt failed; retrying after check_interval");
+                            failed = true;
+                        }
+                    }
+                    (name, ids, failed)
+                });
+            }
+        }
+        let now = store::now_ms();
+        let until_due = earliest
+            .filter(|t| *t > now)
+            .map(|t| Duration::from_millis((t - now) as u64))
+            .unwrap_or(check_interval);
+        let sleep = until_due.min(check_interval).max(Duration::from_millis(10));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Ok(done) = done {
+                    finish(done, &mut busy, &mut cooling, check_interval);
+                }
+            }
+        }
+        // Collect every other finished task without waiting.
+        while let Some(done) = in_flight.try_join_next() {
+            if let Ok(done) = done {
+                finish(done, &mut busy, &mut cooling, check_interval);
+            }
+        }
+        // Files whose attempt failed outside the retry schedule (the store
+        // could not record it, e.g. a full disk) wait a check_interval.
+        let now = std::time::Instant::now();
+        cooling.retain(|_, (_, until)| *until > now);
+    }
+    if !in_flight.is_empty() {
+        let n = in_flight.len();
+        let finished = tokio::time::timeout(grace, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                files = n,
+                ?grace,
+                "uploads still in flight after the grace period; abandoning them (they resume at the next start)"
+            );
+            in_flight.abort_all();
+        }
+    }
+}
+
+/// Books a finished attempt: the file is free again, or cooling down when the
+/// attempt failed without being recorded.
+fn finish(
+    (name, ids, failed): (String, Vec<i64>, bool),
+    busy: &mut HashMap<String, Vec<Vec<i64>>>,
+    cooling: &mut HashMap<i64, (String, std::time::Instant)>,
+    check_interval: Duration,
+) {
+    let attempts = busy.entry(name.clone()).or_default();
+    if let Some(at) = attempts.iter().position(|a| *a == ids) {
+        attempts.swap_remove(at);
+    }
+    if failed {
+        let until = std::time::Instant::now() + check_interval;
+        for id in ids {
+            cooling.insert(id, (name.clone(), until));
+        }
+    }
+}
