@@ -107,6 +107,8 @@ struct Inner {
     root: OwnedFd,
     staging: OwnedFd,
     staging_path: PathBuf,
+    /// The state directory's first component when it lies inside the output
+    /// directory: no client file may be written there.
     reserved: Option<String>,
     /// Whole-file hashes of uploads in progress, advanced as chunks arrive;
     /// shared by every `Receiver` of the process with this staging directory,
@@ -165,6 +167,8 @@ impl Receiver {
         })
     }
 
+    /// Where a client's file name goes in the output directory, by the
+    /// configured path mode; a name the mode refuses is a 400 reply.
     fn destination(&self, client_name: &str) -> Result<Destination, ApiError> {
         paths::destination_for(
             self.inner.path_mode,
@@ -199,6 +203,8 @@ fn reserved_component(output_dir: &Path, state_dir: &Path) -> Option<String> {
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
 }
 
+/// Runs `f` on the blocking pool, since database and file-system calls must not
+/// hold up the executor; a panic in `f` becomes a 500 reply.
 async fn blocking<T: Send + 'static, E: Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, ApiError>

@@ -1,8 +1,14 @@
 //! The receiver's own SQLite file: resumable uploads, their recorded chunks and
 //! the v1 sessions. Every method blocks; callers run them with `spawn_blocking`.
 //!
-//! Commits use `synchronous = FULL`: an agent deletes its copy once told a file is
-//! complete, so the receiver's "complete" must survive a power cut.
+//! Commits are synced (`synchronous = FULL`) unless a method says otherwise.
+//! Synced: the final name chosen for an upload (phase finalizing, one commit
+//! for all the new files of a batch), v1 sessions, and forgetting or expiring
+//! records. Unsynced: a new upload, its chunk records, and its completion. An
+//! agent deletes its copy once told a file is complete, so what must survive
+//! a power cut is the file under its final name, synced before that reply,
+//! and the finalizing record that names it; from those two the completion is
+//! recorded again, so its own commit need not wait for the disk.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -255,6 +261,8 @@ impl UploadState {
         Ok(count as u64)
     }
 
+    /// Sets an upload's phase and final name, with a synced commit: completion
+    /// records the final name it chose this way before the rename.
     pub(super) fn set_phase(
         &self,
         upload_id: &str,
