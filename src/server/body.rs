@@ -19,25 +19,25 @@ use http_body_util::BodyExt;
 const QUEUE_FRAMES: usize = 4;
 
 /// Where the body's bytes go: `file` at `offset` onwards.
-pub struct Sink {
-    pub file: File,
-    pub offset: u64,
+pub(super) struct Sink {
+    pub(super) file: File,
+    pub(super) offset: u64,
     /// Sync the bytes before returning: v1 replies promise durability chunk by
     /// chunk. A resumable upload is synced once, whole, after it is verified.
-    pub sync: bool,
+    pub(super) sync: bool,
     /// The upload's whole-file hash, when this chunk extends it.
-    pub claim: Option<Claim>,
+    pub(super) claim: Option<Claim>,
 }
 
-pub struct BodyOutcome {
-    pub length: u64,
-    pub sha256: String,
+pub(super) struct BodyOutcome {
+    pub(super) length: u64,
+    pub(super) sha256: String,
     /// The sink's claim, fed with every byte written.
-    pub claim: Option<Claim>,
+    pub(super) claim: Option<Claim>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(super) enum BodyError {
     #[error("request body is longer than {limit} bytes")]
     TooLong { limit: u64 },
     #[error("no request body data for {0:?}")]
@@ -52,7 +52,7 @@ pub enum BodyError {
 
 /// Reads `body` to its end (at most `limit` bytes, each frame within `idle`),
 /// hashing it and writing it through `sink` when given.
-pub async fn read_body(
+pub(super) async fn read_body(
     body: Body,
     sink: Option<Sink>,
     limit: u64,
@@ -68,7 +68,7 @@ pub async fn read_body(
 /// dropped when its client goes), the writer still drains the frames already
 /// queued: whatever `held` guards (a lock, a spoiled hash) is released only
 /// after that.
-pub async fn write_body<H: Send + 'static>(
+pub(super) async fn write_body<H: Send + 'static>(
     body: Body,
     sink: Option<Sink>,
     held: H,
@@ -118,7 +118,7 @@ pub async fn write_body<H: Send + 'static>(
 /// byte stream ([`io::Read`]). The end comes when the body ends, or early when
 /// reading it failed (the error is the caller's of [`stream_body`];
 /// [`Frames::ended_cleanly`] tells the two apart).
-pub struct Frames {
+pub(super) struct Frames {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
     clean_end: Arc<AtomicBool>,
@@ -127,12 +127,12 @@ pub struct Frames {
 impl Frames {
     /// After the last frame: whether the body ended as the client sent it
     /// (not cut off, timed out or over its limit).
-    pub fn ended_cleanly(&self) -> bool {
+    pub(super) fn ended_cleanly(&self) -> bool {
         self.clean_end.load(Ordering::Acquire)
     }
 
     /// The next bytes of the body; `None` at its end.
-    pub fn next_frame(&mut self) -> Option<Bytes> {
+    pub(super) fn next_frame(&mut self) -> Option<Bytes> {
         if !self.current.is_empty() {
             return Some(std::mem::take(&mut self.current));
         }
@@ -159,7 +159,7 @@ impl io::Read for Frames {
 /// `idle`); at most a few frames wait between the network and `work`. An error
 /// reading the body wins over what `work` returned (`work` saw the body end
 /// early).
-pub async fn stream_body<T: Send + 'static>(
+pub(super) async fn stream_body<T: Send + 'static>(
     body: Body,
     prefix: Bytes,
     limit: u64,
@@ -215,7 +215,7 @@ pub async fn stream_body<T: Send + 'static>(
 
 /// Reads the first `n` bytes of `body` (each frame within `idle`); returns
 /// them and whatever else the last frame held.
-pub async fn read_prefix(
+pub(super) async fn read_prefix(
     body: &mut Body,
     n: usize,
     idle: Duration,
@@ -242,11 +242,11 @@ pub async fn read_prefix(
 
 /// Bytes of a refused body that are read and thrown away before replying, so the
 /// client (which is usually still sending) sees the reply instead of a reset.
-pub const DRAIN_BYTES: u64 = 1 << 20;
+pub(super) const DRAIN_BYTES: u64 = 1 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// Reads and discards up to [`DRAIN_BYTES`] of `body` for at most a second.
-pub async fn drain(mut body: Body) {
+pub(super) async fn drain(mut body: Body) {
     let mut left = DRAIN_BYTES;
     let _ = tokio::time::timeout(DRAIN_TIME, async {
         while let Some(Ok(frame)) = body.frame().await {
@@ -265,7 +265,7 @@ pub async fn drain(mut body: Body) {
 /// 0) to disk without waiting for them, so that a later sync finds them
 /// (mostly) written: data otherwise stays dirty until the sync, or until the
 /// kernel's background threshold, a tenth of memory.
-pub fn start_writeback(file: &File, offset: u64, len: u64) {
+pub(super) fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: the descriptor is open for the duration of the call; the call
     // only schedules writeback and touches no memory of ours.
@@ -280,7 +280,7 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 /// Whether an I/O error means the disk (or quota) is full.
-pub fn is_disk_full(e: &io::Error) -> bool {
+pub(super) fn is_disk_full(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()

@@ -42,7 +42,7 @@ const READ_BUF: usize = 256 << 10;
 
 /// The hashes followed for the uploads staged in `staging_dir`: one map per
 /// directory for the life of the process.
-pub fn for_staging_dir(staging_dir: &std::path::Path) -> std::sync::Arc<FileHashes> {
+pub(super) fn for_staging_dir(staging_dir: &std::path::Path) -> std::sync::Arc<FileHashes> {
     static MAPS: Mutex<Vec<(std::path::PathBuf, std::sync::Arc<FileHashes>)>> =
         Mutex::new(Vec::new());
     let dir = std::fs::canonicalize(staging_dir).unwrap_or_else(|_| staging_dir.to_owned());
@@ -56,7 +56,7 @@ pub fn for_staging_dir(staging_dir: &std::path::Path) -> std::sync::Arc<FileHash
 }
 
 #[derive(Default)]
-pub struct FileHashes {
+pub(super) struct FileHashes {
     entries: Mutex<HashMap<String, Entry>>,
     next_generation: std::sync::atomic::AtomicU64,
 }
@@ -108,7 +108,7 @@ enum Progress {
 }
 
 /// The right to extend an upload's prefix with one chunk as it is written.
-pub struct Claim {
+pub(super) struct Claim {
     generation: u64,
     /// `None` when the chunk is the whole file: its own hash will do.
     hasher: Option<Sha256Stream>,
@@ -119,7 +119,7 @@ pub struct Claim {
 impl Claim {
     /// Feeds the chunk's bytes, in order, as they are written, to the chunk's
     /// own hash and the file's (in one pass where the CPU allows).
-    pub fn update(&mut self, chunk: &mut Sha256Stream, bytes: &[u8]) {
+    pub(super) fn update(&mut self, chunk: &mut Sha256Stream, bytes: &[u8]) {
         match &mut self.hasher {
             Some(file) => update_both(chunk, file, bytes),
             None => chunk.update(bytes),
@@ -128,7 +128,7 @@ impl Claim {
 }
 
 /// What is known of a file's hash when its upload completes.
-pub enum Known {
+pub(super) enum Known {
     /// The file's SHA-256 (hex).
     Whole(String),
     /// The hash of its first `len` bytes: read the rest.
@@ -149,7 +149,7 @@ impl FileHashes {
     /// Called before writing a new chunk at `offset`: returns a claim if the
     /// chunk continues its upload's prefix (or starts it), so that it is
     /// hashed as it is written.
-    pub fn claim(
+    pub(super) fn claim(
         &self,
         upload_id: &str,
         chunk_idx: u64,
@@ -210,7 +210,7 @@ impl FileHashes {
 
     /// The claimed chunk (`length` bytes, hash `sha256`) is written and
     /// recorded: the prefix now ends after it.
-    pub fn extend(&self, upload_id: &str, claim: Claim, length: u64, sha256: &str) {
+    pub(super) fn extend(&self, upload_id: &str, claim: Claim, length: u64, sha256: &str) {
         let mut entries = self.entries();
         let Some(entry) = entries.get_mut(upload_id) else {
             return;
@@ -234,19 +234,19 @@ impl FileHashes {
 
     /// A write to the upload's staging file was not recorded: what it wrote
     /// is unknown, so the file will be read back whole.
-    pub fn spoil(&self, upload_id: &str) {
+    pub(super) fn spoil(&self, upload_id: &str) {
         if let Some(entry) = self.entries().get_mut(upload_id) {
             entry.progress = Progress::Spoiled;
         }
     }
 
     /// The upload is gone (discarded, expired, or its staging file replaced).
-    pub fn forget(&self, upload_id: &str) {
+    pub(super) fn forget(&self, upload_id: &str) {
         self.entries().remove(upload_id);
     }
 
     /// Takes what is known of the file's hash, at completion.
-    pub fn take(&self, upload_id: &str) -> Known {
+    pub(super) fn take(&self, upload_id: &str) -> Known {
         match self.entries().remove(upload_id).map(|e| e.progress) {
             Some(Progress::Whole { sha256 }) => Known::Whole(sha256),
             Some(Progress::Prefix { hasher, len, .. }) => Known::Prefix { hasher, len },
@@ -258,7 +258,7 @@ impl FileHashes {
     /// reading them back from `staged`: `recorded(idx)` gives chunk `idx`'s
     /// offset and length if it is recorded. A chunk recorded while another
     /// thread is extending is left to that thread.
-    pub fn catch_up<E>(
+    pub(super) fn catch_up<E>(
         &self,
         upload_id: &str,
         staged: impl Fn() -> io::Result<File>,
@@ -329,7 +329,7 @@ impl FileHashes {
 }
 
 /// Hashes `length` bytes of `file` from `offset`; an error if it ends first.
-pub fn hash_range(
+pub(super) fn hash_range(
     file: &File,
     offset: u64,
     length: u64,

@@ -19,14 +19,14 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use crate::config::PathMode;
 
 /// Longest accepted component, the common file-system limit.
-pub const MAX_COMPONENT_BYTES: usize = 255;
+pub(super) const MAX_COMPONENT_BYTES: usize = 255;
 /// Longest accepted `X-File-Name` in allow-paths mode.
-pub const MAX_PATH_BYTES: usize = 4096;
+pub(super) const MAX_PATH_BYTES: usize = 4096;
 
 /// Why a client's file name was refused; the text goes into the 400 reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct InvalidName(pub String);
+pub(super) struct InvalidName(pub String);
 
 fn invalid(msg: impl Into<String>) -> InvalidName {
     InvalidName(msg.into())
@@ -36,14 +36,14 @@ fn invalid(msg: impl Into<String>) -> InvalidName {
 /// then the file name. Every component is non-empty, not `.`/`..`, free of `/`,
 /// NUL and control characters, and at most 255 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Destination {
-    pub dirs: Vec<String>,
-    pub name: String,
+pub(super) struct Destination {
+    pub(super) dirs: Vec<String>,
+    pub(super) name: String,
 }
 
 impl Destination {
     /// The path relative to the output directory, as reported in `actualFilename`.
-    pub fn display(&self) -> String {
+    pub(super) fn display(&self) -> String {
         let mut out = String::new();
         for dir in &self.dirs {
             out.push_str(dir);
@@ -53,8 +53,15 @@ impl Destination {
         out
     }
 
+    /// The destination a recorded final name ([`Destination::display`]) stands for.
+    pub(super) fn from_display(display: &str) -> Destination {
+        let mut parts: Vec<String> = display.split('/').map(str::to_owned).collect();
+        let name = parts.pop().unwrap_or_default();
+        Destination { dirs: parts, name }
+    }
+
     /// The same directories with another file name (for unique suffixes).
-    pub fn with_name(&self, name: String) -> Destination {
+    pub(super) fn with_name(&self, name: String) -> Destination {
         Destination {
             dirs: self.dirs.clone(),
             name,
@@ -65,7 +72,7 @@ impl Destination {
 /// Turns a client file name into a destination by `mode`. `reserved` is the first
 /// component of the receiver's own state directory when it lies inside the output
 /// directory (by default `.indexedcp`); no client may write below it.
-pub fn destination_for(
+pub(super) fn destination_for(
     mode: PathMode,
     client_name: &str,
     reserved: Option<&str>,
@@ -179,7 +186,7 @@ fn allow_paths(client_name: &str, reserved: Option<&str>) -> Result<Destination,
 
 /// The original's ignore-mode name: `<millis>_<random>_<path with separators as _>`,
 /// every character outside `[A-Za-z0-9._-]` replaced by `-`, cut to 255 bytes.
-pub fn ignore_mode_name(client_name: &str, millis: u128, random: &str) -> String {
+pub(super) fn ignore_mode_name(client_name: &str, millis: u128, random: &str) -> String {
     let cleaned = strip_dot_prefix(client_name);
     let mut flat = String::with_capacity(cleaned.len());
     let mut last_sep = false;
@@ -219,7 +226,7 @@ fn split_extension(name: &str) -> (&str, &str) {
 
 /// The n-th alternative name for `name` when it is taken: `base_<millis>.ext`, then
 /// `base_<millis>_<n>.ext`, always within 255 bytes.
-pub fn unique_candidate(name: &str, millis: u128, attempt: u32) -> String {
+pub(super) fn unique_candidate(name: &str, millis: u128, attempt: u32) -> String {
     if attempt == 0 {
         return name.to_owned();
     }
@@ -237,7 +244,7 @@ pub fn unique_candidate(name: &str, millis: u128, attempt: u32) -> String {
     format!("{}{suffix}{ext}", &stem[..cut])
 }
 
-pub fn now_millis() -> u128 {
+pub(super) fn now_millis() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -245,7 +252,7 @@ pub fn now_millis() -> u128 {
 }
 
 /// `n` random bytes as lowercase hex.
-pub fn random_hex(n: usize) -> String {
+pub(super) fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];
     getrandom::fill(&mut buf).expect("the operating system's random source failed");
     hex::encode(buf)
@@ -253,7 +260,7 @@ pub fn random_hex(n: usize) -> String {
 
 /// Why a destination could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum OpenError {
+pub(super) enum OpenError {
     /// A path component exists but is not a real directory (a file or a symlink).
     #[error("'{0}' exists in the output directory and is not a directory")]
     NotADirectory(String),
@@ -262,7 +269,7 @@ pub enum OpenError {
 }
 
 /// Opens the output directory itself (following a symlink is the operator's choice).
-pub fn open_root(dir: &Path) -> io::Result<OwnedFd> {
+pub(super) fn open_root(dir: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(
         dir,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
@@ -272,7 +279,7 @@ pub fn open_root(dir: &Path) -> io::Result<OwnedFd> {
 
 /// Opens (creating as needed) the directories of `dest` below `root`, never
 /// following a symlink.
-pub fn open_parent(root: &OwnedFd, dest: &Destination) -> Result<OwnedFd, OpenError> {
+pub(super) fn open_parent(root: &OwnedFd, dest: &Destination) -> Result<OwnedFd, OpenError> {
     let mut current = rustix::fs::openat(
         root,
         ".",
@@ -305,7 +312,7 @@ pub fn open_parent(root: &OwnedFd, dest: &Destination) -> Result<OwnedFd, OpenEr
 }
 
 /// Creates `name` in `dir` only if nothing of that name exists (a symlink counts).
-pub fn create_new(dir: &OwnedFd, name: &str) -> io::Result<File> {
+pub(super) fn create_new(dir: &OwnedFd, name: &str) -> io::Result<File> {
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -316,7 +323,7 @@ pub fn create_new(dir: &OwnedFd, name: &str) -> io::Result<File> {
 }
 
 /// Opens an existing regular file for writing, refusing a symlink.
-pub fn open_existing(dir: &OwnedFd, name: &str) -> io::Result<File> {
+pub(super) fn open_existing(dir: &OwnedFd, name: &str) -> io::Result<File> {
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -335,7 +342,7 @@ pub fn open_existing(dir: &OwnedFd, name: &str) -> io::Result<File> {
 
 /// Renames `from` (in `from_dir`) to `to` (in `to_dir`) unless `to` exists.
 /// Returns `Ok(false)` when the name is taken.
-pub fn rename_no_replace(
+pub(super) fn rename_no_replace(
     from_dir: &OwnedFd,
     from: &str,
     to_dir: &OwnedFd,
@@ -361,7 +368,7 @@ pub fn rename_no_replace(
 }
 
 /// Whether `name` exists in `dir` (without following a symlink).
-pub fn exists_in(dir: &OwnedFd, name: &str) -> io::Result<bool> {
+pub(super) fn exists_in(dir: &OwnedFd, name: &str) -> io::Result<bool> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(_) => Ok(true),
         Err(rustix::io::Errno::NOENT) => Ok(false),
@@ -371,7 +378,7 @@ pub fn exists_in(dir: &OwnedFd, name: &str) -> io::Result<bool> {
 
 /// Whether `a` in `a_dir` and `b` in `b_dir` are the same file (one inode
 /// under two names); `false` when either is missing.
-pub fn same_file(a_dir: &OwnedFd, a: &str, b_dir: &OwnedFd, b: &str) -> io::Result<bool> {
+pub(super) fn same_file(a_dir: &OwnedFd, a: &str, b_dir: &OwnedFd, b: &str) -> io::Result<bool> {
     let stat = |dir: &OwnedFd, name: &str| match rustix::fs::statat(
         dir,
         name,
@@ -387,7 +394,7 @@ pub fn same_file(a_dir: &OwnedFd, a: &str, b_dir: &OwnedFd, b: &str) -> io::Resu
     })
 }
 
-pub fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
+pub(super) fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
     rustix::fs::fsync(dir)?;
     Ok(())
 }

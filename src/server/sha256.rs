@@ -22,7 +22,7 @@ const H0: [u32; 8] = [
 
 /// A SHA-256 being computed.
 #[derive(Clone)]
-pub struct Sha256Stream {
+pub(super) struct Sha256Stream {
     state: [u32; 8],
     /// The bytes after the last whole block.
     partial: [u8; BLOCK],
@@ -43,11 +43,11 @@ impl Default for Sha256Stream {
 }
 
 impl Sha256Stream {
-    pub fn new() -> Sha256Stream {
+    pub(super) fn new() -> Sha256Stream {
         Sha256Stream::default()
     }
 
-    pub fn update(&mut self, mut data: &[u8]) {
+    pub(super) fn update(&mut self, mut data: &[u8]) {
         self.total += data.len() as u64;
         if self.partial_len > 0 {
             let take = (BLOCK - self.partial_len).min(data.len());
@@ -68,11 +68,11 @@ impl Sha256Stream {
     }
 
     /// The digest, in lower-case hex as the protocol carries it.
-    pub fn finalize_hex(self) -> String {
+    pub(super) fn finalize_hex(self) -> String {
         hex::encode(self.finalize())
     }
 
-    pub fn finalize(mut self) -> [u8; 32] {
+    pub(super) fn finalize(mut self) -> [u8; 32] {
         let bit_len = self.total.wrapping_mul(8);
         let mut tail = [0u8; 2 * BLOCK];
         tail[..self.partial_len].copy_from_slice(&self.partial[..self.partial_len]);
@@ -94,7 +94,7 @@ impl Sha256Stream {
 /// a block (always, for two hashes that started together, or a chunk at an
 /// offset that is a multiple of 64), their whole blocks are compressed
 /// together.
-pub fn update_both(a: &mut Sha256Stream, b: &mut Sha256Stream, data: &[u8]) {
+pub(super) fn update_both(a: &mut Sha256Stream, b: &mut Sha256Stream, data: &[u8]) {
     if a.partial_len != b.partial_len || !pair_available() {
         a.update(data);
         b.update(data);
@@ -217,7 +217,7 @@ mod x86 {
     /// The CPU must have SHA, SSE2, SSSE3 and SSE4.1, and `bytes.len()` must
     /// be a multiple of 64.
     #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-    pub unsafe fn compress_pair(a: &mut [u32; 8], b: &mut [u32; 8], bytes: &[u8]) {
+    pub(super) unsafe fn compress_pair(a: &mut [u32; 8], b: &mut [u32; 8], bytes: &[u8]) {
         // SAFETY: the caller guarantees the features; every load below is
         // within `bytes` (16-byte pieces of its whole 64-byte blocks) or `K`.
         unsafe {

@@ -1,8 +1,14 @@
 //! The receiver's own SQLite file: resumable uploads, their recorded chunks and
 //! the v1 sessions. Every method blocks; callers run them with `spawn_blocking`.
 //!
-//! Commits use `synchronous = FULL`: an agent deletes its copy once told a file is
-//! complete, so the receiver's "complete" must survive a power cut.
+//! Commits are synced (`synchronous = FULL`) unless a method says otherwise.
+//! Synced: the final name chosen for an upload (phase finalizing, one commit
+//! for all the new files of a batch), v1 sessions, and forgetting or expiring
+//! records. Unsynced: a new upload, its chunk records, and its completion. An
+//! agent deletes its copy once told a file is complete, so what must survive
+//! a power cut is the file under its final name, synced before that reply,
+//! and the finalizing record that names it; from those two the completion is
+//! recorded again, so its own commit need not wait for the disk.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +33,7 @@ pub enum StateError {
     Migrate(#[from] sqlite::MigrateError),
 }
 
-pub type Result<T> = std::result::Result<T, StateError>;
+pub(super) type Result<T> = std::result::Result<T, StateError>;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE uploads (
@@ -59,7 +65,7 @@ CREATE TABLE v1_sessions (
 );
 ";
 
-pub fn now_secs() -> i64 {
+pub(super) fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -67,7 +73,7 @@ pub fn now_secs() -> i64 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UploadPhase {
+pub(super) enum UploadPhase {
     Receiving,
     /// The final name is chosen and recorded; the rename may or may not have happened.
     Finalizing,
@@ -94,45 +100,45 @@ impl UploadPhase {
 
 /// What a client declared about a whole file; every chunk repeats it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileMeta {
-    pub client_name: String,
-    pub file_size: u64,
-    pub chunk_count: u64,
-    pub file_sha256: String,
+pub(super) struct FileMeta {
+    pub(super) client_name: String,
+    pub(super) file_size: u64,
+    pub(super) chunk_count: u64,
+    pub(super) file_sha256: String,
 }
 
 #[derive(Debug, Clone)]
-pub struct Upload {
-    pub upload_id: String,
-    pub meta: FileMeta,
-    pub phase: UploadPhase,
-    pub actual_name: Option<String>,
+pub(super) struct Upload {
+    pub(super) upload_id: String,
+    pub(super) meta: FileMeta,
+    pub(super) phase: UploadPhase,
+    pub(super) actual_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkRecord {
-    pub chunk_idx: u64,
-    pub offset: u64,
-    pub length: u64,
-    pub sha256: String,
+pub(super) struct ChunkRecord {
+    pub(super) chunk_idx: u64,
+    pub(super) offset: u64,
+    pub(super) length: u64,
+    pub(super) sha256: String,
 }
 
 #[derive(Debug, Clone)]
-pub struct V1Session {
-    pub client_name: String,
-    pub actual_name: String,
-    pub next_idx: u64,
-    pub size: u64,
-    pub last_sha256: Option<String>,
+pub(super) struct V1Session {
+    pub(super) client_name: String,
+    pub(super) actual_name: String,
+    pub(super) next_idx: u64,
+    pub(super) size: u64,
+    pub(super) last_sha256: Option<String>,
 }
 
 #[derive(Clone)]
-pub struct UploadState {
+pub(super) struct UploadState {
     pool: Pool,
 }
 
 impl UploadState {
-    pub fn open(path: &Path) -> Result<UploadState> {
+    pub(super) fn open(path: &Path) -> Result<UploadState> {
         let pool = sqlite::open_pool(path, Duration::from_secs(10)).map_err(|source| {
             StateError::Open {
                 path: path.display().to_string(),
@@ -143,7 +149,7 @@ impl UploadState {
         Ok(UploadState { pool })
     }
 
-    pub fn upload(&self, upload_id: &str) -> Result<Option<Upload>> {
+    pub(super) fn upload(&self, upload_id: &str) -> Result<Option<Upload>> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached(
@@ -169,7 +175,7 @@ impl UploadState {
     /// Returns the upload, creating it with `meta` if it does not exist yet.
     /// Not synced, like the chunk records that follow it: an upload lost to a
     /// power cut is unknown to the client's `GET`, and it starts again.
-    pub fn get_or_create_upload(&self, upload_id: &str, meta: &FileMeta) -> Result<Upload> {
+    pub(super) fn get_or_create_upload(&self, upload_id: &str, meta: &FileMeta) -> Result<Upload> {
         let mut conn = self.pool.get()?;
         let now = now_secs();
         sqlite::unsynced(&mut conn, |conn| {
@@ -193,7 +199,7 @@ impl UploadState {
             .expect("upload row exists after INSERT OR IGNORE"))
     }
 
-    pub fn chunk(&self, upload_id: &str, chunk_idx: u64) -> Result<Option<ChunkRecord>> {
+    pub(super) fn chunk(&self, upload_id: &str, chunk_idx: u64) -> Result<Option<ChunkRecord>> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached(
@@ -211,7 +217,7 @@ impl UploadState {
             .optional()?)
     }
 
-    pub fn chunks(&self, upload_id: &str) -> Result<Vec<ChunkRecord>> {
+    pub(super) fn chunks(&self, upload_id: &str) -> Result<Vec<ChunkRecord>> {
         let conn = self.pool.get()?;
         let mut stmt = conn.prepare(
             "SELECT chunk_idx, chunk_offset, length, sha256 FROM upload_chunks
@@ -232,7 +238,7 @@ impl UploadState {
     /// Not synced: a chunk record lost to a power cut is sent again by the
     /// client, and one that outlived its (unsynced) data fails the whole-file
     /// check, which discards the upload for a fresh start.
-    pub fn record_chunk(&self, upload_id: &str, chunk: &ChunkRecord) -> Result<u64> {
+    pub(super) fn record_chunk(&self, upload_id: &str, chunk: &ChunkRecord) -> Result<u64> {
         let mut conn = self.pool.get()?;
         let count = sqlite::unsynced(&mut conn, |conn| {
             let tx = conn.transaction()?;
@@ -255,7 +261,9 @@ impl UploadState {
         Ok(count as u64)
     }
 
-    pub fn set_phase(
+    /// Sets an upload's phase and final name, with a synced commit: completion
+    /// records the final name it chose this way before the rename.
+    pub(super) fn set_phase(
         &self,
         upload_id: &str,
         phase: UploadPhase,
@@ -276,12 +284,12 @@ impl UploadState {
     /// to redo it after a power cut.
     ///
     /// [`Receiver::recover`]: crate::server::Receiver::recover
-    pub fn complete(&self, upload_id: &str, actual_name: &str) -> Result<()> {
+    pub(super) fn complete(&self, upload_id: &str, actual_name: &str) -> Result<()> {
         self.complete_many(&[(upload_id.to_owned(), actual_name.to_owned())])
     }
 
     /// [`UploadState::complete`] for several uploads (id, final name) in one commit.
-    pub fn complete_many(&self, done: &[(String, String)]) -> Result<()> {
+    pub(super) fn complete_many(&self, done: &[(String, String)]) -> Result<()> {
         let mut conn = self.pool.get()?;
         let now = now_secs();
         sqlite::unsynced(&mut conn, |conn| {
@@ -307,7 +315,7 @@ impl UploadState {
     /// its only chunk and its chosen final name, in phase finalizing, all in
     /// one synced commit. The files' bytes must be durable already. An upload
     /// that exists (receiving, without chunks) takes the new record.
-    pub fn record_finalizing(
+    pub(super) fn record_finalizing(
         &self,
         files: &[(String, FileMeta, ChunkRecord, String)],
     ) -> Result<()> {
@@ -350,7 +358,7 @@ impl UploadState {
 
     /// Forgets an upload entirely (after a whole-file mismatch), so the client can
     /// start it again.
-    pub fn forget_upload(&self, upload_id: &str) -> Result<()> {
+    pub(super) fn forget_upload(&self, upload_id: &str) -> Result<()> {
         let conn = self.pool.get()?;
         conn.prepare_cached("DELETE FROM uploads WHERE upload_id = ?1")?
             .execute(params![upload_id])?;
@@ -358,7 +366,7 @@ impl UploadState {
     }
 
     /// Uploads left between choosing a final name and recording completion.
-    pub fn unfinished(&self) -> Result<Vec<Upload>> {
+    pub(super) fn unfinished(&self) -> Result<Vec<Upload>> {
         let ids: Vec<String> = {
             let conn = self.pool.get()?;
             let mut stmt = conn.prepare(
@@ -382,7 +390,7 @@ impl UploadState {
     /// Removes uploads and v1 sessions untouched since `cutoff` (unix seconds) and
     /// returns the ids of the removed incomplete uploads, whose staging files the
     /// caller deletes.
-    pub fn expire(&self, cutoff: i64) -> Result<(Vec<String>, usize)> {
+    pub(super) fn expire(&self, cutoff: i64) -> Result<(Vec<String>, usize)> {
         let mut conn = self.pool.get()?;
         // Reads then writes: take the write lock first, or a concurrent writer
         // makes the upgrade fail with SQLITE_BUSY instead of waiting.
@@ -405,7 +413,7 @@ impl UploadState {
         Ok((stale, forgotten))
     }
 
-    pub fn v1_session(&self, client_name: &str) -> Result<Option<V1Session>> {
+    pub(super) fn v1_session(&self, client_name: &str) -> Result<Option<V1Session>> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached("SELECT actual_name, next_idx, size, last_sha256 FROM v1_sessions WHERE client_name = ?1")?.query_row(params![client_name],
@@ -422,7 +430,7 @@ impl UploadState {
     }
 
     /// Creates or replaces the v1 session of a client file name.
-    pub fn put_v1_session(&self, session: &V1Session) -> Result<()> {
+    pub(super) fn put_v1_session(&self, session: &V1Session) -> Result<()> {
         let conn = self.pool.get()?;
         conn.prepare_cached(
             "INSERT OR REPLACE INTO v1_sessions
@@ -440,7 +448,8 @@ impl UploadState {
         Ok(())
     }
 
-    pub fn integrity_check(&self) -> Result<String> {
+    #[cfg(test)]
+    fn integrity_check(&self) -> Result<String> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached("PRAGMA integrity_check")?

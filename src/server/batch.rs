@@ -1,0 +1,493 @@
+//! Batches (`POST /upload/batch`): many whole small files in one request,
+//! each the single chunk of its own upload id, so that a file may move between
+//! batches and single resumable requests across retries and gets the answer a
+//! single request would have had.
+//!
+//! The new files of a batch share their syncs. Each is written to its staging
+//! file and checked against its hash as the body streams in, with writeback
+//! started at once; nothing is recorded until the whole body has arrived
+//! cleanly (a batch cut off records nothing and removes its staging files).
+//! Then: each file's data is synced, the staging directory once, and one
+//! synced commit records every file with its chunk and chosen final name in
+//! phase finalizing (no upload of a batch is ever recorded while receiving);
+//! the files are renamed without replacing anything; each destination
+//! directory and the staging directory are synced once; and one unsynced
+//! commit records them all complete. A crash anywhere is finished by the same
+//! recovery as a resumable upload's completion. Files known before the batch,
+//! and new ones whose name was taken meanwhile, are completed one by one.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::body::{self, Frames, stream_body};
+use super::errors::{
+    ApiError, body_error, checksum_mismatch, chunk_differs, open_error, too_large_batch,
+    too_large_file, upload_id_in_use,
+};
+use super::headers::{header_str, number, within_declared_limit};
+use super::paths::{self, Destination};
+use super::serve::Authorized;
+use super::state::{ChunkRecord, FileMeta, UploadPhase};
+use super::{Receiver, blocking};
+use crate::protocol::{self, BatchEntry, BatchManifest, BatchReply, BatchResult};
+
+/// `POST /upload/batch`: whole small files, many per request. The body is a
+/// JSON manifest of `X-Manifest-Length` bytes, then the files' bytes back to
+/// back. Each file is treated as the single chunk of its upload id, so a file
+/// may move between batches and single requests across retries; the reply
+/// gives each file the answer a single request would have had.
+pub(super) async fn receive_batch(
+    State(receiver): State<Receiver>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let manifest_len = match header_str(&headers, protocol::MANIFEST_LENGTH)? {
+        Some(v) => number("X-Manifest-Length", v)?,
+        None => {
+            return Err(ApiError::BadRequest(
+                "header X-Manifest-Length is required: a batch body opens with a JSON manifest of that many bytes".to_owned(),
+            ));
+        }
+    };
+    if manifest_len == 0 || manifest_len > protocol::MAX_MANIFEST_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "X-Manifest-Length must be between 1 and {} bytes, got {manifest_len}",
+            protocol::MAX_MANIFEST_BYTES
+        )));
+    }
+    let limit = manifest_len + receiver.inner.max_chunk_bytes;
+    let Some(body) = within_declared_limit(&headers, body, limit).await else {
+        return Err(too_large_batch(receiver.inner.max_chunk_bytes));
+    };
+    let inner = &receiver.inner;
+    let (max_bytes, idle) = (inner.max_chunk_bytes, inner.read_timeout);
+    let too_long = |_| too_large_batch(max_bytes);
+    let mut body = body;
+    let (raw, rest) = body::read_prefix(&mut body, manifest_len as usize, idle)
+        .await
+        .map_err(|e| body_error(e, too_long))?;
+    let entries = blocking(move || parse_manifest(&raw, max_bytes)).await?;
+
+    let guards = inner
+        .locks
+        .lock_uploads(entries.iter().map(|(e, _)| e.upload_id.as_str()))
+        .await;
+    let this = receiver.clone();
+    let results = stream_body(body, rest, max_bytes, idle, move |frames| {
+        let results = this.batch_blocking(&entries, frames);
+        drop(guards);
+        results
+    })
+    .await
+    .map_err(|e| body_error(e, too_long))??;
+    Ok(axum::Json(BatchReply { files: results }).into_response())
+}
+
+/// What a batch does with one of its files.
+enum BatchPlan {
+    /// New: to be written to its staging file (open), verified, then
+    /// recorded and renamed with the others.
+    Write {
+        file: File,
+        dest: Destination,
+    },
+    /// Written and verified (the staging file is closed again, so that a batch
+    /// holds no descriptor per file).
+    New {
+        dest: Destination,
+    },
+    /// Known already (complete, finalizing, or every chunk recorded): `finalize` answers.
+    Known,
+    Refused(ApiError),
+}
+
+impl Receiver {
+    /// The blocking half of [`receive_batch`], with the locks of every file
+    /// held: reads the files from `frames`, then records and renames the new
+    /// ones together.
+    fn batch_blocking(
+        &self,
+        entries: &[(BatchEntry, FileMeta)],
+        frames: &mut Frames,
+    ) -> Result<Vec<BatchResult>, ApiError> {
+        use std::io::Read;
+        let mut plans = Vec::with_capacity(entries.len());
+        let mut failure = None;
+        for (entry, meta) in entries {
+            let plan = match self.plan_batch_entry(entry, meta) {
+                Ok(plan) => plan,
+                Err(e) => BatchPlan::Refused(e),
+            };
+            let plan = match plan {
+                BatchPlan::Write { file, dest } => match receive_batch_file(frames, &file, entry) {
+                    Ok(None) => {
+                        body::start_writeback(&file, 0, 0);
+                        BatchPlan::New { dest }
+                    }
+                    Ok(Some(refusal)) => {
+                        self.discard_staged(&entry.upload_id);
+                        BatchPlan::Refused(refusal)
+                    }
+                    Err(e) => {
+                        self.discard_staged(&entry.upload_id);
+                        failure = Some(e);
+                        BatchPlan::Known
+                    }
+                },
+                other => {
+                    if let Err(e) = skip_bytes(frames, entry.size) {
+                        failure = Some(e);
+                    }
+                    other
+                }
+            };
+            plans.push(plan);
+            if failure.is_some() {
+                break;
+            }
+        }
+        if failure.is_none() && frames.read(&mut [0u8; 1]).unwrap_or(0) != 0 {
+            failure = Some(ApiError::BadRequest(
+                "the body is longer than the files the manifest lists".to_owned(),
+            ));
+        }
+        // A body cut off (or over its limit) right after the last file is no
+        // batch either: its error is the reply, so nothing may be recorded.
+        if failure.is_none() && !frames.ended_cleanly() {
+            failure = Some(ApiError::BadRequest(
+                "the request body did not end cleanly".to_owned(),
+            ));
+        }
+        if let Some(e) = failure {
+            for ((entry, _), plan) in entries.iter().zip(&plans) {
+                if matches!(plan, BatchPlan::New { .. }) {
+                    self.discard_staged(&entry.upload_id);
+                }
+            }
+            return Err(e);
+        }
+
+        let mut results: Vec<Option<Result<(String, bool), ApiError>>> = Vec::new();
+        let mut known = vec![false; plans.len()];
+        let mut fresh = Vec::new();
+        for (i, plan) in plans.into_iter().enumerate() {
+            match plan {
+                BatchPlan::New { dest } | BatchPlan::Write { dest, .. } => {
+                    fresh.push((i, dest));
+                    results.push(None);
+                }
+                BatchPlan::Known => {
+                    known[i] = true;
+                    results.push(None);
+                }
+                BatchPlan::Refused(e) => results.push(Some(Err(e))),
+            }
+        }
+        for (i, outcome) in self.finalize_batch(entries, fresh) {
+            results[i] = Some(outcome.map(|name| (name, false)));
+        }
+        // Files known before (and new ones whose name was taken) finish one by one.
+        for (i, slot) in results.iter_mut().enumerate() {
+            if slot.is_none() {
+                let id = &entries[i].0.upload_id;
+                *slot = Some(self.finalize_blocking(id).map(|name| (name, known[i])));
+            }
+        }
+        Ok(entries
+            .iter()
+            .zip(results)
+            .map(|((entry, _), result)| batch_result(&entry.upload_id, result))
+            .collect())
+    }
+
+    /// Decides, from the recorded state, what to do with a batch's file.
+    fn plan_batch_entry(&self, entry: &BatchEntry, meta: &FileMeta) -> Result<BatchPlan, ApiError> {
+        let inner = &self.inner;
+        if inner.max_file_bytes > 0 && entry.size > inner.max_file_bytes {
+            return Err(too_large_file(inner.max_file_bytes));
+        }
+        let dest = self.destination(&entry.file_name)?;
+        if let Some(upload) = inner.state.upload(&entry.upload_id)? {
+            if upload.meta != *meta {
+                return Err(upload_id_in_use(&entry.upload_id, &upload.meta));
+            }
+            if upload.phase != UploadPhase::Receiving {
+                return Ok(BatchPlan::Known);
+            }
+            if let Some(chunk) = inner.state.chunk(&entry.upload_id, 0)? {
+                if chunk.sha256 != entry.sha256 {
+                    return Err(chunk_differs(&entry.upload_id, 0));
+                }
+                return Ok(BatchPlan::Known);
+            }
+        }
+        inner.hashes.forget(&entry.upload_id);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(inner.staging_path.join(&entry.upload_id))?;
+        Ok(BatchPlan::Write { file, dest })
+    }
+
+    /// Makes the new files of a batch durable and puts them in place: their
+    /// data, then the staging directory, then one synced commit of all their
+    /// final names, the renames, and one sync per directory. Returns the final
+    /// name or the refusal of each file it settled, by position; a file whose
+    /// name was taken is left recorded as finalizing, for `finalize`.
+    fn finalize_batch(
+        &self,
+        entries: &[(BatchEntry, FileMeta)],
+        fresh: Vec<(usize, Destination)>,
+    ) -> Vec<(usize, Result<String, ApiError>)> {
+        let inner = &self.inner;
+        let mut settled = Vec::new();
+        let refuse = |i: usize, e: ApiError, settled: &mut Vec<_>| {
+            self.discard_staged(&entries[i].0.upload_id);
+            settled.push((i, Err(e)));
+        };
+        // The data (writeback started as each file was written), and where
+        // each file goes (directories created as needed) before anything is
+        // recorded.
+        let mut parents: HashMap<Vec<String>, OwnedFd> = HashMap::new();
+        let mut durable = Vec::new();
+        for (i, dest) in fresh {
+            let staged = inner.staging_path.join(&entries[i].0.upload_id);
+            if let Err(e) = File::open(&staged).and_then(|f| f.sync_data()) {
+                refuse(i, e.into(), &mut settled);
+                continue;
+            }
+            if !parents.contains_key(&dest.dirs) {
+                match paths::open_parent(&inner.root, &dest) {
+                    Ok(fd) => {
+                        parents.insert(dest.dirs.clone(), fd);
+                    }
+                    Err(e) => {
+                        refuse(i, open_error(e), &mut settled);
+                        continue;
+                    }
+                }
+            }
+            durable.push((i, dest));
+        }
+        if durable.is_empty() {
+            return settled;
+        }
+        let fail_all = |durable: Vec<(usize, Destination)>, e: ApiError, settled: &mut Vec<_>| {
+            for (i, _) in durable {
+                refuse(i, e.clone(), settled);
+            }
+        };
+        if let Err(e) = paths::fsync_dir(&inner.staging) {
+            fail_all(durable, e.into(), &mut settled);
+            return settled;
+        }
+        let records: Vec<_> = durable
+            .iter()
+            .map(|(i, dest)| {
+                let (entry, meta) = &entries[*i];
+                let chunk = ChunkRecord {
+                    chunk_idx: 0,
+                    offset: 0,
+                    length: entry.size,
+                    sha256: entry.sha256.clone(),
+                };
+                (entry.upload_id.clone(), meta.clone(), chunk, dest.display())
+            })
+            .collect();
+        if let Err(e) = inner.state.record_finalizing(&records) {
+            fail_all(durable, e.into(), &mut settled);
+            return settled;
+        }
+        crate::failpoint::hit(crate::failpoint::SERVER_BEFORE_RENAME);
+        let mut renamed = Vec::new();
+        for (i, dest) in durable {
+            let id = &entries[i].0.upload_id;
+            let parent = &parents[&dest.dirs];
+            match paths::rename_no_replace(&inner.staging, id, parent, &dest.name) {
+                Ok(true) => renamed.push((i, dest.display())),
+                // The name is taken: `finalize` picks the next free one.
+                Ok(false) => {}
+                // Recorded as finalizing: `finalize` tries again.
+                Err(e) => settled.push((i, Err(e.into()))),
+            }
+        }
+        let synced = parents
+            .values()
+            .chain(std::iter::once(&inner.staging))
+            .try_for_each(paths::fsync_dir);
+        crate::failpoint::hit(crate::failpoint::SERVER_AFTER_RENAME);
+        let done: Vec<(String, String)> = renamed
+            .iter()
+            .map(|(i, name)| (entries[*i].0.upload_id.clone(), name.clone()))
+            .collect();
+        let completed = synced
+            .map_err(ApiError::from)
+            .and_then(|()| inner.state.complete_many(&done).map_err(ApiError::from));
+        for (i, name) in renamed {
+            match &completed {
+                Ok(()) => {
+                    let (entry, _) = &entries[i];
+                    tracing::info!(upload_id = %entry.upload_id, client_name = %entry.file_name, file = %name, size = entry.size, "file complete");
+                    settled.push((i, Ok(name)));
+                }
+                Err(e) => settled.push((i, Err(e.clone()))),
+            }
+        }
+        settled
+    }
+}
+
+/// Parses a batch manifest and checks it as a whole: entry count, upload ids
+/// (valid and distinct), hashes and total size. Returns each entry with its
+/// file's metadata.
+fn parse_manifest(raw: &[u8], max_bytes: u64) -> Result<Vec<(BatchEntry, FileMeta)>, ApiError> {
+    let manifest: BatchManifest = serde_json::from_slice(raw).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the batch manifest is not valid JSON of the form {{\"files\": [{{\"uploadId\", \"fileName\", \"size\", \"sha256\"}}]}}: {e}"
+        ))
+    })?;
+    let n = manifest.files.len();
+    if n == 0 || n > protocol::MAX_BATCH_FILES {
+        return Err(ApiError::BadRequest(format!(
+            "a batch lists 1 to {} files, this one {n}",
+            protocol::MAX_BATCH_FILES
+        )));
+    }
+    let total: u64 = manifest
+        .files
+        .iter()
+        .map(|f| f.size)
+        .fold(0, u64::saturating_add);
+    if total > max_bytes {
+        return Err(too_large_batch(max_bytes));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::with_capacity(n);
+    for mut entry in manifest.files {
+        if !protocol::is_valid_upload_id(&entry.upload_id) {
+            return Err(ApiError::BadRequest(format!(
+                "upload id {:?} in the manifest is not 16 to 64 of [A-Za-z0-9_-]",
+                entry.upload_id
+            )));
+        }
+        if !seen.insert(entry.upload_id.clone()) {
+            return Err(ApiError::BadRequest(format!(
+                "upload id {} appears twice in the manifest",
+                entry.upload_id
+            )));
+        }
+        entry.sha256 = protocol::parse_sha256_hex(&entry.sha256).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "sha256 of upload {} in the manifest must be 64 hex digits",
+                entry.upload_id
+            ))
+        })?;
+        let meta = FileMeta {
+            client_name: entry.file_name.clone(),
+            file_size: entry.size,
+            chunk_count: 1,
+            file_sha256: entry.sha256.clone(),
+        };
+        entries.push((entry, meta));
+    }
+    Ok(entries)
+}
+
+/// Copies one file of a batch body into its staging file, hashing it.
+/// `Ok(Some(_))`: the bytes arrived but the file is refused (hash mismatch,
+/// write error); `Err`: the body itself failed, and the batch with it.
+fn receive_batch_file(
+    frames: &mut Frames,
+    file: &File,
+    entry: &BatchEntry,
+) -> Result<Option<ApiError>, ApiError> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut left = entry.size;
+    let mut offset = 0u64;
+    let mut write_error = None;
+    let mut buf = vec![0u8; left.clamp(1, 64 << 10) as usize];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = frames.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(ApiError::BadRequest(format!(
+                "the body ended inside file {} of the batch ({left} of {} bytes missing)",
+                entry.upload_id, entry.size
+            )));
+        }
+        hasher.update(&buf[..n]);
+        if write_error.is_none()
+            && let Err(e) = file.write_all_at(&buf[..n], offset)
+        {
+            write_error = Some(ApiError::from(e));
+        }
+        offset += n as u64;
+        left -= n as u64;
+    }
+    if let Some(e) = write_error {
+        return Ok(Some(e));
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != entry.sha256 {
+        return Ok(Some(checksum_mismatch(0, &actual)));
+    }
+    Ok(None)
+}
+
+/// Reads and drops the `size` bytes of a file the batch does not write.
+fn skip_bytes(frames: &mut Frames, size: u64) -> Result<(), ApiError> {
+    let copied = io::copy(&mut std::io::Read::take(frames, size), &mut io::sink())?;
+    if copied < size {
+        return Err(ApiError::BadRequest(
+            "the body ended before the files the manifest lists".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn batch_result(upload_id: &str, result: Option<Result<(String, bool), ApiError>>) -> BatchResult {
+    match result {
+        Some(Ok((name, duplicate))) => BatchResult {
+            upload_id: upload_id.to_owned(),
+            complete: true,
+            actual_filename: Some(name),
+            duplicate,
+            status: None,
+            error: None,
+            message: None,
+        },
+        Some(Err(e)) => {
+            let reply = e.reply();
+            BatchResult {
+                upload_id: upload_id.to_owned(),
+                complete: false,
+                actual_filename: None,
+                duplicate: false,
+                status: Some(e.status().as_u16()),
+                error: Some(reply.error),
+                message: reply.message,
+            }
+        }
+        None => BatchResult {
+            upload_id: upload_id.to_owned(),
+            complete: false,
+            actual_filename: None,
+            duplicate: false,
+            status: Some(500),
+            error: Some("Internal error".to_owned()),
+            message: Some("the receiver did not settle this file; ask GET /upload/<id>".to_owned()),
+        },
+    }
+}

@@ -1,0 +1,249 @@
+//! Serving the receiver: the routes, the checks every upload route shares
+//! (the API key, the CORS headers), the HTTP/1 connections on a listener, the
+//! background recovery and expiry, and the graceful shutdown. A configuration
+//! reload swaps the [`Receiver`] that new connections get without closing the
+//! listener.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::Receiver;
+use super::batch::receive_batch;
+use super::errors::{ApiError, ServerError, too_large_chunk};
+use super::headers::{content_length, header_str, number, parse_extension, within_declared_limit};
+use super::resumable::{receive_resumable, upload_status};
+use super::v1::receive_v1;
+use crate::protocol;
+
+impl Receiver {
+    /// The axum application.
+    fn router(&self) -> Router {
+        Router::new()
+            .route("/health", get(health))
+            .route("/upload", post(upload))
+            .route("/upload/batch", post(receive_batch))
+            .route("/upload/{upload_id}", get(upload_status))
+            .fallback(not_found)
+            .layer(middleware::from_fn(cors))
+            .with_state(self.clone())
+    }
+
+    /// Checks an `Authorization` header against every key in constant time.
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(given) = headers
+            .get(protocol::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        else {
+            return false;
+        };
+        self.inner
+            .keys
+            .iter()
+            .fold(0u8, |ok, key| ok | key.as_slice().ct_eq(given).unwrap_u8())
+            == 1
+    }
+}
+
+/// Proof that a request carries one of the receiver's API keys. Handlers of
+/// protected routes take it as an argument, so an unauthorized request is
+/// refused (401) before anything extracted after it, its body above all.
+pub(super) struct Authorized;
+
+impl FromRequestParts<Receiver> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        receiver: &Receiver,
+    ) -> Result<Authorized, ApiError> {
+        if receiver.authorized(&parts.headers) {
+            Ok(Authorized)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+/// Serves `receiver` on `listener` until `shutdown` is cancelled, then lets
+/// in-flight requests finish for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    receiver: Receiver,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let (_keep, receivers) = tokio::sync::watch::channel(receiver);
+    serve_reloadable(listener, receivers, shutdown, grace).await
+}
+
+/// Like [`serve`], but each new connection is served by the receiver current in
+/// `receivers`, so a configuration reload (keys, path mode, limits) takes effect
+/// without closing the listener or dropping requests in flight.
+pub async fn serve_reloadable(
+    listener: TcpListener,
+    mut receivers: tokio::sync::watch::Receiver<Receiver>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let mut receiver = receivers.borrow_and_update().clone();
+    let mut router = receiver.router();
+    let maintenance = {
+        let mut receivers = receivers.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut current = receivers.borrow_and_update().clone();
+            current.recover().await;
+            loop {
+                current.expire().await;
+                let period = (current.inner.incomplete_expiry / 4)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(600));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(period) => {}
+                    changed = receivers.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        current = receivers.borrow_and_update().clone();
+                        current.recover().await;
+                    }
+                }
+            }
+        })
+    };
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if receivers.has_changed().unwrap_or(false) {
+            receiver = receivers.borrow_and_update().clone();
+            router = receiver.router();
+        }
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(receiver.inner.read_timeout)
+            .keep_alive(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    maintenance.abort();
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::debug!("all connections closed"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; abandoning them"),
+    }
+}
+
+/// Binds the listener for `addr`, with a message that says what to do on failure.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Adds the CORS headers the original sends, answers preflight requests, and
+/// announces the resumable extension on upload routes.
+async fn cors(request: Request, next: Next) -> Response {
+    let preflight = request.method() == Method::OPTIONS;
+    let upload_route = request.uri().path().starts_with("/upload");
+    let mut response = if preflight {
+        StatusCode::OK.into_response()
+    } else {
+        next.run(request).await
+    };
+    crate::metrics::count_receiver_reply(response.status().as_u16());
+    let h = response.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(
+            "Content-Type, Authorization, X-Chunk-Index, X-File-Name, X-Upload-Id, X-Chunk-Offset, X-Chunk-Sha256, X-File-Size, X-Chunk-Count, X-File-Sha256, X-Manifest-Length",
+        ),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("X-IndexedCP-Resumable, X-IndexedCP-Batch"),
+    );
+    if upload_route {
+        h.insert(protocol::RESUMABLE, HeaderValue::from_static("1"));
+        h.insert(
+            protocol::BATCH,
+            HeaderValue::from(protocol::MAX_BATCH_FILES),
+        );
+    }
+    response
+}
+
+async fn health() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+/// `POST /upload`: one chunk, of the resumable extension when it carries
+/// `X-Upload-Id`, of a v1 upload otherwise.
+async fn upload(
+    State(receiver): State<Receiver>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let client_name = header_str(&headers, protocol::FILE_NAME)
+        .map_err(|_| ApiError::InvalidName("Filename must be valid UTF-8".to_owned()))?
+        .unwrap_or(protocol::DEFAULT_FILE_NAME)
+        .to_owned();
+    let chunk_idx = match header_str(&headers, protocol::CHUNK_INDEX)? {
+        None => 0,
+        Some(v) => number("X-Chunk-Index", v)?,
+    };
+    let Some(body) = within_declared_limit(&headers, body, receiver.inner.max_chunk_bytes).await
+    else {
+        return Err(too_large_chunk(receiver.inner.max_chunk_bytes));
+    };
+    match header_str(&headers, protocol::UPLOAD_ID)? {
+        Some(upload_id) => {
+            let ext = parse_extension(&headers, upload_id, &client_name, chunk_idx)?;
+            receive_resumable(receiver, ext, chunk_idx, content_length(&headers), body).await
+        }
+        None => receive_v1(receiver, client_name, chunk_idx, body).await,
+    }
+}
