@@ -2,11 +2,14 @@
 //! [`Problem`]s, each rendered as file, line and column, then the key and the
 //! message, so that an operator (or an editor) can jump straight to it. This module also turns
 //! the errors of the TOML parser and of serde (syntax errors, unknown keys,
-//! values of the wrong type) into problems, with a best-effort guess of the
-//! key each one is about.
+//! values of the wrong type) into problems, finding the key each one is about
+//! from the spans of the parsed document rather than from the error's text.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -88,38 +91,73 @@ pub(super) fn position_of(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Best-effort dotted key (`section.key`) for a toml error at `offset`, found
-/// from the text because toml's errors carry only a span: the nearest table
-/// header above, plus the nearest `key =` at or above the error's line (an
-/// element of a multi-line array has its key a few lines up).
+/// The dotted key (`section.key`) that a toml error starting at `offset` is
+/// about. toml's errors carry the span of the key or value they are about but
+/// not its path, so the document is parsed again and its keys and values are
+/// searched for the deepest one whose span starts exactly there. An element of
+/// an array, including a `[[section]]`, is named by its array's key: the
+/// messages name keys, and the line number already tells elements apart.
+///
+/// A syntax error points at a character rather than at a key or value, so for
+/// it the document is recovered as far as it parses and the error is put under
+/// the last key that starts before it: usually the key being written there,
+/// and never a key that only appears inside a string or a comment.
 fn key_path_at(text: &str, offset: usize) -> Option<String> {
-    let line_end = text
-        .get(offset..)?
-        .find('\n')
-        .map_or(text.len(), |i| offset + i);
-    let header_name = |header: &str| {
-        let name = header.trim_start_matches('[');
-        name[..name.find(']').unwrap_or(name.len())]
-            .trim()
-            .to_owned()
+    let (document, _) = DeTable::parse_recoverable(text);
+    let mut nodes = Vec::new();
+    table_nodes(document.get_ref(), &[], &mut nodes);
+    let exact = nodes
+        .iter()
+        .filter(|node| node.start == offset)
+        .max_by_key(|node| node.path.len());
+    let preceding = || {
+        nodes
+            .iter()
+            .filter(|node| node.is_key && node.start <= offset)
+            .max_by_key(|node| (node.start, node.path.len()))
     };
-    let mut key = None;
-    for line in text[..line_end].lines().rev().map(str::trim) {
-        if line.starts_with('[') {
-            let section = header_name(line);
-            return Some(match key {
-                Some(key) => format!("{section}.{key}"),
-                None => section,
-            });
-        }
-        if key.is_none() {
-            key = line
-                .split_once('=')
-                .map(|(key, _)| key.trim().to_owned())
-                .filter(|key| !key.is_empty());
-        }
+    exact
+        .or_else(preceding)
+        .map(|node| node.path.join("."))
+        .filter(|key| !key.is_empty())
+}
+
+/// A key, or a value, of the parsed document: where it starts and the dotted
+/// path of the key it belongs to.
+struct Node {
+    start: usize,
+    is_key: bool,
+    path: Vec<String>,
+}
+
+fn table_nodes(table: &DeTable<'_>, path: &[String], nodes: &mut Vec<Node>) {
+    for (key, value) in table {
+        let mut key_path = path.to_vec();
+        key_path.push(key.get_ref().to_string());
+        nodes.push(Node {
+            start: key.span().start,
+            is_key: true,
+            path: key_path.clone(),
+        });
+        value_nodes(value, &key_path, nodes);
     }
-    key
+}
+
+fn value_nodes(value: &Spanned<DeValue<'_>>, path: &[String], nodes: &mut Vec<Node>) {
+    nodes.push(Node {
+        start: value.span().start,
+        is_key: false,
+        path: path.to_vec(),
+    });
+    match value.get_ref() {
+        DeValue::Table(table) => table_nodes(table, path, nodes),
+        DeValue::Array(array) => {
+            for item in array.iter() {
+                value_nodes(item, path, nodes);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// How each top-level section must be written, for type errors about the section itself.
@@ -195,6 +233,32 @@ mod tests {
             "test.toml:1:1: `server`: must be a table: write a single [server] section",
         );
         assert_single_error("daemon = 3\n", "test.toml:1:10: `daemon`: must be a table");
+    }
+
+    #[test]
+    fn key_comes_from_the_document_not_from_nearby_text() {
+        // A header or a `key =` inside a string is not one.
+        let text =
+            "[[target]]\nname = \"\"\"\n[daemon]\n\"\"\"\nurl = \"http://x/upload\"\nbogus = 1\n";
+        assert_single_error(text, "test.toml:6:1: `target.bogus`: unknown field `bogus`");
+        let text = format!("{TARGET}[[spool]]\npath = \"/in\"\ninclude = [\n  \"a=b\",\n  3,\n]\n");
+        assert_single_error(
+            &text,
+            "test.toml:8:3: `spool.include`: invalid type: integer `3`, expected a string",
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_key_being_written() {
+        assert_single_error(
+            "[[target]]\nname = \"a\"\nname = \"b\"\n",
+            "test.toml:3:1: `target.name`: duplicate key",
+        );
+        assert_single_error(
+            "[daemon]\nstate_dir = \"/x\nlog_level = \"info\"\n",
+            "test.toml:2:16: `daemon.state_dir`: invalid basic string",
+        );
+        assert_single_error("= 3\n", "test.toml:1:1: unquoted keys cannot be empty");
     }
 
     #[test]
