@@ -1,0 +1,216 @@
+//! The effective configuration as TOML, for `check-config`: every default
+//! filled in, durations and sizes in their shortest exact spelling, keys in
+//! the order of the reference file, and every API key replaced by
+//! `"<redacted>"` so that the output can be shared without leaking a secret. Parsing
+//! the output again gives the same configuration apart from the keys.
+
+use std::path::Path;
+
+use toml::Value;
+
+use super::defaults::API_KEY_ENV;
+use super::types::{Config, Disposition};
+use super::units::{format_duration, format_size};
+
+/// What `to_effective_toml` prints instead of any API key.
+pub(super) const REDACTED: &str = "<redacted>";
+
+impl Config {
+    /// The effective configuration as TOML, every default filled in and every
+    /// API key shown as `"<redacted>"`; parsing it again gives the same
+    /// configuration apart from the keys.
+    pub fn to_effective_toml(&self) -> String {
+        let mut out = TomlWriter::default();
+        out.comment(&format!(
+            "effective configuration of {} (defaults filled in, API keys redacted)",
+            self.source.display()
+        ));
+
+        let daemon = &self.daemon;
+        out.section("[daemon]");
+        out.string("state_dir", &path_text(&daemon.state_dir));
+        out.string("log_level", &daemon.log_level);
+        out.string("log_format", daemon.log_format.as_str());
+        out.string("check_interval", &format_duration(daemon.check_interval));
+        out.string("max_buffer_bytes", &format_size(daemon.max_buffer_bytes));
+        out.string("shutdown_grace", &format_duration(daemon.shutdown_grace));
+        if let Some(addr) = daemon.metrics_listen {
+            out.string("metrics_listen", &addr.to_string());
+        }
+
+        for target in &self.targets {
+            out.section("[[target]]");
+            out.string("name", &target.name);
+            out.string("url", &target.url);
+            match target.api_key {
+                Some(_) => out.string("api_key", REDACTED),
+                None => out.comment(&format!("api_key not set: {API_KEY_ENV} is the fallback")),
+            }
+            out.string("chunk_size", &format_size(target.chunk_size));
+            out.value(
+                "concurrency",
+                Value::Integer(saturating_i64(target.concurrency)),
+            );
+            match target.max_retries {
+                Some(n) => out.value("max_retries", Value::Integer(n.into())),
+                None => out.string("max_retries", "infinite"),
+            }
+            out.string(
+                "initial_retry_delay",
+                &format_duration(target.initial_retry_delay),
+            );
+            out.string("max_retry_delay", &format_duration(target.max_retry_delay));
+            out.value("retry_multiplier", Value::Float(target.retry_multiplier));
+            out.string("timeout", &format_duration(target.timeout));
+        }
+
+        for spool in &self.spools {
+            out.section("[[spool]]");
+            out.string("path", &path_text(&spool.path));
+            out.string("target", &spool.target);
+            out.value("recursive", Value::Boolean(spool.recursive));
+            out.value("include", string_array(spool.include.iter()));
+            out.value("exclude", string_array(spool.exclude.iter()));
+            out.string("settle", &format_duration(spool.settle));
+            out.string("disposition", spool.disposition.as_str());
+            if let Disposition::Move { to } = &spool.disposition {
+                out.string("move_to", &path_text(to));
+            }
+            out.string("remote_prefix", &spool.remote_prefix);
+        }
+
+        if let Some(server) = &self.server {
+            out.section("[server]");
+            out.string("listen", &server.listen.to_string());
+            out.string("output_dir", &path_text(&server.output_dir));
+            out.value(
+                "api_keys",
+                string_array(server.api_keys.iter().map(|_| REDACTED)),
+            );
+            out.string("path_mode", server.path_mode.as_str());
+            out.string("max_chunk_bytes", &format_size(server.max_chunk_bytes));
+            out.string("max_file_bytes", &format_size(server.max_file_bytes));
+            out.string(
+                "incomplete_expiry",
+                &format_duration(server.incomplete_expiry),
+            );
+            out.string("state_dir", &path_text(&server.state_dir));
+        }
+        out.text
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn saturating_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn string_array<S: AsRef<str>>(items: impl Iterator<Item = S>) -> Value {
+    Value::Array(
+        items
+            .map(|s| Value::String(s.as_ref().to_owned()))
+            .collect(),
+    )
+}
+
+/// Writes TOML in the order of the reference file, which a serialised table
+/// would not keep.
+#[derive(Default)]
+struct TomlWriter {
+    text: String,
+}
+
+impl TomlWriter {
+    fn comment(&mut self, comment: &str) {
+        self.text.push_str("# ");
+        self.text.push_str(comment);
+        self.text.push('\n');
+    }
+
+    fn section(&mut self, header: &str) {
+        self.text.push('\n');
+        self.text.push_str(header);
+        self.text.push('\n');
+    }
+
+    fn value(&mut self, key: &str, value: Value) {
+        self.text.push_str(&format!("{key} = {value}\n"));
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        self.value(key, Value::String(value.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    #[test]
+    fn effective_toml_redacts_keys_and_parses_back() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("b.key"), "from-file\n").unwrap();
+        let source = dir.path().join("indexedcp.toml");
+        let text = "[daemon]\nstate_dir = \"state\"\nlog_level = \"indexedcp=debug,info\"\n\
+                    log_format = \"json\"\ncheck_interval = \"1500ms\"\nmax_buffer_bytes = 12345\n\
+                    [[target]]\nname = \"a\"\nurl = \"http://a/upload\"\napi_key = \"inline-secret\"\n\
+                    max_retries = 7\nretry_multiplier = 1.5\n\
+                    [[target]]\nname = \"b\"\nurl = \"https://b/upload\"\napi_key_file = \"b.key\"\n\
+                    [[target]]\nname = \"c\"\nurl = \"https://c/upload\"\n\
+                    [[spool]]\npath = \"in\"\ntarget = \"b\"\nrecursive = false\n\
+                    include = [\"*.dat\", \"*.csv\"]\nexclude = [\"skip-*\"]\ndisposition = \"move\"\n\
+                    move_to = \"done\"\nremote_prefix = \"site-a/\"\n\
+                    [server]\noutput_dir = \"out\"\napi_keys = [\"k1\", \"k2\"]\nmax_file_bytes = \"1GB\"\n";
+        let config = Config::parse(text, &source).unwrap();
+        let effective = config.to_effective_toml();
+
+        for secret in ["inline-secret", "from-file", "\"k1\"", "\"k2\""] {
+            assert!(!effective.contains(secret), "{secret} leaked:\n{effective}");
+        }
+        assert!(
+            effective.contains("api_keys = [\"<redacted>\", \"<redacted>\"]"),
+            "{effective}"
+        );
+        assert!(
+            effective.contains("state_dir = \"out/.indexedcp\""),
+            "{effective}"
+        );
+
+        let reparsed = Config::parse(&effective, &source).unwrap();
+        let mut expected = config.clone();
+        for target in &mut expected.targets {
+            if target.api_key.is_some() {
+                target.api_key = Some(REDACTED.to_owned());
+            }
+        }
+        let server = expected.server.as_mut().unwrap();
+        server.api_keys = vec![REDACTED.to_owned(); 2];
+        assert_eq!(reparsed, expected);
+        assert_eq!(reparsed.to_effective_toml(), effective);
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+        let mut n_parsed = 0;
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|ext| ext == "toml") {
+                let config = Config::load(&path).unwrap_or_else(|error| panic!("{error}"));
+                // The effective form of every example must be valid too.
+                Config::parse(&config.to_effective_toml(), &path).unwrap();
+                n_parsed += 1;
+            }
+        }
+        assert!(
+            n_parsed >= 2,
+            "expected indexedcp.toml and quickstart.toml in {}",
+            dir.display()
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! The validated configuration: immutable values that the rest of the program
+//! reads, with no trace of TOML left in them. Durations are [`Duration`]s,
+//! sizes are byte counts, paths stay as written (relative ones are resolved
+//! by whoever uses them), and each optional setting already holds its default
+//! from [`super::defaults`]. The constructors here give the same values a
+//! configuration file naming only the required keys would, for the commands
+//! that run without one.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::defaults;
+
+/// The validated configuration of one `indexedcp` process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this configuration was loaded from.
+    pub source: PathBuf,
+    pub daemon: DaemonConfig,
+    pub targets: Vec<TargetConfig>,
+    pub spools: Vec<SpoolConfig>,
+    /// `None` when the file has no `[server]` section: the receiver role is off.
+    pub server: Option<ServerConfig>,
+}
+
+impl Config {
+    /// The target called `name`, if any.
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|target| target.name == name)
+    }
+}
+
+/// `[daemon]`: process-wide settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// The buffer lives in `<state_dir>/buffer.db`.
+    pub state_dir: PathBuf,
+    /// A level or an `EnvFilter`-style directive list; `INDEXEDCP_LOG_LEVEL` overrides it.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub check_interval: Duration,
+    /// Ingest pauses while the buffer holds more than this.
+    pub max_buffer_bytes: u64,
+    /// How long shutdown waits for work in flight before abandoning it.
+    pub shutdown_grace: Duration,
+    /// Where Prometheus metrics are served (`/metrics`); `None` = off.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(defaults::STATE_DIR),
+            log_level: defaults::LOG_LEVEL.to_owned(),
+            log_format: LogFormat::default(),
+            check_interval: defaults::CHECK_INTERVAL,
+            max_buffer_bytes: defaults::MAX_BUFFER_BYTES,
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+            metrics_listen: defaults::METRICS_LISTEN,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// journald when stderr is connected to the journal, text otherwise.
+    Auto,
+    Journald,
+    Text,
+    Json,
+}
+
+impl Default for LogFormat {
+    fn default() -> Self {
+        defaults::LOG_FORMAT
+    }
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Journald => "journald",
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "journald" => Ok(Self::Journald),
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!(
+                "unknown log format {s:?}: use \"auto\", \"journald\", \"text\" or \"json\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[target]]`: a receiver that spools upload to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetConfig {
+    pub name: String,
+    pub url: String,
+    /// `None` when neither `api_key` nor `api_key_file` is set (`INDEXEDCP_API_KEY` is the fallback).
+    pub api_key: Option<String>,
+    pub chunk_size: u64,
+    /// Files in flight at once.
+    pub concurrency: usize,
+    /// `None` retries forever; otherwise the file is parked as failed after this many retries.
+    pub max_retries: Option<u32>,
+    pub initial_retry_delay: Duration,
+    pub max_retry_delay: Duration,
+    pub retry_multiplier: f64,
+    /// Per request.
+    pub timeout: Duration,
+}
+
+impl TargetConfig {
+    /// A target with every optional key at its default, as a config file
+    /// naming only `name` and `url` would give (used by the one-shot commands).
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            url: url.into(),
+            api_key: None,
+            chunk_size: defaults::CHUNK_SIZE,
+            concurrency: defaults::CONCURRENCY,
+            max_retries: defaults::MAX_RETRIES,
+            initial_retry_delay: defaults::INITIAL_RETRY_DELAY,
+            max_retry_delay: defaults::MAX_RETRY_DELAY,
+            retry_multiplier: defaults::RETRY_MULTIPLIER,
+            timeout: defaults::TIMEOUT,
+        }
+    }
+}
+
+/// `[[spool]]`: a directory whose complete files are buffered and sent to a target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolConfig {
+    pub path: PathBuf,
+    /// The name of an existing [`TargetConfig`].
+    pub target: String,
+    pub recursive: bool,
+    /// Valid globs (checked with `globset`).
+    pub include: Vec<String>,
+    /// Valid globs, added to the built-in temporary/hidden patterns.
+    pub exclude: Vec<String>,
+    pub settle: Duration,
+    pub disposition: Disposition,
+    /// Prepended to the relative path sent as `X-File-Name`.
+    pub remote_prefix: String,
+}
+
+impl SpoolConfig {
+    /// A spool with every optional key at its default, as a `[[spool]]`
+    /// section naming only `path` and `target` would give.
+    pub fn new(path: impl Into<PathBuf>, target: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            target: target.into(),
+            recursive: defaults::RECURSIVE,
+            include: defaults::INCLUDE
+                .iter()
+                .map(|&glob| glob.to_owned())
+                .collect(),
+            exclude: defaults::EXCLUDE
+                .iter()
+                .map(|&glob| glob.to_owned())
+                .collect(),
+            settle: defaults::SETTLE,
+            disposition: defaults::DISPOSITION,
+            remote_prefix: defaults::REMOTE_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// What happens to a spool file once its buffered copy is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Delete,
+    Keep,
+    /// Moved into `to`, which is never inside a spool.
+    Move {
+        to: PathBuf,
+    },
+}
+
+impl Disposition {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Delete => "delete",
+            Self::Keep => "keep",
+            Self::Move { .. } => "move",
+        }
+    }
+}
+
+/// `[server]`: the receiver role.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub output_dir: PathBuf,
+    pub api_keys: Vec<String>,
+    pub path_mode: PathMode,
+    pub max_chunk_bytes: u64,
+    /// 0 means unlimited.
+    pub max_file_bytes: u64,
+    pub incomplete_expiry: Duration,
+    /// Resolved: `<output_dir>/.indexedcp` unless set.
+    pub state_dir: PathBuf,
+}
+
+impl ServerConfig {
+    /// A server with every optional key at its default, as a `[server]`
+    /// section naming only `output_dir` would give (used by `indexedcp server`).
+    pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        let output_dir = output_dir.into();
+        Self {
+            listen: defaults::LISTEN,
+            state_dir: output_dir.join(defaults::SERVER_STATE_SUBDIR),
+            output_dir,
+            api_keys: Vec::new(),
+            path_mode: PathMode::default(),
+            max_chunk_bytes: defaults::MAX_CHUNK_BYTES,
+            max_file_bytes: defaults::MAX_FILE_BYTES,
+            incomplete_expiry: defaults::INCOMPLETE_EXPIRY,
+        }
+    }
+}
+
+/// How the receiver turns a client's `X-File-Name` into a path: `Sanitize`
+/// accepts a plain file name and refuses paths, `Ignore` replaces the name with
+/// a generated unique one, and `AllowPaths` keeps sub-directories below the
+/// output directory. `crate::server::paths` carries out each mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathMode {
+    Sanitize,
+    Ignore,
+    AllowPaths,
+}
+
+impl Default for PathMode {
+    fn default() -> Self {
+        defaults::PATH_MODE
+    }
+}
+
+impl PathMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sanitize => "sanitize",
+            Self::Ignore => "ignore",
+            Self::AllowPaths => "allow-paths",
+        }
+    }
+}
+
+impl FromStr for PathMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sanitize" => Ok(Self::Sanitize),
+            "ignore" => Ok(Self::Ignore),
+            "allow-paths" => Ok(Self::AllowPaths),
+            _ => Err(format!(
+                "unknown path mode {s:?}: use \"sanitize\", \"ignore\" or \"allow-paths\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for PathMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_mode_round_trips_through_strings() {
+        for mode in [PathMode::Sanitize, PathMode::Ignore, PathMode::AllowPaths] {
+            assert_eq!(mode.to_string().parse::<PathMode>(), Ok(mode));
+        }
+        assert_eq!(PathMode::default(), PathMode::Sanitize);
+        let error = "paths".parse::<PathMode>().unwrap_err();
+        assert!(
+            error.contains("\"sanitize\", \"ignore\" or \"allow-paths\""),
+            "{error}"
+        );
+    }
+}
