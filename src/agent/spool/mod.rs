@@ -96,7 +96,6 @@ pub enum SpoolError {
 /// Handle to a running watcher task.
 #[derive(Debug, Clone)]
 pub struct SpoolHandle {
-    root: PathBuf,
     rescan: Arc<Notify>,
 }
 
@@ -106,11 +105,6 @@ impl SpoolHandle {
     /// space frees up). Requests made while a scan is queued are merged.
     pub fn rescan(&self) {
         self.rescan.notify_one();
-    }
-
-    /// The spool root as configured.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 }
 
@@ -138,7 +132,6 @@ fn spawn_with_queue(
     let (state, events) = SpoolWatch::start(spool, tx, shutdown.clone(), event_queue)?;
     let rescan = Arc::new(Notify::new());
     let handle = SpoolHandle {
-        root: state.spool_root.clone(),
         rescan: rescan.clone(),
     };
     let task = tokio::spawn(state.run(events, rescan, shutdown));
@@ -503,7 +496,6 @@ mod tests {
         let root = dirs.root.join("new/spool");
         let mut running = start(config(&root));
         assert!(root.is_dir());
-        assert_eq!(running.handle.root(), root);
         running.shutdown.cancel();
         let task = running.task.take().unwrap();
         tokio::time::timeout(DEADLINE, task)
