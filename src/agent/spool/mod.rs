@@ -297,6 +297,9 @@ impl SpoolWatch {
         self.mode == RecursiveMode::Recursive
     }
 
+    /// The settle tick: retries watching a lost root, queues the periodic
+    /// safety scan and the directory scans now due, then applies the settle
+    /// rule to every pending file.
     async fn on_tick(&mut self) -> ControlFlow<()> {
         if self.root_lost.is_some() {
             self.watch_again();

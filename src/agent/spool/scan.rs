@@ -31,6 +31,7 @@ pub(super) const SAFETY_SCAN_PERIOD: Duration = Duration::from_secs(60);
 /// otherwise be missed.
 pub(super) const NEW_DIRECTORY_RESCAN: Duration = Duration::from_millis(1000);
 
+/// A scan waiting to run; a queued full scan makes directory scans redundant.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum ScanRequest {
     Full,

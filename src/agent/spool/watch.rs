@@ -90,6 +90,8 @@ pub(super) struct RootLost {
 }
 
 impl SpoolWatch {
+    /// Applies one notify event, or a watcher error, to the pending and
+    /// offered files. Anything that may have lost events queues a full scan.
     pub(super) async fn handle_event(&mut self, event: notify::Result<Event>) -> ControlFlow<()> {
         let event = match event {
             Ok(event) => event,
