@@ -1,22 +1,42 @@
-//! Ingest: streams a complete spool file into the buffer (one transaction per
-//! file, SHA-256 per chunk and for the whole file), then disposes of the source.
+//! Ingest: copies complete spool files into the buffer, then disposes of their
+//! sources; also buffers single named files for the one-shot commands and the
+//! library.
 //!
-//! The order is the guarantee: the buffered copy is committed durably before the
-//! source is touched, and a file whose size, mtime or inode changed while it was
-//! read is rolled back and offered again later. A crash between the commit and
-//! the disposal is harmless: the next sighting of the same source identity finds
-//! the buffered row and only disposes. Every function here blocks; the daemon
-//! runs them off the async executor. Nothing here knows about HTTP.
+//! Spool files come in batches ([`ingest_candidates`]). Each offer is checked
+//! on its own first: a kept source already sent unchanged, or a source whose
+//! identity is buffered already (the agent stopped before disposing of it),
+//! ends there; a file larger than the buffer, a full buffer, or a disk without
+//! room for twice the file plus [`DISK_RESERVE`] leaves the file waiting in the
+//! spool; and the file, opened without following symlinks, must still be the
+//! regular file with the identity the watcher announced. Every file that
+//! passes is then streamed into one store transaction (SHA-256 per chunk and
+//! for the whole file, a few chunks of memory at a time), whose commit is
+//! synced (`synchronous = FULL`): one sync covers the whole batch. A file that
+//! could not be read, or whose size, mtime or inode changed while it was read,
+//! leaves nothing in that transaction while the rest of the batch is kept; a
+//! failure of the store keeps none of them.
+//!
+//! Only after that synced commit is each kept source disposed of (deleted,
+//! moved away, or left in place with its identity remembered by the same
+//! transaction), and only if its path still holds the very file that was
+//! buffered. A crash between the commit and the disposal is harmless: the next
+//! sighting of the same source identity finds the buffered row and only
+//! disposes. Ingest never records anything unsynced, since a source may be
+//! gone right after its commit.
+//!
+//! [`ingest_path`] buffers one named file in a transaction of its own and
+//! never touches the source. Every function here blocks; the daemon runs them
+//! off the async executor. Nothing here knows about HTTP.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::agent::spool::Candidate;
+use crate::agent::spool::{Candidate, SourceIdentity};
 use crate::agent::store::{
     ChunkSink, FileRecord, FileState, Identity, IngestDecision, NewFile, Store, StoreError,
 };
@@ -84,28 +104,20 @@ pub enum IngestOutcome {
     Skipped(String),
 }
 
-impl From<crate::agent::spool::SourceIdentity> for Identity {
-    fn from(s: crate::agent::spool::SourceIdentity) -> Identity {
-        Identity {
-            dev: s.dev,
-            ino: s.ino,
-            size: s.size,
-            mtime_ns: s.mtime_ns,
-        }
-    }
-}
-
-fn identity_of(meta: &std::fs::Metadata) -> Identity {
+/// The store's record of a source identity. Both describe the same thing; the
+/// identity itself is only ever computed by [`SourceIdentity::of`], so that the
+/// watcher, ingest and the buffer's rows agree on it.
+fn stored(identity: SourceIdentity) -> Identity {
     Identity {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        size: meta.size(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        dev: identity.dev,
+        ino: identity.ino,
+        size: identity.size,
+        mtime_ns: identity.mtime_ns,
     }
 }
 
 /// The name sent as `X-File-Name`: the spool's `remote_prefix`, then the relative path.
-pub fn remote_name(prefix: &str, relative: &str) -> String {
+fn remote_name(prefix: &str, relative: &str) -> String {
     if prefix.is_empty() {
         relative.to_owned()
     } else if prefix.ends_with('/') {
@@ -128,7 +140,7 @@ struct Prepared {
     at: usize,
     file: File,
     new_file: NewFile,
-    expected: Identity,
+    expected: SourceIdentity,
 }
 
 /// Buffers several candidates in one transaction (one sync for all of them),
@@ -187,7 +199,7 @@ pub fn ingest_candidates(
     }
     for (at, file_id) in kept {
         let (candidate, spool) = (&offers[at].candidate, &offers[at].spool);
-        let expected: Identity = candidate.identity.into();
+        let expected = candidate.identity;
         outcomes[at] = Some(
             dispose(
                 &candidate.path,
@@ -219,19 +231,19 @@ fn prepare(
     max_buffer_bytes: u64,
     buffered: &mut u64,
     free: &mut Option<u64>,
-) -> Result<Result<(File, NewFile, Identity), IngestOutcome>, IngestError> {
+) -> Result<Result<(File, NewFile, SourceIdentity), IngestOutcome>, IngestError> {
     let Offer {
         candidate,
         spool,
         target,
     } = offer;
     let spool_key = spool.path.display().to_string();
-    let expected: Identity = candidate.identity.into();
+    let expected = candidate.identity;
     let keep = matches!(spool.disposition, Disposition::Keep);
-    if keep && store.is_kept(&spool_key, &candidate.relative, expected)? {
+    if keep && store.is_kept(&spool_key, &candidate.relative, stored(expected))? {
         return Ok(Err(IngestOutcome::AlreadyKept));
     }
-    if !keep && let Some(file_id) = store.find_by_source(&spool_key, expected)? {
+    if !keep && let Some(file_id) = store.find_by_source(&spool_key, stored(expected))? {
         dispose(
             &candidate.path,
             &candidate.relative,
@@ -284,7 +296,7 @@ fn prepare(
             candidate.path.display()
         ))));
     }
-    if identity_of(&meta) != expected {
+    if SourceIdentity::of(&meta) != expected {
         return Ok(Err(IngestOutcome::Changed));
     }
     *buffered += expected.size;
@@ -299,7 +311,7 @@ fn prepare(
         chunk_size: target.chunk_size,
         upload_id: protocol::new_upload_id(),
         src_path: candidate.path.display().to_string(),
-        identity: expected,
+        identity: stored(expected),
         remember_kept: keep,
     };
     Ok(Ok((file, new_file, expected)))
@@ -322,7 +334,7 @@ fn stream_into_store(
     new_file: &NewFile,
     file: &File,
     path: &Path,
-    expected: Identity,
+    expected: SourceIdentity,
     path_check: PathCheck,
 ) -> Result<Option<(i64, u64)>, IngestError> {
     let mut n_chunks = 0u64;
@@ -342,7 +354,7 @@ fn fill_chunks(
     new_file: &NewFile,
     file: &File,
     path: &Path,
-    expected: Identity,
+    expected: SourceIdentity,
     path_check: PathCheck,
 ) -> Result<IngestDecision, IngestError> {
     let read_err = |source| IngestError::Read {
@@ -392,8 +404,11 @@ fn fill_chunks(
             PathCheck::Follow => std::fs::metadata(path),
         }
         .ok()
-        .map(|m| identity_of(&m));
-        if identity_of(&after) != expected || at_path != Some(expected) || total != expected.size {
+        .map(|m| SourceIdentity::of(&m));
+        if SourceIdentity::of(&after) != expected
+            || at_path != Some(expected)
+            || total != expected.size
+        {
             return Ok(IngestDecision::Abort);
         }
         Ok(IngestDecision::Commit {
@@ -409,7 +424,7 @@ const WHOLE_HASH_QUEUE: usize = 2;
 /// The `spool` key of files buffered by [`ingest_path`] (the one-shot commands
 /// and the library's `Client::add_file`); a spool path is always absolute, so
 /// the two never mix.
-pub const PATH_SPOOL: &str = "(path)";
+const PATH_SPOOL: &str = "(path)";
 
 /// A file buffered by [`ingest_path`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -453,7 +468,7 @@ pub fn ingest_path(
             path: path.to_owned(),
         });
     }
-    let expected = identity_of(&meta);
+    let expected = SourceIdentity::of(&meta);
     let client_name = absolute.display().to_string();
     if let Some(found) = find_waiting(store, &client_name, &file, expected, target)? {
         return Ok(PathIngest {
@@ -471,7 +486,7 @@ pub fn ingest_path(
         chunk_size: target.chunk_size,
         upload_id: protocol::new_upload_id(),
         src_path: absolute.display().to_string(),
-        identity: expected,
+        identity: stored(expected),
         remember_kept: false,
     };
     match stream_into_store(store, &new_file, &file, path, expected, PathCheck::Follow)? {
@@ -492,7 +507,7 @@ fn find_waiting(
     store: &Store,
     client_name: &str,
     file: &File,
-    expected: Identity,
+    expected: SourceIdentity,
     target: &TargetConfig,
 ) -> Result<Option<FileRecord>, IngestError> {
     let waiting = |r: &FileRecord| {
@@ -500,7 +515,7 @@ fn find_waiting(
             && r.target == target.name
             && r.rel_path == client_name
     };
-    let Some(id) = store.find_by_source(PATH_SPOOL, expected)? else {
+    let Some(id) = store.find_by_source(PATH_SPOOL, stored(expected))? else {
         return Ok(None);
     };
     let first = store.file(id)?;
@@ -560,12 +575,12 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 fn dispose(
     path: &Path,
     relative: &str,
-    buffered: Identity,
+    buffered: SourceIdentity,
     disposition: &Disposition,
 ) -> Result<(), IngestError> {
     let still_same = std::fs::symlink_metadata(path)
         .ok()
-        .map(|m| identity_of(&m))
+        .map(|m| SourceIdentity::of(&m))
         == Some(buffered);
     if !still_same {
         return Ok(());
@@ -599,7 +614,7 @@ fn ignore_not_found(e: io::Error) -> io::Result<()> {
 
 /// Moves `from` to `to`, or to `to` with a numeric suffix when taken; never
 /// replaces an existing file. Works across file systems (copy, sync, link).
-pub fn move_without_overwrite(from: &Path, to: &Path) -> io::Result<PathBuf> {
+fn move_without_overwrite(from: &Path, to: &Path) -> io::Result<PathBuf> {
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }
