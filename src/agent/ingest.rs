@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 
 use crate::agent::spool::{Candidate, SourceIdentity};
 use crate::agent::store::{
-    ChunkSink, FileRecord, FileState, Identity, IngestDecision, NewFile, Store, StoreError,
+    ChunkSink, FileRecord, FileState, IngestDecision, NewFile, Store, StoreError,
 };
 use crate::config::{Disposition, SpoolConfig, TargetConfig};
 use crate::protocol;
@@ -102,18 +102,6 @@ pub enum IngestOutcome {
     TooLarge { size: u64, limit: u64 },
     /// Not a regular file (any more), or unreadable; skipped with this reason.
     Skipped(String),
-}
-
-/// The store's record of a source identity. Both describe the same thing; the
-/// identity itself is only ever computed by [`SourceIdentity::of`], so that the
-/// watcher, ingest and the buffer's rows agree on it.
-fn stored(identity: SourceIdentity) -> Identity {
-    Identity {
-        dev: identity.dev,
-        ino: identity.ino,
-        size: identity.size,
-        mtime_ns: identity.mtime_ns,
-    }
 }
 
 /// The name sent as `X-File-Name`: the spool's `remote_prefix`, then the relative path.
@@ -240,10 +228,10 @@ fn prepare(
     let spool_key = spool.path.display().to_string();
     let expected = candidate.identity;
     let keep = matches!(spool.disposition, Disposition::Keep);
-    if keep && store.is_kept(&spool_key, &candidate.relative, stored(expected))? {
+    if keep && store.is_kept(&spool_key, &candidate.relative, expected)? {
         return Ok(Err(IngestOutcome::AlreadyKept));
     }
-    if !keep && let Some(file_id) = store.find_by_source(&spool_key, stored(expected))? {
+    if !keep && let Some(file_id) = store.find_by_source(&spool_key, expected)? {
         dispose(
             &candidate.path,
             &candidate.relative,
@@ -311,7 +299,7 @@ fn prepare(
         chunk_size: target.chunk_size,
         upload_id: protocol::new_upload_id(),
         src_path: candidate.path.display().to_string(),
-        identity: stored(expected),
+        identity: expected,
         remember_kept: keep,
     };
     Ok(Ok((file, new_file, expected)))
@@ -486,7 +474,7 @@ pub fn ingest_path(
         chunk_size: target.chunk_size,
         upload_id: protocol::new_upload_id(),
         src_path: absolute.display().to_string(),
-        identity: stored(expected),
+        identity: expected,
         remember_kept: false,
     };
     match stream_into_store(store, &new_file, &file, path, expected, PathCheck::Follow)? {
@@ -515,7 +503,7 @@ fn find_waiting(
             && r.target == target.name
             && r.rel_path == client_name
     };
-    let Some(id) = store.find_by_source(PATH_SPOOL, stored(expected))? else {
+    let Some(id) = store.find_by_source(PATH_SPOOL, expected)? else {
         return Ok(None);
     };
     let first = store.file(id)?;

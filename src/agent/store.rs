@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{OptionalExtension, params};
 
+use crate::agent::spool::SourceIdentity;
 use crate::sqlite::{self, Pool};
 
 #[derive(Debug, thiserror::Error)]
@@ -140,16 +141,6 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Where a buffered file came from; two sightings with the same identity are the
-/// same unchanged file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Identity {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileState {
     Queued,
@@ -184,7 +175,7 @@ pub struct NewFile {
     pub chunk_size: u64,
     pub upload_id: String,
     pub src_path: String,
-    pub identity: Identity,
+    pub identity: SourceIdentity,
     /// Remember the identity so that a kept source is never ingested again.
     pub remember_kept: bool,
 }
@@ -435,7 +426,7 @@ impl Store {
 
     /// The id of a buffered file with this source identity in this spool, if any:
     /// the source was buffered before and only its disposal may be missing.
-    pub fn find_by_source(&self, spool: &str, id: Identity) -> Result<Option<i64>> {
+    pub fn find_by_source(&self, spool: &str, id: SourceIdentity) -> Result<Option<i64>> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached("SELECT id FROM files WHERE spool = ?1 AND src_dev = ?2 AND src_ino = ?3 AND src_size = ?4 AND src_mtime_ns = ?5")?.query_row(params![spool, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
@@ -444,7 +435,7 @@ impl Store {
     }
 
     /// Whether a kept source at `rel_path` was already ingested unchanged.
-    pub fn is_kept(&self, spool: &str, rel_path: &str, id: Identity) -> Result<bool> {
+    pub fn is_kept(&self, spool: &str, rel_path: &str, id: SourceIdentity) -> Result<bool> {
         let conn = self.pool.get()?;
         let found: Option<i64> = conn
             .prepare_cached("SELECT 1 FROM kept_sources WHERE spool = ?1 AND rel_path = ?2 AND src_dev = ?3 AND src_ino = ?4 AND src_size = ?5 AND src_mtime_ns = ?6")?.query_row(params![spool, rel_path, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
@@ -1002,7 +993,7 @@ mod tests {
             chunk_size: 4,
             upload_id: format!("upload-{name}-0123456789"),
             src_path: format!("/spool/{name}"),
-            identity: Identity {
+            identity: SourceIdentity {
                 dev: 1,
                 ino,
                 size: 10,
@@ -1047,7 +1038,7 @@ mod tests {
             store
                 .find_by_source(
                     "/spool",
-                    Identity {
+                    SourceIdentity {
                         dev: 1,
                         ino: 1,
                         size: 10,
@@ -1061,7 +1052,7 @@ mod tests {
             store
                 .find_by_source(
                     "/spool",
-                    Identity {
+                    SourceIdentity {
                         dev: 1,
                         ino: 2,
                         size: 10,
@@ -1209,7 +1200,7 @@ mod tests {
         file.remember_kept = true;
         ingest(&store, &file, b"abc");
         assert!(store.is_kept("/spool", "k", file.identity).unwrap());
-        let changed = Identity {
+        let changed = SourceIdentity {
             mtime_ns: 6,
             ..file.identity
         };

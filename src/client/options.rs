@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::defaults;
 use crate::logging;
 
 use super::events::{ClientError, CompleteCallback, ErrorCallback, ProgressCallback};
@@ -20,14 +21,14 @@ pub const DEFAULT_TARGET: &str = "cli";
 /// ```
 /// assert_eq!(indexedcp::client::DEFAULT_CHUNK_SIZE, 1024 * 1024);
 /// ```
-pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+pub const DEFAULT_CHUNK_SIZE: u64 = defaults::CHUNK_SIZE;
 
 /// Environment variable holding the API key when none is given.
 ///
 /// ```
 /// assert_eq!(indexedcp::client::API_KEY_ENV, "INDEXEDCP_API_KEY");
 /// ```
-pub const API_KEY_ENV: &str = "INDEXEDCP_API_KEY";
+pub use crate::config::API_KEY_ENV;
 
 /// The default buffer, `~/.indexcp/db/client.db` (the original's), or
 /// `.indexcp/db/client.db` in the current directory when `HOME` is not set.
@@ -95,13 +96,13 @@ impl Default for ClientOptions {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         ClientOptions {
             server_url: None,
-            api_key: env(API_KEY_ENV),
+            api_key: crate::config::api_key_from_env(),
             storage_path: default_storage_path(),
             chunk_size: DEFAULT_CHUNK_SIZE,
-            max_retries: None,
-            initial_retry_delay: Duration::from_secs(1),
-            max_retry_delay: Duration::from_secs(60),
-            retry_multiplier: 2.0,
+            max_retries: defaults::MAX_RETRIES,
+            initial_retry_delay: defaults::INITIAL_RETRY_DELAY,
+            max_retry_delay: defaults::MAX_RETRY_DELAY,
+            retry_multiplier: defaults::RETRY_MULTIPLIER,
             log_level: env(logging::LOG_LEVEL_ENV),
             on_upload_progress: None,
             on_upload_error: None,

@@ -32,7 +32,7 @@ impl Attempt {
 
 /// Groups `files` (in order) into at most `slots` attempts: when the receiver
 /// takes batches, runs of files that fit in one chunk share a batch of up to
-/// [`BATCH_FILES`] files and `chunk_size` bytes. Files beyond the slots are
+/// `BATCH_FILES` files and `chunk_size` bytes. Files beyond the slots are
 /// left for the next round.
 pub fn plan_attempts(target: &TargetRuntime, files: Vec<FileRecord>, slots: usize) -> Vec<Attempt> {
     let batches = target.delivery.batches();

@@ -361,7 +361,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::agent::store::{Identity, IngestDecision, NewFile};
+    use crate::agent::spool::SourceIdentity;
+    use crate::agent::store::{IngestDecision, NewFile};
     use crate::agent::upload::delivery::Delivery;
     use crate::agent::upload::events::NoObserver;
     use crate::config::TargetConfig;
@@ -466,7 +467,7 @@ mod tests {
             chunk_size: 4,
             upload_id: "upload-f-0123456789".into(),
             src_path: "/spool/f".into(),
-            identity: Identity {
+            identity: SourceIdentity {
                 dev: 1,
                 ino: 1,
                 size: 40,

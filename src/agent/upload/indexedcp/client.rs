@@ -41,11 +41,10 @@ impl IndexedCp {
                 what: "an HTTP client".into(),
                 message: e.to_string(),
             })?;
-        let api_key = target.api_key.clone().or_else(|| {
-            std::env::var("INDEXEDCP_API_KEY")
-                .ok()
-                .filter(|k| !k.trim().is_empty())
-        });
+        let api_key = target
+            .api_key
+            .clone()
+            .or_else(crate::config::api_key_from_env);
         Ok(IndexedCp {
             http,
             url: target.url.clone(),
