@@ -1,7 +1,4 @@
-//! Wire names and shapes shared by the client and the receiver (DESIGN.md section 5).
-//!
-//! This module does no file or network I/O: it only names headers, validates the values that travel
-//! in them and describes the JSON bodies, so that both sides agree by construction.
+#![doc = include_str!("protocol.md")]
 
 use serde::{Deserialize, Serialize};
 
