@@ -14,14 +14,15 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::AgentError;
 use crate::agent::ingest::IngestError;
 use crate::agent::store::{FileRecord, Store};
 use crate::agent::upload::Retry;
 use crate::client::{Client, ClientError, ClientOptions, FailedFile, ProgressEvent};
 use crate::config::{self, Config, LogFormat, PathMode, ServerConfig};
-use crate::daemon;
+use crate::daemon::{self, DaemonError};
 use crate::logging;
-use crate::server::ReceiverOptions;
+use crate::server::{ReceiverOptions, ServerError};
 
 /// Exit codes (sysexits.h).
 pub mod exit {
@@ -396,6 +397,29 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
     }
 }
 
+/// The exit code for a daemon or receiver that stopped or could not start:
+/// the configuration has to change (78), the machine refused a resource (74),
+/// or a task panicked, which is a bug (70).
+fn daemon_failure(error: DaemonError) -> Failure {
+    let code = match &error {
+        DaemonError::NoRole { .. } => exit::CONFIG,
+        DaemonError::Agent(AgentError::Target { .. }) => exit::CONFIG,
+        DaemonError::Agent(
+            AgentError::StateDir { .. } | AgentError::Store(_) | AgentError::Spool { .. },
+        ) => exit::IO_ERR,
+        DaemonError::Receiver(ServerError::CrossDevice { .. }) => exit::CONFIG,
+        DaemonError::Receiver(_) => exit::IO_ERR,
+        DaemonError::Signals(_)
+        | DaemonError::MetricsListen { .. }
+        | DaemonError::ListenAddress(_) => exit::IO_ERR,
+        DaemonError::RolePanicked(_) | DaemonError::Task(_) => exit::SOFTWARE,
+    };
+    Failure {
+        code,
+        message: error.to_string(),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -483,7 +507,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Daemon(arg) => {
             let config = load_config(&arg.config)?;
             logging::init(Some(&config.daemon.log_level), config.daemon.log_format);
-            runtime()?.block_on(daemon::run(&arg.config, config))
+            runtime()?
+                .block_on(daemon::run(&arg.config, config))
+                .map_err(daemon_failure)
         }
         Command::Server(args) => {
             let cfg = args.server_config()?;
@@ -491,7 +517,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let rt = runtime()?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                let signals = daemon::spawn_signal_handler(shutdown.clone(), None)?;
+                let signals =
+                    daemon::spawn_signal_handler(shutdown.clone(), None).map_err(daemon_failure)?;
                 let (cfg, generated) = daemon::with_api_keys(cfg);
                 let options = ReceiverOptions {
                     read_timeout: args.read_timeout,
@@ -505,7 +532,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 )
                 .await;
                 signals.abort();
-                result
+                result.map_err(daemon_failure)
             })
         }
     }

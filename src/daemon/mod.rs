@@ -6,33 +6,70 @@
 //! SIGTERM/SIGINT exits at once; that is safe because every durable step is a
 //! committed SQLite transaction or an atomic rename.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent;
-use crate::cli::Failure;
 use crate::config::{Config, ServerConfig};
 use crate::logging;
 use crate::server::{self, Receiver, ReceiverOptions};
 
-/// Grace period for in-flight requests when the config does not say.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Why the daemon, or the receiver run alone, stopped or could not start. The
+/// variants say what went wrong, not how the process exits: the command line
+/// maps them to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration file enables no role: only editing it helps.
+    #[error(
+        "{}: no role enabled: add [[spool]] sections (agent) or a [server] section (receiver)",
+        path.display()
+    )]
+    NoRole { path: PathBuf },
+    /// The agent role could not start; its variant says whether the
+    /// configuration or the file system is to blame.
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+    /// The receiver role could not open its directories and state, or bind
+    /// its address.
+    #[error(transparent)]
+    Receiver(#[from] server::ServerError),
+    /// The operating system refused the signal handlers.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// The metrics address cannot be bound (in use, or not ours).
+    #[error("cannot listen on daemon.metrics_listen {addr}: {source}; choose another address")]
+    MetricsListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound listener cannot tell its own address.
+    #[error("cannot read the listening address: {0}")]
+    ListenAddress(#[source] std::io::Error),
+    /// A role's task panicked: a bug, which stops the other roles too.
+    #[error("a role panicked: {0}")]
+    RolePanicked(#[source] JoinError),
+    /// A blocking start-up task panicked: a bug.
+    #[error(transparent)]
+    Task(#[from] JoinError),
+}
 
 /// Cancels `shutdown` on the first SIGTERM/SIGINT and exits the process on the
 /// second; forwards SIGHUP to `reloads` (or logs that there is nothing to reload).
 pub fn spawn_signal_handler(
     shutdown: CancellationToken,
     reloads: Option<mpsc::Sender<()>>,
-) -> Result<tokio::task::JoinHandle<()>, Failure> {
-    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(|e| Failure::io(format!("cannot install signal handlers: {e}")))?;
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let mut signals =
+        signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
     Ok(tokio::spawn(async move {
         while let Some(signal) = signals.next().await {
             match signal {
@@ -63,7 +100,7 @@ pub async fn run_receiver(
     generated_key: Option<&str>,
     shutdown: CancellationToken,
     grace: Duration,
-) -> Result<(), Failure> {
+) -> Result<(), DaemonError> {
     let receiver = open_receiver(cfg, options).await?;
     let listener = bind_and_announce(cfg, generated_key).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -73,13 +110,13 @@ pub async fn run_receiver(
 }
 
 /// `indexedcp daemon`: the roles of the config file at `path`, reloaded on SIGHUP.
-pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
+pub async fn run(path: &Path, config: Config) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
     let (reload_tx, mut reload_rx) = mpsc::channel(4);
     let signals = spawn_signal_handler(shutdown.clone(), Some(reload_tx))?;
     let config = Arc::new(config);
     let (config_tx, config_rx) = watch::channel(config.clone());
-    let mut roles: JoinSet<Result<(), Failure>> = JoinSet::new();
+    let mut roles: JoinSet<Result<(), DaemonError>> = JoinSet::new();
 
     let mut server = match &config.server {
         Some(cfg) => {
@@ -89,29 +126,24 @@ pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
     };
     let mut probe = None;
     if !config.spools.is_empty() || !config.targets.is_empty() {
-        let agent = agent::Agent::start(&config, shutdown.child_token())
-            .await
-            .map_err(|e| match e {
-                agent::AgentError::Target { .. } => Failure::config(e.to_string()),
-                other => Failure::io(other.to_string()),
-            })?;
+        let agent = agent::Agent::start(&config, shutdown.child_token()).await?;
         probe = Some(agent.probe());
-        roles.spawn(async move { agent.run(config_rx).await });
+        roles.spawn(async move {
+            agent.run(config_rx).await;
+            Ok(())
+        });
     }
     if roles.is_empty() {
-        return Err(Failure::config(format!(
-            "{}: no role enabled: add [[spool]] sections (agent) or a [server] section (receiver)",
-            path.display()
-        )));
+        return Err(DaemonError::NoRole {
+            path: path.to_owned(),
+        });
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(config = %path.display(), "indexedcp daemon running");
     if let Some(addr) = config.daemon.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            Failure::io(format!(
-                "cannot listen on daemon.metrics_listen {addr}: {e}; choose another address"
-            ))
-        })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::MetricsListen { addr, source })?;
         tracing::info!(%addr, "serving metrics at /metrics");
         let (probe, token) = (probe.clone(), shutdown.clone());
         roles.spawn(async move {
@@ -137,10 +169,10 @@ pub async fn run(path: &Path, config: Config) -> Result<(), Failure> {
             }
             done = roles.join_next() => {
                 let Some(done) = done else { break };
-                let outcome = done.unwrap_or_else(|e| Err(Failure::software(format!("a role panicked: {e}"))));
+                let outcome = done.unwrap_or_else(|e| Err(DaemonError::RolePanicked(e)));
                 if let Err(failure) = outcome {
                     // One role failing stops the others: the service manager restarts us.
-                    tracing::error!(error = %failure.message, "stopping");
+                    tracing::error!(error = %failure, "stopping");
                     shutdown.cancel();
                     result = Err(failure);
                 }
@@ -159,7 +191,7 @@ async fn reload(
     path: &Path,
     current: &Arc<Config>,
     server: &mut Option<ServerRole>,
-    roles: &mut JoinSet<Result<(), Failure>>,
+    roles: &mut JoinSet<Result<(), DaemonError>>,
     shutdown: &CancellationToken,
 ) -> Option<Arc<Config>> {
     let mut reloading = vec![sd_notify::NotifyState::Reloading];
@@ -196,7 +228,7 @@ async fn reload(
                             changes.push("receiver started".into());
                         }
                         Err(e) => {
-                            tracing::error!(error = %e.message, "reload: cannot start the receiver")
+                            tracing::error!(error = %e, "reload: cannot start the receiver")
                         }
                     }
                 }
@@ -232,9 +264,9 @@ impl ServerRole {
     async fn start(
         cfg: &ServerConfig,
         grace: Duration,
-        roles: &mut JoinSet<Result<(), Failure>>,
+        roles: &mut JoinSet<Result<(), DaemonError>>,
         shutdown: &CancellationToken,
-    ) -> Result<ServerRole, Failure> {
+    ) -> Result<ServerRole, DaemonError> {
         let (cfg, generated) = with_api_keys(cfg.clone());
         let receiver = open_receiver(&cfg, &ReceiverOptions::default()).await?;
         let listener = bind_and_announce(&cfg, generated.as_deref()).await?;
@@ -259,7 +291,7 @@ impl ServerRole {
         &mut self,
         new: &ServerConfig,
         grace: Duration,
-        roles: &mut JoinSet<Result<(), Failure>>,
+        roles: &mut JoinSet<Result<(), DaemonError>>,
         shutdown: &CancellationToken,
     ) -> Vec<String> {
         let mut new = new.clone();
@@ -273,7 +305,7 @@ impl ServerRole {
         let receiver = match open_receiver(&new, &ReceiverOptions::default()).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e.message, "reload: receiver settings kept");
+                tracing::error!(error = %e, "reload: receiver settings kept");
                 return Vec::new();
             }
         };
@@ -282,7 +314,7 @@ impl ServerRole {
             let listener = match bind_and_announce(&new, None).await {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!(error = %e.message, "reload: still listening on {}", self.config.listen);
+                    tracing::error!(error = %e, "reload: still listening on {}", self.config.listen);
                     return Vec::new();
                 }
             };
@@ -411,15 +443,12 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
     }
 }
 
-async fn open_receiver(cfg: &ServerConfig, options: &ReceiverOptions) -> Result<Receiver, Failure> {
+async fn open_receiver(
+    cfg: &ServerConfig,
+    options: &ReceiverOptions,
+) -> Result<Receiver, DaemonError> {
     let (cfg, options) = (cfg.clone(), options.clone());
-    tokio::task::spawn_blocking(move || Receiver::open(&cfg, &options))
-        .await
-        .map_err(|e| Failure::software(e.to_string()))?
-        .map_err(|e| match e {
-            server::ServerError::CrossDevice { .. } => Failure::config(e.to_string()),
-            other => Failure::io(other.to_string()),
-        })
+    Ok(tokio::task::spawn_blocking(move || Receiver::open(&cfg, &options)).await??)
 }
 
 /// Binds the receiver's address and prints where it listens (and the key when it
@@ -427,13 +456,9 @@ async fn open_receiver(cfg: &ServerConfig, options: &ReceiverOptions) -> Result<
 async fn bind_and_announce(
     cfg: &ServerConfig,
     generated_key: Option<&str>,
-) -> Result<tokio::net::TcpListener, Failure> {
-    let listener = server::bind(cfg.listen)
-        .await
-        .map_err(|e| Failure::io(e.to_string()))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Failure::io(format!("cannot read the listening address: {e}")))?;
+) -> Result<tokio::net::TcpListener, DaemonError> {
+    let listener = server::bind(cfg.listen).await?;
+    let addr = listener.local_addr().map_err(DaemonError::ListenAddress)?;
     println!("Server listening on http://{addr}");
     if let Some(key) = generated_key {
         println!("API Key: {key}");
