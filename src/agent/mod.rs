@@ -27,7 +27,7 @@ use store::{Store, StoreError};
 use upload::{NoObserver, TargetRuntime, UploaderShared};
 
 /// How long confirmed files stay listed in the buffer (with their server name).
-pub const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Candidates queued between the watchers and the ingest worker.
 const CANDIDATE_QUEUE: usize = 1024;
@@ -39,7 +39,7 @@ const INGEST_BATCH_FILES: usize = 256;
 const INGEST_BATCH_BYTES: u64 = 16 << 20;
 
 /// Why the agent could not start. Once started it does not fail (see
-/// [`Agent::run`]); a reload that cannot be applied is logged instead.
+/// `Agent::run`); a reload that cannot be applied is logged instead.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The state directory cannot be created: the file system refuses it.
@@ -81,7 +81,7 @@ struct RunningSpool {
 }
 
 /// A started agent: watchers running, the rest started by [`Agent::run`].
-pub struct Agent {
+pub(crate) struct Agent {
     store: Store,
     spools: Vec<RunningSpool>,
     shared: Arc<UploaderShared>,
@@ -96,14 +96,17 @@ pub struct Agent {
 
 /// What the supervisor can read about a running agent (for sd_notify).
 #[derive(Clone)]
-pub struct AgentProbe {
+pub(crate) struct AgentProbe {
     pub(crate) store: Store,
     pub(crate) shared: Arc<UploaderShared>,
 }
 
 impl Agent {
     /// Opens the buffer and starts a watcher per spool (each scans at once).
-    pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Agent, AgentError> {
+    pub(crate) async fn start(
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> Result<Agent, AgentError> {
         let state_dir = config.daemon.state_dir.clone();
         let store = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::StateDir {
@@ -138,7 +141,7 @@ impl Agent {
         Ok(agent)
     }
 
-    pub fn probe(&self) -> AgentProbe {
+    pub(crate) fn probe(&self) -> AgentProbe {
         AgentProbe {
             store: self.store.clone(),
             shared: self.shared.clone(),
@@ -167,7 +170,7 @@ impl Agent {
     /// Applies a reloaded configuration: spools added start (and scan), spools
     /// removed stop (their buffered files still upload), changed spools restart;
     /// target settings take effect for the next request. Returns what changed.
-    pub fn apply(&mut self, config: &Config) -> Vec<String> {
+    fn apply(&mut self, config: &Config) -> Vec<String> {
         let mut changes = Vec::new();
         let mut changed_targets: Vec<String> = Vec::new();
         let old_targets = self.shared.targets();
@@ -263,7 +266,7 @@ impl Agent {
     /// scan, a failed upload is retried on its schedule, a full buffer pauses
     /// ingest, and a reload that cannot be applied keeps the settings in force.
     /// Each of these is logged where it happens.
-    pub async fn run(mut self, mut reloads: tokio::sync::watch::Receiver<Arc<Config>>) {
+    pub(crate) async fn run(mut self, mut reloads: tokio::sync::watch::Receiver<Arc<Config>>) {
         let uploader = tokio::spawn(upload::run_uploader(
             self.store.clone(),
             self.shared.clone(),

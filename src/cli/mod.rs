@@ -1,8 +1,8 @@
-//! The command line: parsing (in [`args`]), dispatch to the commands, and
+//! The command line: parsing (in `args`), dispatch to the commands, and
 //! the mapping of every failure to a sysexits exit code, which is decided
 //! here and nowhere else. No SQL and no protocol logic lives in the command
-//! line: the one-shot commands ([`oneshot`]) drive the library's `Client`,
-//! the status commands ([`status`]) read the agent's `Store`, and `daemon` and
+//! line: the one-shot commands (`oneshot`) drive the library's `Client`,
+//! the status commands (`status`) read the agent's `Store`, and `daemon` and
 //! `server` hand over to [`crate::daemon`].
 
 mod args;

@@ -1,7 +1,7 @@
-//! The supervisor: runs the roles a configuration enables ([`roles`]), turns
-//! signals into cancellation and SIGHUP into a reload ([`reload`]), tells
-//! systemd where it stands ([`notify`]) and serves `/metrics` when asked to
-//! ([`metrics`]). It owns no domain logic: the receiver lives in `server`, the
+//! The supervisor: runs the roles a configuration enables (`roles`), turns
+//! signals into cancellation and SIGHUP into a reload (`reload`), tells
+//! systemd where it stands (`notify`) and serves `/metrics` when asked to
+//! (`metrics`). It owns no domain logic: the receiver lives in `server`, the
 //! agent in `agent`, and the exit codes in `cli`.
 //!
 //! Shutdown is cancel, then wait with a grace period, then exit. A second
