@@ -27,7 +27,7 @@ use store::{Store, StoreError};
 use upload::{NoObserver, TargetRuntime, UploaderShared};
 
 /// How long confirmed files stay listed in the buffer (with their server name).
-pub const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Candidates queued between the watchers and the ingest worker.
 const CANDIDATE_QUEUE: usize = 1024;
@@ -38,8 +38,11 @@ const CANDIDATE_QUEUE: usize = 1024;
 const INGEST_BATCH_FILES: usize = 256;
 const INGEST_BATCH_BYTES: u64 = 16 << 20;
 
+/// Why the agent could not start. Once started it does not fail (see
+/// `Agent::run`); a reload that cannot be applied is logged instead.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The state directory cannot be created: the file system refuses it.
     #[error(
         "cannot create the state directory {path}: {source}; create it or set daemon.state_dir"
     )]
@@ -48,12 +51,26 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The buffer database cannot be opened or migrated.
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("spool {path}: {message}")]
-    Spool { path: PathBuf, message: String },
-    #[error("target {name}: {message}")]
-    Target { name: String, message: String },
+    /// A spool folder cannot be watched (missing, unreadable, no watches left).
+    #[error("spool {path}: {source}")]
+    Spool {
+        path: PathBuf,
+        // Boxed because a spool error (a notify or glob error and its paths)
+        // is large, and every result of the agent's start would carry its size.
+        #[source]
+        source: Box<spool::SpoolError>,
+    },
+    /// A target's settings cannot make an HTTP client (its URL, TLS or key
+    /// file): the configuration has to change.
+    #[error("target {name}: {source}")]
+    Target {
+        name: String,
+        #[source]
+        source: upload::UploadError,
+    },
 }
 
 /// A spool being watched, with the token that stops just this watcher.
@@ -64,7 +81,7 @@ struct RunningSpool {
 }
 
 /// A started agent: watchers running, the rest started by [`Agent::run`].
-pub struct Agent {
+pub(crate) struct Agent {
     store: Store,
     spools: Vec<RunningSpool>,
     shared: Arc<UploaderShared>,
@@ -79,14 +96,17 @@ pub struct Agent {
 
 /// What the supervisor can read about a running agent (for sd_notify).
 #[derive(Clone)]
-pub struct AgentProbe {
-    pub store: Store,
-    pub shared: Arc<UploaderShared>,
+pub(crate) struct AgentProbe {
+    pub(crate) store: Store,
+    pub(crate) shared: Arc<UploaderShared>,
 }
 
 impl Agent {
     /// Opens the buffer and starts a watcher per spool (each scans at once).
-    pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Agent, AgentError> {
+    pub(crate) async fn start(
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> Result<Agent, AgentError> {
         let state_dir = config.daemon.state_dir.clone();
         let store = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::StateDir {
@@ -121,7 +141,7 @@ impl Agent {
         Ok(agent)
     }
 
-    pub fn probe(&self) -> AgentProbe {
+    pub(crate) fn probe(&self) -> AgentProbe {
         AgentProbe {
             store: self.store.clone(),
             shared: self.shared.clone(),
@@ -131,9 +151,9 @@ impl Agent {
     fn start_spool(&mut self, spool_cfg: SpoolConfig) -> Result<(), AgentError> {
         let token = self.shutdown.child_token();
         let (handle, task) = spool::spawn(spool_cfg.clone(), self.tx.clone(), token.clone())
-            .map_err(|e| AgentError::Spool {
+            .map_err(|source| AgentError::Spool {
                 path: spool_cfg.path.clone(),
-                message: e.to_string(),
+                source: Box::new(source),
             })?;
         self.tasks.spawn(async move {
             let _ = task.await;
@@ -150,7 +170,7 @@ impl Agent {
     /// Applies a reloaded configuration: spools added start (and scan), spools
     /// removed stop (their buffered files still upload), changed spools restart;
     /// target settings take effect for the next request. Returns what changed.
-    pub fn apply(&mut self, config: &Config) -> Vec<String> {
+    fn apply(&mut self, config: &Config) -> Vec<String> {
         let mut changes = Vec::new();
         let mut changed_targets: Vec<String> = Vec::new();
         let old_targets = self.shared.targets();
@@ -240,10 +260,13 @@ impl Agent {
 
     /// Runs ingest, upload and housekeeping until shutdown, applying every
     /// configuration that arrives on `reloads`.
-    pub async fn run(
-        mut self,
-        mut reloads: tokio::sync::watch::Receiver<Arc<Config>>,
-    ) -> Result<(), crate::cli::Failure> {
+    ///
+    /// It returns nothing because nothing it meets once started must stop the
+    /// process: a failed ingest leaves the files in the spool for the next
+    /// scan, a failed upload is retried on its schedule, a full buffer pauses
+    /// ingest, and a reload that cannot be applied keeps the settings in force.
+    /// Each of these is logged where it happens.
+    pub(crate) async fn run(mut self, mut reloads: tokio::sync::watch::Receiver<Arc<Config>>) {
         let uploader = tokio::spawn(upload::run_uploader(
             self.store.clone(),
             self.shared.clone(),
@@ -305,7 +328,6 @@ impl Agent {
         let _ = uploader.await;
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("agent stopped");
-        Ok(())
     }
 
     async fn buffer_has_room(&self) -> bool {
@@ -461,9 +483,9 @@ fn build_targets(
             out.push(same.clone());
             continue;
         }
-        let runtime = TargetRuntime::new(target.clone()).map_err(|e| AgentError::Target {
+        let runtime = TargetRuntime::new(target.clone()).map_err(|source| AgentError::Target {
             name: target.name.clone(),
-            message: e.to_string(),
+            source,
         })?;
         if target.api_key.is_none() && std::env::var_os("INDEXEDCP_API_KEY").is_none() {
             tracing::warn!(target = %target.name, "no api_key, api_key_file or INDEXEDCP_API_KEY: uploads will be refused with 401 by receivers that require a key");
