@@ -487,7 +487,7 @@ fn build_targets(
             name: target.name.clone(),
             source,
         })?;
-        if target.api_key.is_none() && std::env::var_os("INDEXEDCP_API_KEY").is_none() {
+        if target.api_key.is_none() && crate::config::api_key_from_env().is_none() {
             tracing::warn!(target = %target.name, "no api_key, api_key_file or INDEXEDCP_API_KEY: uploads will be refused with 401 by receivers that require a key");
         }
         out.push(Arc::new(runtime));

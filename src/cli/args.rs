@@ -77,7 +77,7 @@ pub(crate) struct UploadArgs {
     #[arg(long, short, value_name = "URL")]
     pub(crate) server: String,
     /// API key sent as `Authorization: Bearer`.
-    #[arg(long, short = 'k', env = "INDEXEDCP_API_KEY", hide_env_values = true)]
+    #[arg(long, short = 'k', env = crate::config::API_KEY_ENV, hide_env_values = true)]
     pub(crate) api_key: Option<String>,
     #[command(flatten)]
     pub(crate) buffer: BufferArg,

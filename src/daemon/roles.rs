@@ -146,10 +146,8 @@ pub(crate) fn with_api_keys(mut cfg: ServerConfig) -> (ServerConfig, Option<Stri
     if !cfg.api_keys.is_empty() {
         return (cfg, None);
     }
-    if let Ok(key) = std::env::var("INDEXEDCP_API_KEY")
-        && !key.trim().is_empty()
-    {
-        cfg.api_keys.push(key.trim().to_owned());
+    if let Some(key) = crate::config::api_key_from_env() {
+        cfg.api_keys.push(key);
         return (cfg, None);
     }
     let key = server::generate_api_key();
