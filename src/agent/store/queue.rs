@@ -1,0 +1,412 @@
+//! What the uploader reads and records: due files, chunks and their bytes,
+//! acknowledgements and resume state, failures with their next attempt,
+//! parking and confirmation.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{
+    ChunkMeta, Durability, ERROR_HISTORY, FileRecord, FileState, Result, Store, StoreError, now_ms,
+};
+
+impl Store {
+    fn file_records(
+        &self,
+        where_sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get()?;
+        let sql = format!(
+            "SELECT f.id, f.spool, f.rel_path, f.remote_name, f.target, f.size, f.sha256, f.chunk_count, f.upload_id,
+                    f.state, f.failure, f.server_name, f.created_at, f.confirmed_at,
+                    (SELECT count(*) FROM chunks c WHERE c.file_id = f.id AND c.state != 'pending'),
+                    (SELECT coalesce(max(retry_count), 0) FROM chunks c WHERE c.file_id = f.id),
+                    (SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'),
+                    (SELECT error FROM chunk_errors e WHERE e.file_id = f.id ORDER BY e.id DESC LIMIT 1),
+                    f.delivery_state
+             FROM files f {where_sql} ORDER BY f.id"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(args, |r| {
+            let state = FileState::parse(&r.get::<_, String>(9)?);
+            let chunk_count = r.get::<_, i64>(7)? as u64;
+            Ok(FileRecord {
+                id: r.get(0)?,
+                spool: r.get(1)?,
+                rel_path: r.get(2)?,
+                remote_name: r.get(3)?,
+                target: r.get(4)?,
+                size: r.get::<_, i64>(5)? as u64,
+                sha256: r.get(6)?,
+                chunk_count,
+                upload_id: r.get(8)?,
+                state: state.as_str(),
+                failure: r.get(10)?,
+                server_name: r.get(11)?,
+                created_at: r.get(12)?,
+                confirmed_at: r.get(13)?,
+                chunks_uploaded: if state == FileState::Confirmed {
+                    chunk_count
+                } else {
+                    r.get::<_, i64>(14)? as u64
+                },
+                retries: r.get::<_, i64>(15)? as u64,
+                next_attempt: if state == FileState::Queued {
+                    r.get(16)?
+                } else {
+                    None
+                },
+                last_error: r.get(17)?,
+                delivery_state: r.get(18)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Every file in the buffer, oldest first.
+    pub fn list(&self) -> Result<Vec<FileRecord>> {
+        self.file_records("", &[])
+    }
+
+    pub fn file(&self, id: i64) -> Result<FileRecord> {
+        self.file_records("WHERE f.id = ?1", &[&id])?
+            .pop()
+            .ok_or(StoreError::NoSuchFile(id))
+    }
+
+    /// Queued files of `target` due at `now` (every pending chunk's next attempt
+    /// has come), oldest
+    /// first, skipping `busy` ids, at most `limit`.
+    pub fn due_files(
+        &self,
+        target: &str,
+        now: i64,
+        busy: &[i64],
+        limit: usize,
+    ) -> Result<Vec<FileRecord>> {
+        let conn = self.pool.get()?;
+        // Walks the queue in id order and stops at the first `limit` due files
+        // not busy: the cost does not grow with the length of the queue.
+        let mut stmt = conn.prepare_cached(
+            "SELECT f.id FROM files f
+             WHERE f.state = 'queued' AND f.target = ?1
+               AND coalesce((SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'), 0) <= ?2
+             ORDER BY f.id LIMIT ?3",
+        )?;
+        let ids = stmt
+            .query_map(params![target, now, (limit + busy.len()) as i64], |r| {
+                r.get::<_, i64>(0)
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(stmt);
+        drop(conn);
+        let busy: std::collections::HashSet<i64> = busy.iter().copied().collect();
+        let wanted: Vec<i64> = ids
+            .into_iter()
+            .filter(|id| !busy.contains(id))
+            .take(limit)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One query for all of them (ids as a JSON array), in id order.
+        let ids = serde_json::to_string(&wanted).expect("ids serialise");
+        self.file_records("WHERE f.id IN (SELECT value FROM json_each(?1))", &[&ids])
+    }
+
+    /// The earliest moment (ms) any queued file of `target` becomes due.
+    pub fn next_due(&self, target: &str) -> Result<Option<i64>> {
+        let conn = self.pool.get()?;
+        // A file is due when its latest-scheduled pending chunk is; the earliest
+        // such moment over all files is when the uploader must wake.
+        Ok(conn.prepare_cached("SELECT min(due) FROM (SELECT max(c.next_attempt) AS due FROM chunks c JOIN files f ON f.id = c.file_id
+             WHERE f.state = 'queued' AND f.target = ?1 AND c.state = 'pending' GROUP BY f.id)")?.query_row(params![target],
+            |r| r.get(0))?)
+    }
+
+    pub fn chunks(&self, file_id: i64) -> Result<Vec<ChunkMeta>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT idx, byte_offset, length, sha256, state, retry_count, ack FROM chunks WHERE file_id = ?1 ORDER BY idx",
+        )?;
+        let rows = stmt.query_map(params![file_id], |r| {
+            Ok(ChunkMeta {
+                idx: r.get::<_, i64>(0)? as u64,
+                offset: r.get::<_, i64>(1)? as u64,
+                length: r.get::<_, i64>(2)? as u64,
+                sha256: r.get(3)?,
+                uploaded: r.get::<_, String>(4)? != "pending",
+                retry_count: r.get::<_, i64>(5)? as u64,
+                ack: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// A chunk's bytes.
+    pub fn chunk_data(&self, file_id: i64, idx: u64) -> Result<Vec<u8>> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .prepare_cached("SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2")?
+            .query_row(params![file_id, idx as i64], |r| r.get::<_, Vec<u8>>(0))
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    /// Marks chunks acknowledged by the receiver, with what the delivery
+    /// needs to remember of their piece (`ack`), if anything.
+    pub fn mark_uploaded(
+        &self,
+        file_id: i64,
+        idxs: &[u64],
+        ack: Option<&str>,
+        durability: Durability,
+    ) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        durability.run(&mut conn, |conn| {
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            {
+                let mut mark = tx.prepare_cached(
+                    "UPDATE chunks SET state = 'uploaded', last_attempt = ?3, ack = ?4 WHERE file_id = ?1 AND idx = ?2 AND state = 'pending'",
+                )?;
+                for idx in idxs {
+                    mark.execute(params![file_id, *idx as i64, now, ack])?;
+                }
+            }
+            tx.prepare_cached("UPDATE files SET updated_at = ?2 WHERE id = ?1")?.execute(params![file_id, now])?;
+            tx.commit()
+        })?;
+        Ok(())
+    }
+
+    /// Makes every queued file of `target` due now (after its settings changed,
+    /// there is no reason to wait out a delay earned under the old ones).
+    pub fn reschedule_now(&self, target: &str) -> Result<usize> {
+        let conn = self.pool.get()?;
+        Ok(conn
+            .prepare_cached(
+                "UPDATE chunks SET next_attempt = 0 WHERE state = 'pending' AND file_id IN
+                (SELECT id FROM files WHERE state = 'queued' AND target = ?1)",
+            )?
+            .execute(params![target])?)
+    }
+
+    /// Puts every chunk of a file back to pending (the receiver lost the
+    /// upload, or is about to say again what it holds).
+    pub fn reset_chunks(&self, file_id: i64) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
+            .execute(params![file_id])?;
+        Ok(())
+    }
+
+    /// Forgets a file's upload on the peer: every chunk pending again and no
+    /// resume state, so the next attempt starts a new upload.
+    pub fn forget_upload(&self, file_id: i64) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        tx.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
+            .execute(params![file_id])?;
+        tx.prepare_cached("UPDATE files SET delivery_state = NULL, updated_at = ?2 WHERE id = ?1")?
+            .execute(params![file_id, now_ms()])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a file's resume state (synced: the delivery depends on it
+    /// from the next request on).
+    pub fn set_delivery_state(&self, file_id: i64, state: Option<&str>) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.prepare_cached("UPDATE files SET delivery_state = ?2, updated_at = ?3 WHERE id = ?1")?
+            .execute(params![file_id, state, now_ms()])?;
+        Ok(())
+    }
+
+    /// Records a failed attempt at a chunk: its retry count goes up, its next
+    /// attempt is `next_attempt` (ms), and the error joins the last five.
+    /// Returns the new retry count.
+    pub fn record_failure(
+        &self,
+        file_id: i64,
+        idx: u64,
+        error: &str,
+        next_attempt: i64,
+    ) -> Result<u64> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        tx.prepare_cached("UPDATE chunks SET retry_count = retry_count + 1, last_attempt = ?3, next_attempt = ?4, last_error = ?5
+             WHERE file_id = ?1 AND idx = ?2")?.execute(params![file_id, idx as i64, now, next_attempt, error])?;
+        tx.prepare_cached(
+            "INSERT INTO chunk_errors (file_id, idx, at, error) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![file_id, idx as i64, now, error])?;
+        tx.prepare_cached("DELETE FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 AND id NOT IN
+                (SELECT id FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 ORDER BY id DESC LIMIT ?3)")?.execute(params![file_id, idx as i64, ERROR_HISTORY as i64])?;
+        let count: i64 = tx
+            .prepare_cached("SELECT retry_count FROM chunks WHERE file_id = ?1 AND idx = ?2")?
+            .query_row(params![file_id, idx as i64], |r| r.get(0))?;
+        tx.prepare_cached("UPDATE files SET updated_at = ?2 WHERE id = ?1")?
+            .execute(params![file_id, now])?;
+        tx.commit()?;
+        Ok(count as u64)
+    }
+
+    /// The last errors of a chunk, oldest first (at most five).
+    pub fn chunk_errors(&self, file_id: i64, idx: u64) -> Result<Vec<(i64, String)>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT at, error FROM chunk_errors WHERE file_id = ?1 AND idx = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![file_id, idx as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Parks a file as failed with the reason; it stays until an operator retries
+    /// or purges it.
+    pub fn park(&self, file_id: i64, reason: &str) -> Result<()> {
+        let conn = self.pool.get()?;
+        conn.prepare_cached(
+            "UPDATE files SET state = 'failed', failure = ?2, updated_at = ?3 WHERE id = ?1",
+        )?
+        .execute(params![file_id, reason, now_ms()])?;
+        Ok(())
+    }
+
+    /// The receiver confirmed the whole file: its data leaves the store; the
+    /// record stays (with the server's name) until the retention period passes.
+    pub fn confirm(
+        &self,
+        file_id: i64,
+        server_name: Option<&str>,
+        durability: Durability,
+    ) -> Result<()> {
+        self.confirm_many(&[(file_id, server_name.map(str::to_owned))], durability)
+    }
+
+    /// [`Store::confirm`] for several files (id, the receiver's name) in one commit.
+    pub fn confirm_many(
+        &self,
+        files: &[(i64, Option<String>)],
+        durability: Durability,
+    ) -> Result<()> {
+        match self.confirm_once(files, durability) {
+            // The WAL may hold the space this needs: move it into the database
+            // (whose free pages the commit can reuse) and try once more.
+            Err(e) if e.is_disk_full() => {
+                self.truncate_wal();
+                self.confirm_once(files, durability)
+            }
+            done => done,
+        }
+    }
+
+    fn confirm_once(&self, files: &[(i64, Option<String>)], durability: Durability) -> Result<()> {
+        let mut conn = self.pool.get()?;
+        durability.run(&mut conn, |conn| {
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            {
+                let mut file = tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1")?;
+                let mut chunks =
+                    tx.prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?;
+                let mut data = tx.prepare_cached("DELETE FROM chunk_data WHERE file_id = ?1")?;
+                for (file_id, server_name) in files {
+                    file.execute(params![file_id, server_name, now])?;
+                    chunks.execute(params![file_id])?;
+                    data.execute(params![file_id])?;
+                }
+            }
+            tx.commit()
+        })?;
+        drop(conn);
+        // A large file's pages are still in the WAL (ingest does not
+        // checkpoint): now they are copied and the WAL emptied.
+        self.trim_wal();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::store::testing::{ingest, new_file};
+
+    #[test]
+    fn failures_keep_five_errors_and_schedule_the_next_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let id = ingest(&store, &new_file("a", 1), b"0123456789");
+        for n in 1..=7 {
+            assert_eq!(
+                store
+                    .record_failure(id, 0, &format!("error {n}"), 1_000 * n)
+                    .unwrap(),
+                n as u64
+            );
+        }
+        let errors = store.chunk_errors(id, 0).unwrap();
+        assert_eq!(
+            errors.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+            ["error 3", "error 4", "error 5", "error 6", "error 7"]
+        );
+        assert!(store.due_files("t", 6_999, &[], 10).unwrap().is_empty());
+        assert_eq!(store.due_files("t", 7_000, &[], 10).unwrap().len(), 1);
+        assert_eq!(store.next_due("t").unwrap(), Some(7_000));
+        let rec = store.file(id).unwrap();
+        assert_eq!(
+            (rec.retries, rec.last_error.as_deref()),
+            (7, Some("error 7"))
+        );
+    }
+
+    #[test]
+    fn resume_state_and_piece_acks_stay_until_the_upload_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let store = Store::open(&path).unwrap();
+        let id = ingest(&store, &new_file("r", 1), b"0123456789");
+        assert_eq!(store.file(id).unwrap().delivery_state, None);
+        store.set_delivery_state(id, Some("multipart-7")).unwrap();
+        store
+            .mark_uploaded(id, &[0, 1], Some("etag-a"), Durability::Unsynced)
+            .unwrap();
+        // Both survive a reopen, as after a crash.
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.file(id).unwrap().delivery_state.as_deref(),
+            Some("multipart-7")
+        );
+        let acks: Vec<(bool, Option<String>)> = store
+            .chunks(id)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.uploaded, c.ack))
+            .collect();
+        let etag = Some("etag-a".to_owned());
+        assert_eq!(acks, [(true, etag.clone()), (true, etag), (false, None)]);
+        // Asking the peer again keeps the upload; forgetting it starts anew.
+        store.reset_chunks(id).unwrap();
+        assert!(
+            store
+                .chunks(id)
+                .unwrap()
+                .iter()
+                .all(|c| !c.uploaded && c.ack.is_none())
+        );
+        assert!(store.file(id).unwrap().delivery_state.is_some());
+        store
+            .mark_uploaded(id, &[2], Some("etag-b"), Durability::Synced)
+            .unwrap();
+        store.forget_upload(id).unwrap();
+        assert!(
+            store
+                .chunks(id)
+                .unwrap()
+                .iter()
+                .all(|c| !c.uploaded && c.ack.is_none())
+        );
+        assert_eq!(store.file(id).unwrap().delivery_state, None);
+    }
+}
