@@ -49,7 +49,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_indexedcp");
+// The harness the integration tests use. The bench needs only part of it
+// (starting the binary, free ports, the generator, the blocking wait); the
+// async polling and the tree listing serve the tests alone, hence the allow.
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use support::{BIN, Rng, free_port, indexedcp, wait_until};
+
 const KEY: &str = "bench-key-0123456789";
 const MIB: u64 = 1 << 20;
 const SMALL_FILE_BYTES: usize = 4096;
@@ -524,7 +532,7 @@ fn end_to_end(settings: &Settings, large: &LargeFile) -> Result<EndToEnd> {
     let curl = program_available("curl");
     let runs = settings.repeat("1. large file end to end", || {
         let run = RunDir::create(settings)?;
-        let port = free_port()?;
+        let port = free_port();
         // Larger than the file, for curl's single v1 request.
         let max_chunk = large.size + MIB;
         let mut daemon = start_daemon(&run, "daemon", port, Some((port, Some(max_chunk))))?;
@@ -611,7 +619,7 @@ fn ingest_alone(settings: &Settings, large: &LargeFile) -> Result<IngestAlone> {
     let runs = settings.repeat("2. ingest alone", || {
         let run = RunDir::create(settings)?;
         // Nothing listens on the target's port: the agent buffers and waits.
-        let mut agent = start_daemon(&run, "agent", free_port()?, None)?;
+        let mut agent = start_daemon(&run, "agent", free_port(), None)?;
         let dropped = large.drop_into_spool(&run)?;
         let in_spool = run.spool.join(&large.name);
         let committed = wait_until(
@@ -659,10 +667,9 @@ fn ingest_alone(settings: &Settings, large: &LargeFile) -> Result<IngestAlone> {
 /// Checks with `indexedcp status --json` that the buffer holds exactly one
 /// file of `size` bytes, and returns the SHA-256 it recorded.
 fn buffered_sha256(run: &RunDir, size: u64) -> Result<String> {
-    let output = Command::new(BIN)
+    let output = indexedcp()
         .args(["status", "--json", "--config"])
         .arg(&run.config)
-        .env_remove("INDEXEDCP_CONFIG")
         .output()
         .context("cannot run indexedcp status")?;
     ensure!(
@@ -725,7 +732,7 @@ fn small_files(settings: &Settings) -> Result<SmallFiles> {
             "  wrote {count} files in staging in {:.2} s",
             written.elapsed().as_secs_f64()
         );
-        let port = free_port()?;
+        let port = free_port();
         let mut daemon = start_daemon(&run, "daemon", port, Some((port, None)))?;
         rustix::fs::sync();
         let dropped = Instant::now();
@@ -768,10 +775,10 @@ struct Latency {
 
 fn latency(settings: &Settings) -> Result<Latency> {
     let drops = settings.latency_drops;
-    let content = Prng::new(4).bytes(SMALL_FILE_BYTES);
+    let content = Rng::new(4).bytes(SMALL_FILE_BYTES);
     let runs = settings.repeat("4. latency", || {
         let run = RunDir::create(settings)?;
-        let port = free_port()?;
+        let port = free_port();
         let mut daemon = start_daemon(&run, "daemon", port, Some((port, None)))?;
         let mut latencies_ms = Vec::with_capacity(drops);
         for drop_idx in 0..drops {
@@ -852,7 +859,7 @@ fn queued_files(settings: &Settings) -> Result<f64> {
             "  wrote {count} files in staging in {:.2} s",
             written.elapsed().as_secs_f64()
         );
-        let mut agent = start_daemon(&run, "agent", free_port()?, None)?;
+        let mut agent = start_daemon(&run, "agent", free_port(), None)?;
         rustix::fs::sync();
         let dropped = Instant::now();
         rename_all(&run.staging, &run.spool, &names)?;
@@ -904,7 +911,7 @@ struct ChunkSet {
 
 impl ChunkSet {
     fn create(n_chunks: u64) -> ChunkSet {
-        let mut prng = Prng::new(6);
+        let mut prng = Rng::new(6);
         let mut whole = Sha256::new();
         let (mut bodies, mut shas) = (Vec::new(), Vec::new());
         for _ in 0..n_chunks {
@@ -1097,7 +1104,7 @@ impl LargeFile {
         let path = dir.join("large.bin");
         let file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let mut prng = Prng::new(1);
+        let mut prng = Rng::new(1);
         let mut block = vec![0; MIB as usize];
         let mut written = 0;
         while written < size {
@@ -1272,15 +1279,9 @@ impl Running {
             .with_context(|| format!("cannot bind {}", socket_path.display()))?;
         let stdout = dir.join(format!("{name}.stdout"));
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
+        let child = indexedcp()
             .args(args)
             .env("NOTIFY_SOCKET", &socket_path)
-            .env_remove("INDEXEDCP_API_KEY")
-            .env_remove("INDEXEDCP_CONFIG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("INVOCATION_ID")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .stdout(File::create(&stdout)?)
             .stderr(File::create(&log)?)
@@ -1449,13 +1450,6 @@ fn utf8(path: &Path) -> Result<&str> {
         .ok_or_else(|| anyhow!("{} is not UTF-8; set INDEXEDCP_BENCH_DIR", path.display()))
 }
 
-/// A port nothing listens on right now (a receiver is started on it, or, for
-/// an agent whose receiver is down, nothing ever is).
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 fn program_available(program: &'static str) -> Result<(), String> {
     match Command::new(program)
         .arg("--version")
@@ -1474,7 +1468,7 @@ fn program_available(program: &'static str) -> Result<(), String> {
 /// Writes `count` files of `size` random bytes named `<prefix><number>` into
 /// `dir`; returns their names.
 fn write_files(dir: &Path, prefix: &str, count: usize, size: usize) -> Result<Vec<String>> {
-    let mut prng = Prng::new(3);
+    let mut prng = Rng::new(3);
     let mut content = vec![0; size];
     (0..count)
         .map(|i| {
@@ -1520,64 +1514,4 @@ impl<'a> Pending<'a> {
 
 fn file_len(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
-}
-
-/// Checks `done` every `interval` until it holds, and returns when it first did.
-/// Says on stderr every minute that it is still waiting.
-fn wait_until(
-    what: &str,
-    interval: Duration,
-    timeout: Duration,
-    mut done: impl FnMut() -> Result<bool>,
-) -> Result<Instant> {
-    let started = Instant::now();
-    let mut next_note = started + Duration::from_secs(60);
-    loop {
-        if done()? {
-            return Ok(Instant::now());
-        }
-        let now = Instant::now();
-        ensure!(
-            now < started + timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        if now >= next_note {
-            eprintln!(
-                "  still waiting for {what} after {:.0} s",
-                (now - started).as_secs_f64()
-            );
-            next_note += Duration::from_secs(60);
-        }
-        std::thread::sleep(interval);
-    }
-}
-
-/// xorshift64*: gigabytes per second, and output that does not compress, so
-/// nothing downstream can take a shortcut.
-struct Prng(u64);
-
-impl Prng {
-    fn new(seed: u64) -> Prng {
-        Prng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for word in buf.chunks_mut(8) {
-            let bytes = self.next_u64().to_le_bytes();
-            word.copy_from_slice(&bytes[..word.len()]);
-        }
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut buf = vec![0; len];
-        self.fill(&mut buf);
-        buf
-    }
 }

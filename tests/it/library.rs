@@ -15,6 +15,7 @@ use indexedcp::client::{
     ChunkStatus, Client, ClientError, ClientOptions, ProgressEvent, UploadSummary,
 };
 
+use crate::fixtures::*;
 use crate::support::*;
 
 /// What the Python suite's fixture file holds: 2500 bytes, three 1 KiB chunks.
