@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::fixtures::*;
 use crate::support::*;
 
 /// 200 files from 0 B to 20 MiB in nested folders, with spaces and non-ASCII names.
@@ -375,7 +376,7 @@ async fn a_v1_only_receiver_gets_identical_files_with_chunks_in_order() {
 async fn a_full_buffer_pauses_ingest_and_leaves_files_in_the_spool() {
     let (dir, out, spool, staging) = agent_dirs();
     // Reserve a port with nothing listening: the receiver is down at first.
-    let port = reserve_port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}/upload");
     let config = agent_config(dir.path(), &url, &spool, "", "");
     let text = std::fs::read_to_string(&config)
@@ -436,7 +437,7 @@ async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
         "{parked}"
     );
     // The human listing starts with a line per target.
-    let text = std::process::Command::new(BIN)
+    let text = indexedcp()
         .args(["status", "--config"])
         .arg(&config)
         .output()

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 /// A user's world: a home directory (so the default buffer is
@@ -33,14 +34,11 @@ impl User {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
+        let mut command = indexedcp();
         command
             .args(args)
             .current_dir(&self.files)
             .env("HOME", &self.home)
-            .env_remove("INDEXEDCP_API_KEY")
-            .env_remove("INDEXEDCP_CONFIG")
-            .env_remove("INDEXEDCP_LOG_LEVEL")
             .stdin(Stdio::null());
         command
     }

@@ -1,11 +1,9 @@
 //! Configuration errors: exit 78 and a message naming the key (and its line).
 
-use std::process::Command;
-
 use crate::support::*;
 
 fn run(args: &[&str], config: &std::path::Path) -> (Option<i32>, String, String) {
-    let output = Command::new(BIN)
+    let output = indexedcp()
         .args(args)
         .arg("--config")
         .arg(config)

@@ -1,13 +1,14 @@
-//! Issue 4, scenario 3: a crash (abort, as abrupt as SIGKILL) at every step
+//! Scenario 3 of the fault-injection suite: a crash (abort, as abrupt as SIGKILL) at every step
 //! boundary of ingest, upload and the receiver's finalize, then a restart:
 //! every file arrives exactly once, byte-identical, and both databases pass
 //! `PRAGMA integrity_check`.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use indexedcp::failpoint;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 fn integrity(path: &std::path::Path) -> String {
@@ -19,26 +20,23 @@ fn integrity(path: &std::path::Path) -> String {
 }
 
 fn wait_for_crash(child: &mut std::process::Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(
-                !status.success(),
-                "{what} exited normally instead of crashing"
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never reached its failpoint"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let exited = wait_until(
+        &format!("{what} to crash"),
+        Duration::from_millis(20),
+        Duration::from_secs(60),
+        || Ok(child.try_wait()?.is_some()),
+    );
+    assert!(exited.is_ok(), "{what} never reached its failpoint");
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "{what} exited normally instead of crashing"
+    );
 }
 
 async fn crash_at(point: &str) -> (usize, usize, usize) {
     let (dir, out, spool, staging) = agent_dirs();
-    let port = reserve_port().to_string();
+    let port = free_port().to_string();
     let server_args = vec![
         "server".to_string(),
         "--port".into(),

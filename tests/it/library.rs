@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use indexedcp::agent::store::{Store, now_ms};
 use indexedcp::agent::upload::Retry;
 use indexedcp::client::{
     ChunkStatus, Client, ClientError, ClientOptions, ProgressEvent, UploadSummary,
 };
 
+use crate::fixtures::*;
 use crate::support::*;
 
 /// What the Python suite's fixture file holds: 2500 bytes, three 1 KiB chunks.
@@ -192,14 +192,22 @@ fn key(path: &Path) -> String {
     path.display().to_string()
 }
 
-async fn in_store<T: Send + 'static>(
-    client: &Client,
-    f: impl FnOnce(&Store) -> T + Send + 'static,
+/// Runs `f` on the client's buffer (`Client::store`), whose methods block.
+async fn in_store<T: Send + 'static, S: Send + 'static>(
+    store: S,
+    f: impl FnOnce(&S) -> T + Send + 'static,
 ) -> T {
-    let store = client.store().unwrap();
     tokio::task::spawn_blocking(move || f(&store))
         .await
         .unwrap()
+}
+
+/// Milliseconds since the Unix epoch, the unit of the buffer's schedule.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn undelivered(
@@ -229,7 +237,7 @@ async fn basic_upload_returns_client_name_to_server_name_and_frees_the_chunks() 
         visible_files(&rx.out),
         BTreeMap::from([("upload-test.txt".to_owned(), test_content())])
     );
-    let (state, data) = in_store(&client, |s| {
+    let (state, data) = in_store(client.store().unwrap(), |s| {
         let f = s.list().unwrap().remove(0);
         (f.state, s.chunk_data(f.id, 0).unwrap())
     })
@@ -300,7 +308,7 @@ async fn added_chunks_start_with_fresh_retry_metadata() {
         .await
         .unwrap();
     let n = client.add_file(&file).await.unwrap();
-    let (record, chunks, errors) = in_store(&client, |s| {
+    let (record, chunks, errors) = in_store(client.store().unwrap(), |s| {
         let f = s.list().unwrap().remove(0);
         let chunks = s.chunks(f.id).unwrap();
         let errors: Vec<usize> = chunks
@@ -338,7 +346,7 @@ async fn a_failed_chunk_is_recorded_and_the_next_upload_delivers_the_file() {
     assert_eq!((failed[0].retry, failed[0].parked), (Retry::Backoff, false));
     assert!(failed[0].error.contains("500"), "{}", failed[0].error);
 
-    let (chunks, errors) = in_store(&client, |s| {
+    let (chunks, errors) = in_store(client.store().unwrap(), |s| {
         let id = s.list().unwrap()[0].id;
         (s.chunks(id).unwrap(), s.chunk_errors(id, 0).unwrap())
     })
@@ -476,7 +484,7 @@ async fn max_retries_parks_the_file_and_stops_sending_it() {
     assert_eq!(sent, 3);
     assert!(client.upload_buffered_files().await.unwrap().is_empty());
     assert_eq!(rx.flaky.posts(), sent, "a parked file is not sent again");
-    let record = in_store(&client, |s| s.list().unwrap().remove(0)).await;
+    let record = in_store(client.store().unwrap(), |s| s.list().unwrap().remove(0)).await;
     assert_eq!((record.state, record.retries), ("failed", 3));
     assert!(
         record
@@ -518,7 +526,7 @@ async fn background_upload_delivers_what_is_added() {
         Duration::from_secs(10),
         "both files confirmed",
         async || {
-            let states = in_store(&client, |s| {
+            let states = in_store(client.store().unwrap(), |s| {
                 s.list()
                     .unwrap()
                     .into_iter()
@@ -589,7 +597,10 @@ async fn retry_delays_grow_exponentially_up_to_the_maximum() {
         let before = now_ms();
         undelivered(client.upload_buffered_files().await);
         // The schedule is recorded in the buffer: the next attempt is due after the delay.
-        let next = in_store(&client, |s| s.list().unwrap()[0].next_attempt.unwrap()).await;
+        let next = in_store(client.store().unwrap(), |s| {
+            s.list().unwrap()[0].next_attempt.unwrap()
+        })
+        .await;
         let delay = *delays.lock().unwrap().last().unwrap();
         assert!(
             next >= before + delay.as_millis() as i64,
@@ -645,7 +656,7 @@ async fn chunks_of_a_file_are_sent_once_each_under_one_session() {
         expected.insert(name, content);
     }
     // Session tracking: one buffered file per add, indices 0..n, one upload id.
-    let files = in_store(&client, |s| {
+    let files = in_store(client.store().unwrap(), |s| {
         s.list()
             .unwrap()
             .into_iter()
@@ -721,7 +732,7 @@ async fn the_error_history_keeps_the_last_five() {
     for _ in 0..7 {
         undelivered(client.upload_buffered_files().await);
     }
-    let (chunks, errors) = in_store(&client, |s| {
+    let (chunks, errors) = in_store(client.store().unwrap(), |s| {
         let id = s.list().unwrap()[0].id;
         (s.chunks(id).unwrap(), s.chunk_errors(id, 0).unwrap())
     })

@@ -3,9 +3,10 @@
 //! unreachable.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 fn start_logging_to(
@@ -13,12 +14,9 @@ fn start_logging_to(
     log: &std::path::Path,
     env: &[(&str, &str)],
 ) -> std::process::Child {
-    Command::new(BIN)
+    indexedcp()
         .args(["daemon", "--config"])
         .arg(config)
-        .env_remove("INDEXEDCP_LOG_LEVEL")
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("INVOCATION_ID")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())

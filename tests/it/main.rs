@@ -1,7 +1,11 @@
 //! Integration tests: the real `indexedcp` binary, real files, a real receiver on
-//! 127.0.0.1, real signals. Modules by capability; `support` has the harness.
+//! 127.0.0.1, real signals. Modules by capability; `support` is the harness
+//! shared with the benches, `fixtures` what only these tests need on top of it.
 
+#[path = "../support/mod.rs"]
 mod support;
+
+mod fixtures;
 
 mod agent;
 mod cli_oneshot;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -24,7 +25,7 @@ fn agent_and_receiver_with_metrics(
     spool: &std::path::Path,
     server_extra: &str,
 ) -> (std::path::PathBuf, u16) {
-    let (port, metrics_port) = (reserve_port(), reserve_port());
+    let (port, metrics_port) = (free_port(), free_port());
     let config = agent_config(
         dir,
         &format!("http://127.0.0.1:{port}/upload"),

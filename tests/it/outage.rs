@@ -1,4 +1,4 @@
-//! Issue 4, scenario 5: the receiver answers 503 for a while, then 429 with
+//! Scenario 5 of the fault-injection suite: the receiver answers 503 for a while, then 429 with
 //! `Retry-After`, then 401 until the agent's key is fixed and it gets SIGHUP:
 //! everything is delivered, and the buffer holds the files throughout.
 
@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::fixtures::*;
 use crate::support::*;
 
 const UNAVAILABLE: u8 = 0;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 /// One file of a batch: upload id, client name, bytes, and the SHA-256 the

@@ -2,6 +2,7 @@
 
 use serde_json::json;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use crate::fixtures::*;
 use crate::support::*;
 
 #[tokio::test]

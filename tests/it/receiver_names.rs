@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::symlink;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 fn hostile_names() -> Vec<Vec<u8>> {

@@ -1,8 +1,8 @@
 //! The receiver as a process: keys, usage errors, the config file, signals.
 
-use std::process::Command;
 use std::time::Duration;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 #[tokio::test]
@@ -52,15 +52,12 @@ fn usage_errors_exit_64_with_a_message() {
         ),
     ];
     for (args, needle) in cases {
-        let output = Command::new(BIN).args(args).output().unwrap();
+        let output = indexedcp().args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(64), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
-    let help = Command::new(BIN)
-        .args(["server", "--help"])
-        .output()
-        .unwrap();
+    let help = indexedcp().args(["server", "--help"]).output().unwrap();
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("Examples:"));
 }
@@ -70,7 +67,7 @@ async fn a_busy_port_exits_74_naming_the_address() {
     let dir = tempfile::tempdir().unwrap();
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().port().to_string();
-    let output = Command::new(BIN)
+    let output = indexedcp()
         .args(["server", "--port", &port, "--output-dir"])
         .arg(dir.path())
         .args(["-k", KEY])
@@ -164,7 +161,7 @@ fn tokio_stream_from(
 async fn the_key_can_come_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let mut child = Command::new(BIN)
+    let mut child = indexedcp()
         .args(["server", "--port", "0", "--output-dir"])
         .arg(&out)
         .env("INDEXEDCP_API_KEY", "from-the-environment")

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::fixtures::*;
 use crate::support::*;
 
 const CHUNK: usize = 64 * 1024;

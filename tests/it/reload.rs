@@ -6,6 +6,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::fixtures::*;
 use crate::support::*;
 
 const SIGHUP: i32 = 1;
@@ -261,7 +262,7 @@ async fn sd_notify_ready_reloading_stopping() {
     let (spool, out) = (dir.path().join("spool"), dir.path().join("out"));
     let server = Server::start(&out, &[]).await;
     let config = agent_config(dir.path(), &server.upload_url(), &spool, "", "");
-    let mut child = Command::new(BIN)
+    let mut child = indexedcp()
         .args(["daemon", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", &socket_path)
@@ -286,14 +287,14 @@ async fn sd_notify_ready_reloading_stopping() {
     );
     unsafe_kill(child.id(), SIGTERM);
     notifications(&socket, "STOPPING=1", Duration::from_secs(20));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exited = wait_until(
+        "the daemon to exit after SIGTERM",
+        Duration::from_millis(20),
+        Duration::from_secs(20),
+        || Ok(child.try_wait()?.is_some()),
+    );
+    assert!(exited.is_ok(), "no exit after SIGTERM");
+    let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -303,12 +304,12 @@ async fn sd_notify_watchdog_pings_and_status_lines() {
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     // Nothing listens here, so the file stays queued with an error.
-    let port = reserve_port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}/upload");
     let config = agent_config(dir.path(), &url, &spool, "", "");
     // systemd sets WATCHDOG_PID to the service's main pid; `exec` keeps the
     // shell's pid, so the daemon sees its own.
-    let child = Command::new("sh")
+    let child = clear_inherited_env(&mut Command::new("sh"))
         .arg("-c")
         .arg("WATCHDOG_PID=$$ exec \"$0\" daemon --config \"$1\"")
         .arg(BIN)

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::fixtures::*;
 use crate::support::*;
 
 const UNITS: [&str; 2] = ["indexedcp.service", "indexedcp-receiver.service"];
@@ -203,7 +204,7 @@ fn packaged_receiver_example_config_is_valid() {
     .unwrap();
     std::fs::write(dir.path().join("server.keys"), format!("{KEY}\n")).unwrap();
 
-    let output = Command::new(BIN)
+    let output = indexedcp()
         .arg("check-config")
         .arg("--config")
         .arg(&config)

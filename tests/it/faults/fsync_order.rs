@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use super::manifest::Manifest;
 use super::*;
-use crate::support::drop_file;
+use crate::fixtures::drop_file;
 
 const TRACED: &str = "fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,pwrite64,write,writev,sendto,sendmsg";
 
@@ -72,13 +72,12 @@ fn spawn_traced(trace: &Path, args: &[OsString], log: &Path) -> Child {
         "-o".into(),
         trace.as_os_str().to_owned(),
         "--".into(),
-        BIN.into(),
+        crate::support::BIN.into(),
     ];
     full.extend(args.iter().cloned());
     let log = std::fs::File::create(log).unwrap();
-    Command::new("strace")
+    crate::support::clear_inherited_env(&mut Command::new("strace"))
         .args(&full)
-        .env_remove("INDEXEDCP_API_KEY")
         .env("INDEXEDCP_LOG_LEVEL", "info")
         .stdout(Stdio::null())
         .stderr(log)
@@ -92,15 +91,16 @@ fn stop_traced(strace: &mut Child) {
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     for child in children.split_whitespace() {
-        crate::support::unsafe_kill(child.parse().unwrap(), 9);
+        crate::fixtures::unsafe_kill(child.parse().unwrap(), 9);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while strace.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = strace.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let exited = crate::support::wait_until(
+        "strace to exit",
+        Duration::from_millis(20),
+        Duration::from_secs(20),
+        || Ok(strace.try_wait()?.is_some()),
+    );
+    if exited.is_err() {
+        let _ = strace.kill();
     }
     let _ = strace.wait();
 }
@@ -418,7 +418,7 @@ async fn scenario_8_sources_and_replies_wait_for_fsync() {
         return;
     }
     let fx = Fixture::new();
-    let port = reserve_port();
+    let port = free_port();
     let receiver_trace = fx.logs.join("receiver.strace");
     let agent_trace = fx.logs.join("agent.strace");
     let receiver_args: Vec<OsString> = vec![
@@ -428,7 +428,7 @@ async fn scenario_8_sources_and_replies_wait_for_fsync() {
         "--output-dir".into(),
         fx.out.as_os_str().to_owned(),
         "-k".into(),
-        crate::support::KEY.into(),
+        crate::fixtures::KEY.into(),
         "--path-mode".into(),
         "allow-paths".into(),
     ];

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use super::manifest::{Manifest, PartialWatch};
 use super::proxy::{FaultProxy, Profile};
 use super::*;
-use crate::support::{drop_file, eventually};
+use crate::fixtures::drop_file;
+use crate::support::eventually;
 
 /// A tmpfs mounted for the length of a test; unmounted on drop.
 struct Tmpfs {
@@ -105,7 +106,7 @@ async fn fill_the_buffer_disk(what: &str) -> Option<FullBuffer> {
         }
     };
     // The receiver is down at first, so nothing leaves the buffer.
-    let port = reserve_port();
+    let port = free_port();
     let config = agent_config_with(
         &fx,
         &format!("http://127.0.0.1:{port}/upload"),
@@ -237,7 +238,7 @@ async fn scenario_6_a_full_receiver_disk_is_refused_cleanly_and_recovers() {
     let room = 3u64 << 20;
     let filler_len = tmpfs.available().saturating_sub(room);
     std::fs::write(&filler, vec![0xAAu8; filler_len as usize]).unwrap();
-    let mut receiver = ReceiverProc::start(&fx, reserve_port(), &[]).await;
+    let mut receiver = ReceiverProc::start(&fx, free_port(), &[]).await;
     let upstream = format!("127.0.0.1:{}", receiver.port).parse().unwrap();
     let proxy = FaultProxy::start(upstream, 6, Profile::pass_through()).await;
     let config = agent_config_with(

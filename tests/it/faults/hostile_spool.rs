@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::manifest::{Manifest, output_files, source_name};
 use super::*;
-use crate::support::{drop_file, sha256_hex};
+use crate::fixtures::{drop_file, sha256_hex};
 
 fn make_fifo(path: &Path) {
     rustix::fs::mknodat(
@@ -51,7 +51,7 @@ async fn scenario_7_hostile_spool_contents_deliver_only_complete_regular_files()
         "scenario 7: seed {seed:#x} (INDEXEDCP_FAULT_SEED replays), hostile writers for {busy:?}"
     );
     let fx = Fixture::new();
-    let receiver = ReceiverProc::start(&fx, reserve_port(), &[]).await;
+    let receiver = ReceiverProc::start(&fx, free_port(), &[]).await;
     // A settle period well above the appender's 100 ms gaps.
     let config = agent_config_with(
         &fx,
@@ -290,7 +290,7 @@ async fn scenario_7_hostile_spool_contents_deliver_only_complete_regular_files()
 #[tokio::test(flavor = "multi_thread")]
 async fn files_dropped_into_new_nested_directories_are_all_delivered() {
     let fx = Fixture::new();
-    let receiver = ReceiverProc::start(&fx, reserve_port(), &[]).await;
+    let receiver = ReceiverProc::start(&fx, free_port(), &[]).await;
     let config = agent_config_with(&fx, &receiver.upload_url(), "", "", "");
     let _agent = AgentProc::start(&fx, &config);
     // Wait for the agent's start-up scan: an empty buffer database exists.
@@ -381,7 +381,7 @@ async fn a_file_rewritten_in_place_is_never_delivered_empty_or_partial() {
     let seed = seed(0x7_2E3);
     let busy = Duration::from_secs(if long_run() { 10 } else { 4 });
     let fx = Fixture::new();
-    let receiver = ReceiverProc::start(&fx, reserve_port(), &[]).await;
+    let receiver = ReceiverProc::start(&fx, free_port(), &[]).await;
     let config = agent_config_with(
         &fx,
         &receiver.upload_url(),

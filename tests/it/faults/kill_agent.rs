@@ -22,7 +22,7 @@ async fn scenario_1_agent_sigkilled_at_random_moments() {
         "scenario 1: seed {seed:#x} (INDEXEDCP_FAULT_SEED replays), {kills} kills, {n_files} files"
     );
     let fx = Fixture::new();
-    let receiver = ReceiverProc::start(&fx, reserve_port(), &[]).await;
+    let receiver = ReceiverProc::start(&fx, free_port(), &[]).await;
     let config = agent_config_with(
         &fx,
         &receiver.upload_url(),

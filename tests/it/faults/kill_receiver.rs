@@ -23,7 +23,7 @@ async fn scenario_2_receiver_sigkilled_at_random_moments() {
         "scenario 2: seed {seed:#x} (INDEXEDCP_FAULT_SEED replays), {kills} kills, {n_files} files"
     );
     let fx = Fixture::new();
-    let mut receiver = ReceiverProc::start(&fx, reserve_port(), &[]).await;
+    let mut receiver = ReceiverProc::start(&fx, free_port(), &[]).await;
     let config = agent_config_with(
         &fx,
         &receiver.upload_url(),

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::support::sha256_hex;
+use crate::fixtures::sha256_hex;
 
 /// What a source file was: its size and SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,32 +238,11 @@ fn split_extension(name: &str) -> (&str, &str) {
 /// Every regular file (or symlink, which is never expected) below `output`
 /// except the receiver's `.indexedcp` directory: relative path -> full path.
 pub fn output_files(output: &Path) -> BTreeMap<String, PathBuf> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, PathBuf>) {
-        let Ok(read) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in read.filter_map(Result::ok) {
-            let path = entry.path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            if rel == ".indexedcp" {
-                continue;
-            }
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => walk(root, &path, out),
-                Ok(_) => {
-                    out.insert(rel, path);
-                }
-                Err(_) => {}
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(output, output, &mut out);
-    out
+    crate::support::walk(output)
+        .into_iter()
+        .filter(|entry| !entry.kind.is_dir() && !crate::support::is_receiver_state(&entry.rel))
+        .map(|entry| (entry.rel, entry.path))
+        .collect()
 }
 
 /// `PRAGMA integrity_check` on a SQLite file opened read-only: `Ok("ok")` when

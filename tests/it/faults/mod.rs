@@ -1,6 +1,6 @@
-//! The fault-injection suite (issue 4): every test here tries to break a promise
-//! of DESIGN.md section 6 (exactly once, byte-identical, never a partial file,
-//! the source kept until its buffered copy is durable) and prints its figure.
+//! The fault-injection suite: every test here tries to break one of the
+//! delivery promises (exactly once, byte-identical, never a partial file, the
+//! source kept until its buffered copy is durable) and prints its figure.
 //!
 //! Each scenario drives the real binary: agents and receivers are started as
 //! processes whose logs go to files in the scenario's temporary directory (a
@@ -15,8 +15,8 @@
 //!   integrity checks, plus a watcher that catches partial files while a
 //!   scenario runs;
 //! - `proxy`: an HTTP/1.1-aware fault proxy between agent and receiver;
-//! - the scenarios, one module each (numbers as in issue 4; 3 and 5 live
-//!   elsewhere).
+//! - the scenarios, one module each; the crash at every failpoint and the
+//!   receiver's overload answers are tested in `failpoints` and `outage`.
 
 mod manifest;
 mod proxy;
@@ -32,10 +32,12 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{BIN, KEY, pseudo_random};
+use crate::fixtures::KEY;
+pub use crate::support::{Rng, files_below, free_port};
+use crate::support::{indexedcp, poll_every, pseudo_random};
 
 /// Whether the long runs were asked for (`INDEXEDCP_LONG_FAULTS=1`).
 pub fn long_run() -> bool {
@@ -52,39 +54,6 @@ pub fn seed(default: u64) -> u64 {
                 .map_or_else(|| s.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
         })
         .unwrap_or(default)
-}
-
-/// A small deterministic generator (splitmix64): the same seed gives the same
-/// faults, so a failure can be replayed.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(self.range(lo, hi))
-    }
 }
 
 /// A scenario's directories: `out` (receiver output), `spool`, `staging` (where
@@ -193,30 +162,21 @@ impl Drop for Fixture {
     }
 }
 
-pub use crate::support::reserve_port;
-
-/// Starts `program args` with stderr appended to `log` (and stdout to `stdout`,
-/// if given, else the null device).
-fn spawn_logged(
-    program: &Path,
-    args: &[OsString],
-    log: &Path,
-    stdout: Option<Stdio>,
-    level: &str,
-) -> Child {
+/// Starts `indexedcp args` with stderr appended to `log` (and stdout to
+/// `stdout`, if given, else the null device).
+fn spawn_logged(args: &[OsString], log: &Path, stdout: Option<Stdio>, level: &str) -> Child {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(program)
+    indexedcp()
         .args(args)
-        .env_remove("INDEXEDCP_API_KEY")
         .env("INDEXEDCP_LOG_LEVEL", level)
         .stdout(stdout.unwrap_or_else(Stdio::null))
         .stderr(log_file)
         .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()))
+        .unwrap_or_else(|e| panic!("start {}: {e}", crate::support::BIN))
 }
 
 /// An `indexedcp daemon` running the agent role, logging to `logs/agent.log`.
@@ -252,7 +212,7 @@ impl AgentProc {
             "--config".into(),
             config.as_os_str().to_owned(),
         ];
-        spawn_logged(Path::new(BIN), &args, log, None, level)
+        spawn_logged(&args, log, None, level)
     }
 
     /// SIGKILL, then wait for the process to be gone.
@@ -321,7 +281,7 @@ impl ReceiverProc {
     }
 
     async fn spawn_ready(args: &[OsString], log: &Path, port: u16) -> Child {
-        let mut child = spawn_logged(Path::new(BIN), args, log, Some(Stdio::piped()), "debug");
+        let mut child = spawn_logged(args, log, Some(Stdio::piped()), "debug");
         let stdout = child.stdout.take().unwrap();
         // Drain stdout so the receiver never blocks on a full pipe.
         std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
@@ -330,25 +290,30 @@ impl ReceiverProc {
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = client.get(&health).send().await
-                && r.status().is_success()
-            {
-                return child;
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the receiver exited with {status} while starting; see {}",
-                    log.display()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the receiver did not answer /health within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let ready = poll_every(
+            Duration::from_millis(10),
+            Duration::from_secs(30),
+            async || {
+                if let Ok(r) = client.get(&health).send().await
+                    && r.status().is_success()
+                {
+                    return Some(());
+                }
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!(
+                        "the receiver exited with {status} while starting; see {}",
+                        log.display()
+                    );
+                }
+                None
+            },
+        )
+        .await;
+        assert!(
+            ready.is_some(),
+            "the receiver did not answer /health within 30 s"
+        );
+        child
     }
 
     pub fn url(&self) -> String {
@@ -392,7 +357,7 @@ pub fn agent_config_with(
     extra_target: &str,
     daemon_extra: &str,
 ) -> PathBuf {
-    let path = crate::support::agent_config(&fx.root, url, &fx.spool, extra_spool, extra_target);
+    let path = crate::fixtures::agent_config(&fx.root, url, &fx.spool, extra_spool, extra_target);
     if !daemon_extra.is_empty() {
         let text = std::fs::read_to_string(&path)
             .unwrap()
@@ -427,33 +392,6 @@ pub fn file_set(n: usize, big: usize, seed: u64) -> BTreeMap<String, Vec<u8>> {
         files.insert(name, pseudo_random(size, seed ^ (i as u64 + 1)));
     }
     files
-}
-
-/// Every regular file below `dir` (relative paths), without opening any: a
-/// spool may hold FIFOs, which would block a reader.
-pub fn files_below(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(read) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in read.filter_map(Result::ok) {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => walk(root, &path, out),
-                Ok(t) if t.is_file() => out.push(
-                    path.strip_prefix(root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned(),
-                ),
-                _ => {}
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
 }
 
 /// Counts of the agent's buffer by state: (queued, failed, confirmed). `None`
@@ -496,36 +434,38 @@ pub async fn try_wait_until_drained(
 ) -> Result<Duration, String> {
     let started = Instant::now();
     let db = fx.buffer_db();
-    loop {
+    // What was left at the last check, for the message at the deadline.
+    let mut left = String::new();
+    let outcome = poll_every(Duration::from_millis(100), timeout, async || {
         let spool = files_below(&fx.spool);
         let counts = buffer_counts(&db);
         if let Some((_, failed, _)) = counts
             && failed > 0
         {
-            return Err(format!(
+            return Some(Err(format!(
                 "the agent parked {failed} file(s) as failed: {:?}",
                 parked_files(&db)
-            ));
+            )));
         }
         let missing = if spool.is_empty() && counts.is_some_and(|c| c.0 == 0) {
             let missing = manifest.missing(&fx.out);
             if missing.is_empty() {
-                return Ok(started.elapsed());
+                return Some(Ok(started.elapsed()));
             }
             missing
         } else {
             Vec::new()
         };
-        if started.elapsed() > timeout {
-            return Err(format!(
-                "not drained after {timeout:?}: {} file(s) in the spool {:?}, buffer (queued, failed, confirmed) {counts:?}, missing from the output {:?}",
-                spool.len(),
-                spool.iter().take(10).collect::<Vec<_>>(),
-                missing.iter().take(10).collect::<Vec<_>>()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        left = format!(
+            "{} file(s) in the spool {:?}, buffer (queued, failed, confirmed) {counts:?}, missing from the output {:?}",
+            spool.len(),
+            spool.iter().take(10).collect::<Vec<_>>(),
+            missing.iter().take(10).collect::<Vec<_>>()
+        );
+        None
+    })
+    .await;
+    outcome.unwrap_or_else(|| Err(format!("not drained after {timeout:?}: {left}")))
 }
 
 /// The agent's parked files with their reasons.
@@ -563,7 +503,7 @@ pub fn spawn_dropper(
     let (staging, spool) = (fx.staging.clone(), fx.spool.clone());
     std::thread::spawn(move || {
         for (rel, data) in order {
-            crate::support::drop_file(&staging, &spool, &rel, &data);
+            crate::fixtures::drop_file(&staging, &spool, &rel, &data);
             std::thread::sleep(mean_gap.mul_f64(rng.below(2001) as f64 / 1000.0));
         }
     })

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::manifest::Manifest;
 use super::proxy::{FaultProxy, Profile};
 use super::*;
-use crate::support::drop_file;
+use crate::fixtures::drop_file;
 
 /// About 38 % of requests are faulted.
 fn hostile_network() -> Profile {
@@ -40,7 +40,7 @@ async fn scenario_4_a_hostile_network_loses_duplicates_and_corrupts_nothing() {
         "scenario 4: seed {seed:#x} (INDEXEDCP_FAULT_SEED replays), at least {target} requests"
     );
     let fx = Fixture::new();
-    let port = reserve_port();
+    let port = free_port();
     let receiver = ReceiverProc::start(&fx, port, &["--read-timeout", "2s"]).await;
     let upstream = format!("127.0.0.1:{}", receiver.port).parse().unwrap();
     let proxy = FaultProxy::start(upstream, seed, hostile_network()).await;

@@ -1,99 +1,22 @@
-//! Test harness: temp dirs, the real binary started on a free port, `eventually`
-//! polling with a deadline, and helpers to read a whole directory tree.
+//! Fixtures only the integration tests need, built on the shared harness
+//! (`crate::support`): a receiver started on a free port and waited for on its
+//! stdout, an agent daemon, resumable and raw upload requests, agent configs,
+//! spool drops and the wait for an expected output tree.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_indexedcp");
-pub const KEY: &str = "test-key-0123456789";
+use crate::support::{eventually, indexedcp, poll_every, tree_diff, visible_files, wait_until};
 
-/// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
-pub async fn eventually<T>(
-    timeout: Duration,
-    what: &str,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub const KEY: &str = "test-key-0123456789";
 
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Every file, directory and symlink below `root`, relative, with file contents;
-/// directories map to `None`, symlinks to their target prefixed with `-> `.
-pub fn tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
-        // Entries may vanish while a daemon works on the tree: skip those.
-        let Ok(read) = std::fs::read_dir(dir) else {
-            return;
-        };
-        let mut entries: Vec<_> = read.filter_map(Result::ok).collect();
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = entry.path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.file_type().is_symlink() {
-                let Ok(target) = std::fs::read_link(&path) else {
-                    continue;
-                };
-                out.insert(rel, Some(format!("-> {}", target.display()).into_bytes()));
-            } else if meta.is_dir() {
-                out.insert(rel, None);
-                walk(root, &path, out);
-            } else if let Ok(content) = std::fs::read(&path) {
-                out.insert(rel, Some(content));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// The files a user sees in an output directory: everything except the
-/// receiver's own `.indexedcp` state directory.
-pub fn visible_files(output_dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    tree(output_dir)
-        .into_iter()
-        .filter(|(rel, _)| rel != ".indexedcp" && !rel.starts_with(".indexedcp/"))
-        .filter_map(|(rel, content)| content.map(|c| (rel, c)))
-        .collect()
 }
 
 /// A running `indexedcp server` (or `daemon`) process.
@@ -140,10 +63,9 @@ impl Server {
         output_dir: &Path,
         env: &[(&str, &str)],
     ) -> Server {
-        let mut child = Command::new(BIN)
+        let mut child = indexedcp()
             .args(&args)
             .envs(env.iter().copied())
-            .env_remove("INDEXEDCP_API_KEY")
             .env("INDEXEDCP_LOG_LEVEL", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -392,11 +314,10 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment variables.
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
-        let child = Command::new(BIN)
+        let child = indexedcp()
             .args(["daemon", "--config"])
             .arg(config)
             .envs(env.iter().copied())
-            .env_remove("INDEXEDCP_API_KEY")
             .env("INDEXEDCP_LOG_LEVEL", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -472,36 +393,13 @@ pub async fn wait_for_files(
     expected: &BTreeMap<String, Vec<u8>>,
     timeout: Duration,
 ) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = visible_files(output);
-        if &got == expected {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let missing: Vec<_> = expected
-                .keys()
-                .filter(|k| !got.contains_key(*k))
-                .take(10)
-                .collect();
-            let extra: Vec<_> = got
-                .keys()
-                .filter(|k| !expected.contains_key(*k))
-                .take(10)
-                .collect();
-            let differ: Vec<_> = expected
-                .iter()
-                .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-                .map(|(k, _)| k)
-                .take(10)
-                .collect();
-            panic!(
-                "after {timeout:?}: {} of {} files; missing {missing:?}, unexpected {extra:?}, different {differ:?}",
-                got.len(),
-                expected.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let arrived = poll_every(Duration::from_millis(50), timeout, async || {
+        (visible_files(output) == *expected).then_some(())
+    })
+    .await;
+    if arrived.is_none() {
+        let diff = tree_diff(expected, &visible_files(output));
+        panic!("after {timeout:?}: {diff}");
     }
 }
 
@@ -522,36 +420,21 @@ pub fn agent_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
 /// Sends `signal` to `child` and waits (up to `timeout`) for its exit status.
 pub fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> ExitStatus {
     unsafe_kill(child.id(), signal);
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process {} did not exit within {timeout:?} after signal {signal}",
-            child.id()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("process {} to exit after signal {signal}", child.id());
+    wait_until(&what, Duration::from_millis(20), timeout, || {
+        Ok(child.try_wait()?.is_some())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    child.wait().unwrap()
 }
 
 /// The agent's buffer as `indexedcp status --json --config CONFIG` lists it
 /// (empty when the command printed nothing readable).
 pub fn status_json(config: &Path) -> Vec<serde_json::Value> {
-    let output = Command::new(BIN)
+    let output = indexedcp()
         .args(["status", "--json", "--config"])
         .arg(config)
         .output()
         .unwrap();
     serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).unwrap_or_default()
-}
-
-/// A free port on 127.0.0.1 (nothing listens on it when this returns).
-pub fn reserve_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -1,0 +1,452 @@
+//! Scenarios 1 to 5: a large file end to end (curl baseline), ingest alone
+//! (sha256sum baseline), many small files, the latency of one small file, and
+//! the memory rows measured alongside; plus the large file they share.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+
+use super::processes::{
+    Pending, RunDir, Running, file_len, program_available, rename_all, start_daemon,
+    start_receiver, write_files,
+};
+use super::support::{Rng, free_port, indexedcp, wait_until};
+use super::table::{Baseline, Named, mb_per_s, median, median_of, percentile};
+use super::{KEY, MIB, Settings};
+
+const SMALL_FILE_BYTES: usize = 4096;
+const QUEUED_FILE_BYTES: usize = 1024;
+
+pub(super) struct EndToEnd {
+    pub(super) mb_per_s: f64,
+    pub(super) curl: Baseline,
+    pub(super) peak_rss_mib: f64,
+}
+
+pub(super) fn end_to_end(settings: &Settings, large: &LargeFile) -> Result<EndToEnd> {
+    let curl = program_available("curl");
+    let runs = settings.repeat("1. large file end to end", || {
+        let run = RunDir::create(settings)?;
+        let port = free_port();
+        // Larger than the file, for curl's single v1 request.
+        let max_chunk = large.size + MIB;
+        let mut daemon = start_daemon(&run, "daemon", port, Some((port, Some(max_chunk))))?;
+        let elapsed = large.drop_and_wait(&run, &mut daemon)?;
+        let peak_rss = daemon.peak_rss_mib()?;
+        eprintln!(
+            "  daemon: {:.1} MB/s in {:.2} s, peak RSS {peak_rss:.1} MiB",
+            mb_per_s(large.size, elapsed),
+            elapsed.as_secs_f64()
+        );
+        let curl_mb_per_s = match &curl {
+            Ok(()) => {
+                let url = format!("http://127.0.0.1:{port}/upload");
+                let elapsed = curl_upload(&url, &large.path, "curl-large.bin")?;
+                let received = file_len(&run.out.join("curl-large.bin"));
+                ensure!(
+                    received == Some(large.size),
+                    "curl's upload left {received:?} bytes in the output, not {}",
+                    large.size
+                );
+                let speed = mb_per_s(large.size, elapsed);
+                eprintln!("  curl: {speed:.1} MB/s in {:.2} s", elapsed.as_secs_f64());
+                Some(speed)
+            }
+            Err(_) => None,
+        };
+        daemon.stop();
+        Ok((mb_per_s(large.size, elapsed), curl_mb_per_s, peak_rss))
+    })?;
+    let curl = curl.map(|()| Named {
+        label: "curl, one v1 request",
+        value: median(runs.iter().filter_map(|r| r.1).collect()),
+    });
+    Ok(EndToEnd {
+        mb_per_s: median_of(&runs, |r| r.0),
+        curl,
+        peak_rss_mib: median_of(&runs, |r| r.2),
+    })
+}
+
+/// Sends `file` as one v1 request (chunk 0, no resumable headers) and returns
+/// curl's wall time.
+pub(super) fn curl_upload(url: &str, file: &Path, name: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail-with-body",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-X", "POST", "-H", "Expect:"])
+        .arg("-T")
+        .arg(file)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {KEY}"))
+        .arg("-H")
+        .arg(format!("X-File-Name: {name}"))
+        .args(["-H", "X-Chunk-Index: 0", url])
+        .output()
+        .context("cannot run curl")?;
+    let elapsed = started.elapsed();
+    ensure!(
+        output.status.success(),
+        "curl failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(elapsed)
+}
+
+pub(super) struct IngestAlone {
+    pub(super) mb_per_s: f64,
+    pub(super) sha256sum: Baseline,
+}
+
+pub(super) fn ingest_alone(settings: &Settings, large: &LargeFile) -> Result<IngestAlone> {
+    let sha256sum = program_available("sha256sum");
+    let runs = settings.repeat("2. ingest alone", || {
+        let run = RunDir::create(settings)?;
+        // Nothing listens on the target's port: the agent buffers and waits.
+        let mut agent = start_daemon(&run, "agent", free_port(), None)?;
+        let dropped = large.drop_into_spool(&run)?;
+        let in_spool = run.spool.join(&large.name);
+        let committed = wait_until(
+            "the source to leave the spool (buffer committed)",
+            Duration::from_millis(2),
+            large.timeout(),
+            || {
+                agent.ensure_alive()?;
+                Ok(std::fs::symlink_metadata(&in_spool).is_err())
+            },
+        )?;
+        let elapsed = committed - dropped;
+        agent.stop();
+        let buffered_sha = buffered_sha256(&run, large.size)?;
+        let speed = mb_per_s(large.size, elapsed);
+        eprintln!(
+            "  ingest: {speed:.1} MB/s in {:.2} s",
+            elapsed.as_secs_f64()
+        );
+        let baseline = match &sha256sum {
+            Ok(()) => {
+                let (sha, elapsed) = sha256sum_of(&large.path)?;
+                ensure!(
+                    sha == buffered_sha,
+                    "the buffer recorded sha256 {buffered_sha}, sha256sum says {sha}"
+                );
+                let speed = mb_per_s(large.size, elapsed);
+                eprintln!("  sha256sum: {speed:.1} MB/s");
+                Some(speed)
+            }
+            Err(_) => None,
+        };
+        Ok((speed, baseline))
+    })?;
+    let sha256sum = sha256sum.map(|()| Named {
+        label: "sha256sum",
+        value: median(runs.iter().filter_map(|r| r.1).collect()),
+    });
+    Ok(IngestAlone {
+        mb_per_s: median_of(&runs, |r| r.0),
+        sha256sum,
+    })
+}
+
+/// Checks with `indexedcp status --json` that the buffer holds exactly one
+/// file of `size` bytes, and returns the SHA-256 it recorded.
+pub(super) fn buffered_sha256(run: &RunDir, size: u64) -> Result<String> {
+    let output = indexedcp()
+        .args(["status", "--json", "--config"])
+        .arg(&run.config)
+        .output()
+        .context("cannot run indexedcp status")?;
+    ensure!(
+        output.status.success(),
+        "indexedcp status failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let files: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("indexedcp status --json: not JSON")?;
+    let [file] = files.as_array().map(Vec::as_slice).unwrap_or_default() else {
+        bail!("expected one buffered file, indexedcp status --json says: {files}");
+    };
+    ensure!(
+        file["size"].as_u64() == Some(size),
+        "the buffered file is not {size} bytes: {file}"
+    );
+    file["sha256"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no sha256 in {file}"))
+}
+
+pub(super) fn sha256sum_of(path: &Path) -> Result<(String, Duration)> {
+    let started = Instant::now();
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .context("cannot run sha256sum")?;
+    let elapsed = started.elapsed();
+    ensure!(
+        output.status.success(),
+        "sha256sum failed: {}",
+        output.status
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let sha = text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    Ok((sha, elapsed))
+}
+
+pub(super) struct SmallFiles {
+    pub(super) files_per_s: f64,
+    pub(super) peak_rss_mib: f64,
+}
+
+pub(super) fn small_files(settings: &Settings) -> Result<SmallFiles> {
+    let count = settings.small_files;
+    let runs = settings.repeat("3. many small files", || {
+        let run = RunDir::create(settings)?;
+        let written = Instant::now();
+        let names = write_files(&run.staging, "small-", count, SMALL_FILE_BYTES)?;
+        eprintln!(
+            "  wrote {count} files in staging in {:.2} s",
+            written.elapsed().as_secs_f64()
+        );
+        let port = free_port();
+        let mut daemon = start_daemon(&run, "daemon", port, Some((port, None)))?;
+        rustix::fs::sync();
+        let dropped = Instant::now();
+        rename_all(&run.staging, &run.spool, &names)?;
+        let timeout = Duration::from_secs(120) + Duration::from_millis(100) * count as u32;
+        let mut pending = Pending::new(&names);
+        let arrived = wait_until(
+            "every small file in the output",
+            Duration::from_millis(10),
+            timeout,
+            || {
+                daemon.ensure_alive()?;
+                Ok(pending
+                    .advance(|name| file_len(&run.out.join(name)) == Some(SMALL_FILE_BYTES as u64)))
+            },
+        )?;
+        let elapsed = arrived - dropped;
+        let peak_rss = daemon.peak_rss_mib()?;
+        daemon.stop();
+        let files_per_s = count as f64 / elapsed.as_secs_f64();
+        eprintln!(
+            "  {files_per_s:.0} files/s ({:.2} s), peak RSS {peak_rss:.1} MiB",
+            elapsed.as_secs_f64()
+        );
+        Ok((files_per_s, peak_rss))
+    })?;
+    Ok(SmallFiles {
+        files_per_s: median_of(&runs, |r| r.0),
+        peak_rss_mib: median_of(&runs, |r| r.1),
+    })
+}
+
+pub(super) struct Latency {
+    pub(super) median_ms: f64,
+    pub(super) p99_ms: f64,
+}
+
+pub(super) fn latency(settings: &Settings) -> Result<Latency> {
+    let drops = settings.latency_drops;
+    let content = Rng::new(4).bytes(SMALL_FILE_BYTES);
+    let runs = settings.repeat("4. latency", || {
+        let run = RunDir::create(settings)?;
+        let port = free_port();
+        let mut daemon = start_daemon(&run, "daemon", port, Some((port, None)))?;
+        let mut latencies_ms = Vec::with_capacity(drops);
+        for drop_idx in 0..drops {
+            // An idle daemon: whatever the previous drop left to do is done.
+            std::thread::sleep(Duration::from_millis(50));
+            let name = format!("drop-{drop_idx:05}");
+            let in_output = run.out.join(&name);
+            let written = Instant::now();
+            // As a plain program writes a file: the agent sees the close.
+            let mut file = File::create(run.spool.join(&name))
+                .with_context(|| format!("cannot create {name} in the spool"))?;
+            file.write_all(&content)?;
+            drop(file);
+            let arrived = wait_until(
+                &format!("{name} in the output"),
+                Duration::from_millis(1),
+                Duration::from_secs(60),
+                || {
+                    daemon.ensure_alive()?;
+                    Ok(file_len(&in_output) == Some(SMALL_FILE_BYTES as u64))
+                },
+            )?;
+            latencies_ms.push((arrived - written).as_secs_f64() * 1e3);
+        }
+        daemon.stop();
+        let run_median = median(latencies_ms.clone());
+        let run_p99 = percentile(latencies_ms, 99.0);
+        eprintln!("  median {run_median:.1} ms, p99 {run_p99:.1} ms");
+        Ok((run_median, run_p99))
+    })?;
+    Ok(Latency {
+        median_ms: median_of(&runs, |r| r.0),
+        p99_ms: median_of(&runs, |r| r.1),
+    })
+}
+
+pub(super) struct TwoProcesses {
+    pub(super) agent_rss_mib: f64,
+    pub(super) receiver_rss_mib: f64,
+}
+
+/// Scenario 1 with the agent and the receiver in two processes.
+pub(super) fn two_processes(settings: &Settings, large: &LargeFile) -> Result<TwoProcesses> {
+    let runs = settings.repeat("5. large file, agent and receiver as two processes", || {
+        let run = RunDir::create(settings)?;
+        let (mut receiver, port) = start_receiver(&run)?;
+        let mut agent = start_daemon(&run, "agent", port, None)?;
+        let elapsed = large.drop_and_wait(&run, &mut receiver)?;
+        agent.ensure_alive()?;
+        let (agent_rss, receiver_rss) = (agent.peak_rss_mib()?, receiver.peak_rss_mib()?);
+        agent.stop();
+        receiver.stop();
+        eprintln!(
+            "  {:.1} MB/s in {:.2} s; peak RSS agent {agent_rss:.1} MiB, receiver {receiver_rss:.1} MiB",
+            mb_per_s(large.size, elapsed),
+            elapsed.as_secs_f64()
+        );
+        Ok((agent_rss, receiver_rss))
+    })?;
+    Ok(TwoProcesses {
+        agent_rss_mib: median_of(&runs, |r| r.0),
+        receiver_rss_mib: median_of(&runs, |r| r.1),
+    })
+}
+
+/// Peak RSS of an agent that buffered many small files while its receiver is
+/// down.
+pub(super) fn queued_files(settings: &Settings) -> Result<f64> {
+    let count = settings.queued_files;
+    let runs = settings.repeat("5. small files queued, receiver down", || {
+        let run = RunDir::create(settings)?;
+        let written = Instant::now();
+        let names = write_files(&run.staging, "queued-", count, QUEUED_FILE_BYTES)?;
+        eprintln!(
+            "  wrote {count} files in staging in {:.2} s",
+            written.elapsed().as_secs_f64()
+        );
+        let mut agent = start_daemon(&run, "agent", free_port(), None)?;
+        rustix::fs::sync();
+        let dropped = Instant::now();
+        rename_all(&run.staging, &run.spool, &names)?;
+        let timeout = Duration::from_secs(120) + Duration::from_millis(100) * count as u32;
+        let mut pending = Pending::new(&names);
+        let buffered =
+            wait_until(
+                "the spool to be empty (everything buffered)",
+                Duration::from_millis(100),
+                timeout,
+                || {
+                    agent.ensure_alive()?;
+                    Ok(pending
+                        .advance(|name| std::fs::symlink_metadata(run.spool.join(name)).is_err()))
+                },
+            )?;
+        let peak_rss = agent.peak_rss_mib()?;
+        agent.stop();
+        let elapsed = buffered - dropped;
+        eprintln!(
+            "  buffered in {:.1} s ({:.0} files/s), peak RSS {peak_rss:.1} MiB",
+            elapsed.as_secs_f64(),
+            count as f64 / elapsed.as_secs_f64()
+        );
+        Ok(peak_rss)
+    })?;
+    Ok(median(runs))
+}
+
+pub(super) struct LargeFile {
+    pub(super) path: PathBuf,
+    /// The name it gets in the spool and in the output directory.
+    pub(super) name: String,
+    pub(super) size: u64,
+}
+
+impl LargeFile {
+    /// Writes `size` random bytes once, on the disk the runs use.
+    pub(super) fn create(dir: &Path, size: u64) -> Result<LargeFile> {
+        let started = Instant::now();
+        let path = dir.join("large.bin");
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut prng = Rng::new(1);
+        let mut block = vec![0; MIB as usize];
+        let mut written = 0;
+        while written < size {
+            let len = (size - written).min(MIB) as usize;
+            prng.fill(&mut block[..len]);
+            file.write_all_at(&block[..len], written)?;
+            written += len as u64;
+        }
+        file.sync_all()?;
+        eprintln!(
+            "generated {} MiB of random data in {:.1} s",
+            size >> 20,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(LargeFile {
+            path,
+            name: "large.bin".into(),
+            size,
+        })
+    }
+
+    /// Drops the file into the run's spool as recommended (in a staging folder
+    /// on the same file system, then a rename) and returns when it was renamed.
+    /// The staging copy is a hard link: nothing is copied, and the agent's
+    /// deleting the spool's link leaves the original for the next run.
+    pub(super) fn drop_into_spool(&self, run: &RunDir) -> Result<Instant> {
+        let staged = run.staging.join(&self.name);
+        std::fs::hard_link(&self.path, &staged)
+            .with_context(|| format!("cannot link {} into the staging folder", self.name))?;
+        rustix::fs::sync();
+        let dropped = Instant::now();
+        std::fs::rename(&staged, run.spool.join(&self.name))
+            .with_context(|| format!("cannot rename {} into the spool", self.name))?;
+        Ok(dropped)
+    }
+
+    /// Drops the file and waits until it is complete in the output directory,
+    /// which `receiver` writes; returns the time from the rename to then.
+    pub(super) fn drop_and_wait(&self, run: &RunDir, receiver: &mut Running) -> Result<Duration> {
+        let dropped = self.drop_into_spool(run)?;
+        let in_output = run.out.join(&self.name);
+        let arrived = wait_until(
+            &format!("{} in the output", self.name),
+            Duration::from_millis(2),
+            self.timeout(),
+            || {
+                receiver.ensure_alive()?;
+                Ok(file_len(&in_output) == Some(self.size))
+            },
+        )?;
+        Ok(arrived - dropped)
+    }
+
+    /// Generous: a minute plus the file at 1 MB/s.
+    pub(super) fn timeout(&self) -> Duration {
+        Duration::from_secs(60 + self.size / 1_000_000)
+    }
+}
