@@ -1,54 +1,113 @@
-//! IndexedCP: files dropped into a folder on one machine reach a central receiver
-//! exactly once, byte-identical, whatever happens in between.
+//! IndexedCP: files dropped into a folder on one machine reach where they
+//! belong exactly once, byte-identical, whatever happens in between (offline
+//! for days, reboots, crashes, flaky networks, full disks).
 //!
-//! Code map (DESIGN.md section 2):
+//! One binary, `indexedcp`, plays two roles, alone or together. The
+//! **agent** watches spool folders, buffers every complete file in a local
+//! SQLite store, and drains that buffer to a target with retries. The
+//! **receiver** accepts files over HTTP, verifies them and renames each into
+//! its output folder once. The crate is also a **library**: [`client`] is the
+//! original IndexedCP client's API on the same engine.
 //!
-//! - [`config`]: raw TOML types (unknown keys refused) validated into an immutable
-//!   `Config`. Binds no ports, creates no directories, knows nothing of tasks.
-//! - [`protocol`]: header names and JSON shapes shared by client and receiver. No I/O.
-//! - [`server`]: the receiver (axum): authentication, path modes, v1 append
-//!   sessions, resumable staging and finalize, its own SQLite state. It never
-//!   imports the client side.
-//! - [`spool`]: notify watchers, start-up/overflow scans and the settle rule; emits
-//!   complete regular files. Never touches SQLite or HTTP.
-//! - [`ingest`]: streams a complete file into the store (one transaction, SHA-256
-//!   per chunk and per file), then disposes of the source. Knows no HTTP.
-//! - [`store`]: the agent's SQLite buffer (r2d2 pool, WAL, migrations): every SQL
-//!   statement of the agent. Blocking methods; knows nothing of tokio or HTTP.
-//! - [`upload`]: the HTTP client side, the retry schedule, retry-or-park
-//!   decisions and the uploader loop. Writes no SQL.
-//! - [`agent`]: wires spool -> ingest -> store -> upload for the daemon, and
-//!   applies reloaded configs to them.
-//! - [`sqlite`]: the pool settings (WAL, `synchronous=FULL` with an explicit
-//!   unsynced mode for records a peer can tell again, busy timeout, page size,
-//!   automatic checkpoints or not) and `user_version` migrations every
-//!   database here shares; no SQL of its own.
-//! - [`metrics`]: process-wide counters and the Prometheus text for `/metrics`.
-//! - [`client`]: the original's library API (`Client`: add files, upload them
-//!   with retries, callbacks, a background uploader) on `ingest`, `store` and
-//!   `upload`; the one-shot CLI commands are built on it.
-//! - [`storage`]: the original's async key-value `Storage` trait and its SQLite
-//!   backend, for applications; not the upload buffer (that is `store`).
-//! - [`logging`]: the `tracing` subscriber (journald, text or JSON).
-//! - [`daemon`]: signals, cancellation, sd_notify and running the roles a config
-//!   enables. Owns no domain logic.
-//! - [`failpoint`]: named crash points armed by `INDEXEDCP_FAILPOINTS`, for the
-//!   fault-injection tests; inert otherwise.
-//! - [`cli`]: clap types, dispatch and the mapping of failures to sysexits codes.
-//!   Contains no SQL and no protocol logic.
+//! # Bird's-eye view
 //!
-//! Invariants kept on purpose: blocking SQLite and file work never runs on the
-//! async executor threads; memory is bounded by chunk size times concurrency, not
-//! by file size; nothing is written outside the receiver's output directory.
+//! ```text
+//!              SIGHUP / SIGTERM                    sd_notify
+//!                    |                                 ^
+//!               daemon (supervisor, reload) -----------+
+//!              /                    \
+//!        agent                        server (receiver, axum)
+//!   spool -> ingest -> store -> upload ----HTTP----> /upload, /upload/batch,
+//!   (notify,  (hash,   (SQLite  (uploader,            /upload/<id>; staging,
+//!    settle)  dispose)  buffer)  Delivery kinds)      verify, rename into place
+//! ```
+//!
+//! A file moves left to right. The spool watcher offers it once it is
+//! complete; ingest copies it into the buffer in chunks with their SHA-256
+//! and a synced commit, and only then disposes of the source; the uploader
+//! sends it through the target's `Delivery` kind
+//! and removes it from the buffer only when the peer confirmed the whole
+//! file. The receiver writes into a staging folder, checks every byte against
+//! the client's hashes and renames the file into place without ever
+//! replacing one. The wire protocol is specified in [`protocol`].
+//!
+//! # Code map
+//!
+//! - `cli` (`args`, `oneshot`, `status`): clap types, dispatch, and the one
+//!   place where errors become exit codes (sysexits).
+//! - `daemon` (`roles`, `reload`, `notify`, `metrics`): the supervisor.
+//!   Signals, cancellation, running the roles a config enables, SIGHUP
+//!   reloads, sd_notify and the metrics listener. Owns no domain logic.
+//! - `agent`: wires spool -> ingest -> store -> upload and applies reloaded
+//!   settings to them (the diff of spools and targets).
+//!   - `agent::spool` (`watch`, `scan`, `settle`, `filter`, `identity`):
+//!     notify watchers, start-up and overflow scans, the settle rule; emits
+//!     complete regular files. Never touches SQLite or HTTP.
+//!   - `agent::ingest`: streams a complete file into the store, checks it did
+//!     not change while read, disposes of the source after the synced commit.
+//!     Knows no HTTP.
+//!   - `agent::store` (`schema`, `ingest`, `queue`, `admin`): the buffer. All
+//!     the agent's SQL, migrations, the r2d2 pool; blocking methods that know
+//!     nothing of tokio, HTTP or the config file.
+//!   - `agent::upload`: the uploader (`uploader`, `file`, `batch`, `once`,
+//!     `target`), the retry schedule (`backoff`), retry-or-park (`error`), and
+//!     the `Delivery` trait with one folder per
+//!     kind (`indexedcp`). The uploader writes no SQL and speaks no HTTP.
+//! - `server`: the receiver. `serve` (routes, auth, CORS, shutdown), `v1`,
+//!   `resumable`, `batch`, `finalize` (verify, sync, rename into place,
+//!   recovery, expiry), `paths` (path modes, writes that stay inside the output
+//!   folder), `state` (its own SQLite file), `hashes`, `sha256`, `body`,
+//!   `headers`, `errors`, `locks`. Never imports the agent.
+//! - [`client`]: the library API (`Client`, callbacks, background uploads) on
+//!   the agent's ingest, store and upload; [`client::storage`] is the
+//!   original's key-value `Storage`, not the upload buffer.
+//! - [`config`]: the TOML file, from raw serde types to a validated, immutable
+//!   [`Config`](config::Config); every default lives in [`config::defaults`].
+//!   Binds no ports, creates no folders.
+//! - [`protocol`]: header names, JSON shapes and the wire spec. No I/O.
+//! - Shared and flat: `sqlite` (pool settings, migrations), `metrics`,
+//!   [`logging`], `clock`, [`failpoint`] (crash points for the fault tests).
+//!
+//! # Where things live
+//!
+//! | concern | module |
+//! | --- | --- |
+//! | when a spool file counts as complete (the settle rule) | `agent::spool::settle` |
+//! | the retry schedule | `agent::upload::backoff` |
+//! | retry or park, and parking itself | `agent::upload::error`, `agent::upload::file` |
+//! | what leaves the buffer when | `agent::upload::file`, `agent::store::queue` |
+//! | staging, verification and the rename into place | `server::finalize`, `server::paths` |
+//! | path modes (`sanitize`, `ignore`, `allow-paths`) | `server::paths` |
+//! | the reload diff | `daemon::reload` (file, log level, receiver), `agent` (spools, targets) |
+//! | sd_notify (READY, RELOADING, STATUS, WATCHDOG) | `daemon::notify` |
+//! | exit codes | `cli` |
+//!
+//! # Invariants
+//!
+//! - Dependencies point one way: `cli` -> `daemon` -> `agent` / `server` ->
+//!   `store` / `protocol` / `config`. Nothing below `cli` imports it; the
+//!   agent and the receiver never import each other.
+//! - Blocking SQLite, file and hashing work never runs on the async executor
+//!   threads (`spawn_blocking` or a dedicated thread).
+//! - Memory is bounded by piece size times concurrency, whatever the file
+//!   sizes or the length of the queue.
+//! - A source is disposed of only after its buffered copy is durable; a
+//!   file leaves the buffer only after its peer confirmed all of it.
+//! - The receiver writes nothing outside its output folder and never
+//!   replaces a file there.
+//! - Deliberately absent: the uploader has no HTTP and no `match` on the
+//!   kind of target; the spool has no SQL; the store has no tokio; `config`
+//!   has no I/O beyond reading its file and key files.
 
-pub mod agent;
+pub(crate) mod agent;
 pub mod cli;
 pub mod client;
+mod clock;
 pub mod config;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod failpoint;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod protocol;
-pub mod server;
-pub mod sqlite;
+pub(crate) mod server;
+pub(crate) mod sqlite;

@@ -499,9 +499,7 @@ fn find_waiting(
     target: &TargetConfig,
 ) -> Result<Option<FileRecord>, IngestError> {
     let waiting = |r: &FileRecord| {
-        r.state != FileState::Confirmed.as_str()
-            && r.target == target.name
-            && r.rel_path == client_name
+        r.state != FileState::Confirmed && r.target == target.name && r.rel_path == client_name
     };
     let Some(id) = store.find_by_source(PATH_SPOOL, expected)? else {
         return Ok(None);

@@ -346,7 +346,7 @@ impl Agent {
 
     async fn forget_old_confirmed(&self) {
         let store = self.store.clone();
-        let cutoff = store::now_ms() - CONFIRMED_RETENTION.as_millis() as i64;
+        let cutoff = crate::clock::now_ms() - CONFIRMED_RETENTION.as_millis() as i64;
         match tokio::task::spawn_blocking(move || store.forget_confirmed_before(cutoff)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(files = n, "forgot confirmed files past their retention"),

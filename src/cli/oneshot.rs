@@ -14,7 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use super::args::{AddArgs, BufferArg, UploadArgs};
 use super::{Failure, exit, runtime};
 use crate::agent::ingest::IngestError;
-use crate::agent::store::FileRecord;
+use crate::agent::store::{FileRecord, FileState};
 use crate::agent::upload::{Backoff, Retry};
 use crate::client::{Client, ClientError, ClientOptions, FailedFile, ProgressEvent};
 use crate::config::LogFormat;
@@ -192,10 +192,13 @@ async fn upload_files(
         reporter.name(absolute_name(path), path.display().to_string());
     }
     let queued = |files: Vec<FileRecord>| -> Vec<FileRecord> {
-        files.into_iter().filter(|f| f.state == "queued").collect()
+        files
+            .into_iter()
+            .filter(|f| f.state == FileState::Queued)
+            .collect()
     };
     let all = client.buffered_files().await.map_err(client_failure)?;
-    let parked_before = all.iter().filter(|f| f.state == "failed").count();
+    let parked_before = all.iter().filter(|f| f.state == FileState::Failed).count();
     if parked_before > 0 {
         reporter.note(&format!(
             "{parked_before} file(s) parked earlier are not sent; `indexedcp status` shows why, `indexedcp retry --all` re-queues them"

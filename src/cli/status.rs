@@ -5,7 +5,7 @@
 
 use super::args::{PurgeArgs, RetryArgs, StatusArgs};
 use super::{Failure, exit};
-use crate::agent::store::FileRecord;
+use crate::agent::store::{FileRecord, FileState};
 
 /// `indexedcp status`: the buffer's files as a table, or as JSON.
 pub(super) fn status(args: StatusArgs) -> Result<(), Failure> {
@@ -81,7 +81,7 @@ fn confirm(question: &str) -> bool {
 
 /// When a file is tried next, relative to now, for the `next` column.
 fn human_time(ms: i64) -> String {
-    let delta = ms - crate::agent::store::now_ms();
+    let delta = ms - crate::clock::now_ms();
     if delta <= 0 {
         "now".to_owned()
     } else {
@@ -107,7 +107,7 @@ fn target_summary(files: &[FileRecord]) -> String {
     for f in files {
         let t = targets.entry(f.target.as_str()).or_default();
         match f.state {
-            "queued" => {
+            FileState::Queued => {
                 t.queued += 1;
                 t.bytes += f.size;
                 t.in_progress += u64::from(f.chunks_uploaded > 0);
@@ -116,14 +116,14 @@ fn target_summary(files: &[FileRecord]) -> String {
                     t.last_error = Some(e);
                 }
             }
-            "failed" => {
+            FileState::Failed => {
                 t.failed += 1;
                 t.last_error = f.failure.as_deref().or(t.last_error);
             }
             _ => {}
         }
     }
-    let now = crate::agent::store::now_ms();
+    let now = crate::clock::now_ms();
     let mut out = String::new();
     for (name, t) in targets {
         let _ = write!(
@@ -172,10 +172,10 @@ fn status_table(files: &[FileRecord]) -> String {
             let _ = write!(out, " -> {server_name}");
         }
         out.push('\n');
-        if let Some(reason) = f
-            .failure
+        if let Some(reason) = f.failure.as_ref().or(f
+            .last_error
             .as_ref()
-            .or(f.last_error.as_ref().filter(|_| f.state != "confirmed"))
+            .filter(|_| f.state != FileState::Confirmed))
         {
             let _ = writeln!(out, "{:>7}{reason}", "");
         }

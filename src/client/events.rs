@@ -97,7 +97,7 @@ pub struct UploadSummary {
 ///
 /// ```
 /// use indexedcp::client::FailedFile;
-/// use indexedcp::agent::upload::Retry;
+/// use indexedcp::client::Retry;
 ///
 /// let failed = FailedFile {
 ///     file_id: 7,

@@ -3,8 +3,8 @@
 //! exponential backoff, with the original's options, defaults and callbacks.
 //!
 //! It is a thin layer over the engine the daemon runs: files are buffered by
-//! [`ingest::ingest_path`] into the [`Store`], and sent by
-//! [`upload::upload_queued_once`], which records every outcome exactly as the
+//! the agent's ingest into the [`Store`], and sent by the agent's uploader
+//! (one attempt per due file), which records every outcome exactly as the
 //! daemon's uploader does (chunk retry counts, the last five errors, the next
 //! attempt, parking of refused files) and speaks the same resumable protocol.
 //! The one-shot commands (`indexedcp upload`, `indexedcp add`) are built on this
@@ -36,6 +36,9 @@ mod events;
 mod options;
 pub mod storage;
 
+pub use crate::agent::ingest::{IngestError, PathIngest};
+pub use crate::agent::store::{ChunkMeta, FileRecord, FileState, Store, StoreError};
+pub use crate::agent::upload::Retry;
 pub use events::{
     ChunkStatus, ClientError, CompleteCallback, ErrorCallback, FailedFile, ProgressCallback,
     ProgressEvent, UploadSummary,
@@ -55,8 +58,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::ingest::{self, IngestError, PathIngest};
-use crate::agent::store::{self, FileRecord, Store, StoreError};
+use crate::agent::ingest;
 use crate::agent::upload::{self, Backoff, TargetRuntime};
 use crate::config::{LogFormat, TargetConfig};
 use crate::logging;
@@ -660,7 +662,7 @@ async fn background_loop(inner: Arc<Inner>, check_interval: Duration, token: Can
         let round = tokio::select! {
             biased;
             _ = token.cancelled() => break,
-            round = inner.round(store::now_ms()) => round,
+            round = inner.round(crate::clock::now_ms()) => round,
         };
         match round {
             Ok(round) => {

@@ -25,7 +25,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 
@@ -371,10 +371,7 @@ fn valid_table_name(name: &str) -> bool {
 }
 
 fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    crate::clock::since_epoch().as_secs_f64()
 }
 
 impl SqliteStorage {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
 use super::{DaemonError, roles::RoleSet};
-use crate::agent::{self, AgentProbe};
+use crate::agent::AgentProbe;
 use crate::metrics::{self, QueueGauge};
 
 /// Binds `addr` and serves `/metrics` on it as one of the daemon's roles,
@@ -48,7 +48,7 @@ async fn serve(
                         .unwrap_or_default(),
                     None => Vec::new(),
                 };
-                let now = agent::store::now_ms();
+                let now = crate::clock::now_ms();
                 let gauges: Vec<QueueGauge> = queues
                     .into_iter()
                     .map(|q| QueueGauge {

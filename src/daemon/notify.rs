@@ -71,7 +71,7 @@ pub(super) async fn report_status(
             }
             let stale = probe.shared.check_interval() * 3 + Duration::from_secs(30);
             alive =
-                agent::store::now_ms() - probe.shared.last_heartbeat() < stale.as_millis() as i64;
+                crate::clock::now_ms() - probe.shared.last_heartbeat() < stale.as_millis() as i64;
         }
         if watchdog && alive {
             let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);

@@ -64,7 +64,6 @@ use state::UploadState;
 
 pub use errors::ServerError;
 pub use serve::{bind, serve, serve_reloadable};
-pub use state::StateError;
 
 /// How long a client may take to send its request headers, and to send each
 /// piece of a body, before the connection is closed.

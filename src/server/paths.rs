@@ -12,7 +12,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
@@ -245,10 +244,7 @@ pub(super) fn unique_candidate(name: &str, millis: u128, attempt: u32) -> String
 }
 
 pub(super) fn now_millis() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
+    crate::clock::since_epoch().as_millis()
 }
 
 /// `n` random bytes as lowercase hex.

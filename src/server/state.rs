@@ -11,7 +11,7 @@
 //! recorded again, so its own commit need not wait for the disk.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
 
@@ -65,12 +65,7 @@ CREATE TABLE v1_sessions (
 );
 ";
 
-pub(super) fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub(super) use crate::clock::now_secs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum UploadPhase {

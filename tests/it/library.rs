@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use indexedcp::agent::upload::Retry;
 use indexedcp::client::{
-    ChunkStatus, Client, ClientError, ClientOptions, ProgressEvent, UploadSummary,
+    ChunkStatus, Client, ClientError, ClientOptions, FileState, ProgressEvent, Retry, UploadSummary,
 };
 
 use crate::fixtures::*;
@@ -242,7 +241,7 @@ async fn basic_upload_returns_client_name_to_server_name_and_frees_the_chunks() 
         (f.state, s.chunk_data(f.id, 0).unwrap())
     })
     .await;
-    assert_eq!(state, "confirmed");
+    assert_eq!(state, FileState::Confirmed);
     assert!(
         data.is_empty(),
         "a confirmed file's chunks leave the buffer"
@@ -485,7 +484,7 @@ async fn max_retries_parks_the_file_and_stops_sending_it() {
     assert!(client.upload_buffered_files().await.unwrap().is_empty());
     assert_eq!(rx.flaky.posts(), sent, "a parked file is not sent again");
     let record = in_store(client.store().unwrap(), |s| s.list().unwrap().remove(0)).await;
-    assert_eq!((record.state, record.retries), ("failed", 3));
+    assert_eq!((record.state, record.retries), (FileState::Failed, 3));
     assert!(
         record
             .failure
@@ -534,7 +533,7 @@ async fn background_upload_delivers_what_is_added() {
                     .collect::<Vec<_>>()
             })
             .await;
-            (states == ["confirmed", "confirmed"]).then_some(())
+            (states == [FileState::Confirmed, FileState::Confirmed]).then_some(())
         },
     )
     .await;

@@ -44,7 +44,7 @@ impl Store {
     }
 
     /// Forgets confirmed files confirmed before `cutoff` (ms). Returns how many.
-    pub fn forget_confirmed_before(&self, cutoff: i64) -> Result<usize> {
+    pub(crate) fn forget_confirmed_before(&self, cutoff: i64) -> Result<usize> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached("DELETE FROM files WHERE state = 'confirmed' AND confirmed_at < ?1")?

@@ -23,7 +23,7 @@ impl ChunkSink<'_> {
     }
 
     /// Appends the next chunk, with its SHA-256 as hex.
-    pub fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
+    pub(crate) fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
         self.conn.prepare_cached(
             "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
@@ -46,7 +46,7 @@ impl IngestBatch<'_> {
     /// Adds one file: `fill` pushes every chunk into the sink and decides
     /// whether to keep it. Returns the new file's id, or `None` when `fill`
     /// aborted (nothing of this file is kept; the rest of the batch is).
-    pub fn add<E>(
+    pub(crate) fn add<E>(
         &mut self,
         file: &NewFile,
         fill: impl FnOnce(&mut ChunkSink<'_>) -> std::result::Result<IngestDecision, E>,
@@ -148,7 +148,7 @@ pub enum IngestDecision {
 impl Store {
     /// The id of a buffered file with this source identity in this spool, if any:
     /// the source was buffered before and only its disposal may be missing.
-    pub fn find_by_source(&self, spool: &str, id: SourceIdentity) -> Result<Option<i64>> {
+    pub(crate) fn find_by_source(&self, spool: &str, id: SourceIdentity) -> Result<Option<i64>> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached("SELECT id FROM files WHERE spool = ?1 AND src_dev = ?2 AND src_ino = ?3 AND src_size = ?4 AND src_mtime_ns = ?5")?.query_row(params![spool, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
@@ -157,7 +157,7 @@ impl Store {
     }
 
     /// Whether a kept source at `rel_path` was already ingested unchanged.
-    pub fn is_kept(&self, spool: &str, rel_path: &str, id: SourceIdentity) -> Result<bool> {
+    pub(crate) fn is_kept(&self, spool: &str, rel_path: &str, id: SourceIdentity) -> Result<bool> {
         let conn = self.pool.get()?;
         let found: Option<i64> = conn
             .prepare_cached("SELECT 1 FROM kept_sources WHERE spool = ?1 AND rel_path = ?2 AND src_dev = ?3 AND src_ino = ?4 AND src_size = ?5 AND src_mtime_ns = ?6")?.query_row(params![spool, rel_path, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
@@ -169,7 +169,7 @@ impl Store {
     /// Buffers a file in one transaction: `fill` pushes every chunk into the sink
     /// and decides whether to commit. Returns the new file's id, or `None` when
     /// `fill` aborted (nothing is kept).
-    pub fn ingest<E>(
+    pub(crate) fn ingest<E>(
         &self,
         file: &NewFile,
         fill: impl FnOnce(&mut ChunkSink<'_>) -> std::result::Result<IngestDecision, E>,
@@ -187,7 +187,7 @@ impl Store {
     /// rolled back on its own. Nothing is kept when `f` fails. The caller
     /// trims the WAL afterwards ([`Store::trim_wal`]), once the uploader knows
     /// of the files, so that the two overlap.
-    pub fn ingest_batch<T, E>(
+    pub(crate) fn ingest_batch<T, E>(
         &self,
         f: impl FnOnce(&mut IngestBatch<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E>
@@ -211,6 +211,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::store::FileState;
     use crate::agent::store::testing::{ingest, new_file};
 
     #[test]
@@ -219,7 +220,10 @@ mod tests {
         let store = Store::open(&dir.path().join("b.db")).unwrap();
         let id = ingest(&store, &new_file("a", 1), b"0123456789");
         let rec = store.file(id).unwrap();
-        assert_eq!((rec.size, rec.chunk_count, rec.state), (10, 3, "queued"));
+        assert_eq!(
+            (rec.size, rec.chunk_count, rec.state),
+            (10, 3, FileState::Queued)
+        );
         assert_eq!(store.chunk_data(id, 2).unwrap(), b"89");
         assert_eq!(store.buffered_bytes().unwrap(), 10);
         let aborted = store

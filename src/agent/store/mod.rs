@@ -12,9 +12,10 @@
 //! sent.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::agent::spool::SourceIdentity;
+use crate::clock::now_ms;
 use crate::sqlite::{self, Pool};
 
 mod admin;
@@ -22,7 +23,7 @@ mod ingest;
 mod queue;
 mod schema;
 
-pub use ingest::{ChunkSink, IngestBatch, IngestDecision};
+pub use ingest::{ChunkSink, IngestDecision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,7 +47,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the error means the disk holding the buffer is full.
-    pub fn is_disk_full(&self) -> bool {
+    pub(crate) fn is_disk_full(&self) -> bool {
         matches!(self, StoreError::Sql(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull)
     }
 }
@@ -56,23 +57,26 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// Errors kept per chunk.
 pub const ERROR_HISTORY: usize = 5;
 
-/// Milliseconds since the Unix epoch, the store's clock.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a buffered file is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FileState {
+    /// Waiting for (or in) delivery.
     Queued,
+    /// Parked: refused, or out of retries, until an operator retries it.
     Failed,
+    /// Delivered; only the record is kept, for a while.
     Confirmed,
 }
 
+impl std::fmt::Display for FileState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl FileState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FileState::Queued => "queued",
             FileState::Failed => "failed",
@@ -115,7 +119,7 @@ pub struct FileRecord {
     pub sha256: String,
     pub chunk_count: u64,
     pub upload_id: String,
-    pub state: &'static str,
+    pub state: FileState,
     pub failure: Option<String>,
     pub server_name: Option<String>,
     pub created_at: i64,
@@ -212,7 +216,7 @@ impl Store {
 
     /// Bytes the buffer can still grow by: free space for an unprivileged
     /// writer on its file system plus the database's free pages, if known.
-    pub fn free_bytes(&self) -> Option<u64> {
+    pub(crate) fn free_bytes(&self) -> Option<u64> {
         let disk = self.free_disk_bytes()?;
         // Pages freed inside the database (by confirmed files) are reused
         // before the file grows: they count as free too.
@@ -255,7 +259,7 @@ impl Store {
     /// once when the disk is nearly full, where the WAL's space is needed.
     /// (Commits never checkpoint by themselves: the buffer is opened without
     /// SQLite's automatic checkpoints.)
-    pub fn trim_wal(&self) {
+    pub(crate) fn trim_wal(&self) {
         let wal = self.wal_size();
         if wal >= WAL_TRUNCATE_AFTER || (wal > 0 && self.disk_is_tight()) {
             self.truncate_wal();
@@ -266,7 +270,7 @@ impl Store {
     /// large ingest: the bytes just committed are held once, in the WAL,
     /// until they are confirmed, and the checkpoint then (which has to copy
     /// them into the database) does not compete with their upload.
-    pub fn trim_wal_if_tight(&self) {
+    pub(crate) fn trim_wal_if_tight(&self) {
         if self.wal_size() > 0 && self.disk_is_tight() {
             self.truncate_wal();
         }
@@ -286,13 +290,14 @@ impl Store {
     /// Copies the WAL into the database and truncates it, so that a file's
     /// bytes are not held twice on disk (WAL and database) once committed. Best
     /// effort: with readers active it does what it can.
-    pub fn truncate_wal(&self) {
+    pub(crate) fn truncate_wal(&self) {
         if let Ok(conn) = self.pool.get() {
             let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         }
     }
 
-    pub fn integrity_check(&self) -> Result<String> {
+    #[cfg(test)]
+    pub(crate) fn integrity_check(&self) -> Result<String> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached("PRAGMA integrity_check")?

@@ -39,7 +39,7 @@ impl Store {
                 sha256: r.get(6)?,
                 chunk_count,
                 upload_id: r.get(8)?,
-                state: state.as_str(),
+                state,
                 failure: r.get(10)?,
                 server_name: r.get(11)?,
                 created_at: r.get(12)?,
@@ -76,7 +76,7 @@ impl Store {
     /// Queued files of `target` due at `now` (every pending chunk's next attempt
     /// has come), oldest
     /// first, skipping `busy` ids, at most `limit`.
-    pub fn due_files(
+    pub(crate) fn due_files(
         &self,
         target: &str,
         now: i64,
@@ -114,7 +114,7 @@ impl Store {
     }
 
     /// The earliest moment (ms) any queued file of `target` becomes due.
-    pub fn next_due(&self, target: &str) -> Result<Option<i64>> {
+    pub(crate) fn next_due(&self, target: &str) -> Result<Option<i64>> {
         let conn = self.pool.get()?;
         // A file is due when its latest-scheduled pending chunk is; the earliest
         // such moment over all files is when the uploader must wake.
@@ -154,7 +154,7 @@ impl Store {
 
     /// Marks chunks acknowledged by the receiver, with what the delivery
     /// needs to remember of their piece (`ack`), if anything.
-    pub fn mark_uploaded(
+    pub(crate) fn mark_uploaded(
         &self,
         file_id: i64,
         idxs: &[u64],
@@ -181,7 +181,7 @@ impl Store {
 
     /// Makes every queued file of `target` due now (after its settings changed,
     /// there is no reason to wait out a delay earned under the old ones).
-    pub fn reschedule_now(&self, target: &str) -> Result<usize> {
+    pub(crate) fn reschedule_now(&self, target: &str) -> Result<usize> {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached(
@@ -193,7 +193,7 @@ impl Store {
 
     /// Puts every chunk of a file back to pending (the receiver lost the
     /// upload, or is about to say again what it holds).
-    pub fn reset_chunks(&self, file_id: i64) -> Result<()> {
+    pub(crate) fn reset_chunks(&self, file_id: i64) -> Result<()> {
         let conn = self.pool.get()?;
         conn.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
             .execute(params![file_id])?;
@@ -202,7 +202,7 @@ impl Store {
 
     /// Forgets a file's upload on the peer: every chunk pending again and no
     /// resume state, so the next attempt starts a new upload.
-    pub fn forget_upload(&self, file_id: i64) -> Result<()> {
+    pub(crate) fn forget_upload(&self, file_id: i64) -> Result<()> {
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
         tx.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
@@ -215,7 +215,7 @@ impl Store {
 
     /// Records a file's resume state (synced: the delivery depends on it
     /// from the next request on).
-    pub fn set_delivery_state(&self, file_id: i64, state: Option<&str>) -> Result<()> {
+    pub(crate) fn set_delivery_state(&self, file_id: i64, state: Option<&str>) -> Result<()> {
         let conn = self.pool.get()?;
         conn.prepare_cached("UPDATE files SET delivery_state = ?2, updated_at = ?3 WHERE id = ?1")?
             .execute(params![file_id, state, now_ms()])?;
@@ -225,7 +225,7 @@ impl Store {
     /// Records a failed attempt at a chunk: its retry count goes up, its next
     /// attempt is `next_attempt` (ms), and the error joins the last five.
     /// Returns the new retry count.
-    pub fn record_failure(
+    pub(crate) fn record_failure(
         &self,
         file_id: i64,
         idx: u64,
@@ -264,7 +264,7 @@ impl Store {
 
     /// Parks a file as failed with the reason; it stays until an operator retries
     /// or purges it.
-    pub fn park(&self, file_id: i64, reason: &str) -> Result<()> {
+    pub(crate) fn park(&self, file_id: i64, reason: &str) -> Result<()> {
         let conn = self.pool.get()?;
         conn.prepare_cached(
             "UPDATE files SET state = 'failed', failure = ?2, updated_at = ?3 WHERE id = ?1",
@@ -275,7 +275,7 @@ impl Store {
 
     /// The receiver confirmed the whole file: its data leaves the store; the
     /// record stays (with the server's name) until the retention period passes.
-    pub fn confirm(
+    pub(crate) fn confirm(
         &self,
         file_id: i64,
         server_name: Option<&str>,
@@ -285,7 +285,7 @@ impl Store {
     }
 
     /// [`Store::confirm`] for several files (id, the receiver's name) in one commit.
-    pub fn confirm_many(
+    pub(crate) fn confirm_many(
         &self,
         files: &[(i64, Option<String>)],
         durability: Durability,

@@ -1,6 +1,8 @@
 //! Small files in batches: planning which due files share a request, and
 //! recording a batch's outcome file by file, as single attempts would have.
 
+#[cfg(test)]
+use crate::agent::store::FileState;
 use crate::agent::store::{ChunkMeta, FileRecord, Store};
 
 use super::delivery::{BatchFile, BatchSent};
@@ -267,7 +269,7 @@ mod tests {
             sha256: String::new(),
             chunk_count: size.div_ceil(chunk_size).max(1),
             upload_id: format!("upload-id-for-test-{id:04}"),
-            state: "queued",
+            state: FileState::Queued,
             failure: None,
             server_name: None,
             created_at: 0,

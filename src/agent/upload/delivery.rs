@@ -38,11 +38,6 @@ impl Piece {
         self.chunks[0].idx
     }
 
-    /// Where the piece starts in the file.
-    pub fn offset(&self) -> u64 {
-        self.chunks[0].offset
-    }
-
     /// The piece's length in bytes.
     pub fn length(&self) -> u64 {
         self.chunks.iter().map(|c| c.length).sum()
@@ -254,7 +249,7 @@ mod tests {
         assert_eq!(
             (
                 piece.first_idx(),
-                piece.offset(),
+                piece.chunks[0].offset,
                 piece.length(),
                 piece.retry_count()
             ),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::agent::store::{self, ChunkMeta, FileRecord, Store, StoreError};
+use crate::agent::store::{ChunkMeta, FileRecord, Store, StoreError};
 
 use super::backoff::{Backoff, random_unit};
 use super::delivery::{Finished, Piece, Resume, Sent, pieces};
@@ -207,7 +207,8 @@ pub async fn upload_file(
         // ask it next time.
         Ok(Finished::NotYet) => {
             let s = store.clone();
-            let next = store::now_ms() + target.config.initial_retry_delay.as_millis() as i64;
+            let next =
+                crate::clock::now_ms() + target.config.initial_retry_delay.as_millis() as i64;
             blocking(move || {
                 s.reset_chunks(id).and(s.record_failure(
                     id,
@@ -317,7 +318,7 @@ pub(super) async fn fail(
     };
     let s = store.clone();
     let (id, idx, msg) = (file.id, chunk.idx, message.clone());
-    let next_attempt = store::now_ms() + delay.as_millis() as i64;
+    let next_attempt = crate::clock::now_ms() + delay.as_millis() as i64;
     let restart = retry == Retry::Restart;
     let count = blocking(move || {
         if restart {
@@ -337,7 +338,7 @@ pub(super) async fn fail(
             tracing::error!(file = %file.remote_name, target = %file.target, url = %target.delivery.endpoint(), error = %message, next_retry_in = ?delay, more_failures, "the receiver refused this agent's configuration (API key or URL); fix the [[target]] and send SIGHUP");
         }
         (_, Some(more_failures)) => {
-            tracing::warn!(file = %file.remote_name, target = %file.target, chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, more_failures, "chunk failed; will retry (more_failures: failed attempts since the last warning, logged at debug level)");
+            tracing::warn!(file = %file.remote_name, target = %file.target, kind = target.delivery.kind(), chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, more_failures, "chunk failed; will retry (more_failures: failed attempts since the last warning, logged at debug level)");
         }
         (_, None) => {
             tracing::debug!(file = %file.remote_name, target = %file.target, chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, "chunk failed; will retry");
@@ -362,7 +363,7 @@ mod tests {
 
     use super::*;
     use crate::agent::spool::SourceIdentity;
-    use crate::agent::store::{IngestDecision, NewFile};
+    use crate::agent::store::{FileState, IngestDecision, NewFile};
     use crate::agent::upload::delivery::Delivery;
     use crate::agent::upload::events::NoObserver;
     use crate::config::TargetConfig;
@@ -434,7 +435,7 @@ mod tests {
                 .unwrap()
                 .entry(state.expect("begun before the first piece").to_owned())
                 .or_default()
-                .insert(piece.offset(), data);
+                .insert(piece.chunks[0].offset, data);
             self.sent.lock().unwrap().push(piece.first_idx());
             Ok(Sent::Acknowledged {
                 ack: Some(format!("tag-{}", piece.first_idx())),
@@ -539,6 +540,6 @@ mod tests {
         let stored = kind.stored.lock().unwrap();
         let bytes: Vec<u8> = stored["upload-1"].values().flatten().copied().collect();
         assert_eq!(bytes, content);
-        assert_eq!(store.file(id).unwrap().state, "confirmed");
+        assert_eq!(store.file(id).unwrap().state, FileState::Confirmed);
     }
 }

@@ -7,7 +7,7 @@
 //! recorded ([`file`]), how small files share requests ([`batch`]), the retry
 //! schedule ([`Backoff`]) and whether a failure is retried or parks the file
 //! ([`UploadError::retry`], the one place that decides). Each kind of target
-//! implements [`Delivery`]; today that is [`indexedcp`], this project's own
+//! implements [`delivery::Delivery`]; today that is [`indexedcp`], this project's own
 //! receiver protocol (v1, resumable, batches). A file's data leaves the
 //! buffer only when its delivery confirmed the whole file. No SQL here: the
 //! store does that, always off the executor.
@@ -23,14 +23,10 @@ mod once;
 mod target;
 mod uploader;
 
-pub use backoff::{Backoff, BackoffError};
-pub use batch::{Attempt, plan_attempts};
-pub use delivery::{
-    BatchFile, BatchSent, Batches, Delivery, Finished, Piece, Resume, Sent, pieces,
-};
+pub use backoff::Backoff;
 pub use error::{Retry, UploadError};
 pub use events::{EventStatus, NoObserver, UploadEvent, UploadObserver};
-pub use file::{FileOutcome, upload_file};
-pub use once::{FileAttempt, upload_files_once, upload_queued_once};
+pub use file::FileOutcome;
+pub use once::{FileAttempt, upload_files_once};
 pub use target::TargetRuntime;
 pub use uploader::{UploaderShared, run_uploader};

@@ -9,10 +9,10 @@ use crate::agent::store::{FileRecord, Store};
 use super::batch::{plan_attempts, run_attempt};
 use super::error::{Retry, UploadError};
 use super::events::{UploadEvent, UploadObserver};
-use super::file::{FileOutcome, blocking};
+use super::file::FileOutcome;
 use super::target::TargetRuntime;
 
-/// One attempt at a queued file, as [`upload_queued_once`] reports it.
+/// One attempt at a queued file, as [`upload_files_once`] reports it.
 #[derive(Debug, Clone)]
 pub struct FileAttempt {
     /// The file as it was before the attempt.
@@ -42,26 +42,10 @@ impl UploadObserver for FailureRecorder<'_> {
     }
 }
 
-/// One attempt at every queued file of `target` whose retry is due at `due_at`
-/// (ms since the epoch; `i64::MAX` takes them all, whatever their schedule),
-/// with up to the target's `concurrency` files in flight. Every outcome is
-/// recorded in the store exactly as the daemon's [`run_uploader`] records it;
-/// this is the same work done once, for the one-shot CLI and the library's
-/// `Client`. The attempts are returned in buffer order (oldest first).
-pub async fn upload_queued_once(
-    store: &Store,
-    target: &TargetRuntime,
-    observer: &dyn UploadObserver,
-    due_at: i64,
-) -> Result<Vec<FileAttempt>, UploadError> {
-    let s = store.clone();
-    let name = target.config.name.clone();
-    let files = blocking(move || s.due_files(&name, due_at, &[], usize::MAX)).await?;
-    Ok(upload_files_once(store, target, observer, files).await)
-}
-
-/// One attempt at each of `files` (buffered files of `target`), as
-/// [`upload_queued_once`] makes them, for a caller that already listed them.
+/// One attempt at each of `files` (buffered files of `target`), with up to
+/// the target's `concurrency` attempts in flight. Every outcome is recorded in
+/// the store exactly as the daemon's [`run_uploader`](super::run_uploader)
+/// records it. The attempts are returned in buffer order (oldest first).
 pub async fn upload_files_once(
     store: &Store,
     target: &TargetRuntime,

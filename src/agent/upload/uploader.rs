@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::store::{self, Store, StoreError};
+use crate::agent::store::{Store, StoreError};
 
 use super::batch::{BATCH_FILES, plan_attempts, run_attempt};
 use super::events::UploadObserver;
@@ -31,7 +31,7 @@ impl UploaderShared {
         UploaderShared {
             targets: std::sync::RwLock::new(targets),
             check_interval_ms: std::sync::atomic::AtomicU64::new(check_interval.as_millis() as u64),
-            heartbeat_ms: std::sync::atomic::AtomicI64::new(store::now_ms()),
+            heartbeat_ms: std::sync::atomic::AtomicI64::new(crate::clock::now_ms()),
         }
     }
 
@@ -81,7 +81,7 @@ pub async fn run_uploader(
     loop {
         shared
             .heartbeat_ms
-            .store(store::now_ms(), Ordering::Relaxed);
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
         let check_interval = shared.check_interval();
         let mut earliest: Option<i64> = None;
         for target in &shared.targets() {
@@ -105,7 +105,7 @@ pub async fn run_uploader(
                     // A finished upload wakes the loop.
                     return Ok((Vec::new(), None));
                 }
-                let due = s.due_files(&n, store::now_ms(), &taken, wanted)?;
+                let due = s.due_files(&n, crate::clock::now_ms(), &taken, wanted)?;
                 // With every slot filled, a finished upload wakes the loop;
                 // otherwise it sleeps until the next file is due.
                 let next = if due.len() < wanted {
@@ -120,7 +120,7 @@ pub async fn run_uploader(
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot read the buffer; retrying");
-                    (Vec::new(), Some(store::now_ms() + 1000))
+                    (Vec::new(), Some(crate::clock::now_ms() + 1000))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "buffer query task failed");
@@ -151,7 +151,7 @@ pub async fn run_uploader(
                 });
             }
         }
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let until_due = earliest
             .filter(|t| *t > now)
             .map(|t| Duration::from_millis((t - now) as u64))

@@ -116,14 +116,23 @@ impl Delivery for IndexedCp {
     }
 
     /// The receiver answers the chunk that completes a file with the
-    /// completed reply; when none did, only asking again can tell.
+    /// completed reply. When none did (the completing reply was lost on a
+    /// connection dropped with the others in flight), the receiver is asked.
     async fn finish(
         &self,
-        _file: &FileRecord,
+        file: &FileRecord,
         _state: Option<&str>,
         _acks: &[(Piece, Option<String>)],
     ) -> Result<Finished, UploadError> {
-        Ok(Finished::NotYet)
+        if self.resumable() != Some(true) {
+            return Ok(Finished::NotYet);
+        }
+        Ok(match self.status(&file.upload_id).await? {
+            Some(status) if status.complete => Finished::Complete {
+                server_name: status.actual_filename,
+            },
+            _ => Finished::NotYet,
+        })
     }
 }
 
