@@ -257,20 +257,21 @@ impl ServerArgs {
             })
     }
 
+    /// The receiver's settings: a `[server]` section naming only the output
+    /// folder, with what the flags say. The flags' defaults are written for
+    /// `--help`; a test checks that they are the configuration's.
     pub(super) fn server_config(&self) -> Result<ServerConfig, Failure> {
-        Ok(ServerConfig {
-            listen: self.listen_addr()?,
-            output_dir: self.output_dir.clone(),
-            api_keys: self.api_keys.clone(),
-            path_mode: self.path_mode,
-            max_chunk_bytes: self.max_chunk_bytes,
-            max_file_bytes: self.max_file_bytes,
-            incomplete_expiry: self.incomplete_expiry,
-            state_dir: self
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| self.output_dir.join(".indexedcp")),
-        })
+        let mut cfg = ServerConfig::new(&self.output_dir);
+        cfg.listen = self.listen_addr()?;
+        cfg.api_keys = self.api_keys.clone();
+        cfg.path_mode = self.path_mode;
+        cfg.max_chunk_bytes = self.max_chunk_bytes;
+        cfg.max_file_bytes = self.max_file_bytes;
+        cfg.incomplete_expiry = self.incomplete_expiry;
+        if let Some(state_dir) = &self.state_dir {
+            cfg.state_dir = state_dir.clone();
+        }
+        Ok(cfg)
     }
 }
 
@@ -312,4 +313,26 @@ pub(super) fn expand_cp_style(args: Vec<OsString>) -> Vec<OsString> {
             .map(|(_, a)| a.clone()),
     );
     expanded
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::defaults;
+
+    #[test]
+    fn the_server_flags_default_to_the_configuration_defaults() {
+        let cli = Cli::try_parse_from(["indexedcp", "server", "--output-dir", "/srv/in"]).unwrap();
+        let Command::Server(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.server_config().unwrap(), ServerConfig::new("/srv/in"));
+        assert_eq!(args.shutdown_grace, defaults::SHUTDOWN_GRACE);
+        assert_eq!(
+            args.read_timeout,
+            crate::server::ReceiverOptions::default().read_timeout
+        );
+    }
 }
