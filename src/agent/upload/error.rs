@@ -37,7 +37,8 @@ pub enum Retry {
     /// A configuration problem (key, URL): retry at the maximum delay, so that
     /// fixing the config and reloading resumes delivery.
     AtMaximum,
-    /// Like `Backoff`, and the receiver discarded the file: send every chunk again.
+    /// Like `Backoff`, and the peer discarded the upload: forget its resume
+    /// state and send every piece again, in a new upload.
     Restart,
     /// Permanent: park the file as failed until an operator retries it.
     Never,

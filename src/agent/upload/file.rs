@@ -322,7 +322,7 @@ pub(super) async fn fail(
     let restart = retry == Retry::Restart;
     let count = blocking(move || {
         if restart {
-            s.reset_chunks(id)?;
+            s.forget_upload(id)?;
         }
         s.record_failure(id, idx, &msg, next_attempt)
     })
