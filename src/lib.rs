@@ -33,6 +33,10 @@
 //!
 //! # Code map
 //!
+//! Only `client`, `config`, `protocol`, `logging`, `failpoint` and `cli`'s
+//! entry point are public; the others are internal, and
+//! `cargo doc --document-private-items --open` shows their docs too.
+//!
 //! - `cli` (`args`, `oneshot`, `status`): clap types, dispatch, and the one
 //!   place where errors become exit codes (sysexits).
 //! - `daemon` (`roles`, `reload`, `notify`, `metrics`): the supervisor.
