@@ -46,7 +46,8 @@ pub enum StoreError {
     /// An SQLite statement failed (a full disk among other causes).
     #[error("buffer database: {0}")]
     Sql(#[from] rusqlite::Error),
-    /// The buffer's schema could not be brought up to this version's.
+    /// The buffer's schema could not be brought up to this build's: the
+    /// migration failed, or a newer build wrote the buffer.
     #[error("buffer database: {0}")]
     Migrate(#[from] sqlite::MigrateError),
     /// No file in the buffer has this id: it never existed, was purged, or
