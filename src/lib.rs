@@ -103,6 +103,8 @@
 //!   kind of target; the spool has no SQL; the store has no tokio; `config`
 //!   has no I/O beyond reading its file and key files.
 
+#![warn(missing_docs)]
+
 pub(crate) mod agent;
 pub mod cli;
 pub mod client;

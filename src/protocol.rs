@@ -10,11 +10,18 @@ pub const FILE_NAME: &str = "x-file-name";
 pub const CHUNK_INDEX: &str = "x-chunk-index";
 
 // Resumable extension (5.2). A v1 server ignores these.
+/// The upload's id ([`is_valid_upload_id`]), picked once per file and kept
+/// across retries and restarts; a chunk that carries it is resumable.
 pub const UPLOAD_ID: &str = "x-upload-id";
+/// Where the chunk starts in the file, in bytes.
 pub const CHUNK_OFFSET: &str = "x-chunk-offset";
+/// The SHA-256 of this chunk's bytes, 64 hex digits in either case.
 pub const CHUNK_SHA256: &str = "x-chunk-sha256";
+/// The whole file's size in bytes.
 pub const FILE_SIZE: &str = "x-file-size";
+/// How many chunks the file has, at least 1 (an empty file is one empty chunk).
 pub const CHUNK_COUNT: &str = "x-chunk-count";
+/// The SHA-256 of the whole file, 64 hex digits in either case.
 pub const FILE_SHA256: &str = "x-file-sha256";
 /// Reply header by which a receiver announces the resumable extension.
 pub const RESUMABLE: &str = "x-indexedcp-resumable";
@@ -68,17 +75,30 @@ pub fn parse_sha256_hex(value: &str) -> Option<String> {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ChunkReply {
+    /// `Chunk received`, or `Upload complete` when the chunk completed a
+    /// resumable upload.
     pub message: String,
+    /// The file's path in the output directory, relative to it with `/`
+    /// separators: in every v1 reply, and in a resumable one once complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actual_filename: Option<String>,
+    /// The request's `X-Chunk-Index`, repeated.
     pub chunk_index: u64,
+    /// The request's `X-File-Name`, repeated.
     pub client_filename: String,
+    /// The request's `X-Upload-Id`, repeated; absent in v1 replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_id: Option<String>,
+    /// Whether the whole file is verified, synced and in place under
+    /// `actualFilename`; absent in v1 replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub complete: Option<bool>,
+    /// Whether the chunk (or the whole upload) had been recorded before, so
+    /// nothing was written again; left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// How many chunks of the upload are recorded so far; absent in v1
+    /// replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_chunks: Option<u64>,
 }
@@ -87,9 +107,14 @@ pub struct ChunkReply {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct UploadStatus {
+    /// The upload id asked about.
     pub upload_id: String,
+    /// The indexes of the recorded chunks, ascending; all of them once
+    /// complete.
     pub received_chunks: Vec<u64>,
+    /// Whether the file is delivered under `actualFilename`.
     pub complete: bool,
+    /// The file's path in the output directory; present only when complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actual_filename: Option<String>,
 }
@@ -100,15 +125,22 @@ pub struct UploadStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchEntry {
+    /// The file's upload id, distinct within the batch.
     pub upload_id: String,
+    /// The client's name for the file, as `X-File-Name` would carry it.
     pub file_name: String,
+    /// The file's size in bytes, which is also how many bytes of the body
+    /// it takes.
     pub size: u64,
+    /// The SHA-256 of the file, 64 hex digits.
     pub sha256: String,
 }
 
 /// The JSON that opens a batch body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BatchManifest {
+    /// The files, 1 to the receiver's announced maximum, in the order their
+    /// bytes follow the manifest.
     pub files: Vec<BatchEntry>,
 }
 
@@ -118,16 +150,27 @@ pub struct BatchManifest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchResult {
+    /// The manifest entry's upload id.
     pub upload_id: String,
+    /// Whether the file is delivered under `actualFilename`, with the same
+    /// promise as a resumable `complete: true`.
     pub complete: bool,
+    /// The file's path in the output directory; present only when complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actual_filename: Option<String>,
+    /// Whether the upload was complete, or its chunk recorded, before this
+    /// batch; left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// For a refused file, the HTTP status a single request for it would
+    /// have got; `500` means the file was not settled (ask
+    /// `GET /upload/<id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// For a refused file, the category as in [`ErrorReply::error`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a refused file, what went wrong and what to do, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -135,13 +178,18 @@ pub struct BatchResult {
 /// Reply to an accepted batch: one result per manifest entry, in its order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BatchReply {
+    /// One result per manifest entry, in manifest order.
     pub files: Vec<BatchResult>,
 }
 
 /// Body of every error reply: `error` is a short category, `message` says what to do.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorReply {
+    /// A fixed category per kind of refusal, such as `Bad request` or
+    /// `Conflict`.
     pub error: String,
+    /// What went wrong and what to do, for people (its wording may change);
+    /// absent in 401 and 404 replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -43,27 +43,48 @@ use crate::agent::store::{
 use crate::config::{Disposition, SpoolConfig, TargetConfig};
 use crate::protocol;
 
+/// Why a file could not be buffered (or, for a spool file, disposed of).
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
+    /// The file could not be opened, examined or read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file that could not be read.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
+    /// A spool file was buffered durably but could not be deleted or moved
+    /// away; the next sighting of it only retries the disposal. Files
+    /// buffered by name are never disposed of, so the library never sees this.
     #[error(
         "buffered {path} but could not dispose of it ({action}): {source}; it stays in the spool and will not be sent twice"
     )]
     Dispose {
+        /// The spool file that stays in place.
         path: PathBuf,
+        /// The disposal that failed: `delete` or `move`.
         action: &'static str,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
+    /// The named path is a directory, FIFO, device or socket (symlinks are
+    /// followed first).
     #[error("{path} is not a regular file; only files can be buffered")]
-    NotAFile { path: PathBuf },
+    NotAFile {
+        /// The path as it was named.
+        path: PathBuf,
+    },
+    /// The named file's size, mtime or inode changed while it was read;
+    /// nothing of it was buffered.
     #[error("{path} changed while it was read; try again once it is complete")]
-    Changed { path: PathBuf },
+    Changed {
+        /// The path as it was named.
+        path: PathBuf,
+    },
+    /// The buffer failed; [`IngestError::is_disk_full`] tells a full disk.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -414,11 +435,17 @@ const WHOLE_HASH_QUEUE: usize = 2;
 /// the two never mix.
 const PATH_SPOOL: &str = "(path)";
 
-/// A file buffered by [`ingest_path`].
+/// A file buffered by name (`ingest_path`): what
+/// [`Client::buffer_file`](crate::client::Client::buffer_file) returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathIngest {
+    /// The file's id in the buffer, as [`Store::file`] takes it and
+    /// `indexedcp status` shows it.
     pub file_id: i64,
+    /// How many chunks the file was cut into; at least 1, since an empty file
+    /// is one empty chunk.
     pub chunk_count: u64,
+    /// The file's size in bytes.
     pub bytes: u64,
     /// The same unchanged file was already waiting in the buffer (an earlier
     /// `add` or an interrupted upload); it was not buffered a second time.

@@ -22,7 +22,10 @@ use crate::agent::upload::{
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkStatus {
+    /// The receiver acknowledged the chunk.
     Success,
+    /// The attempt failed, or the file was parked; the event's `error` says
+    /// why and `next_retry_in` when the chunk is tried again.
     Failed,
 }
 
@@ -62,20 +65,28 @@ impl ChunkStatus {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProgressEvent {
     /// The client's name for the file: its absolute path when it was added
-    /// (the key of [`Client::upload_buffered_files`]'s map).
+    /// (the key of
+    /// [`Client::upload_buffered_files`](crate::client::Client::upload_buffered_files)'s
+    /// map).
     pub file_name: String,
     /// The name sent to the receiver (`X-File-Name`): the file's base name.
     pub remote_name: String,
+    /// The chunk's 0-based index; when one request carried several chunks,
+    /// the last of them (0 for a file sent in a batch).
     pub chunk_index: u64,
+    /// How many chunks the file has in all.
     pub chunk_count: u64,
     /// The whole file's size in bytes.
     pub file_size: u64,
+    /// Whether this attempt succeeded.
     pub status: ChunkStatus,
     /// Failed attempts at this chunk so far (including this one when it failed).
     pub retry_count: u64,
     /// When the chunk is tried again (`None` after a success, or when the file
     /// was given up on).
     pub next_retry_in: Option<Duration>,
+    /// Why the attempt failed, or why the file was parked; `None` after a
+    /// success.
     pub error: Option<String>,
 }
 
@@ -88,8 +99,12 @@ pub struct ProgressEvent {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UploadSummary {
+    /// Files the receiver confirmed in this round.
     pub succeeded: usize,
+    /// Files of this round that were not delivered: still queued for a retry,
+    /// or parked.
     pub failed: usize,
+    /// Files attempted in this round: `succeeded + failed`.
     pub total: usize,
 }
 
@@ -113,8 +128,11 @@ pub struct UploadSummary {
 pub struct FailedFile {
     /// The file's id in the buffer (`indexedcp status` shows it).
     pub file_id: i64,
+    /// The client's name for the file: its absolute path when it was added.
     pub file_name: String,
+    /// The name sent to the receiver (`X-File-Name`).
     pub remote_name: String,
+    /// What went wrong with the attempt, as a message.
     pub error: String,
     /// What the retry rule says about the error (a refused key or URL is
     /// [`Retry::AtMaximum`], a refused file [`Retry::Never`]).
@@ -133,34 +151,61 @@ pub struct FailedFile {
 /// ```
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// An upload was asked for, but
+    /// [`ClientOptions::server_url`](crate::client::ClientOptions::server_url)
+    /// is not set.
     #[error(
         "server_url required for upload: set ClientOptions::server_url (for example http://host:3000/upload)"
     )]
     NoServerUrl,
+    /// An upload was asked for, but no API key is set, neither in
+    /// [`ClientOptions::api_key`](crate::client::ClientOptions::api_key) nor
+    /// in `INDEXEDCP_API_KEY`.
     #[error("api_key required for upload: set ClientOptions::api_key or INDEXEDCP_API_KEY")]
     NoApiKey,
+    /// An option is out of range (the retry delays or multiplier, or
+    /// `chunk_size`), or `server_url` is not an `http://` or `https://` URL;
+    /// the message says which.
     #[error("invalid client options: {0}")]
     InvalidOptions(String),
+    /// The client was closed with
+    /// [`Client::close`](crate::client::Client::close); nothing more can be
+    /// buffered or sent through it.
     #[error("the client is closed")]
     Closed,
+    /// The parent directory of
+    /// [`ClientOptions::storage_path`](crate::client::ClientOptions::storage_path)
+    /// could not be created.
     #[error("cannot create the directory {path} for the buffer: {source}")]
     StorageDir {
+        /// The directory that could not be created.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The buffer failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A file could not be buffered.
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    /// The upload engine could not be set up (its HTTP client could not be
+    /// built). Failed upload attempts are reported as
+    /// [`ClientError::Undelivered`] instead.
     #[error(transparent)]
     Upload(#[from] UploadError),
+    /// Some files of an upload round were not delivered; they stay in the
+    /// buffer, queued for a retry or parked.
     #[error("{}", undelivered_message(failed))]
     Undelivered {
         /// What was delivered before the failures (client name -> server name).
         delivered: HashMap<String, String>,
+        /// The files that were not delivered, each with why.
         failed: Vec<FailedFile>,
     },
+    /// A task on tokio's blocking pool panicked or was cancelled; the message
+    /// is tokio's.
     #[error("a background task failed: {0}")]
     Task(String),
 }

@@ -77,17 +77,30 @@ pub struct ClientOptions {
     /// After this many failed retries of a chunk the file is parked; `None`
     /// retries forever.
     pub max_retries: Option<u32>,
+    /// How long a failed chunk waits before its first retry; at most
+    /// `max_retry_delay`.
     pub initial_retry_delay: Duration,
+    /// The longest wait between two retries of a chunk.
     pub max_retry_delay: Duration,
+    /// Each retry waits this many times longer than the one before; finite
+    /// and at least 1.0.
     pub retry_multiplier: f64,
-    /// When set, [`Client::new`] installs the crate's logger (stderr, or
-    /// journald under systemd) at this level: `trace`, `debug`, `info`, `warn`,
-    /// `error` or `fatal`; `INDEXEDCP_LOG_LEVEL` still wins, as in
-    /// [`crate::logging`]. When `None`, the application's own `tracing`
+    /// When set, [`Client::new`](crate::client::Client::new) installs the
+    /// crate's logger (stderr, or journald under systemd) at this level:
+    /// `trace`, `debug`, `info`, `warn`, `error` or `fatal`;
+    /// `INDEXEDCP_LOG_LEVEL` still wins, as in [`crate::logging`]. When `None`, the application's own `tracing`
     /// subscriber (if any) sees the client's logs.
     pub log_level: Option<String>,
+    /// Called with every chunk attempt's
+    /// [`ProgressEvent`](crate::client::ProgressEvent);
+    /// [`Client::on_upload_progress`](crate::client::Client::on_upload_progress)
+    /// sets it later.
     pub on_upload_progress: Option<ProgressCallback>,
+    /// Called with the errors of background upload rounds, including files
+    /// not delivered ([`ClientError::Undelivered`]).
     pub on_upload_error: Option<ErrorCallback>,
+    /// Called with the [`UploadSummary`](crate::client::UploadSummary) of each
+    /// background round that delivered at least one file.
     pub on_upload_complete: Option<CompleteCallback>,
 }
 

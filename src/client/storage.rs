@@ -2,9 +2,10 @@
 //! IndexedCP's `storage` module: the [`Storage`] trait, its SQLite backend
 //! [`SqliteStorage`], and [`create_storage`] to pick a backend by name.
 //!
-//! This is a general-purpose utility for applications built on the library; the
-//! upload buffer itself is [`crate::agent::store`], which has its own schema. Every
-//! SQLite call runs on tokio's blocking pool (`spawn_blocking`), never on the
+//! This is a general-purpose utility for applications built on the library;
+//! the upload buffer itself is the agent's store
+//! ([`Store`](crate::client::Store)), which has its own schema. Every SQLite
+//! call runs on tokio's blocking pool (`spawn_blocking`), never on the
 //! executor threads, through an r2d2 connection pool. The table layout
 //! (`key`, `data` as JSON text, `created_at`, `updated_at` in seconds) is the
 //! original's, so a database written by the Python library can be read here.
@@ -43,36 +44,56 @@ use serde_json::Value;
 /// ```
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// [`create_storage`] was given a backend name other than `sqlite` (or
+    /// `sql`, `db`, in any case).
     #[error("unknown storage type {0:?}; valid types: sqlite")]
     UnknownBackend(String),
+    /// The table name could not be put into SQL safely: it must be 1 to 64
+    /// ASCII letters, digits or underscores, not starting with a digit.
     #[error(
         "invalid table name {0:?}: use 1 to 64 ASCII letters, digits or underscores, not starting with a digit"
     )]
     InvalidTableName(String),
+    /// A method was called before [`Storage::initialize`] or after
+    /// [`Storage::close`].
     #[error("storage not initialized: call initialize() first")]
     NotInitialized,
+    /// The database's parent directory could not be created.
     #[error("cannot create the directory {path}: {source}")]
     CreateDir {
+        /// The directory that could not be created.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The database could not be opened or created.
     #[error("cannot open the storage database {path}: {source}")]
     Open {
+        /// The database file.
         path: PathBuf,
+        /// The connection pool's error, which carries SQLite's.
         #[source]
         source: r2d2::Error,
     },
+    /// No connection could be taken from the pool: SQLite could not open one,
+    /// or none became free within the pool's timeout.
     #[error("storage database: {0}")]
     Pool(#[from] r2d2::Error),
+    /// An SQLite statement failed.
     #[error("storage database: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// A stored value is not valid JSON (something else wrote the table).
     #[error("the value under {key:?} is not valid JSON: {source}")]
     Json {
+        /// The key whose value could not be parsed.
         key: String,
+        /// The JSON parser's error.
         #[source]
         source: serde_json::Error,
     },
+    /// A task on tokio's blocking pool panicked or was cancelled; the message
+    /// is tokio's.
     #[error("storage task failed: {0}")]
     Task(String),
 }

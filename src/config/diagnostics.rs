@@ -16,9 +16,12 @@ use toml::de::{DeTable, DeValue};
 pub enum ConfigError {
     // The I/O error is part of the message rather than a `#[source]` so that
     // printing the error chain does not repeat it.
+    /// The file could not be read: missing, unreadable, or not UTF-8.
     #[error("cannot read {}: {error}", path.display())]
     Read {
+        /// The configuration file, as given to [`Config::load`](crate::config::Config::load).
         path: PathBuf,
+        /// The operating system's error.
         error: std::io::Error,
     },
     /// Every problem found, in file order.
@@ -44,11 +47,14 @@ fn join_lines(problems: &[Problem]) -> String {
 /// One thing wrong with a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The configuration file; a problem in a key file it names is reported
+    /// at the key that names it.
     pub file: PathBuf,
     /// 1-based line and column; `None` for problems about the file as a whole.
     pub position: Option<(usize, usize)>,
     /// Dotted key such as `target.url`; `None` when no key is to blame.
     pub key: Option<String>,
+    /// What is wrong, and where it helps what to write instead.
     pub message: String,
 }
 

@@ -19,8 +19,12 @@ use super::defaults;
 pub struct Config {
     /// The file this configuration was loaded from.
     pub source: PathBuf,
+    /// `[daemon]`, at its defaults when the file has no such section.
     pub daemon: DaemonConfig,
+    /// Every `[[target]]`, in file order; their names are unique.
     pub targets: Vec<TargetConfig>,
+    /// Every `[[spool]]`, in file order; each names one of `targets`, and no
+    /// two overlap.
     pub spools: Vec<SpoolConfig>,
     /// `None` when the file has no `[server]` section: the receiver role is off.
     pub server: Option<ServerConfig>,
@@ -40,9 +44,14 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// A level or an `EnvFilter`-style directive list; `INDEXEDCP_LOG_LEVEL` overrides it.
     pub log_level: String,
+    /// How log lines are written.
     pub log_format: LogFormat,
+    /// How often the uploader wakes to look for due files when nothing else
+    /// woke it, and how often the agent's housekeeping runs (resuming a paused
+    /// ingest, forgetting old confirmed records).
     pub check_interval: Duration,
-    /// Ingest pauses while the buffer holds more than this.
+    /// Ingest pauses while the files not yet confirmed in the buffer take more
+    /// than this many bytes.
     pub max_buffer_bytes: u64,
     /// How long shutdown waits for work in flight before abandoning it.
     pub shutdown_grace: Duration,
@@ -69,8 +78,11 @@ impl Default for DaemonConfig {
 pub enum LogFormat {
     /// journald when stderr is connected to the journal, text otherwise.
     Auto,
+    /// Structured entries sent to the systemd journal.
     Journald,
+    /// Human-readable lines on stderr.
     Text,
+    /// One JSON object per line on stderr.
     Json,
 }
 
@@ -81,6 +93,7 @@ impl Default for LogFormat {
 }
 
 impl LogFormat {
+    /// The value as written in the file: `auto`, `journald`, `text` or `json`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Auto => "auto",
@@ -116,19 +129,29 @@ impl fmt::Display for LogFormat {
 /// `[[target]]`: a receiver that spools upload to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TargetConfig {
+    /// The name spools refer to the target by; unique in a configuration.
     pub name: String,
+    /// The receiver's upload URL (`http://` or `https://`), such as
+    /// `http://central:3000/upload`.
     pub url: String,
     /// `None` when neither `api_key` nor `api_key_file` is set (`INDEXEDCP_API_KEY` is the fallback).
     pub api_key: Option<String>,
+    /// Bytes per chunk, and so per request, for files buffered from now on; a
+    /// buffered file keeps the chunk size it was cut with.
     pub chunk_size: u64,
     /// Files in flight at once.
     pub concurrency: usize,
     /// `None` retries forever; otherwise the file is parked as failed after this many retries.
     pub max_retries: Option<u32>,
+    /// How long a failed chunk waits before its first retry; at most
+    /// `max_retry_delay`.
     pub initial_retry_delay: Duration,
+    /// The longest wait between two retries of a chunk.
     pub max_retry_delay: Duration,
+    /// Each retry waits this many times longer than the one before; finite
+    /// and at least 1.0.
     pub retry_multiplier: f64,
-    /// Per request.
+    /// How long one request may take before it fails (and is retried).
     pub timeout: Duration,
 }
 
@@ -154,15 +177,22 @@ impl TargetConfig {
 /// `[[spool]]`: a directory whose complete files are buffered and sent to a target.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
+    /// The watched directory, as written; it overlaps no other spool.
     pub path: PathBuf,
     /// The name of an existing [`TargetConfig`].
     pub target: String,
+    /// Whether sub-directories are watched too; their files are sent with
+    /// their paths relative to `path`.
     pub recursive: bool,
-    /// Valid globs (checked with `globset`).
+    /// Valid globs (checked with `globset`) that a file's path relative to
+    /// `path` must match.
     pub include: Vec<String>,
     /// Valid globs, added to the built-in temporary/hidden patterns.
     pub exclude: Vec<String>,
+    /// How long a file must stay unchanged in size and mtime before it counts
+    /// as complete.
     pub settle: Duration,
+    /// What happens to a file once its buffered copy is durable.
     pub disposition: Disposition,
     /// Prepended to the relative path sent as `X-File-Name`.
     pub remote_prefix: String,
@@ -194,15 +224,21 @@ impl SpoolConfig {
 /// What happens to a spool file once its buffered copy is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
+    /// The file is deleted.
     Delete,
+    /// The file stays; its identity (device, inode, size, mtime) is
+    /// remembered, so it is sent again only once it changes.
     Keep,
     /// Moved into `to`, which is never inside a spool.
     Move {
+        /// The directory the file is moved into (`move_to`), keeping its
+        /// relative path.
         to: PathBuf,
     },
 }
 
 impl Disposition {
+    /// The value as written in the file: `delete`, `keep` or `move`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Delete => "delete",
@@ -215,13 +251,25 @@ impl Disposition {
 /// `[server]`: the receiver role.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
+    /// The address and port the receiver listens on.
     pub listen: SocketAddr,
+    /// Where finished files are renamed into place; the receiver never
+    /// writes outside it.
     pub output_dir: PathBuf,
+    /// The keys a request may carry as `Authorization: Bearer`; when empty,
+    /// the daemon falls back to `INDEXEDCP_API_KEY`, or generates a key and
+    /// prints it.
     pub api_keys: Vec<String>,
+    /// How a client's `X-File-Name` becomes a path under `output_dir`.
     pub path_mode: PathMode,
+    /// The largest request body in bytes: one chunk, or a batch's files
+    /// together.
     pub max_chunk_bytes: u64,
-    /// 0 means unlimited.
+    /// The largest file in bytes the receiver accepts; 0 means unlimited.
     pub max_file_bytes: u64,
+    /// How long an upload may go untouched before it is removed with its
+    /// staging data; completed uploads and v1 sessions are forgotten after
+    /// the same time.
     pub incomplete_expiry: Duration,
     /// Resolved: `<output_dir>/.indexedcp` unless set.
     pub state_dir: PathBuf,
@@ -251,8 +299,14 @@ impl ServerConfig {
 /// output directory. `crate::server::paths` carries out each mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathMode {
+    /// A plain file name only; names with directories, `..` or control
+    /// characters are refused. The default.
     Sanitize,
+    /// Every upload gets a fresh unique flat name built from the time, random
+    /// digits and the cleaned client name.
     Ignore,
+    /// The client's relative path, with sub-directories created below the
+    /// output directory; absolute paths and `..` are refused.
     AllowPaths,
 }
 
@@ -263,6 +317,7 @@ impl Default for PathMode {
 }
 
 impl PathMode {
+    /// The value as written in the file: `sanitize`, `ignore` or `allow-paths`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sanitize => "sanitize",

@@ -25,22 +25,33 @@ mod schema;
 
 pub use ingest::{ChunkSink, IngestDecision};
 
+/// Why an operation on the buffer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The buffer's database could not be opened or created.
     #[error(
         "cannot open the buffer {path}: {source}; check that the state directory exists and is writable"
     )]
     Open {
+        /// The database file, as given to [`Store::open`].
         path: String,
+        /// The connection pool's error, which carries SQLite's.
         #[source]
         source: r2d2::Error,
     },
+    /// No connection could be taken from the pool: SQLite could not open one,
+    /// or none became free within the pool's timeout.
     #[error("buffer database: {0}")]
     Pool(#[from] r2d2::Error),
+    /// An SQLite statement failed (a full disk among other causes).
     #[error("buffer database: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// The buffer's schema could not be brought up to this build's: the
+    /// migration failed, or a newer build wrote the buffer.
     #[error("buffer database: {0}")]
     Migrate(#[from] sqlite::MigrateError),
+    /// No file in the buffer has this id: it never existed, was purged, or
+    /// was forgotten after its retention once confirmed.
     #[error("no buffered file with id {0}")]
     NoSuchFile(i64),
 }
@@ -110,19 +121,44 @@ pub struct NewFile {
 /// A buffered file as the uploader and `status` see it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FileRecord {
+    /// The file's id in the buffer, assigned when it was buffered; records
+    /// are listed in id order, oldest first.
     pub id: i64,
+    /// The spool folder the file came from, as configured; `(path)` for a
+    /// file buffered by name (the one-shot commands and the library).
     pub spool: String,
+    /// The file's path relative to its spool; for a file buffered by name,
+    /// its absolute path (the library's name for it).
     pub rel_path: String,
+    /// The name sent to the receiver as `X-File-Name`: the spool's
+    /// `remote_prefix` joined to `rel_path`, or the name a named file was
+    /// given.
     pub remote_name: String,
+    /// The name of the target the file is sent to (`cli` for the library and
+    /// the one-shot commands).
     pub target: String,
+    /// The file's size in bytes.
     pub size: u64,
+    /// The SHA-256 of the whole file, 64 lowercase hex digits (sent as
+    /// `X-File-Sha256`).
     pub sha256: String,
+    /// How many chunks the file was cut into, with the target's chunk size at
+    /// the time it was buffered; at least 1 (an empty file is one empty chunk).
     pub chunk_count: u64,
+    /// The id sent as `X-Upload-Id`: 32 random hex digits picked when the file
+    /// was buffered and kept across retries and restarts.
     pub upload_id: String,
+    /// Where the file is in its life: queued, parked as failed, or confirmed.
     pub state: FileState,
+    /// Why the file was parked; `None` unless it is [`FileState::Failed`].
     pub failure: Option<String>,
+    /// The name the receiver stored the file under (its `actualFilename`);
+    /// `None` until confirmed, or when the receiver did not say.
     pub server_name: Option<String>,
+    /// When the file was buffered, in milliseconds since the Unix epoch.
     pub created_at: i64,
+    /// When the receiver confirmed the whole file, in milliseconds since the
+    /// Unix epoch; `None` until then.
     pub confirmed_at: Option<i64>,
     /// Chunks acknowledged by the receiver.
     pub chunks_uploaded: u64,
@@ -130,6 +166,9 @@ pub struct FileRecord {
     pub retries: u64,
     /// When the next attempt is due (ms since epoch), for queued files.
     pub next_attempt: Option<i64>,
+    /// The error of the most recent failed attempt at any of the file's
+    /// chunks; it stays after later successes, and is `None` only if no
+    /// attempt ever failed.
     pub last_error: Option<String>,
     /// The delivery's resume state for this file, if it recorded one.
     #[serde(skip)]
@@ -139,11 +178,20 @@ pub struct FileRecord {
 /// A chunk's metadata (without its bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkMeta {
+    /// The chunk's 0-based index in its file (sent as `X-Chunk-Index`).
     pub idx: u64,
+    /// Where the chunk starts in the file, in bytes (sent as `X-Chunk-Offset`).
     pub offset: u64,
+    /// The chunk's length in bytes: the file's chunk size, except for the
+    /// last chunk, which may be shorter.
     pub length: u64,
+    /// The SHA-256 of the chunk's bytes, 64 lowercase hex digits (sent as
+    /// `X-Chunk-Sha256`).
     pub sha256: String,
+    /// Whether the receiver acknowledged the chunk, or confirmed its file.
     pub uploaded: bool,
+    /// Failed attempts at this chunk since it was buffered, or since
+    /// `indexedcp retry` last re-queued its file.
     pub retry_count: u64,
     /// What the delivery recorded when the piece holding this chunk was
     /// acknowledged (a part's ETag), if anything.
@@ -192,6 +240,8 @@ const WAL_TRUNCATE_AFTER: u64 = 4 << 20;
 /// Page size of a new buffer: chunks are BLOBs of up to several MiB.
 const BLOB_PAGE_SIZE: u32 = 65536;
 
+/// The agent's upload buffer: a handle on its SQLite file, cheap to clone
+/// (clones share one connection pool). Every method blocks.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,

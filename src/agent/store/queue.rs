@@ -67,6 +67,7 @@ impl Store {
         self.file_records("", &[])
     }
 
+    /// The buffered file with this id, or [`StoreError::NoSuchFile`].
     pub fn file(&self, id: i64) -> Result<FileRecord> {
         self.file_records("WHERE f.id = ?1", &[&id])?
             .pop()
@@ -123,6 +124,8 @@ impl Store {
             |r| r.get(0))?)
     }
 
+    /// A file's chunks in index order, without their bytes
+    /// ([`Store::chunk_data`] reads those); empty for an unknown id.
     pub fn chunks(&self, file_id: i64) -> Result<Vec<ChunkMeta>> {
         let conn = self.pool.get()?;
         let mut stmt = conn.prepare(
@@ -142,7 +145,8 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// A chunk's bytes.
+    /// A chunk's bytes; empty for an unknown chunk, and once its file is
+    /// confirmed (the data leaves the buffer then).
     pub fn chunk_data(&self, file_id: i64, idx: u64) -> Result<Vec<u8>> {
         let conn = self.pool.get()?;
         Ok(conn
@@ -252,7 +256,8 @@ impl Store {
         Ok(count as u64)
     }
 
-    /// The last errors of a chunk, oldest first (at most five).
+    /// The last errors of a chunk, oldest first (at most five), each with
+    /// when it happened in milliseconds since the Unix epoch.
     pub fn chunk_errors(&self, file_id: i64, idx: u64) -> Result<Vec<(i64, String)>> {
         let conn = self.pool.get()?;
         let mut stmt = conn.prepare(
