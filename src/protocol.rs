@@ -9,7 +9,7 @@ pub const FILE_NAME: &str = "x-file-name";
 /// 0-based chunk number.
 pub const CHUNK_INDEX: &str = "x-chunk-index";
 
-// Resumable extension (5.2). A v1 server ignores these.
+// The resumable extension. A v1 server ignores these.
 /// The upload's id ([`is_valid_upload_id`]), picked once per file and kept
 /// across retries and restarts; a chunk that carries it is resumable.
 pub const UPLOAD_ID: &str = "x-upload-id";
