@@ -183,6 +183,17 @@ impl BufferArg {
         Ok(PathBuf::from(home).join(".indexcp/db/client.db"))
     }
 
+    /// The configuration named by `--config` (or the default file when it
+    /// exists), if any.
+    pub(super) fn config(&self) -> Result<Option<config::Config>, Failure> {
+        let default = PathBuf::from(config::DEFAULT_CONFIG_PATH);
+        match &self.config {
+            Some(path) => super::load_config(path).map(Some),
+            None if default.exists() => super::load_config(&default).map(Some),
+            None => Ok(None),
+        }
+    }
+
     pub(super) fn open(&self) -> Result<Store, Failure> {
         let path = self.path()?;
         if !path.exists() {

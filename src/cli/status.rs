@@ -59,11 +59,48 @@ pub(super) fn purge(args: PurgeArgs) -> Result<(), Failure> {
     {
         return Err(Failure::usage("not purged (confirm with --yes)"));
     }
+    abort_at_target(&args, &file);
     store
         .purge(args.id)
         .map_err(|e| Failure::io(e.to_string()))?;
     println!("purged {} ({})", file.remote_name, file.id);
     Ok(())
+}
+
+/// Releases what the file's target holds of an unfinished upload (an S3
+/// multipart upload), when the configuration names the target. A failure
+/// does not keep the file: the operator asked for it to go, and is told what
+/// is left behind.
+fn abort_at_target(args: &PurgeArgs, file: &FileRecord) {
+    if file.delivery_state.is_none() {
+        return;
+    }
+    let Some(target) = args
+        .buffer
+        .config()
+        .ok()
+        .flatten()
+        .and_then(|config| config.target(&file.target).cloned())
+    else {
+        return;
+    };
+    let aborted = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let target =
+                    crate::agent::upload::TargetRuntime::new(target).map_err(|e| e.to_string())?;
+                target.abort(file).await.map_err(|e| e.to_string())
+            })
+        });
+    if let Err(error) = aborted {
+        eprintln!(
+            "warning: cannot abort the unfinished upload of {} at target {:?}: {error};              the store keeps it until its lifecycle rule removes it",
+            file.remote_name, file.target
+        );
+    }
 }
 
 /// Asks on the terminal; anything but yes (or no terminal) is no.

@@ -17,12 +17,13 @@ use toml::Spanned;
 use super::defaults;
 use super::diagnostics::{ConfigError, Problem, position_of, toml_problem};
 use super::raw::{Field, RawConfig, RawDaemon, RawServer, RawSpool, RawTarget};
+use super::s3::{RawKindKeys, check_target_url, is_s3_kind};
 use super::types::{Config, DaemonConfig, Disposition, ServerConfig, SpoolConfig, TargetConfig};
 use super::units::format_duration;
 use super::values::{
-    check_api_key, check_log_level, check_remote_prefix, check_url, duration_value, inside,
-    max_retries_value, non_empty_path, normalize, overlaps, parse_key_list, positive_duration,
-    positive_size, read_key_file, resolve_key_file, size_value,
+    check_api_key, check_log_level, check_remote_prefix, duration_value, inside, max_retries_value,
+    non_empty_path, normalize, overlaps, parse_key_list, positive_duration, positive_size,
+    read_key_file, resolve_key_file, size_value,
 };
 
 impl Config {
@@ -65,14 +66,14 @@ struct SpoolSpans {
 /// Validates raw sections into the public types, collecting problems instead
 /// of stopping at the first; an invalid value is replaced by its default so
 /// that the checks after it still run.
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     text: &'a str,
-    source: &'a Path,
+    pub(super) source: &'a Path,
     problems: Vec<Problem>,
 }
 
 impl Checker<'_> {
-    fn problem(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+    pub(super) fn problem(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             file: self.source.to_owned(),
             position: Some(position_of(self.text, span.start)),
@@ -86,7 +87,7 @@ impl Checker<'_> {
     }
 
     /// Converts an optional field, reporting a failed conversion at its value.
-    fn field<R, T>(
+    pub(super) fn field<R, T>(
         &mut self,
         field: Field<R>,
         key: &str,
@@ -271,16 +272,33 @@ impl Checker<'_> {
                 },
             )
             .unwrap_or_default();
+        // An unknown kind is reported once; the URL is then checked against
+        // every kind, so that it is not reported for the wrong one.
+        let kind_written = raw.kind.is_some();
+        let is_s3 = self.field(raw.kind, "target.kind", None, |kind| {
+            is_s3_kind(kind).map(Some)
+        });
+        let is_s3 = if kind_written { is_s3 } else { Some(false) };
         let url = self
             .required(
                 raw.url,
                 &section,
                 "target.url",
                 "set url = \"https://host/upload\" (the receiver's upload endpoint)",
-                |url| check_url(url).map(|()| url.clone()),
+                |url| check_target_url(url, is_s3).map(|()| url.clone()),
             )
             .unwrap_or_default();
+        let api_key_span = raw.api_key.as_ref().map(Spanned::span);
         let api_key = self.check_target_api_key(raw.api_key, raw.api_key_file);
+        let kind_keys = RawKindKeys {
+            endpoint: raw.endpoint,
+            region: raw.region,
+            access_key_id: raw.access_key_id,
+            secret_access_key_file: raw.secret_access_key_file,
+            part_size: raw.part_size,
+            on_conflict: raw.on_conflict,
+        };
+        let kind = self.check_target_kind(is_s3 == Some(true), &url, api_key_span, kind_keys);
 
         let initial_span = raw.initial_retry_delay.as_ref().map(Spanned::span);
         let max_span = raw.max_retry_delay.as_ref().map(Spanned::span);
@@ -341,6 +359,7 @@ impl Checker<'_> {
             timeout: self.field(raw.timeout, "target.timeout", defaults.timeout, |value| {
                 positive_duration(value, "each request may take this long, e.g. \"30s\"")
             }),
+            kind,
         };
 
         if target.initial_retry_delay > target.max_retry_delay {

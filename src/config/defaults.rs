@@ -9,6 +9,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
+use super::s3::OnConflict;
 use super::types::{Disposition, LogFormat, PathMode};
 use super::units::{GIB, MIB};
 
@@ -51,6 +52,21 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 pub const RETRY_MULTIPLIER: f64 = 2.0;
 /// `target.timeout`, per request.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `target.kind`: this project's own receiver.
+pub const KIND: &str = "indexedcp";
+/// `target.part_size` (kind `s3`): files up to this size go as one PUT,
+/// larger ones as multipart uploads of parts this large.
+pub const PART_SIZE: u64 = 8 * MIB;
+/// The smallest `target.part_size` object storage accepts for a part that is
+/// not a file's last.
+pub const MIN_PART_SIZE: u64 = 5 * MIB;
+/// The largest `target.part_size` object storage accepts.
+pub const MAX_PART_SIZE: u64 = 5 * GIB;
+/// `target.on_conflict` (kind `s3`).
+pub const ON_CONFLICT: OnConflict = OnConflict::Rename;
+/// The region when neither `target.region` nor `AWS_REGION` names one.
+pub const S3_REGION: &str = "us-east-1";
 
 // [[spool]]
 

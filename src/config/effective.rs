@@ -8,7 +8,8 @@ use std::path::Path;
 
 use toml::Value;
 
-use super::defaults::API_KEY_ENV;
+use super::defaults::{self, API_KEY_ENV};
+use super::s3::{S3Target, TargetKind};
 use super::types::{Config, Disposition};
 use super::units::{format_duration, format_size};
 
@@ -41,10 +42,14 @@ impl Config {
         for target in &self.targets {
             out.section("[[target]]");
             out.string("name", &target.name);
+            out.string("kind", target.kind.name());
             out.string("url", &target.url);
-            match target.api_key {
-                Some(_) => out.string("api_key", REDACTED),
-                None => out.comment(&format!("api_key not set: {API_KEY_ENV} is the fallback")),
+            match &target.kind {
+                TargetKind::IndexedCp => match target.api_key {
+                    Some(_) => out.string("api_key", REDACTED),
+                    None => out.comment(&format!("api_key not set: {API_KEY_ENV} is the fallback")),
+                },
+                TargetKind::S3(s3) => s3_keys(&mut out, s3),
             }
             out.string("chunk_size", &format_size(target.chunk_size));
             out.value(
@@ -98,6 +103,36 @@ impl Config {
         }
         out.text
     }
+}
+
+/// The keys of an object storage target; the secret key is shown by the
+/// file it is read from, never by its value.
+fn s3_keys(out: &mut TomlWriter, s3: &S3Target) {
+    match &s3.endpoint {
+        Some(endpoint) => out.string("endpoint", endpoint),
+        None => out.comment("endpoint not set: AWS S3"),
+    }
+    match &s3.region {
+        Some(region) => out.string("region", region),
+        None => out.comment(&format!(
+            "region not set: AWS_REGION, else {}",
+            defaults::S3_REGION
+        )),
+    }
+    match &s3.access_key_id {
+        Some(id) => out.string("access_key_id", id),
+        None => {
+            out.comment("access_key_id not set: AWS_ACCESS_KEY_ID, else the AWS credential chain")
+        }
+    }
+    match &s3.secret_access_key_file {
+        Some(file) => out.string("secret_access_key_file", &path_text(file)),
+        None => out.comment(
+            "secret_access_key_file not set: AWS_SECRET_ACCESS_KEY, else the AWS credential chain",
+        ),
+    }
+    out.string("part_size", &format_size(s3.part_size));
+    out.string("on_conflict", s3.on_conflict.as_str());
 }
 
 fn path_text(path: &Path) -> String {
@@ -155,6 +190,7 @@ mod tests {
     fn effective_toml_redacts_keys_and_parses_back() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("b.key"), "from-file\n").unwrap();
+        fs::write(dir.path().join("d.secret"), "s3-secret\n").unwrap();
         let source = dir.path().join("indexedcp.toml");
         let text = "[daemon]\nstate_dir = \"state\"\nlog_level = \"indexedcp=debug,info\"\n\
                     log_format = \"json\"\ncheck_interval = \"1500ms\"\nmax_buffer_bytes = 12345\n\
@@ -162,6 +198,9 @@ mod tests {
                     max_retries = 7\nretry_multiplier = 1.5\n\
                     [[target]]\nname = \"b\"\nurl = \"https://b/upload\"\napi_key_file = \"b.key\"\n\
                     [[target]]\nname = \"c\"\nurl = \"https://c/upload\"\n\
+                    [[target]]\nname = \"d\"\nkind = \"s3\"\nurl = \"s3://bucket/in/\"\n\
+                    endpoint = \"http://127.0.0.1:9000\"\naccess_key_id = \"AKID\"\n\
+                    secret_access_key_file = \"d.secret\"\npart_size = \"16MiB\"\non_conflict = \"overwrite\"\n\
                     [[spool]]\npath = \"in\"\ntarget = \"b\"\nrecursive = false\n\
                     include = [\"*.dat\", \"*.csv\"]\nexclude = [\"skip-*\"]\ndisposition = \"move\"\n\
                     move_to = \"done\"\nremote_prefix = \"site-a/\"\n\
@@ -169,7 +208,13 @@ mod tests {
         let config = Config::parse(text, &source).unwrap();
         let effective = config.to_effective_toml();
 
-        for secret in ["inline-secret", "from-file", "\"k1\"", "\"k2\""] {
+        for secret in [
+            "inline-secret",
+            "from-file",
+            "s3-secret",
+            "\"k1\"",
+            "\"k2\"",
+        ] {
             assert!(!effective.contains(secret), "{secret} leaked:\n{effective}");
         }
         assert!(
@@ -180,6 +225,14 @@ mod tests {
             effective.contains("state_dir = \"out/.indexedcp\""),
             "{effective}"
         );
+        for line in [
+            "kind = \"s3\"\nurl = \"s3://bucket/in/\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+             # region not set: AWS_REGION, else us-east-1\naccess_key_id = \"AKID\"\n\
+             secret_access_key_file = \"d.secret\"\npart_size = \"16MiB\"\non_conflict = \"overwrite\"\n",
+            "name = \"c\"\nkind = \"indexedcp\"\n",
+        ] {
+            assert!(effective.contains(line), "{line} missing in:\n{effective}");
+        }
 
         let reparsed = Config::parse(&effective, &source).unwrap();
         let mut expected = config.clone();

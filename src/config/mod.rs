@@ -17,12 +17,14 @@ pub mod defaults;
 mod diagnostics;
 mod effective;
 mod raw;
+mod s3;
 pub mod types;
 mod units;
 mod values;
 
 pub use defaults::{API_KEY_ENV, CONFIG_PATH as DEFAULT_CONFIG_PATH};
 pub use diagnostics::{ConfigError, Problem};
+pub use s3::{OnConflict, S3Target, TargetKind, parse_s3_url};
 pub use types::{
     Config, DaemonConfig, Disposition, LogFormat, PathMode, ServerConfig, SpoolConfig, TargetConfig,
 };

@@ -53,6 +53,14 @@ pub(super) struct RawTarget {
     pub(super) max_retry_delay: Field<Value>,
     pub(super) retry_multiplier: Field<f64>,
     pub(super) timeout: Field<Value>,
+    // The keys of object storage targets (`kind = "s3"`).
+    pub(super) kind: Field<String>,
+    pub(super) endpoint: Field<String>,
+    pub(super) region: Field<String>,
+    pub(super) access_key_id: Field<String>,
+    pub(super) secret_access_key_file: Field<String>,
+    pub(super) part_size: Field<Value>,
+    pub(super) on_conflict: Field<String>,
 }
 
 /// One `[[spool]]`.

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::defaults;
+use super::s3::TargetKind;
 
 /// The validated configuration of one `indexedcp` process.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +154,8 @@ pub struct TargetConfig {
     pub retry_multiplier: f64,
     /// How long one request may take before it fails (and is retried).
     pub timeout: Duration,
+    /// How files reach the target, with the settings of its kind.
+    pub kind: TargetKind,
 }
 
 impl TargetConfig {
@@ -170,6 +173,7 @@ impl TargetConfig {
             max_retry_delay: defaults::MAX_RETRY_DELAY,
             retry_multiplier: defaults::RETRY_MULTIPLIER,
             timeout: defaults::TIMEOUT,
+            kind: TargetKind::IndexedCp,
         }
     }
 }

@@ -24,4 +24,5 @@ mod receiver_names;
 mod receiver_process;
 mod receiver_resumable;
 mod reload;
+mod s3;
 mod systemd_units;

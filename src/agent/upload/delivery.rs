@@ -28,6 +28,9 @@ use super::error::UploadError;
 /// a kind without a minimum piece size every piece is one chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Piece {
+    /// The piece's position among the file's pieces, from 0 (a part's
+    /// number, less one).
+    pub index: usize,
     /// The piece's chunks, in order; never empty.
     pub chunks: Vec<ChunkMeta>,
 }
@@ -190,6 +193,14 @@ pub trait Delivery: Send + Sync {
         state: Option<&str>,
         acks: &[(Piece, Option<String>)],
     ) -> Result<Finished, UploadError>;
+
+    /// Discards what the peer holds of a file that will not be finished (an
+    /// operator purged it): a kind whose uploads live on until they are
+    /// completed or aborted releases them here. `state` is the file's
+    /// recorded resume state.
+    async fn abort(&self, _file: &FileRecord, _state: Option<&str>) -> Result<(), UploadError> {
+        Ok(())
+    }
 }
 
 /// Splits a file's chunks (in order) into pieces of at least `min_bytes`,
@@ -203,13 +214,17 @@ pub fn pieces(chunks: Vec<ChunkMeta>, min_bytes: u64) -> Vec<Piece> {
         current.push(chunk);
         if bytes >= min_bytes {
             pieces.push(Piece {
+                index: pieces.len(),
                 chunks: std::mem::take(&mut current),
             });
             bytes = 0;
         }
     }
     if !current.is_empty() {
-        pieces.push(Piece { chunks: current });
+        pieces.push(Piece {
+            index: pieces.len(),
+            chunks: current,
+        });
     }
     pieces
 }
@@ -246,6 +261,7 @@ mod tests {
         assert_eq!(shapes(70), [vec![0, 1, 2, 3, 4, 5, 6]]);
         assert_eq!(shapes(1000), [vec![0, 1, 2, 3, 4, 5, 6]]);
         let piece = &pieces(chunks.clone(), 25)[1];
+        assert_eq!(piece.index, 1);
         assert_eq!(
             (
                 piece.first_idx(),

@@ -23,6 +23,10 @@ pub enum UploadError {
     Protocol { url: String, message: String },
     #[error("cannot send {what}: {message}")]
     Request { what: String, message: String },
+    /// The peer no longer knows the upload the resume state names (it
+    /// expired, or was aborted): it must start again.
+    #[error("{url} forgot the upload: {message}")]
+    Forgotten { url: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -74,6 +78,10 @@ impl UploadError {
                 what: what.clone(),
                 message: message.clone(),
             },
+            UploadError::Forgotten { url, message } => UploadError::Forgotten {
+                url: url.clone(),
+                message: message.clone(),
+            },
             UploadError::Store(e) => UploadError::Protocol {
                 url: String::new(),
                 message: e.to_string(),
@@ -88,6 +96,7 @@ impl UploadError {
             | UploadError::Protocol { .. }
             | UploadError::Store(_) => Retry::Backoff,
             UploadError::Request { .. } => Retry::Never,
+            UploadError::Forgotten { .. } => Retry::Restart,
             UploadError::Status {
                 status,
                 error,
@@ -149,5 +158,18 @@ mod tests {
             message: "refused".into(),
         };
         assert_eq!(transport.retry(), Retry::Backoff);
+        let forgotten = UploadError::Forgotten {
+            url: "u".into(),
+            message: "NoSuchUpload".into(),
+        };
+        assert_eq!(forgotten.retry(), Retry::Restart);
+        // Object storage: a missing bucket or a refused key is the
+        // configuration's problem; SlowDown is retried.
+        assert_eq!(status(404, "NoSuchBucket", None).retry(), Retry::AtMaximum);
+        assert_eq!(
+            status(403, "SignatureDoesNotMatch", None).retry(),
+            Retry::AtMaximum
+        );
+        assert_eq!(status(503, "SlowDown", None).retry(), Retry::Backoff);
     }
 }

@@ -7,8 +7,8 @@
 //! recorded ([`file`]), how small files share requests ([`batch`]), the retry
 //! schedule ([`Backoff`]) and whether a failure is retried or parks the file
 //! ([`UploadError::retry`], the one place that decides). Each kind of target
-//! implements [`delivery::Delivery`]; today that is [`indexedcp`], this project's own
-//! receiver protocol (v1, resumable, batches). A file's data leaves the
+//! implements [`delivery::Delivery`]: [`indexedcp`], this project's own
+//! receiver protocol (v1, resumable, batches), and [`s3`], object storage. A file's data leaves the
 //! buffer only when its delivery confirmed the whole file. No SQL here: the
 //! store does that, always off the executor.
 
@@ -20,6 +20,7 @@ mod events;
 mod file;
 pub mod indexedcp;
 mod once;
+pub mod s3;
 mod target;
 mod uploader;
 

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::config::TargetConfig;
+use crate::agent::store::FileRecord;
+use crate::config::{TargetConfig, TargetKind};
 
 use super::delivery::Delivery;
 use super::error::UploadError;
 use super::indexedcp::IndexedCp;
+use super::s3::S3;
 
 /// The unit of a target's byte budget: a piece in flight holds one permit
 /// per started unit of its length.
@@ -43,8 +45,21 @@ const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 impl TargetRuntime {
     /// Builds the target's delivery from its settings.
     pub fn new(config: TargetConfig) -> Result<TargetRuntime, UploadError> {
-        let delivery: Arc<dyn Delivery> = Arc::new(IndexedCp::new(&config)?);
+        // The one place that knows the kinds: everything after asks the
+        // delivery for what it can do.
+        let delivery: Arc<dyn Delivery> = match &config.kind {
+            TargetKind::IndexedCp => Arc::new(IndexedCp::new(&config)?),
+            TargetKind::S3(s3) => Arc::new(S3::new(&config, s3)?),
+        };
         Ok(TargetRuntime::with_delivery(config, delivery))
+    }
+
+    /// Discards what the target holds of `file`, which an operator purges
+    /// from the buffer (an unfinished multipart upload, say).
+    pub async fn abort(&self, file: &FileRecord) -> Result<(), UploadError> {
+        self.delivery
+            .abort(file, file.delivery_state.as_deref())
+            .await
     }
 
     /// A target that delivers through `delivery`.

@@ -1,0 +1,446 @@
+//! The `s3` kind: each file goes straight into an S3 or S3-compatible
+//! bucket, under the target's prefix and the file's remote name, through the
+//! `object_store` crate (it signs the requests; `x-amz-checksum-sha256` lets
+//! the store verify each request's bytes). A file up to `part_size` is one
+//! PUT; a larger one is a multipart upload whose parts are runs of buffer
+//! chunks, several in flight at once within the target's byte budget.
+//!
+//! Exactly once: a small file is written with `If-None-Match: *`, and a large
+//! file's key, multipart upload id and every part's ETag are recorded in the
+//! buffer (synced) before anything depends on them, so an agent killed at any
+//! moment resumes the same upload and never sends a recorded part again.
+//! Every object carries the file's SHA-256 as metadata, so an object already
+//! at the key (a PUT or CompleteMultipartUpload whose reply was lost, or a
+//! NoSuchUpload after a completion that did happen) is recognised by a HEAD
+//! showing our size and SHA-256 and counted as confirmed, never written
+//! twice; an object with other bytes is handled by `on_conflict`, and renamed
+//! keys are derived from the file's ingest time so that every retry tries the
+//! same ones. An upload the store forgot, or one whose parts no longer fit
+//! the settings, is aborted and started again from its recorded key.
+//!
+//! Operators should add a bucket lifecycle rule that aborts incomplete
+//! multipart uploads after some days: an upload purged from a buffer that
+//! could not reach the store is otherwise kept (and billed) by the store.
+
+mod client;
+
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::store::FileRecord;
+use crate::config::{OnConflict, S3Target, TargetConfig};
+
+use super::delivery::{Delivery, Finished, Piece, Resume, Sent};
+use super::error::UploadError;
+use client::{Head, attributes, head, object_key, renamed_key, upload_error};
+
+/// Parts of one file in flight at once, as far as the byte budget allows.
+const PART_WINDOW: usize = 4;
+
+/// How many renamed keys `on_conflict = "rename"` tries before giving up.
+const MAX_RENAMES: u32 = 100;
+
+/// An S3 bucket as a delivery.
+pub struct S3 {
+    store: Arc<AmazonS3>,
+    /// `s3://bucket/prefix/`, for messages.
+    url: String,
+    prefix: String,
+    part_size: u64,
+    on_conflict: OnConflict,
+}
+
+/// A large file's resume state, recorded before its first part is sent.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct State {
+    v: u32,
+    /// The key chosen for the file (after `on_conflict`).
+    key: String,
+    /// The multipart upload; `None` when our object was already at the key.
+    multipart: Option<String>,
+    /// The part size the parts were cut with.
+    part_size: u64,
+}
+
+impl State {
+    fn parse(url: &str, state: &str) -> Result<State, UploadError> {
+        serde_json::from_str(state).map_err(|e| UploadError::Forgotten {
+            url: url.to_owned(),
+            message: format!("unreadable resume state {state:?}: {e}"),
+        })
+    }
+}
+
+/// How a key turned out for a file.
+enum Chosen {
+    /// Nothing is there (or `on_conflict = "overwrite"` replaces it).
+    Free(String),
+    /// Our own object is there already.
+    Ours(String),
+}
+
+impl S3 {
+    pub fn new(config: &TargetConfig, s3: &S3Target) -> Result<S3, UploadError> {
+        Ok(S3 {
+            store: Arc::new(client::build(config, s3)?),
+            url: format!("s3://{}/{}", s3.bucket, s3.prefix),
+            prefix: s3.prefix.clone(),
+            part_size: s3.part_size,
+            on_conflict: s3.on_conflict,
+        })
+    }
+
+    fn is_large(&self, file: &FileRecord) -> bool {
+        file.size > self.part_size
+    }
+
+    fn conflict(&self, file: &FileRecord, key: &str) -> UploadError {
+        UploadError::Request {
+            what: file.remote_name.clone(),
+            message: format!(
+                "an object with other bytes is already at {key:?} and on_conflict = \"fail\"; \
+                 move it away (or set on_conflict), then run `indexedcp retry`"
+            ),
+        }
+    }
+
+    /// Picks the key for a file: its own, or under `on_conflict = "rename"`
+    /// the first renamed candidate that is free or already ours.
+    async fn choose_key(&self, file: &FileRecord) -> Result<Chosen, UploadError> {
+        let base = object_key(&self.prefix, file)?;
+        let mut key = base.clone();
+        for attempt in 1..=MAX_RENAMES {
+            match head(&self.store, &self.url, &key).await? {
+                None => return Ok(Chosen::Free(key)),
+                Some(found) if found.is(file) => return Ok(Chosen::Ours(key)),
+                Some(_) => match self.on_conflict {
+                    OnConflict::Fail => return Err(self.conflict(file, &key)),
+                    OnConflict::Overwrite => return Ok(Chosen::Free(key)),
+                    OnConflict::Rename => key = renamed_key(&base, file.created_at, attempt),
+                },
+            }
+        }
+        Err(self.too_many_renames(file))
+    }
+
+    fn too_many_renames(&self, file: &FileRecord) -> UploadError {
+        UploadError::Request {
+            what: file.remote_name.clone(),
+            message: format!("{MAX_RENAMES} renamed keys are all taken by other objects"),
+        }
+    }
+
+    /// HEADs `key` after a write: the object must be `file`, else the write
+    /// is not confirmed.
+    async fn verify(&self, file: &FileRecord, key: &str) -> Result<(), UploadError> {
+        match head(&self.store, &self.url, key).await? {
+            Some(found) if found.is(file) => Ok(()),
+            found => Err(UploadError::Protocol {
+                url: self.url.clone(),
+                message: format!(
+                    "after the write, {key:?} shows {} instead of {} bytes with SHA-256 {}",
+                    describe(found.as_ref()),
+                    file.size,
+                    file.sha256
+                ),
+            }),
+        }
+    }
+
+    /// A small file: one PUT that never replaces an object (unless
+    /// `on_conflict = "overwrite"`), trying renamed keys when told to.
+    async fn put_small(&self, file: &FileRecord, data: Vec<u8>) -> Result<Sent, UploadError> {
+        let base = object_key(&self.prefix, file)?;
+        let payload = PutPayload::from(data);
+        let mut key = base.clone();
+        for attempt in 1..=MAX_RENAMES {
+            let path = Path::from(key.as_str());
+            let mut options = PutOptions {
+                mode: PutMode::Create,
+                attributes: attributes(file),
+                ..PutOptions::default()
+            };
+            match self
+                .store
+                .put_opts(&path, payload.clone(), options.clone())
+                .await
+            {
+                Ok(_) => {
+                    self.verify(file, &key).await?;
+                    return Ok(complete(key));
+                }
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => {}
+                Err(e) => return Err(upload_error(&self.url, &e)),
+            }
+            // Something is there: our own earlier write whose reply was
+            // lost, or another object.
+            match head(&self.store, &self.url, &key).await? {
+                Some(found) if found.is(file) => return Ok(complete(key)),
+                // Gone again since: try the same key once more.
+                None => continue,
+                Some(_) => match self.on_conflict {
+                    OnConflict::Fail => return Err(self.conflict(file, &key)),
+                    OnConflict::Rename => key = renamed_key(&base, file.created_at, attempt),
+                    OnConflict::Overwrite => {
+                        options.mode = PutMode::Overwrite;
+                        self.store
+                            .put_opts(&path, payload.clone(), options)
+                            .await
+                            .map_err(|e| upload_error(&self.url, &e))?;
+                        self.verify(file, &key).await?;
+                        return Ok(complete(key));
+                    }
+                },
+            }
+        }
+        Err(self.too_many_renames(file))
+    }
+
+    /// Aborts a multipart upload, ignoring one the store no longer knows.
+    async fn abort_upload(&self, key: &str, id: &str) -> Result<(), UploadError> {
+        match self
+            .store
+            .abort_multipart(&Path::from(key), &id.to_owned())
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(upload_error(&self.url, &e)),
+        }
+    }
+
+    /// A multipart upload that cannot go on (its parts were cut with another
+    /// part size, or the store lost some): aborted, and started again.
+    async fn restart(&self, state: &State, why: &str) -> UploadError {
+        if let Some(id) = &state.multipart
+            && let Err(e) = self.abort_upload(&state.key, id).await
+        {
+            return e;
+        }
+        UploadError::Forgotten {
+            url: self.url.clone(),
+            message: format!("{why}; starting the upload of {:?} again", state.key),
+        }
+    }
+
+    /// After the store answered NoSuchUpload: the upload was completed (our
+    /// object is there) or forgotten.
+    async fn completed_or_forgotten(
+        &self,
+        file: &FileRecord,
+        key: &str,
+    ) -> Result<Finished, UploadError> {
+        match head(&self.store, &self.url, key).await? {
+            Some(found) if found.is(file) => Ok(Finished::Complete {
+                server_name: Some(key.to_owned()),
+            }),
+            _ => Err(UploadError::Forgotten {
+                url: self.url.clone(),
+                message: format!("the store no longer knows the multipart upload of {key:?}"),
+            }),
+        }
+    }
+}
+
+fn complete(key: String) -> Sent {
+    Sent::Complete {
+        server_name: Some(key),
+    }
+}
+
+fn describe(found: Option<&Head>) -> String {
+    match found {
+        None => "no object".to_owned(),
+        Some(head) => format!(
+            "{} bytes with SHA-256 {}",
+            head.size,
+            head.sha256.as_deref().unwrap_or("(none)")
+        ),
+    }
+}
+
+#[async_trait::async_trait]
+impl Delivery for S3 {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
+    fn endpoint(&self) -> &str {
+        &self.url
+    }
+
+    fn window(&self) -> usize {
+        PART_WINDOW
+    }
+
+    fn min_piece_bytes(&self) -> u64 {
+        self.part_size
+    }
+
+    /// A large file's key is chosen and its multipart upload created here,
+    /// so that both are recorded before the first part. A small file needs
+    /// no state: its single PUT is recognised by the object's SHA-256.
+    async fn begin(
+        &self,
+        file: &FileRecord,
+        state: Option<&str>,
+    ) -> Result<Option<String>, UploadError> {
+        if state.is_some() || !self.is_large(file) {
+            return Ok(state.map(str::to_owned));
+        }
+        let (key, multipart) = match self.choose_key(file).await? {
+            Chosen::Ours(key) => (key, None),
+            Chosen::Free(key) => {
+                let options = PutMultipartOptions {
+                    attributes: attributes(file),
+                    ..PutMultipartOptions::default()
+                };
+                let id = self
+                    .store
+                    .create_multipart_opts(&Path::from(key.as_str()), options)
+                    .await
+                    .map_err(|e| upload_error(&self.url, &e))?;
+                (key, Some(id))
+            }
+        };
+        let state = State {
+            v: 1,
+            key,
+            multipart,
+            part_size: self.part_size,
+        };
+        Ok(Some(
+            serde_json::to_string(&state).expect("a state serialises"),
+        ))
+    }
+
+    async fn resume(&self, file: &FileRecord, state: Option<&str>) -> Result<Resume, UploadError> {
+        let key = match state {
+            Some(state) => {
+                let state = State::parse(&self.url, state)?;
+                if state.part_size != self.part_size {
+                    if let Some(id) = &state.multipart {
+                        self.abort_upload(&state.key, id).await?;
+                    }
+                    return Ok(Resume::Forgotten);
+                }
+                state.key
+            }
+            None => object_key(&self.prefix, file)?,
+        };
+        Ok(match head(&self.store, &self.url, &key).await? {
+            Some(found) if found.is(file) => Resume::Complete {
+                server_name: Some(key),
+            },
+            _ => Resume::Unknown,
+        })
+    }
+
+    async fn send(
+        &self,
+        file: &FileRecord,
+        state: Option<&str>,
+        piece: &Piece,
+        data: Vec<u8>,
+    ) -> Result<Sent, UploadError> {
+        let Some(state) = state else {
+            return self.put_small(file, data).await;
+        };
+        let state = State::parse(&self.url, state)?;
+        if state.part_size != self.part_size {
+            return Err(self.restart(&state, "part_size changed").await);
+        }
+        let Some(id) = &state.multipart else {
+            // Our object was at the key when the upload began.
+            return match head(&self.store, &self.url, &state.key).await? {
+                Some(found) if found.is(file) => Ok(complete(state.key)),
+                _ => Err(UploadError::Forgotten {
+                    url: self.url.clone(),
+                    message: format!("the object at {:?} changed", state.key),
+                }),
+            };
+        };
+        let part = self
+            .store
+            .put_part(
+                &Path::from(state.key.as_str()),
+                id,
+                piece.index,
+                PutPayload::from(data),
+            )
+            .await;
+        match part {
+            Ok(part) => Ok(Sent::Acknowledged {
+                ack: Some(part.content_id),
+            }),
+            Err(object_store::Error::NotFound { .. }) => {
+                match self.completed_or_forgotten(file, &state.key).await? {
+                    Finished::Complete { server_name } => Ok(Sent::Complete { server_name }),
+                    Finished::NotYet => unreachable!("completed_or_forgotten never says not yet"),
+                }
+            }
+            Err(e) => Err(upload_error(&self.url, &e)),
+        }
+    }
+
+    async fn finish(
+        &self,
+        file: &FileRecord,
+        state: Option<&str>,
+        acks: &[(Piece, Option<String>)],
+    ) -> Result<Finished, UploadError> {
+        let Some(state) = state else {
+            // A small file's PUT answers with its confirmation.
+            return Ok(Finished::NotYet);
+        };
+        let state = State::parse(&self.url, state)?;
+        let Some(id) = &state.multipart else {
+            return self.completed_or_forgotten(file, &state.key).await;
+        };
+        let mut parts = Vec::with_capacity(acks.len());
+        for (piece, ack) in acks {
+            match ack {
+                Some(etag) if piece.index == parts.len() => parts.push(PartId {
+                    content_id: etag.clone(),
+                }),
+                _ => return Err(self.restart(&state, "a part's ETag was not recorded").await),
+            }
+        }
+        let key = Path::from(state.key.as_str());
+        match self.store.complete_multipart(&key, id, parts).await {
+            Ok(_) => {
+                self.verify(file, &state.key).await?;
+                Ok(Finished::Complete {
+                    server_name: Some(state.key),
+                })
+            }
+            // A completion whose reply was lost answers NoSuchUpload when
+            // asked again: the object tells.
+            Err(object_store::Error::NotFound { .. }) => {
+                self.completed_or_forgotten(file, &state.key).await
+            }
+            Err(e) => match upload_error(&self.url, &e) {
+                UploadError::Status { error, .. } if error.starts_with("InvalidPart") => Err(self
+                    .restart(&state, "the store lost parts of the upload")
+                    .await),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn abort(&self, _file: &FileRecord, state: Option<&str>) -> Result<(), UploadError> {
+        let Some(state) = state else { return Ok(()) };
+        let state = State::parse(&self.url, state)?;
+        match &state.multipart {
+            Some(id) => self.abort_upload(&state.key, id).await,
+            None => Ok(()),
+        }
+    }
+}
