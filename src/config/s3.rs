@@ -58,6 +58,7 @@ pub struct S3Target {
     pub secret_access_key_file: Option<PathBuf>,
     /// Files up to this size go as one PUT; larger ones as parts this large.
     pub part_size: u64,
+    /// What to do when another object with other bytes holds a file's key.
     pub on_conflict: OnConflict,
 }
 
@@ -98,6 +99,7 @@ pub enum OnConflict {
 }
 
 impl OnConflict {
+    /// The value as the configuration file spells it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Rename => "rename",
