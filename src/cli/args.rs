@@ -241,6 +241,10 @@ pub(crate) struct ServerArgs {
     /// Time a client may take to send its headers, and between pieces of a body.
     #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
     pub(crate) read_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = config::defaults::MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub(crate) max_connections: usize,
     /// Time in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = config::parse_duration)]
     pub(crate) shutdown_grace: Duration,
@@ -279,6 +283,7 @@ impl ServerArgs {
         cfg.max_chunk_bytes = self.max_chunk_bytes;
         cfg.max_file_bytes = self.max_file_bytes;
         cfg.incomplete_expiry = self.incomplete_expiry;
+        cfg.max_connections = self.max_connections;
         if let Some(state_dir) = &self.state_dir {
             cfg.state_dir = state_dir.clone();
         }

@@ -718,6 +718,17 @@ impl Checker<'_> {
                 Some(dir) if !dir.get_ref().is_empty() => PathBuf::from(dir.into_inner()),
                 _ => defaults.state_dir,
             },
+            max_connections: self.field(
+                raw.max_connections,
+                "server.max_connections",
+                defaults.max_connections,
+                |&n| match usize::try_from(n) {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(format!(
+                        "must be at least 1 (connections served at once), not {n}; use e.g. 400"
+                    )),
+                },
+            ),
             output_dir,
         }
     }

@@ -95,6 +95,10 @@ pub const MAX_CHUNK_BYTES: u64 = 64 * MIB;
 pub const MAX_FILE_BYTES: u64 = 0;
 /// `server.incomplete_expiry`.
 pub const INCOMPLETE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// `server.max_connections`: each connection costs a socket and, while it
+/// uploads, an open file (two descriptors), so 400 of them with the
+/// receiver's own files stay under the common limit of 1,024 descriptors.
+pub const MAX_CONNECTIONS: usize = 400;
 /// `server.state_dir` is `<output_dir>/.indexedcp` by default, so that the
 /// final rename from staging into place never crosses a filesystem.
 pub const SERVER_STATE_SUBDIR: &str = ".indexedcp";

@@ -100,6 +100,10 @@ impl Config {
                 &format_duration(server.incomplete_expiry),
             );
             out.string("state_dir", &path_text(&server.state_dir));
+            out.value(
+                "max_connections",
+                Value::Integer(saturating_i64(server.max_connections)),
+            );
         }
         out.text
     }

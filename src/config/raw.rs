@@ -91,4 +91,5 @@ pub(super) struct RawServer {
     pub(super) max_file_bytes: Field<Value>,
     pub(super) incomplete_expiry: Field<Value>,
     pub(super) state_dir: Field<String>,
+    pub(super) max_connections: Field<i64>,
 }

@@ -277,6 +277,8 @@ pub struct ServerConfig {
     pub incomplete_expiry: Duration,
     /// Resolved: `<output_dir>/.indexedcp` unless set.
     pub state_dir: PathBuf,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -293,6 +295,7 @@ impl ServerConfig {
             max_chunk_bytes: defaults::MAX_CHUNK_BYTES,
             max_file_bytes: defaults::MAX_FILE_BYTES,
             incomplete_expiry: defaults::INCOMPLETE_EXPIRY,
+            max_connections: defaults::MAX_CONNECTIONS,
         }
     }
 }

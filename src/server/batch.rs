@@ -18,16 +18,15 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io;
 use std::os::fd::OwnedFd;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use super::body::{self, Frames, stream_body};
+use super::body::{self, stream_body};
 use super::errors::{
     ApiError, body_error, checksum_mismatch, chunk_differs, open_error, too_large_batch,
     too_large_file, upload_id_in_use,
@@ -81,14 +80,17 @@ pub(super) async fn receive_batch(
         .locks
         .lock_uploads(entries.iter().map(|(e, _)| e.upload_id.as_str()))
         .await;
-    let this = receiver.clone();
-    let results = stream_body(body, rest, max_bytes, idle, move |frames| {
-        let results = this.batch_blocking(&entries, frames);
-        drop(guards);
-        results
-    })
-    .await
-    .map_err(|e| body_error(e, too_long))??;
+    let intake = BatchIntake {
+        receiver: receiver.clone(),
+        entries,
+        plans: Vec::new(),
+        current: None,
+        failure: None,
+        _guards: guards,
+    };
+    let results = stream_body(body, rest, max_bytes, idle, intake)
+        .await
+        .map_err(|e| body_error(e, too_long))??;
     Ok(axum::Json(BatchReply { files: results }).into_response())
 }
 
@@ -110,72 +112,179 @@ enum BatchPlan {
     Refused(ApiError),
 }
 
-impl Receiver {
-    /// The blocking half of [`receive_batch`], with the locks of every file
-    /// held: reads the files from `frames`, then records and renames the new
-    /// ones together.
-    fn batch_blocking(
-        &self,
-        entries: &[(BatchEntry, FileMeta)],
-        frames: &mut Frames,
-    ) -> Result<Vec<BatchResult>, ApiError> {
-        use std::io::Read;
-        let mut plans = Vec::with_capacity(entries.len());
-        let mut failure = None;
-        for (entry, meta) in entries {
-            let plan = match self.plan_batch_entry(entry, meta) {
-                Ok(plan) => plan,
-                Err(e) => BatchPlan::Refused(e),
-            };
-            let plan = match plan {
-                BatchPlan::Write { file, dest } => match receive_batch_file(frames, &file, entry) {
-                    Ok(None) => {
+/// A batch's body as it arrives, on the writer threads: each file is planned
+/// when its first byte (or, empty, its turn) comes, written to its staging
+/// file and checked, or skipped; at the end the new files are recorded and
+/// renamed together. The locks of every file are held until it is finished.
+struct BatchIntake {
+    receiver: Receiver,
+    entries: Vec<(BatchEntry, FileMeta)>,
+    /// One per file already read, in manifest order.
+    plans: Vec<BatchPlan>,
+    /// The file being read.
+    current: Option<Incoming>,
+    /// The body itself failed: the batch is refused as a whole.
+    failure: Option<ApiError>,
+    _guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// A file of a batch being read: its plan, and for a new file its hash and
+/// the first write error.
+struct Incoming {
+    plan: BatchPlan,
+    left: u64,
+    offset: u64,
+    hasher: Sha256,
+    write_error: Option<ApiError>,
+}
+
+impl BatchIntake {
+    /// Plans the next file of the manifest, if any is left.
+    fn open_next(&mut self) -> bool {
+        let Some((entry, meta)) = self.entries.get(self.plans.len()) else {
+            return false;
+        };
+        let plan = self
+            .receiver
+            .plan_batch_entry(entry, meta)
+            .unwrap_or_else(BatchPlan::Refused);
+        self.current = Some(Incoming {
+            plan,
+            left: entry.size,
+            offset: 0,
+            hasher: Sha256::new(),
+            write_error: None,
+        });
+        true
+    }
+
+    /// Settles the current file once all its bytes are read.
+    fn close_if_read(&mut self) {
+        if self.current.as_ref().is_none_or(|c| c.left > 0) {
+            return;
+        }
+        let Some(incoming) = self.current.take() else {
+            return;
+        };
+        let entry = &self.entries[self.plans.len()].0;
+        let plan = match incoming.plan {
+            BatchPlan::Write { file, dest } => {
+                let actual = hex::encode(incoming.hasher.finalize());
+                let refusal = match incoming.write_error {
+                    Some(e) => Some(e),
+                    None if actual != entry.sha256 => Some(checksum_mismatch(0, &actual)),
+                    None => None,
+                };
+                match refusal {
+                    Some(refusal) => {
+                        self.receiver.discard_staged(&entry.upload_id);
+                        BatchPlan::Refused(refusal)
+                    }
+                    None => {
                         body::start_writeback(&file, 0, 0);
                         BatchPlan::New { dest }
                     }
-                    Ok(Some(refusal)) => {
-                        self.discard_staged(&entry.upload_id);
-                        BatchPlan::Refused(refusal)
-                    }
-                    Err(e) => {
-                        self.discard_staged(&entry.upload_id);
-                        failure = Some(e);
-                        BatchPlan::Known
-                    }
-                },
-                other => {
-                    if let Err(e) = skip_bytes(frames, entry.size) {
-                        failure = Some(e);
-                    }
-                    other
                 }
-            };
-            plans.push(plan);
-            if failure.is_some() {
-                break;
+            }
+            other => other,
+        };
+        self.plans.push(plan);
+    }
+
+    /// The body ended before the file being read, or before the manifest's
+    /// last files: the batch fails.
+    fn ended_early(&mut self) -> ApiError {
+        let idx = self.plans.len();
+        if let Some(incoming) = self.current.take() {
+            let entry = &self.entries[idx].0;
+            if matches!(incoming.plan, BatchPlan::Write { .. }) {
+                self.receiver.discard_staged(&entry.upload_id);
+            }
+            if incoming.offset > 0 {
+                return ApiError::BadRequest(format!(
+                    "the body ended inside file {} of the batch ({} of {} bytes missing)",
+                    entry.upload_id, incoming.left, entry.size
+                ));
             }
         }
-        if failure.is_none() && frames.read(&mut [0u8; 1]).unwrap_or(0) != 0 {
-            failure = Some(ApiError::BadRequest(
-                "the body is longer than the files the manifest lists".to_owned(),
-            ));
+        ApiError::BadRequest("the body ended before the files the manifest lists".to_owned())
+    }
+}
+
+impl body::Intake for BatchIntake {
+    type Output = Result<Vec<BatchResult>, ApiError>;
+
+    fn take(&mut self, mut bytes: Bytes) -> bool {
+        use std::os::unix::fs::FileExt;
+        while !bytes.is_empty() {
+            if self.current.is_none() && !self.open_next() {
+                self.failure = Some(ApiError::BadRequest(
+                    "the body is longer than the files the manifest lists".to_owned(),
+                ));
+                return false;
+            }
+            let Some(incoming) = self.current.as_mut() else {
+                return false;
+            };
+            let piece = bytes.split_to(incoming.left.min(bytes.len() as u64) as usize);
+            if let BatchPlan::Write { file, .. } = &incoming.plan {
+                incoming.hasher.update(&piece);
+                if incoming.write_error.is_none()
+                    && let Err(e) = file.write_all_at(&piece, incoming.offset)
+                {
+                    incoming.write_error = Some(ApiError::from(e));
+                }
+            }
+            incoming.offset += piece.len() as u64;
+            incoming.left -= piece.len() as u64;
+            self.close_if_read();
+        }
+        true
+    }
+
+    fn finish(mut self, clean: bool) -> Self::Output {
+        // Empty files after the last byte need no bytes; any other file left
+        // means the body ended early.
+        while self.failure.is_none() && self.plans.len() < self.entries.len() {
+            if self.current.is_none() {
+                self.open_next();
+            }
+            self.close_if_read();
+            if self.current.is_some() {
+                self.failure = Some(self.ended_early());
+            }
         }
         // A body cut off (or over its limit) right after the last file is no
         // batch either: its error is the reply, so nothing may be recorded.
-        if failure.is_none() && !frames.ended_cleanly() {
-            failure = Some(ApiError::BadRequest(
+        if self.failure.is_none() && !clean {
+            self.failure = Some(ApiError::BadRequest(
                 "the request body did not end cleanly".to_owned(),
             ));
         }
-        if let Some(e) = failure {
-            for ((entry, _), plan) in entries.iter().zip(&plans) {
+        if let Some(e) = self.failure.take() {
+            if self.current.is_some() {
+                self.ended_early();
+            }
+            for ((entry, _), plan) in self.entries.iter().zip(&self.plans) {
                 if matches!(plan, BatchPlan::New { .. }) {
-                    self.discard_staged(&entry.upload_id);
+                    self.receiver.discard_staged(&entry.upload_id);
                 }
             }
             return Err(e);
         }
+        let plans = std::mem::take(&mut self.plans);
+        self.receiver.settle_batch(&self.entries, plans)
+    }
+}
 
+impl Receiver {
+    /// Once a batch's body has arrived cleanly: records and renames its new
+    /// files together, and completes the others one by one.
+    fn settle_batch(
+        &self,
+        entries: &[(BatchEntry, FileMeta)],
+        plans: Vec<BatchPlan>,
+    ) -> Result<Vec<BatchResult>, ApiError> {
         let mut results: Vec<Option<Result<(String, bool), ApiError>>> = Vec::new();
         let mut known = vec![false; plans.len()];
         let mut fresh = Vec::new();
@@ -401,60 +510,6 @@ fn parse_manifest(raw: &[u8], max_bytes: u64) -> Result<Vec<(BatchEntry, FileMet
         entries.push((entry, meta));
     }
     Ok(entries)
-}
-
-/// Copies one file of a batch body into its staging file, hashing it.
-/// `Ok(Some(_))`: the bytes arrived but the file is refused (hash mismatch,
-/// write error); `Err`: the body itself failed, and the batch with it.
-fn receive_batch_file(
-    frames: &mut Frames,
-    file: &File,
-    entry: &BatchEntry,
-) -> Result<Option<ApiError>, ApiError> {
-    use std::io::Read;
-    use std::os::unix::fs::FileExt;
-    let mut hasher = Sha256::new();
-    let mut left = entry.size;
-    let mut offset = 0u64;
-    let mut write_error = None;
-    let mut buf = vec![0u8; left.clamp(1, 64 << 10) as usize];
-    while left > 0 {
-        let want = buf.len().min(left as usize);
-        let n = frames.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(ApiError::BadRequest(format!(
-                "the body ended inside file {} of the batch ({left} of {} bytes missing)",
-                entry.upload_id, entry.size
-            )));
-        }
-        hasher.update(&buf[..n]);
-        if write_error.is_none()
-            && let Err(e) = file.write_all_at(&buf[..n], offset)
-        {
-            write_error = Some(ApiError::from(e));
-        }
-        offset += n as u64;
-        left -= n as u64;
-    }
-    if let Some(e) = write_error {
-        return Ok(Some(e));
-    }
-    let actual = hex::encode(hasher.finalize());
-    if actual != entry.sha256 {
-        return Ok(Some(checksum_mismatch(0, &actual)));
-    }
-    Ok(None)
-}
-
-/// Reads and drops the `size` bytes of a file the batch does not write.
-fn skip_bytes(frames: &mut Frames, size: u64) -> Result<(), ApiError> {
-    let copied = io::copy(&mut std::io::Read::take(frames, size), &mut io::sink())?;
-    if copied < size {
-        return Err(ApiError::BadRequest(
-            "the body ended before the files the manifest lists".to_owned(),
-        ));
-    }
-    Ok(())
 }
 
 fn batch_result(upload_id: &str, result: Option<Result<(String, bool), ApiError>>) -> BatchResult {

@@ -1,22 +1,61 @@
 //! Streaming a request body to disk (or only through the hasher) with bounded
-//! memory: frames go through a small channel to a blocking thread that hashes and
-//! writes them, so neither hashing nor file I/O runs on the executor and at most a
-//! few frames are held at once, whatever the chunk size.
+//! memory and a bounded number of threads. The network side reads frames on
+//! the executor and queues a few of them; whenever frames are queued and no
+//! writer is busy with this body, the queued frames go, together with the
+//! body's [`Intake`] (the open file, the hasher, whatever the caller holds),
+//! to one of at most [`WRITERS`] writer threads, and come back when written.
+//! So neither hashing nor file I/O runs on the executor, at most a few frames
+//! per request are held at once whatever the chunk size, and a client that
+//! sends slowly costs a queued frame, not a thread: a thousand slow uploads
+//! hold no thread at all between their frames.
+//!
+//! An intake is always finished ([`Intake::finish`]) on a writer thread after
+//! its last write, even when the request is dropped (its client gone): the
+//! writer that has it finishes it instead of handing it back, and one parked
+//! in a dropped request is sent to a writer to be finished. So whatever an
+//! intake holds (a chunk's lock, the guard that spoils an upload's hash) is
+//! let go only after the last write of its bytes. Frames read but not yet
+//! handed to a writer when a request is dropped are never written.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::hashes::Claim;
 use super::sha256::Sha256Stream;
 use axum::body::{Body, Bytes};
 use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::time::Instant;
 
-/// Frames queued between the network and the writer thread.
-const QUEUE_FRAMES: usize = 4;
+/// Frames queued between the network and the writers, per request, and the
+/// bytes after which no more are read: a frame is at most hyper's read buffer
+/// (about 400 KiB), so a request holds about 1 MiB of body at most, queued or
+/// being written.
+const QUEUE_FRAMES: usize = 16;
+const QUEUE_BYTES: usize = 256 << 10;
+
+/// Writer threads busy at once, for every receiver of the process. Writes go
+/// to the page cache and hashing runs at about 2 GB/s per core, so a few
+/// threads keep up with any network; more are allowed so that v1 chunks, each
+/// synced before its reply, do not wait on each other's syncs for long.
+pub(super) const WRITERS: usize = 32;
+
+static WRITER_SLOTS: Semaphore = Semaphore::const_new(WRITERS);
+
+/// What a request body's bytes are handed to. Every method runs on a writer
+/// thread, so it may block on files and the database.
+pub(super) trait Intake: Send + 'static {
+    type Output: Send + 'static;
+    /// Takes the next bytes of the body; `false` when it wants no more (the
+    /// rest of the body is read and dropped).
+    fn take(&mut self, bytes: Bytes) -> bool;
+    /// The body ended: `clean` when it ended as the client sent it (not cut
+    /// off, timed out or over its limit). An error reading the body wins over
+    /// what this returns.
+    fn finish(self, clean: bool) -> Self::Output;
+}
 
 /// Where the body's bytes go: `file` at `offset` onwards.
 pub(super) struct Sink {
@@ -63,11 +102,9 @@ pub(super) async fn read_body(
         .map(|(outcome, ())| outcome)
 }
 
-/// [`read_body`], with `held` kept by the thread that writes until its last
-/// write, then handed back. If the caller stops waiting (the request is
-/// dropped when its client goes), the writer still drains the frames already
-/// queued: whatever `held` guards (a lock, a spoiled hash) is released only
-/// after that.
+/// [`read_body`], with `held` kept with the bytes until their last write, then
+/// handed back. If the caller stops waiting (the request is dropped when its
+/// client goes), `held` is let go on the writer thread after that last write.
 pub(super) async fn write_body<H: Send + 'static>(
     body: Body,
     sink: Option<Sink>,
@@ -75,142 +112,205 @@ pub(super) async fn write_body<H: Send + 'static>(
     limit: u64,
     idle: Duration,
 ) -> Result<(BodyOutcome, H), BodyError> {
-    let written = stream_body(
-        body,
-        Bytes::new(),
-        limit,
-        idle,
-        move |frames| -> io::Result<(BodyOutcome, H)> {
-            let held = held;
-            let mut sink = sink;
-            let mut hasher = Sha256Stream::new();
-            let mut length = 0u64;
-            while let Some(buf) = frames.next_frame() {
-                if let Some(sink) = &sink {
-                    sink.file.write_all_at(&buf, sink.offset + length)?;
-                }
-                match sink.as_mut().and_then(|s| s.claim.as_mut()) {
-                    Some(claim) => claim.update(&mut hasher, &buf),
-                    None => hasher.update(&buf),
-                }
-                length += buf.len() as u64;
-            }
-            match &sink {
-                Some(sink) if sink.sync => sink.file.sync_data()?,
-                // The sync after the last chunk then finds the data mostly on
-                // disk already, rather than waiting for the whole file.
-                Some(sink) => start_writeback(&sink.file, sink.offset, length),
-                None => {}
-            }
-            let outcome = BodyOutcome {
-                length,
-                sha256: hasher.finalize_hex(),
-                claim: sink.and_then(|s| s.claim),
-            };
-            Ok((outcome, held))
-        },
-    )
-    .await?;
-    Ok(written?)
+    let intake = ChunkIntake {
+        sink,
+        held,
+        hasher: Sha256Stream::new(),
+        length: 0,
+        error: None,
+    };
+    Ok(stream_body(body, Bytes::new(), limit, idle, intake).await??)
 }
 
-/// A request body as a blocking thread sees it: frames as they arrive, or a
-/// byte stream ([`io::Read`]). The end comes when the body ends, or early when
-/// reading it failed (the error is the caller's of [`stream_body`];
-/// [`Frames::ended_cleanly`] tells the two apart).
-pub(super) struct Frames {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
-    current: Bytes,
-    clean_end: Arc<AtomicBool>,
+/// One chunk's bytes, written at the sink's offset onwards and hashed.
+struct ChunkIntake<H> {
+    sink: Option<Sink>,
+    held: H,
+    hasher: Sha256Stream,
+    length: u64,
+    error: Option<io::Error>,
 }
 
-impl Frames {
-    /// After the last frame: whether the body ended as the client sent it
-    /// (not cut off, timed out or over its limit).
-    pub(super) fn ended_cleanly(&self) -> bool {
-        self.clean_end.load(Ordering::Acquire)
-    }
+impl<H: Send + 'static> Intake for ChunkIntake<H> {
+    type Output = io::Result<(BodyOutcome, H)>;
 
-    /// The next bytes of the body; `None` at its end.
-    pub(super) fn next_frame(&mut self) -> Option<Bytes> {
-        if !self.current.is_empty() {
-            return Some(std::mem::take(&mut self.current));
+    fn take(&mut self, bytes: Bytes) -> bool {
+        if let Some(sink) = &self.sink
+            && let Err(e) = sink.file.write_all_at(&bytes, sink.offset + self.length)
+        {
+            self.error = Some(e);
+            return false;
         }
-        self.rx.blocking_recv()
+        match self.sink.as_mut().and_then(|s| s.claim.as_mut()) {
+            Some(claim) => claim.update(&mut self.hasher, &bytes),
+            None => self.hasher.update(&bytes),
+        }
+        self.length += bytes.len() as u64;
+        true
+    }
+
+    fn finish(self, clean: bool) -> Self::Output {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        match &self.sink {
+            // A body cut off is refused whatever was written: no sync for it.
+            _ if !clean => {}
+            Some(sink) if sink.sync => sink.file.sync_data()?,
+            // The sync after the last chunk then finds the data mostly on
+            // disk already, rather than waiting for the whole file.
+            Some(sink) => start_writeback(&sink.file, sink.offset, self.length),
+            None => {}
+        }
+        let outcome = BodyOutcome {
+            length: self.length,
+            sha256: self.hasher.finalize_hex(),
+            claim: self.sink.and_then(|s| s.claim),
+        };
+        Ok((outcome, self.held))
     }
 }
 
-impl io::Read for Frames {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(frame) => self.current = frame,
-                None => return Ok(0),
+/// Runs `job` on a writer thread once one of the [`WRITERS`] is free, and
+/// sends back its result; if nobody waits for it any more, `undelivered`
+/// gets it on the same thread.
+fn on_writer<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+    undelivered: impl FnOnce(T) + Send + 'static,
+) -> oneshot::Receiver<T> {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let Ok(slot) = WRITER_SLOTS.acquire().await else {
+            unreachable!("the writer slots are never closed");
+        };
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            if let Err(result) = tx.send(job()) {
+                undelivered(result);
+            }
+        });
+    });
+    rx
+}
+
+/// An intake between two writes, owned by its request. Dropped with the
+/// request, it is finished on a writer thread (see the module doc).
+struct Parked<I: Intake>(Option<I>);
+
+impl<I: Intake> Drop for Parked<I> {
+    fn drop(&mut self) {
+        if let Some(intake) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                drop(on_writer(move || intake.finish(false), drop));
+            } else {
+                drop(intake.finish(false));
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
     }
 }
 
-/// Runs `work` on a blocking thread over `prefix` (bytes already read) and
-/// then the frames of `body` (at most `limit` bytes, each frame within
-/// `idle`); at most a few frames wait between the network and `work`. An error
-/// reading the body wins over what `work` returned (`work` saw the body end
-/// early).
-pub(super) async fn stream_body<T: Send + 'static>(
-    body: Body,
+fn writer_failed() -> BodyError {
+    BodyError::Io(io::Error::other("a writer thread of the receiver failed"))
+}
+
+/// Hands `prefix` (bytes already read) and then the frames of `body` (at most
+/// `limit` bytes, each frame within `idle`) to `intake` on the writer threads,
+/// then finishes it there. An error reading the body wins over what `intake`
+/// returned (it saw the body end early).
+pub(super) async fn stream_body<I: Intake>(
+    mut body: Body,
     prefix: Bytes,
     limit: u64,
     idle: Duration,
-    work: impl FnOnce(&mut Frames) -> T + Send + 'static,
-) -> Result<T, BodyError> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE_FRAMES);
-    let clean_end = Arc::new(AtomicBool::new(false));
-    let worker_end = clean_end.clone();
-    let worker = tokio::task::spawn_blocking(move || {
-        let mut frames = Frames {
-            rx,
-            current: prefix,
-            clean_end: worker_end,
-        };
-        work(&mut frames)
-    });
-
-    let mut body = body;
-    let mut total = 0u64;
-    let read_result: Result<(), BodyError> = loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => break Err(BodyError::Timeout(idle)),
-            Ok(None) => break Ok(()),
-            Ok(Some(Err(e))) => break Err(BodyError::Aborted(e.to_string())),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total += data.len() as u64;
-        if total > limit {
-            drain(body).await;
-            break Err(BodyError::TooLong { limit });
-        }
-        if tx.send(data).await.is_err() {
-            // The worker stopped early; its own result says why. Reading a
-            // little more lets the client see that reply rather than a reset.
-            drain(body).await;
-            break Ok(());
-        }
-    };
-    if read_result.is_ok() {
-        clean_end.store(true, Ordering::Release);
+    intake: I,
+) -> Result<I::Output, BodyError> {
+    let mut parked = Parked(Some(intake));
+    let mut queued: Vec<Bytes> = Vec::new();
+    let mut queued_bytes = 0usize;
+    if !prefix.is_empty() {
+        queued_bytes = prefix.len();
+        queued.push(prefix);
     }
-    drop(tx);
-    let done = worker
+    let mut writing: Option<oneshot::Receiver<(I, bool)>> = None;
+    let mut wants_more = true;
+    // Set once the body ended (`Ok`) or reading it failed.
+    let mut read: Option<Result<(), BodyError>> = None;
+    let mut total = 0u64;
+    let mut deadline = Instant::now() + idle;
+    loop {
+        if writing.is_none() && wants_more && !queued.is_empty() {
+            let Some(mut intake) = parked.0.take() else {
+                unreachable!("the intake is parked while no writer has it");
+            };
+            let frames = std::mem::take(&mut queued);
+            queued_bytes = 0;
+            writing = Some(on_writer(
+                move || {
+                    let more = frames.into_iter().all(|frame| intake.take(frame));
+                    (intake, more)
+                },
+                |(intake, _)| drop(intake.finish(false)),
+            ));
+        }
+        if writing.is_none() && read.is_some() {
+            break;
+        }
+        // While the queue is full, nothing is read: the client waits on TCP.
+        let room = read.is_none() && queued.len() < QUEUE_FRAMES && queued_bytes < QUEUE_BYTES;
+        tokio::select! {
+            written = async { writing.as_mut().expect("enabled only while writing").await }, if writing.is_some() => {
+                writing = None;
+                let (intake, more) = written.map_err(|_| writer_failed())?;
+                parked.0 = Some(intake);
+                // Time spent waiting for the writer is not the client's.
+                deadline = Instant::now() + idle;
+                if !more && wants_more {
+                    // The intake stopped early; its own result says why.
+                    // Reading a little more lets the client see that reply
+                    // rather than a reset.
+                    wants_more = false;
+                    queued.clear();
+                    if read.is_none() {
+                        drain(std::mem::replace(&mut body, Body::empty())).await;
+                        read = Some(Ok(()));
+                    }
+                }
+            }
+            frame = tokio::time::timeout_at(deadline, body.frame()), if room => {
+                match frame {
+                    Err(_) => read = Some(Err(BodyError::Timeout(idle))),
+                    Ok(None) => read = Some(Ok(())),
+                    Ok(Some(Err(e))) => read = Some(Err(BodyError::Aborted(e.to_string()))),
+                    Ok(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            total += data.len() as u64;
+                            if total > limit {
+                                drain(std::mem::replace(&mut body, Body::empty())).await;
+                                read = Some(Err(BodyError::TooLong { limit }));
+                            } else if wants_more && !data.is_empty() {
+                                deadline = Instant::now() + idle;
+                                queued_bytes += data.len();
+                                queued.push(data);
+                            }
+                        }
+                    }
+                }
+                if matches!(read, Some(Err(_))) {
+                    queued.clear();
+                }
+            }
+        }
+    }
+    let read = read.unwrap_or(Ok(()));
+    let clean = read.is_ok();
+    let Some(intake) = parked.0.take() else {
+        unreachable!("the intake is parked once the last write is done");
+    };
+    let output = on_writer(move || intake.finish(clean), drop)
         .await
-        .map_err(|e| BodyError::Io(io::Error::other(e.to_string())))?;
-    read_result?;
-    Ok(done)
+        .map_err(|_| writer_failed())?;
+    read?;
+    Ok(output)
 }
 
 /// Reads the first `n` bytes of `body` (each frame within `idle`); returns

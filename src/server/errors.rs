@@ -124,7 +124,10 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // A full disk is the operator's to fix, not a fault of the receiver.
+        if status == StatusCode::INSUFFICIENT_STORAGE {
+            tracing::warn!(status = status.as_u16(), error = %self.message(), "request refused");
+        } else if status.is_server_error() {
             tracing::error!(status = status.as_u16(), error = %self.message(), "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), error = %self.message(), "request refused");
@@ -138,6 +141,10 @@ impl From<io::Error> for ApiError {
         if is_disk_full(&e) {
             ApiError::InsufficientStorage(format!(
                 "the receiver's disk is full ({e}); nothing was recorded, retry later"
+            ))
+        } else if e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) {
+            ApiError::TooLarge(format!(
+                "the receiver's file system refuses a file this large ({e}); nothing was recorded"
             ))
         } else {
             ApiError::Internal(format!("i/o error on the receiver: {e}"))

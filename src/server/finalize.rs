@@ -46,6 +46,7 @@ impl Receiver {
             }
         }
         self.sweep_staging().await;
+        self.trim_v1_files().await;
     }
 
     /// Removes staging files nothing refers to: those of a batch stopped

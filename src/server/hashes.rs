@@ -17,8 +17,9 @@
 //! one's bytes in a file that completes. Any write that is not recorded (a bad
 //! hash, a body cut off, a full disk, a request given up) may have written
 //! anywhere, so it spoils its upload's entry, and that file is read back whole.
-//! It does so after the thread that writes has made its last write (even when
-//! the request was dropped, its queued frames are still written), and before
+//! It does so after the writer thread has made its last write (even when the
+//! request was dropped: the spoil guard travels with the bytes to the writer,
+//! see `body`), and before
 //! its chunk lock is released, so before the upload can complete. A write into
 //! bytes already hashed spoils the entry at once. The maps are shared by
 //! every receiver of the process with the same staging directory (see

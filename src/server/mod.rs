@@ -29,13 +29,16 @@
 //! This module holds the [`Receiver`] (configuration, state database,
 //! directory descriptors, and the hashes and locks shared by every receiver
 //! of the process) and the helpers every protocol uses. `serve` owns the
-//! routes, the key check and the listener; `errors` the replies to refused
-//! requests; `headers` the parsing of request headers; `locks` the keyed
-//! locks; `paths` the file names and directory operations; `state` the
-//! SQLite records; `body`, `hashes` and `sha256` the streaming of bodies to
-//! disk and their hashes. None of it imports the sending side (`agent`,
-//! `client`).
+//! routes, the key check and the listener; `admission` the connection slots
+//! (`max_connections`) and accept failures; `audit` the log of refused keys;
+//! `errors` the replies to refused requests; `headers` the parsing of request
+//! headers; `locks` the keyed locks; `paths` the file names and directory
+//! operations; `state` the SQLite records; `body` (the bounded writer
+//! threads), `hashes` and `sha256` the streaming of bodies to disk and their
+//! hashes. None of it imports the sending side (`agent`, `client`).
 
+mod admission;
+mod audit;
 mod batch;
 mod body;
 mod errors;
@@ -102,6 +105,7 @@ struct Inner {
     max_file_bytes: u64,
     incomplete_expiry: Duration,
     read_timeout: Duration,
+    max_connections: usize,
     state: UploadState,
     root: OwnedFd,
     staging: OwnedFd,
@@ -155,6 +159,7 @@ impl Receiver {
                 max_file_bytes: cfg.max_file_bytes,
                 incomplete_expiry: cfg.incomplete_expiry,
                 read_timeout: options.read_timeout,
+                max_connections: cfg.max_connections,
                 state,
                 root,
                 staging,
@@ -202,15 +207,31 @@ fn reserved_component(output_dir: &Path, state_dir: &Path) -> Option<String> {
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
 }
 
+/// Short blocking calls (database, file system) of every receiver of the
+/// process running at once. With the writers' limit (see `body`) this bounds
+/// the receiver's threads however many requests arrive together: a burst of a
+/// thousand requests waits for slots rather than starting a thread each.
+const BLOCKING_SLOTS: usize = 64;
+
+static BLOCKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BLOCKING_SLOTS);
+
 /// Runs `f` on the blocking pool, since database and file-system calls must not
-/// hold up the executor; a panic in `f` becomes a 500 reply.
+/// hold up the executor, once one of the [`BLOCKING_SLOTS`] is free; a panic
+/// in `f` becomes a 500 reply.
 async fn blocking<T: Send + 'static, E: Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, ApiError>
 where
     ApiError: From<E>,
 {
-    match tokio::task::spawn_blocking(f).await {
+    let Ok(slot) = BLOCKING.acquire().await else {
+        unreachable!("the blocking slots are never closed");
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        f()
+    });
+    match task.await {
         Ok(result) => result.map_err(ApiError::from),
         Err(e) => Err(ApiError::Internal(format!("blocking task failed: {e}"))),
     }

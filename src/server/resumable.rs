@@ -104,9 +104,19 @@ pub(super) async fn receive_resumable(
     // Refuse a bad name before storing anything.
     receiver.destination(&ext.meta.client_name)?;
 
-    let state = inner.state.clone();
+    let this = receiver.clone();
     let (id, meta) = (ext.upload_id.clone(), ext.meta.clone());
-    let upload = blocking(move || state.get_or_create_upload(&id, &meta)).await?;
+    let upload = blocking(move || {
+        let state = &this.inner.state;
+        // A new upload must fit in the free space before anything of it is
+        // created: a file system refuses (or sparsely allocates) a file far
+        // larger than it, and the declared size is the client's to choose.
+        if state.upload(&id)?.is_none() {
+            this.check_room(meta.file_size)?;
+        }
+        Ok::<_, ApiError>(state.get_or_create_upload(&id, &meta)?)
+    })
+    .await?;
     if upload.meta != ext.meta {
         return Err(upload_id_in_use(&ext.upload_id, &upload.meta));
     }
@@ -262,6 +272,19 @@ pub(super) async fn receive_resumable(
 }
 
 impl Receiver {
+    /// Refuses (507) a new upload of `file_size` bytes that cannot fit in the
+    /// space left on the staging directory's file system.
+    fn check_room(&self, file_size: u64) -> Result<(), ApiError> {
+        let fs = rustix::fs::fstatvfs(&self.inner.staging).map_err(std::io::Error::from)?;
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        if file_size > free {
+            return Err(ApiError::InsufficientStorage(format!(
+                "X-File-Size {file_size} is more than the {free} bytes free on the receiver's disk; nothing was stored, send the file once space is freed"
+            )));
+        }
+        Ok(())
+    }
+
     /// Extends the upload's whole-file hash over chunks recorded ahead of it.
     fn catch_up_hash(&self, upload_id: &str) {
         let inner = &self.inner;

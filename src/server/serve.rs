@@ -21,6 +21,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Receiver;
+use super::admission::{AcceptFailures, Slots};
+use super::audit::{self, Peer, REFUSED_KEYS};
 use super::batch::receive_batch;
 use super::errors::{ApiError, ServerError, too_large_chunk};
 use super::headers::{content_length, header_str, number, parse_extension, within_declared_limit};
@@ -72,6 +74,8 @@ impl FromRequestParts<Receiver> for Authorized {
         if receiver.authorized(&parts.headers) {
             Ok(Authorized)
         } else {
+            let peer = parts.extensions.get::<Peer>().map(|p| p.0);
+            REFUSED_KEYS.refused(peer, parts.uri.path());
             Err(ApiError::Unauthorized)
         }
     }
@@ -124,15 +128,37 @@ pub async fn serve_reloadable(
             }
         })
     };
+    // Logs the counted refusals every interval, and once more at shutdown.
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(audit::INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = every.tick() => REFUSED_KEYS.flush(),
+                }
+            }
+            REFUSED_KEYS.flush();
+        });
+    }
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut slots = Slots::new(receiver.inner.max_connections);
+    let mut accept_failures = AcceptFailures::default();
     loop {
+        // With every slot taken, nothing is accepted: further clients wait
+        // in the listen backlog until a connection closes.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.acquire() => slot,
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
+                    accept_failures.failed(&e);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -141,16 +167,25 @@ pub async fn serve_reloadable(
         if receivers.has_changed().unwrap_or(false) {
             receiver = receivers.borrow_and_update().clone();
             router = receiver.router();
+            slots.resize(receiver.inner.max_connections);
         }
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(receiver.inner.read_timeout)
             .keep_alive(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                request
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(service);
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

@@ -424,6 +424,17 @@ impl UploadState {
             .optional()?)
     }
 
+    /// Every v1 session: client name, final name and acknowledged size.
+    pub(super) fn v1_sessions(&self) -> Result<Vec<(String, String, u64)>> {
+        let conn = self.pool.get()?;
+        let mut stmt =
+            conn.prepare_cached("SELECT client_name, actual_name, size FROM v1_sessions")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     /// Creates or replaces the v1 session of a client file name.
     pub(super) fn put_v1_session(&self, session: &V1Session) -> Result<()> {
         let conn = self.pool.get()?;

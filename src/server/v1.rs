@@ -144,7 +144,7 @@ pub(super) async fn receive_v1(
             Err(e) => {
                 // Cut off what the refused chunk wrote, so the file never holds a
                 // partial chunk as if it had arrived.
-                let _ = tokio::task::spawn_blocking(move || rollback.set_len(size)).await;
+                let _ = blocking(move || rollback.set_len(size)).await;
                 return Err(body_error(e, too_long));
             }
         };
@@ -179,6 +179,59 @@ pub(super) async fn receive_v1(
 }
 
 impl Receiver {
+    /// Cuts every v1 file back to its acknowledged size: a chunk cut off by a
+    /// crash (or SIGKILL) left its bytes after it, since later chunks are
+    /// written in place. Run at start and after a reload, under each client
+    /// name's lock, so never under a chunk being written.
+    pub(super) async fn trim_v1_files(&self) {
+        let state = self.inner.state.clone();
+        let sessions = match blocking(move || state.v1_sessions()).await {
+            Ok(sessions) => sessions,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "cannot list the v1 sessions to trim their files");
+                return;
+            }
+        };
+        for (client_name, actual_name, size) in sessions {
+            let _guard = self.inner.locks.lock(format!("v1:{client_name}")).await;
+            let this = self.clone();
+            let name = actual_name.clone();
+            match blocking(move || this.trim_v1_file(&name, size)).await {
+                Ok(Some(was)) => tracing::info!(
+                    file = %actual_name,
+                    acknowledged = size,
+                    cut = was - size,
+                    "cut the bytes of an unacknowledged v1 chunk off a file"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    file = %actual_name,
+                    error = %e.message(),
+                    "cannot cut a v1 file back to its acknowledged size"
+                ),
+            }
+        }
+    }
+
+    /// Cuts `actual_name` to `size` bytes if it is longer; its former size
+    /// then. A file removed meanwhile is left alone.
+    fn trim_v1_file(&self, actual_name: &str, size: u64) -> Result<Option<u64>, ApiError> {
+        let dest = Destination::from_display(actual_name);
+        let parent = paths::open_parent(&self.inner.root, &dest).map_err(open_error)?;
+        let file = match paths::open_existing(&parent, &dest.name) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let was = file.metadata()?.len();
+        if was <= size {
+            return Ok(None);
+        }
+        file.set_len(size)?;
+        file.sync_all()?;
+        Ok(Some(was))
+    }
+
     /// Moves a received chunk 0 from staging to a free name at `dest` and records
     /// the new session.
     fn start_v1_session(
