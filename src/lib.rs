@@ -61,7 +61,9 @@
 //!   `resumable`, `batch`, `finalize` (verify, sync, rename into place,
 //!   recovery, expiry), `paths` (path modes, writes that stay inside the output
 //!   folder), `state` (its own SQLite file), `hashes`, `sha256`, `body`,
-//!   `headers`, `errors`, `locks`. Never imports the agent.
+//!   `headers`, `errors`, `locks`, `admission` (the connection cap, accept
+//!   failures), `audit` (refused keys, logged per address and interval).
+//!   Never imports the agent.
 //! - [`client`]: the library API (`Client`, callbacks, background uploads) on
 //!   the agent's ingest, store and upload; [`client::storage`] is the
 //!   original's key-value `Storage`, not the upload buffer.
