@@ -8,6 +8,7 @@ mod support;
 mod fixtures;
 
 mod agent;
+mod broken_pipe;
 mod cli_oneshot;
 mod config_errors;
 mod failpoints;
@@ -24,4 +25,5 @@ mod receiver_names;
 mod receiver_process;
 mod receiver_resumable;
 mod reload;
+mod supervision;
 mod systemd_units;
