@@ -333,6 +333,11 @@ impl Agent {
                 _ = self.shutdown.cancelled() => break,
                 ended = &mut uploader => {
                     uploader_done = true;
+                    // On shutdown the uploader may end before this loop sees
+                    // the cancellation: that is the normal end.
+                    if self.shutdown.is_cancelled() && ended.is_ok() {
+                        break;
+                    }
                     died = Some(AgentError::LoopDied {
                         task: "uploader loop".to_owned(),
                         reason: match ended {

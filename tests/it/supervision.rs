@@ -196,3 +196,25 @@ fn both_units_arm_the_watchdog() {
         assert!(seconds >= 30, "{unit}: WatchdogSec={value}");
     }
 }
+
+/// The loops end on SIGTERM in any order; none of them may be taken for a
+/// dead loop then (that would turn every clean stop into 70).
+#[tokio::test]
+async fn sigterm_is_a_clean_stop_whichever_loop_ends_first() {
+    let (dir, out, spool, _staging) = agent_dirs();
+    let server = Server::start(&out, &[]).await;
+    let config = agent_config(dir.path(), &server.upload_url(), &spool, "", "");
+    for round in 0..20 {
+        let mut daemon = LoggedDaemon::start(&config, "");
+        let log = &daemon.log;
+        let started = wait_until(
+            "the daemon to start",
+            Duration::from_millis(10),
+            Duration::from_secs(20),
+            || Ok(log.lock().unwrap().contains("indexedcp daemon running")),
+        );
+        assert!(started.is_ok(), "round {round}: {}", daemon.log());
+        let status = signal_and_wait(&mut daemon.child, libc::SIGTERM, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(0), "round {round}: {}", daemon.log());
+    }
+}
