@@ -3,6 +3,7 @@
 
 fn main() {
     limit_malloc_arenas();
+    ignore_sigio();
     std::process::exit(indexedcp::cli::main_with_args(std::env::args_os()));
 }
 
@@ -20,5 +21,19 @@ fn limit_malloc_arenas() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
+    }
+}
+
+/// The spool's settle rule asks the kernel whether a file is still open for
+/// writing by taking a read lease on it for a moment (`F_SETLEASE`). Should
+/// another process open the file for writing in that moment, the kernel
+/// breaks the lease by sending SIGIO to the holder, and SIGIO's default
+/// action terminates the process. The lease is released at once and the
+/// settle rule looks again later, so the signal carries nothing the daemon
+/// needs: it is ignored for the whole process, before any thread exists.
+fn ignore_sigio() {
+    // SAFETY: signal() with SIG_IGN installs no handler and touches no memory.
+    unsafe {
+        libc::signal(libc::SIGIO, libc::SIG_IGN);
     }
 }

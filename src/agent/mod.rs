@@ -14,6 +14,7 @@ pub mod upload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
@@ -38,8 +39,9 @@ const CANDIDATE_QUEUE: usize = 1024;
 const INGEST_BATCH_FILES: usize = 256;
 const INGEST_BATCH_BYTES: u64 = 16 << 20;
 
-/// Why the agent could not start. Once started it does not fail (see
-/// `Agent::run`); a reload that cannot be applied is logged instead.
+/// Why the agent could not start, or stopped: once started it fails only when
+/// one of its loops died (see `Agent::run`); a reload that cannot be applied
+/// is logged instead.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The state directory cannot be created: the file system refuses it.
@@ -71,6 +73,13 @@ pub enum AgentError {
         #[source]
         source: upload::UploadError,
     },
+    /// One of the agent's loops (ingest, uploader, a spool watcher) ended
+    /// while the agent was running: a bug. The agent stops so that the
+    /// service manager restarts the daemon, which resumes from the buffer.
+    #[error(
+        "the agent's {task} stopped unexpectedly ({reason}); stopping so that the daemon is restarted"
+    )]
+    LoopDied { task: String, reason: String },
 }
 
 /// A spool being watched, with the token that stops just this watcher.
@@ -87,8 +96,11 @@ pub(crate) struct Agent {
     shared: Arc<UploaderShared>,
     tx: mpsc::Sender<Candidate>,
     candidates: mpsc::Receiver<Candidate>,
-    tasks: JoinSet<()>,
+    /// The spool watchers; each ends with `Err` (naming its spool and why)
+    /// when it stopped without being asked to.
+    tasks: JoinSet<Result<(), AgentError>>,
     wake: Arc<Notify>,
+    ingest_heartbeat: Arc<AtomicI64>,
     max_buffer_bytes: u64,
     grace: Duration,
     shutdown: CancellationToken,
@@ -99,6 +111,22 @@ pub(crate) struct Agent {
 pub(crate) struct AgentProbe {
     pub(crate) store: Store,
     pub(crate) shared: Arc<UploaderShared>,
+    ingest_heartbeat: Arc<AtomicI64>,
+}
+
+impl AgentProbe {
+    /// Whether the ingest loop and the uploader loop both went round lately.
+    /// Each goes round at least every check_interval when idle; the margin
+    /// covers a slow round (a large buffer to query, a busy disk). The ingest
+    /// loop also beats while it waits for a batch being buffered, however
+    /// long a big file takes, so only a loop that is stuck elsewhere (or
+    /// gone) counts as dead.
+    pub(crate) fn loops_alive(&self) -> bool {
+        let stale = (self.shared.check_interval() * 3 + Duration::from_secs(30)).as_millis() as i64;
+        let now = crate::clock::now_ms();
+        now - self.shared.last_heartbeat() < stale
+            && now - self.ingest_heartbeat.load(Ordering::Relaxed) < stale
+    }
 }
 
 impl Agent {
@@ -131,6 +159,7 @@ impl Agent {
             candidates,
             tasks: JoinSet::new(),
             wake: Arc::new(Notify::new()),
+            ingest_heartbeat: Arc::new(AtomicI64::new(crate::clock::now_ms())),
             max_buffer_bytes: config.daemon.max_buffer_bytes,
             grace: config.daemon.shutdown_grace,
             shutdown,
@@ -145,6 +174,7 @@ impl Agent {
         AgentProbe {
             store: self.store.clone(),
             shared: self.shared.clone(),
+            ingest_heartbeat: self.ingest_heartbeat.clone(),
         }
     }
 
@@ -155,8 +185,18 @@ impl Agent {
                 path: spool_cfg.path.clone(),
                 source: Box::new(source),
             })?;
+        let (path, stopped) = (spool_cfg.path.clone(), token.clone());
         self.tasks.spawn(async move {
-            let _ = task.await;
+            let reason = match task.await {
+                Err(e) if e.is_panic() => panic_message(e),
+                _ if stopped.is_cancelled() => return Ok(()),
+                Err(e) => e.to_string(),
+                Ok(()) => "it returned".to_owned(),
+            };
+            Err(AgentError::LoopDied {
+                task: format!("watcher of spool {}", path.display()),
+                reason,
+            })
         });
         tracing::info!(spool = %spool_cfg.path.display(), target = %spool_cfg.target, "watching spool");
         self.spools.push(RunningSpool {
@@ -261,13 +301,19 @@ impl Agent {
     /// Runs ingest, upload and housekeeping until shutdown, applying every
     /// configuration that arrives on `reloads`.
     ///
-    /// It returns nothing because nothing it meets once started must stop the
-    /// process: a failed ingest leaves the files in the spool for the next
-    /// scan, a failed upload is retried on its schedule, a full buffer pauses
-    /// ingest, and a reload that cannot be applied keeps the settings in force.
-    /// Each of these is logged where it happens.
-    pub(crate) async fn run(mut self, mut reloads: tokio::sync::watch::Receiver<Arc<Config>>) {
-        let uploader = tokio::spawn(upload::run_uploader(
+    /// Nothing it meets in the world stops it: a failed ingest leaves the
+    /// files in the spool for the next scan, a failed upload is retried on
+    /// its schedule, a full buffer pauses ingest, and a reload that cannot be
+    /// applied keeps the settings in force. Each of these is logged where it
+    /// happens. It returns an error only when one of its loops died (a bug):
+    /// a daemon that goes on without its uploader or a spool watcher would
+    /// look healthy while delivering nothing, so it stops the rest and lets
+    /// the service manager restart it.
+    pub(crate) async fn run(
+        mut self,
+        mut reloads: tokio::sync::watch::Receiver<Arc<Config>>,
+    ) -> Result<(), AgentError> {
+        let mut uploader = tokio::spawn(upload::run_uploader(
             self.store.clone(),
             self.shared.clone(),
             self.wake.clone(),
@@ -279,9 +325,35 @@ impl Agent {
         let mut paused = false;
         let mut housekeeping = tokio::time::interval(self.shared.check_interval());
         let mut last_forget = std::time::Instant::now() - Duration::from_secs(3600);
+        let mut uploader_done = false;
+        let mut died = None;
         loop {
+            self.beat();
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                ended = &mut uploader => {
+                    uploader_done = true;
+                    // On shutdown the uploader may end before this loop sees
+                    // the cancellation: that is the normal end.
+                    if self.shutdown.is_cancelled() && ended.is_ok() {
+                        break;
+                    }
+                    died = Some(AgentError::LoopDied {
+                        task: "uploader loop".to_owned(),
+                        reason: match ended {
+                            Err(e) if e.is_panic() => panic_message(e),
+                            Err(e) => e.to_string(),
+                            Ok(()) => "it returned".to_owned(),
+                        },
+                    });
+                    break;
+                }
+                // A watcher stopped by a reload ends with Ok and is just
+                // collected here.
+                Some(Ok(Err(e))) = self.tasks.join_next() => {
+                    died = Some(e);
+                    break;
+                }
                 changed = reloads.changed() => {
                     if changed.is_err() {
                         continue;
@@ -319,15 +391,43 @@ impl Agent {
                         bytes += next.identity.size;
                         batch.push(next);
                     }
-                    paused = self.ingest(batch).await;
+                    crate::failpoint::hit(crate::failpoint::INGEST_LOOP);
+                    paused = self.ingest_beating(batch).await;
                 }
             }
         }
+        if let Some(e) = &died {
+            tracing::error!(error = %e, "agent loop died; stopping the agent");
+            self.shutdown.cancel();
+        }
         // Dropping the receiver stops watchers blocked on a full queue.
         drop(self.candidates);
-        let _ = uploader.await;
+        if !uploader_done {
+            let _ = uploader.await;
+        }
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("agent stopped");
+        died.map_or(Ok(()), Err)
+    }
+
+    /// Records that the ingest loop is alive, for the systemd watchdog.
+    fn beat(&self) {
+        self.ingest_heartbeat
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Ingests a batch, beating meanwhile: buffering a big file takes as long
+    /// as reading it, and the loop is busy, not hung, while it waits.
+    async fn ingest_beating(&self, batch: Vec<Candidate>) -> bool {
+        let ingest = self.ingest(batch);
+        tokio::pin!(ingest);
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                paused = &mut ingest => return paused,
+                _ = beat.tick() => self.beat(),
+            }
+        }
     }
 
     async fn buffer_has_room(&self) -> bool {
@@ -471,6 +571,17 @@ impl Agent {
     }
 }
 
+/// What a panicked task said, for the log line that reports its death.
+fn panic_message(error: tokio::task::JoinError) -> String {
+    let payload = error.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    format!("panicked: {message}")
+}
+
 /// Target runtimes for `configs`, reusing an old runtime (and its HTTP client
 /// and protocol knowledge) when the target's settings did not change.
 fn build_targets(
@@ -487,7 +598,10 @@ fn build_targets(
             name: target.name.clone(),
             source,
         })?;
-        if target.api_key.is_none() && crate::config::api_key_from_env().is_none() {
+        if target.kind == crate::config::TargetKind::IndexedCp
+            && target.api_key.is_none()
+            && crate::config::api_key_from_env().is_none()
+        {
             tracing::warn!(target = %target.name, "no api_key, api_key_file or INDEXEDCP_API_KEY: uploads will be refused with 401 by receivers that require a key");
         }
         out.push(Arc::new(runtime));

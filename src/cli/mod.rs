@@ -3,7 +3,7 @@
 //! here and nowhere else. No SQL and no protocol logic lives in the command
 //! line: the one-shot commands (`oneshot`) drive the library's `Client`,
 //! the status commands (`status`) read the agent's `Store`, and `daemon` and
-//! `server` hand over to [`crate::daemon`].
+//! `server` hand over to the `daemon` module.
 
 mod args;
 mod oneshot;
@@ -86,6 +86,9 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
             };
         }
     };
+    if !matches!(cli.command, Command::Daemon(_) | Command::Server(_)) {
+        die_quietly_on_broken_pipe();
+    }
     match run(cli) {
         Ok(()) => exit::OK,
         Err(failure) => {
@@ -95,9 +98,23 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
     }
 }
 
+/// Gives SIGPIPE back its default action, so that a command whose reader went
+/// away (`indexedcp status | head -1`) ends quietly, as `ls` or `cat` do,
+/// instead of panicking in `println!` on EPIPE. The Rust runtime ignores
+/// SIGPIPE before `main`; the short commands that print are safe to stop at
+/// any write (the buffer's changes are SQLite transactions). The daemon and
+/// the receiver keep it ignored: they must outlive a closed stdout or
+/// journald stream, and they print through writes that tolerate EPIPE.
+fn die_quietly_on_broken_pipe() {
+    // SAFETY: signal() with SIG_DFL installs no handler and touches no memory.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// The exit code for a daemon or receiver that stopped or could not start:
 /// the configuration has to change (78), the machine refused a resource (74),
-/// or a task panicked, which is a bug (70).
+/// or a task panicked or one of the agent's loops died, which is a bug (70).
 fn daemon_failure(error: DaemonError) -> Failure {
     let code = match &error {
         DaemonError::NoRole { .. } => exit::CONFIG,
@@ -110,7 +127,9 @@ fn daemon_failure(error: DaemonError) -> Failure {
         DaemonError::Signals(_)
         | DaemonError::MetricsListen { .. }
         | DaemonError::ListenAddress(_) => exit::IO_ERR,
-        DaemonError::RolePanicked(_) | DaemonError::Task(_) => exit::SOFTWARE,
+        DaemonError::RolePanicked(_)
+        | DaemonError::Task(_)
+        | DaemonError::Agent(AgentError::LoopDied { .. }) => exit::SOFTWARE,
     };
     Failure {
         code,

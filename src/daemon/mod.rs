@@ -102,6 +102,12 @@ pub(crate) fn spawn_signal_handler(
 
 /// `indexedcp daemon`: the roles of the config file at `path`, reloaded on SIGHUP.
 pub(crate) async fn run(path: &Path, config: Config) -> Result<(), DaemonError> {
+    if !crate::failpoint::COMPILED && std::env::var_os(crate::failpoint::ENV).is_some() {
+        tracing::warn!(
+            "{} is set, but this build has no failpoints (they are for the test suite); ignored",
+            crate::failpoint::ENV
+        );
+    }
     let shutdown = CancellationToken::new();
     let (reload_tx, mut reload_rx) = mpsc::channel(4);
     let signals = spawn_signal_handler(shutdown.clone(), Some(reload_tx))?;

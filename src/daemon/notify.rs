@@ -1,6 +1,6 @@
 //! What the daemon tells systemd (`sd_notify`): READY once the roles run,
 //! RELOADING around a SIGHUP, STOPPING on the first stop signal, a STATUS line
-//! with the agent's queue, and WATCHDOG pings while the uploader is alive.
+//! with the agent's queue, and WATCHDOG pings while the agent's ingest and uploader loops are alive.
 //! Every message is best effort: without a notify socket they go nowhere,
 //! and a daemon started by hand must run the same.
 
@@ -29,7 +29,8 @@ pub(super) fn stopping() {
 }
 
 /// Tells systemd how the agent is doing (STATUS=) and, when a watchdog is set,
-/// pings it only while the uploader loop is alive.
+/// pings it only while the agent's ingest and uploader loops are alive
+/// (a loop that died stops the daemon instead, see `agent::Agent::run`).
 pub(super) async fn report_status(
     probe: Option<AgentProbe>,
     check_interval: Duration,
@@ -50,7 +51,6 @@ pub(super) async fn report_status(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        let mut alive = true;
         if let Some(probe) = &probe {
             let store = probe.store.clone();
             let counts = tokio::task::spawn_blocking(move || {
@@ -59,9 +59,13 @@ pub(super) async fn report_status(
                     store.buffered_bytes()?,
                     store.last_error()?,
                 ))
-            })
-            .await;
-            if let Ok(Ok(((queued, failed, _), bytes, last_error))) = counts {
+            });
+            // A slow buffer query (a busy disk, a long transaction) costs
+            // this STATUS line, never the ping after it: a late ping would
+            // get a healthy daemon killed.
+            if let Ok(Ok(Ok(((queued, failed, _), bytes, last_error)))) =
+                tokio::time::timeout(period / 2, counts).await
+            {
                 let mut line = format!("{queued} queued ({bytes} bytes), {failed} failed");
                 if let Some(error) = last_error {
                     line.push_str("; last error: ");
@@ -69,10 +73,8 @@ pub(super) async fn report_status(
                 }
                 let _ = sd_notify::notify(false, &[NotifyState::Status(&line)]);
             }
-            let stale = probe.shared.check_interval() * 3 + Duration::from_secs(30);
-            alive =
-                crate::clock::now_ms() - probe.shared.last_heartbeat() < stale.as_millis() as i64;
         }
+        let alive = probe.as_ref().is_none_or(AgentProbe::loops_alive);
         if watchdog && alive {
             let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
         }

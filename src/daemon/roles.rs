@@ -4,6 +4,7 @@
 //! receiver's listener is bound and announced on stdout and its keys are
 //! filled in, because the daemon and the `server` command share both.
 
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,10 +43,7 @@ pub(super) async fn start(
     if !config.spools.is_empty() || !config.targets.is_empty() {
         let agent = Agent::start(config, shutdown.child_token()).await?;
         probe = Some(agent.probe());
-        roles.spawn(async move {
-            agent.run(configs).await;
-            Ok(())
-        });
+        roles.spawn(async move { Ok(agent.run(configs).await?) });
     }
     if roles.is_empty() {
         return Err(DaemonError::NoRole {
@@ -132,10 +130,16 @@ pub(super) async fn bind_and_announce(
 ) -> Result<TcpListener, DaemonError> {
     let listener = server::bind(cfg.listen).await?;
     let addr = listener.local_addr().map_err(DaemonError::ListenAddress)?;
-    println!("Server listening on http://{addr}");
+    // Written without println!, which panics on EPIPE: a receiver whose
+    // stdout was a pipe that closed (`indexedcp server | head -1`) keeps
+    // serving.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "Server listening on http://{addr}");
     if let Some(key) = generated_key {
-        println!("API Key: {key}");
+        let _ = writeln!(stdout, "API Key: {key}");
     }
+    let _ = stdout.flush();
+    drop(stdout);
     tracing::info!(%addr, output_dir = %cfg.output_dir.display(), path_mode = %cfg.path_mode, "receiver started");
     Ok(listener)
 }

@@ -8,6 +8,7 @@ mod support;
 mod fixtures;
 
 mod agent;
+mod broken_pipe;
 mod cli_oneshot;
 mod config_errors;
 mod failpoints;
@@ -28,4 +29,5 @@ mod receiver_resumable;
 mod receiver_v1_recovery;
 mod reload;
 mod s3;
+mod supervision;
 mod systemd_units;

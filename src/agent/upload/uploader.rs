@@ -74,11 +74,16 @@ pub async fn run_uploader(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let mut in_flight: JoinSet<(String, Vec<i64>, bool)> = JoinSet::new();
+    // Each attempt's task returns whether it failed; its target and files
+    // are kept here by task id, because a task that panics returns nothing
+    // and its files must still be released.
+    let mut in_flight: JoinSet<bool> = JoinSet::new();
+    let mut attempt_files: HashMap<tokio::task::Id, (String, Vec<i64>)> = HashMap::new();
     // The attempts in flight per target, each with the ids of its files.
     let mut busy: HashMap<String, Vec<Vec<i64>>> = HashMap::new();
     let mut cooling: HashMap<i64, (String, std::time::Instant)> = HashMap::new();
     loop {
+        crate::failpoint::hit(crate::failpoint::UPLOADER_LOOP);
         shared
             .heartbeat_ms
             .store(crate::clock::now_ms(), Ordering::Relaxed);
@@ -133,13 +138,9 @@ pub async fn run_uploader(
             for attempt in plan_attempts(target, due, room) {
                 let ids = attempt.ids();
                 busy.entry(name.clone()).or_default().push(ids.clone());
-                let (store, target, observer, name) = (
-                    store.clone(),
-                    target.clone(),
-                    observer.clone(),
-                    name.clone(),
-                );
-                in_flight.spawn(async move {
+                let (store, target, observer) = (store.clone(), target.clone(), observer.clone());
+                let task = in_flight.spawn(async move {
+                    crate::failpoint::hit(crate::failpoint::UPLOAD_ATTEMPT);
                     let mut failed = false;
                     for (file, outcome) in run_attempt(&store, &target, attempt, observer.as_ref()).await {
                         if let Err((error, _)) = outcome {
@@ -147,8 +148,9 @@ pub async fn run_uploader(
                             failed = true;
                         }
                     }
-                    (name, ids, failed)
+                    failed
                 });
+                attempt_files.insert(task.id(), (name.clone(), ids));
             }
         }
         let now = crate::clock::now_ms();
@@ -161,17 +163,19 @@ pub async fn run_uploader(
             _ = shutdown.cancelled() => break,
             _ = wake.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
-            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Ok(done) = done {
-                    finish(done, &mut busy, &mut cooling, check_interval);
-                }
+            Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                finish(done, &mut attempt_files, &mut busy, &mut cooling, check_interval);
             }
         }
         // Collect every other finished task without waiting.
-        while let Some(done) = in_flight.try_join_next() {
-            if let Ok(done) = done {
-                finish(done, &mut busy, &mut cooling, check_interval);
-            }
+        while let Some(done) = in_flight.try_join_next_with_id() {
+            finish(
+                done,
+                &mut attempt_files,
+                &mut busy,
+                &mut cooling,
+                check_interval,
+            );
         }
         // Files whose attempt failed outside the retry schedule (the store
         // could not record it, e.g. a full disk) wait a check_interval.
@@ -195,14 +199,29 @@ pub async fn run_uploader(
     }
 }
 
-/// Books a finished attempt: the file is free again, or cooling down when the
-/// attempt failed without being recorded.
+/// Books a finished attempt: its files are free again, or cooling down when
+/// the attempt failed without being recorded. An attempt that panicked (a
+/// bug) is logged and its files cool down too, so they are tried again after
+/// a check_interval instead of staying busy until a restart.
 fn finish(
-    (name, ids, failed): (String, Vec<i64>, bool),
+    done: Result<(tokio::task::Id, bool), tokio::task::JoinError>,
+    attempt_files: &mut HashMap<tokio::task::Id, (String, Vec<i64>)>,
     busy: &mut HashMap<String, Vec<Vec<i64>>>,
     cooling: &mut HashMap<i64, (String, std::time::Instant)>,
     check_interval: Duration,
 ) {
+    let (id, failed) = match done {
+        Ok((id, failed)) => (id, failed),
+        Err(e) => {
+            if let Some((name, ids)) = attempt_files.get(&e.id()).filter(|_| e.is_panic()) {
+                tracing::error!(target = %name, file_ids = ?ids, error = %e, "upload attempt panicked; its files are tried again after check_interval");
+            }
+            (e.id(), true)
+        }
+    };
+    let Some((name, ids)) = attempt_files.remove(&id) else {
+        return;
+    };
     let attempts = busy.entry(name.clone()).or_default();
     if let Some(at) = attempts.iter().position(|a| *a == ids) {
         attempts.swap_remove(at);
