@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use object_store::aws::AmazonS3;
 use object_store::multipart::{MultipartStore, PartId};
-use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +43,7 @@ use crate::config::{OnConflict, S3Target, TargetConfig};
 
 use super::delivery::{Delivery, Finished, Piece, Resume, Sent};
 use super::error::UploadError;
-use client::{Head, attributes, head, object_key, renamed_key, upload_error};
+use client::{Head, attributes, head, location, object_key, renamed_key, upload_error};
 
 /// Parts of one file in flight at once, as far as the byte budget allows.
 const PART_WINDOW: usize = 4;
@@ -179,7 +178,7 @@ impl S3 {
         let payload = PutPayload::from(data);
         let mut key = base.clone();
         for attempt in 1..=MAX_RENAMES {
-            let path = Path::from(key.as_str());
+            let path = location(&key);
             let mut options = PutOptions {
                 mode: PutMode::Create,
                 attributes: attributes(file),
@@ -228,12 +227,31 @@ impl S3 {
     async fn abort_upload(&self, key: &str, id: &str) -> Result<(), UploadError> {
         match self
             .store
-            .abort_multipart(&Path::from(key), &id.to_owned())
+            .abort_multipart(&location(key), &id.to_owned())
             .await
         {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(upload_error(&self.url, &e)),
+            Err(e) => self.upload_refused(key, &e).await,
         }
+    }
+
+    /// Whether an error about a multipart upload means only that the store
+    /// no longer has the upload: `Ok` then, the error as it stands otherwise.
+    /// S3 says so with NoSuchUpload (404); s3s-fs answers 403 AccessDenied
+    /// for an upload id it does not know (after an abort, or a completion
+    /// cut short, which it starts by dropping the id). A 403 also means
+    /// wrong credentials: a HEAD of the key, with the same credentials,
+    /// tells the two apart.
+    async fn upload_refused(
+        &self,
+        key: &str,
+        error: &object_store::Error,
+    ) -> Result<(), UploadError> {
+        if !matches!(error, object_store::Error::PermissionDenied { .. }) {
+            return Err(upload_error(&self.url, error));
+        }
+        head(&self.store, &self.url, key).await?;
+        Ok(())
     }
 
     /// Aborts the multipart uploads open at `file`'s own keys: its object
@@ -369,7 +387,7 @@ impl Delivery for S3 {
                 };
                 let id = self
                     .store
-                    .create_multipart_opts(&Path::from(key.as_str()), options)
+                    .create_multipart_opts(&location(&key), options)
                     .await
                     .map_err(|e| upload_error(&self.url, &e))?;
                 (key, Some(id))
@@ -435,7 +453,7 @@ impl Delivery for S3 {
         let part = self
             .store
             .put_part(
-                &Path::from(state.key.as_str()),
+                &location(&state.key),
                 id,
                 piece.index,
                 PutPayload::from(data),
@@ -445,13 +463,15 @@ impl Delivery for S3 {
             Ok(part) => Ok(Sent::Acknowledged {
                 ack: Some(part.content_id),
             }),
-            Err(object_store::Error::NotFound { .. }) => {
+            Err(e) => {
+                if !matches!(e, object_store::Error::NotFound { .. }) {
+                    self.upload_refused(&state.key, &e).await?;
+                }
                 match self.completed_or_forgotten(file, &state.key).await? {
                     Finished::Complete { server_name } => Ok(Sent::Complete { server_name }),
                     Finished::NotYet => unreachable!("completed_or_forgotten never says not yet"),
                 }
             }
-            Err(e) => Err(upload_error(&self.url, &e)),
         }
     }
 
@@ -478,7 +498,7 @@ impl Delivery for S3 {
                 _ => return Err(self.restart(&state, "a part's ETag was not recorded").await),
             }
         }
-        let key = Path::from(state.key.as_str());
+        let key = location(&state.key);
         match self.store.complete_multipart(&key, id, parts).await {
             Ok(_) => {
                 self.verify(file, &state.key).await?;
@@ -495,7 +515,10 @@ impl Delivery for S3 {
                 UploadError::Status { error, .. } if error.starts_with("InvalidPart") => Err(self
                     .restart(&state, "the store lost parts of the upload")
                     .await),
-                other => Err(other),
+                _ => {
+                    self.upload_refused(&state.key, &e).await?;
+                    self.completed_or_forgotten(file, &state.key).await
+                }
             },
         }
     }
