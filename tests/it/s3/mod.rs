@@ -6,6 +6,7 @@
 
 mod behaviour;
 mod config_faults;
+mod kill_loop;
 mod leftovers;
 mod server_restart;
 
