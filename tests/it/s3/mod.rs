@@ -5,6 +5,10 @@
 //! its half with a message, except under `CI=true`, where it fails.
 
 mod behaviour;
+mod config_faults;
+mod kill_loop;
+mod leftovers;
+mod server_restart;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,14 +37,14 @@ pub struct Peer {
     pub endpoint: String,
     /// s3s-fs: where the objects are, as files.
     pub root: Option<PathBuf>,
+    port: u16,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -75,10 +79,54 @@ impl Peer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let endpoint = format!("http://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let (child, root) = match kind {
+        let (child, root) = Peer::spawn(kind, dir.path(), port);
+        let peer = Peer {
+            kind,
+            endpoint,
+            root,
+            port,
+            child,
+            _dir: dir,
+        };
+        peer.wait_up().await;
+        if kind == Kind::Moto {
+            // moto does not check signatures: a plain CreateBucket does.
+            let created = reqwest::Client::new()
+                .put(format!("{}/{BUCKET}", peer.endpoint))
+                .send()
+                .await
+                .unwrap();
+            assert!(created.status().is_success(), "{created:?}");
+        }
+        peer
+    }
+
+    /// SIGKILLs the server and starts it again on the same port, with the
+    /// same root (s3s-fs keeps everything there; moto keeps nothing, so only
+    /// s3s-fs is restarted by the tests).
+    pub async fn restart(&mut self) {
+        assert_eq!(self.kind, Kind::S3sFs, "moto forgets its buckets");
+        self.kill();
+        let (child, _) = Peer::spawn(self.kind, self._dir.path(), self.port);
+        self.child = child;
+        self.wait_up().await;
+    }
+
+    /// SIGKILLs the server (and waits for it to be gone).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn spawn(kind: Kind, dir: &Path, port: u16) -> (Child, Option<PathBuf>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .unwrap();
+        match kind {
             Kind::S3sFs => {
-                let root = dir.path().join("root");
+                let root = dir.join("root");
                 std::fs::create_dir_all(root.join(BUCKET)).unwrap();
                 let child = Command::new("s3s-fs")
                     .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -99,32 +147,71 @@ impl Peer {
                     .expect("start moto_server");
                 (child, None)
             }
-        };
-        let peer = Peer {
-            kind,
-            endpoint,
-            root,
-            child,
-            _dir: dir,
-        };
+        }
+    }
+
+    async fn wait_up(&self) {
         let client = reqwest::Client::new();
         let up = poll_every(
             Duration::from_millis(50),
             Duration::from_secs(30),
-            async || client.get(&peer.endpoint).send().await.ok().map(|_| ()),
+            async || client.get(&self.endpoint).send().await.ok().map(|_| ()),
         )
         .await;
-        assert!(up.is_some(), "{kind:?} did not start on {}", peer.endpoint);
-        if kind == Kind::Moto {
-            // moto does not check signatures: a plain CreateBucket does.
-            let created = client
-                .put(format!("{}/{BUCKET}", peer.endpoint))
-                .send()
-                .await
-                .unwrap();
-            assert!(created.status().is_success(), "{created:?}");
+        assert!(
+            up.is_some(),
+            "{:?} did not start on {}",
+            self.kind,
+            self.endpoint
+        );
+    }
+
+    /// Whether the server answers ListMultipartUploads (s3s-fs 0.14 does
+    /// not: it answers 501).
+    pub fn lists_uploads(&self) -> bool {
+        self.kind == Kind::Moto
+    }
+
+    /// The multipart uploads open in the bucket: (key, upload id) pairs,
+    /// sorted. From ListMultipartUploads where the server has it; s3s-fs,
+    /// which has not, keeps each open upload as `.upload-ID.json` in its
+    /// root, next to the upload's metadata file that names the key.
+    pub async fn open_uploads(&self) -> Vec<(String, String)> {
+        if let Some(root) = &self.root {
+            return s3s_fs_open_uploads(root);
         }
-        peer
+        use object_store::signer::{Method, SignedUrlOptions, Signer};
+        let options = SignedUrlOptions::default().with_query([("uploads", "")]);
+        let url = self
+            .client()
+            .signed_url_opts(Method::GET, &"".into(), Duration::from_secs(60), &options)
+            .await
+            .unwrap();
+        let response = reqwest::get(url.as_str()).await.unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert!(status.is_success(), "ListMultipartUploads: {status} {body}");
+        let text = |xml: &str, name: &str| -> Option<String> {
+            let start = xml.find(&format!("<{name}>"))? + name.len() + 2;
+            let end = xml[start..].find(&format!("</{name}>"))? + start;
+            Some(xml[start..end].to_owned())
+        };
+        assert_ne!(
+            text(&body, "IsTruncated").as_deref(),
+            Some("true"),
+            "more open uploads than one page: {body}"
+        );
+        body.split("<Upload>")
+            .skip(1)
+            .map(|upload| {
+                (
+                    text(upload, "Key").unwrap(),
+                    text(upload, "UploadId").unwrap(),
+                )
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
     }
 
     /// A client of the bucket, for the test's own reads and writes.
@@ -200,4 +287,76 @@ pub fn agent_config(dir: &Path, spool: &Path, target: &str) -> PathBuf {
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// s3s-fs's open uploads, read from its root (see [`Peer::open_uploads`]).
+fn s3s_fs_open_uploads(root: &Path) -> Vec<(String, String)> {
+    let names: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut open = std::collections::BTreeSet::new();
+    for name in &names {
+        let Some(id) = name
+            .strip_prefix(".upload-")
+            .and_then(|rest| rest.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let suffix = format!(".upload-{id}.metadata.json");
+        let key = names
+            .iter()
+            .find_map(|n| {
+                let object = n.strip_suffix(&suffix)?.split_once(".object-")?.1;
+                Some(String::from_utf8(base64url_decode(object)).unwrap())
+            })
+            .unwrap_or_else(|| panic!("s3s-fs: no metadata names the key of upload {id}"));
+        open.insert((key, id.to_owned()));
+    }
+    open.into_iter().collect()
+}
+
+/// Unpadded URL-safe base64, as s3s-fs names its metadata files.
+fn base64url_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => panic!("not base64url: {c:?}"),
+        }
+    };
+    let mut out = Vec::new();
+    let (mut bits, mut n_bits) = (0u32, 0);
+    for c in text.bytes() {
+        bits = (bits << 6) | value(c);
+        n_bits += 6;
+        if n_bits >= 8 {
+            n_bits -= 8;
+            out.push((bits >> n_bits) as u8);
+            bits &= (1 << n_bits) - 1;
+        }
+    }
+    out
+}
+
+/// How many of the buffer's chunks have had a failed attempt (0 while the
+/// buffer cannot be read), read from the agent's `state/buffer.db` under
+/// `dir` as [`agent_config`] places it.
+pub fn failed_chunks(dir: &Path) -> u64 {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(
+        dir.join("state/buffer.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) else {
+        return 0;
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(5));
+    conn.query_row(
+        "SELECT count(*) FROM chunks WHERE retry_count > 0",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map_or(0, |n| n as u64)
 }

@@ -135,7 +135,7 @@ pub(super) async fn head(
         head: true,
         ..GetOptions::default()
     };
-    match store.get_opts(&Path::from(key), options).await {
+    match store.get_opts(&location(key), options).await {
         Ok(result) => Ok(Some(Head {
             size: result.meta.size,
             sha256: result
@@ -150,6 +150,16 @@ pub(super) async fn head(
         }
         Err(e) => Err(upload_error(url, &e)),
     }
+}
+
+/// The crate's path for a key, unchanged. `Path::from` would percent-encode
+/// every byte outside printable ASCII (and `%`, `#`, `[`...), so that a file
+/// named `日本.txt` became the object `%E6%97%A5%E6%9C%AC.txt`; `Path::parse`
+/// keeps the key as it is. Every key here passed [`object_key`] (or is a
+/// renamed candidate of one), which `Path::parse` accepts; the fallback only
+/// keeps the type total.
+pub(super) fn location(key: &str) -> Path {
+    Path::parse(key).unwrap_or_else(|_| Path::from(key))
 }
 
 /// The key `file` is stored under: the target's prefix and the file's remote
@@ -272,6 +282,13 @@ mod tests {
         assert_eq!(status_in(text), Some(503));
         assert_eq!(error_code(text).as_deref(), Some("SlowDown"));
         assert_eq!(status_in("connection refused"), None);
+    }
+
+    #[test]
+    fn keys_reach_the_crate_unchanged() {
+        for key in ["in/日本/2", "in/dir 0/ünï-4.dat", "in/100%#[x].txt"] {
+            assert_eq!(location(key).as_ref(), key);
+        }
     }
 
     #[test]

@@ -18,17 +18,23 @@
 //! same ones. An upload the store forgot, or one whose parts no longer fit
 //! the settings, is aborted and started again from its recorded key.
 //!
+//! No upload is left open behind the buffer's back either: before a file
+//! without a recorded upload creates one, and when an operator purges it, the
+//! uploads the store holds open at the file's own keys (a create whose reply
+//! was lost, or whose id a kill kept from being recorded) are aborted.
+//!
 //! Operators should add a bucket lifecycle rule that aborts incomplete
 //! multipart uploads after some days: an upload purged from a buffer that
 //! could not reach the store is otherwise kept (and billed) by the store.
 
 mod client;
+mod uploads;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use object_store::aws::AmazonS3;
 use object_store::multipart::{MultipartStore, PartId};
-use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +43,7 @@ use crate::config::{OnConflict, S3Target, TargetConfig};
 
 use super::delivery::{Delivery, Finished, Piece, Resume, Sent};
 use super::error::UploadError;
-use client::{Head, attributes, head, object_key, renamed_key, upload_error};
+use client::{Head, attributes, head, location, object_key, renamed_key, upload_error};
 
 /// Parts of one file in flight at once, as far as the byte budget allows.
 const PART_WINDOW: usize = 4;
@@ -48,6 +54,11 @@ const MAX_RENAMES: u32 = 100;
 /// An S3 bucket as a delivery.
 pub struct S3 {
     store: Arc<AmazonS3>,
+    /// For the one request the crate has no call for (listing the open
+    /// multipart uploads), signed by `store`.
+    http: reqwest::Client,
+    /// Whether the store's lack of ListMultipartUploads was logged.
+    said_no_listing: AtomicBool,
     /// `s3://bucket/prefix/`, for messages.
     url: String,
     prefix: String,
@@ -88,6 +99,14 @@ impl S3 {
     pub fn new(config: &TargetConfig, s3: &S3Target) -> Result<S3, UploadError> {
         Ok(S3 {
             store: Arc::new(client::build(config, s3)?),
+            http: reqwest::Client::builder()
+                .timeout(config.timeout)
+                .build()
+                .map_err(|e| UploadError::Request {
+                    what: format!("to target {:?}", config.name),
+                    message: format!("cannot set up the http client: {e}"),
+                })?,
+            said_no_listing: AtomicBool::new(false),
             url: format!("s3://{}/{}", s3.bucket, s3.prefix),
             prefix: s3.prefix.clone(),
             part_size: s3.part_size,
@@ -159,7 +178,7 @@ impl S3 {
         let payload = PutPayload::from(data);
         let mut key = base.clone();
         for attempt in 1..=MAX_RENAMES {
-            let path = Path::from(key.as_str());
+            let path = location(&key);
             let mut options = PutOptions {
                 mode: PutMode::Create,
                 attributes: attributes(file),
@@ -208,12 +227,65 @@ impl S3 {
     async fn abort_upload(&self, key: &str, id: &str) -> Result<(), UploadError> {
         match self
             .store
-            .abort_multipart(&Path::from(key), &id.to_owned())
+            .abort_multipart(&location(key), &id.to_owned())
             .await
         {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(upload_error(&self.url, &e)),
+            Err(e) => self.upload_refused(key, &e).await,
         }
+    }
+
+    /// Whether an error about a multipart upload means only that the store
+    /// no longer has the upload: `Ok` then, the error as it stands otherwise.
+    /// S3 says so with NoSuchUpload (404); s3s-fs answers 403 AccessDenied
+    /// for an upload id it does not know (after an abort, or a completion
+    /// cut short, which it starts by dropping the id). A 403 also means
+    /// wrong credentials: a HEAD of the key, with the same credentials,
+    /// tells the two apart.
+    async fn upload_refused(
+        &self,
+        key: &str,
+        error: &object_store::Error,
+    ) -> Result<(), UploadError> {
+        if !matches!(error, object_store::Error::PermissionDenied { .. }) {
+            return Err(upload_error(&self.url, error));
+        }
+        head(&self.store, &self.url, key).await?;
+        Ok(())
+    }
+
+    /// Aborts the multipart uploads open at `file`'s own keys: its object
+    /// key and the renamed candidates. Only a file without a recorded upload
+    /// calls it, so every one found is a leftover of its own earlier
+    /// attempts (a create whose answer was lost or never recorded).
+    async fn abort_leftovers(&self, file: &FileRecord) -> Result<usize, UploadError> {
+        let base = object_key(&self.prefix, file)?;
+        let open = match uploads::list_open(&self.store, &self.http, &self.url, key_stem(&base))
+            .await
+        {
+            Ok(open) => open,
+            // Some S3-compatible stores (s3s-fs among them) cannot list
+            // multipart uploads: there, only the bucket's lifecycle rule
+            // removes what a crash left open.
+            Err(UploadError::Status { status: 501, .. }) => {
+                if !self.said_no_listing.swap(true, Ordering::Relaxed) {
+                    tracing::info!(target = %self.url, "the store does not list multipart uploads (ListMultipartUploads answers 501): an upload left open by a crash between its creation and its record is removed only by the bucket's lifecycle rule");
+                }
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut aborted = 0;
+        for upload in open {
+            let ours = upload.key == base
+                || (1..=MAX_RENAMES).any(|n| renamed_key(&base, file.created_at, n) == upload.key);
+            if ours {
+                self.abort_upload(&upload.key, &upload.upload_id).await?;
+                tracing::info!(file = %file.remote_name, key = %upload.key, upload_id = %upload.upload_id, "aborted a multipart upload left open by an earlier attempt");
+                aborted += 1;
+            }
+        }
+        Ok(aborted)
     }
 
     /// A multipart upload that cannot go on (its parts were cut with another
@@ -246,6 +318,16 @@ impl S3 {
                 message: format!("the store no longer knows the multipart upload of {key:?}"),
             }),
         }
+    }
+}
+
+/// The part of `key` that it shares with its renamed candidates: all but the
+/// last segment's extension.
+fn key_stem(key: &str) -> &str {
+    let name_at = key.rfind('/').map_or(0, |slash| slash + 1);
+    match key[name_at..].rfind('.') {
+        Some(dot) if dot > 0 => &key[..name_at + dot],
+        _ => key,
     }
 }
 
@@ -298,13 +380,14 @@ impl Delivery for S3 {
         let (key, multipart) = match self.choose_key(file).await? {
             Chosen::Ours(key) => (key, None),
             Chosen::Free(key) => {
+                self.abort_leftovers(file).await?;
                 let options = PutMultipartOptions {
                     attributes: attributes(file),
                     ..PutMultipartOptions::default()
                 };
                 let id = self
                     .store
-                    .create_multipart_opts(&Path::from(key.as_str()), options)
+                    .create_multipart_opts(&location(&key), options)
                     .await
                     .map_err(|e| upload_error(&self.url, &e))?;
                 (key, Some(id))
@@ -370,7 +453,7 @@ impl Delivery for S3 {
         let part = self
             .store
             .put_part(
-                &Path::from(state.key.as_str()),
+                &location(&state.key),
                 id,
                 piece.index,
                 PutPayload::from(data),
@@ -380,13 +463,15 @@ impl Delivery for S3 {
             Ok(part) => Ok(Sent::Acknowledged {
                 ack: Some(part.content_id),
             }),
-            Err(object_store::Error::NotFound { .. }) => {
+            Err(e) => {
+                if !matches!(e, object_store::Error::NotFound { .. }) {
+                    self.upload_refused(&state.key, &e).await?;
+                }
                 match self.completed_or_forgotten(file, &state.key).await? {
                     Finished::Complete { server_name } => Ok(Sent::Complete { server_name }),
                     Finished::NotYet => unreachable!("completed_or_forgotten never says not yet"),
                 }
             }
-            Err(e) => Err(upload_error(&self.url, &e)),
         }
     }
 
@@ -413,7 +498,7 @@ impl Delivery for S3 {
                 _ => return Err(self.restart(&state, "a part's ETag was not recorded").await),
             }
         }
-        let key = Path::from(state.key.as_str());
+        let key = location(&state.key);
         match self.store.complete_multipart(&key, id, parts).await {
             Ok(_) => {
                 self.verify(file, &state.key).await?;
@@ -430,17 +515,50 @@ impl Delivery for S3 {
                 UploadError::Status { error, .. } if error.starts_with("InvalidPart") => Err(self
                     .restart(&state, "the store lost parts of the upload")
                     .await),
-                other => Err(other),
+                _ => {
+                    self.upload_refused(&state.key, &e).await?;
+                    self.completed_or_forgotten(file, &state.key).await
+                }
             },
         }
     }
 
-    async fn abort(&self, _file: &FileRecord, state: Option<&str>) -> Result<(), UploadError> {
-        let Some(state) = state else { return Ok(()) };
+    async fn abort(&self, file: &FileRecord, state: Option<&str>) -> Result<(), UploadError> {
+        let Some(state) = state else {
+            // Killed before its upload was recorded, the file may still have
+            // one open.
+            if self.is_large(file) {
+                self.abort_leftovers(file).await?;
+            }
+            return Ok(());
+        };
         let state = State::parse(&self.url, state)?;
         match &state.multipart {
             Some(id) => self.abort_upload(&state.key, id).await,
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_stem_is_what_its_renamed_candidates_start_with() {
+        for key in [
+            "in/a.tar.gz",
+            "in/a.csv",
+            "noext",
+            "d.x/.hidden",
+            "d.x/noext",
+        ] {
+            let stem = key_stem(key);
+            assert!(key.starts_with(stem), "{key}");
+            assert!(renamed_key(key, 7, 1).starts_with(stem), "{key}");
+            assert!(renamed_key(key, 7, 42).starts_with(stem), "{key}");
+        }
+        assert_eq!(key_stem("in/a.tar.gz"), "in/a.tar");
+        assert_eq!(key_stem("d.x/noext"), "d.x/noext");
     }
 }
