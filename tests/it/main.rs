@@ -25,4 +25,5 @@ mod receiver_process;
 mod receiver_resumable;
 mod reload;
 mod s3;
+mod s3_cli;
 mod systemd_units;
