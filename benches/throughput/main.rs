@@ -26,11 +26,15 @@
 //! 6. Receiver alone: 1 MiB chunks of the resumable protocol from 16
 //!    connections. Baseline: 16 threads writing 1 MiB and `fdatasync`ing it,
 //!    the least a receiver that acknowledges only durable chunks must do.
+//! 7. Object storage: the large file from its drop until the agent confirmed
+//!    it in an `s3s-fs` bucket on 127.0.0.1, with the agent's peak RSS, and
+//!    many 4 KiB files the same way. Baselines: `rclone copyto` of the same
+//!    file and `rclone copy` of the same files to the same server.
 //!
 //! Sizes come from the environment, so the suite can be smoke-tested quickly:
 //! INDEXEDCP_BENCH_MIB (1024), INDEXEDCP_BENCH_SMALL_FILES (10000),
 //! INDEXEDCP_BENCH_QUEUED_FILES (100000), INDEXEDCP_BENCH_LATENCY_DROPS (200),
-//! INDEXEDCP_BENCH_ONLY (scenario numbers, e.g. "1,4"; default all) and
+//! INDEXEDCP_BENCH_S3_FILES (1000), INDEXEDCP_BENCH_ONLY (scenario numbers, e.g. "1,4"; default all) and
 //! INDEXEDCP_BENCH_DIR (where the temp folders go; default the system temp
 //! dir). The daemons run with their default settings except for paths, ports
 //! and keys, and log at their default level into files that are summarised on
@@ -53,6 +57,7 @@ mod support;
 
 mod processes;
 mod receiver_alone;
+mod s3;
 mod scenarios;
 mod table;
 
@@ -103,7 +108,7 @@ fn run_suite() -> Result<()> {
                 settings.base_dir.display()
             )
         })?;
-    let large = if [1, 2, 5].iter().any(|&n| settings.wants(n)) {
+    let large = if [1, 2, 5, 7].iter().any(|&n| settings.wants(n)) {
         Some(LargeFile::create(suite.path(), settings.large_mib << 20)?)
     } else {
         None
@@ -221,6 +226,38 @@ fn run_suite() -> Result<()> {
             Err(e) => table.push(Row::error(name, ">= 500 chunks/s", &e)),
         }
     }
+    if let (true, Some(large)) = (settings.wants(7), &large) {
+        let name = format!("7. S3: large file drop to confirmed, s3s-fs ({mib} MiB)");
+        let rss = "7. peak RSS, agent, during 7 (s3 target)";
+        match s3::large_to_bucket(&settings, large) {
+            Ok(result) => {
+                table.speed(&name, result.mb_per_s, "MB/s", &result.rclone, 0.8);
+                table.push(Row::at_most(rss, result.peak_rss_mib, "MiB", 64.0, 1));
+            }
+            Err(e) => {
+                table.push(Row::error(&name, "ratio >= 0.8", &e));
+                table.push(Row::error(rss, "<= 64 MiB", &e));
+            }
+        }
+        let name = format!(
+            "7. S3: many small files into the bucket ({} x 4 KiB)",
+            settings.s3_files
+        );
+        match s3::small_to_bucket(&settings) {
+            Ok(result) => {
+                let mut row = Row::report(&name, format!("{:.0} files/s", result.files_per_s));
+                match &result.rclone {
+                    Ok(base) => {
+                        row.baseline = format!("{}: {:.0} files/s", base.label, base.value);
+                        row.ratio = format!("{:.2}", result.files_per_s / base.value);
+                    }
+                    Err(reason) => row.baseline = format!("n/a ({reason})"),
+                }
+                table.push(row);
+            }
+            Err(e) => table.push(Row::error(&name, "-", &e)),
+        }
+    }
 
     let took = started.elapsed();
     eprintln!("suite finished in {:.1} min", took.as_secs_f64() / 60.0);
@@ -238,6 +275,7 @@ struct Settings {
     small_files: usize,
     queued_files: usize,
     latency_drops: usize,
+    s3_files: usize,
     /// Scenario numbers to run; `None` runs them all.
     only: Option<BTreeSet<u32>>,
     base_dir: PathBuf,
@@ -255,6 +293,7 @@ impl Settings {
             small_files: env_number("INDEXEDCP_BENCH_SMALL_FILES", 10_000)?,
             queued_files: env_number("INDEXEDCP_BENCH_QUEUED_FILES", 100_000)?,
             latency_drops: env_number("INDEXEDCP_BENCH_LATENCY_DROPS", 200)?,
+            s3_files: env_number("INDEXEDCP_BENCH_S3_FILES", 1000)?,
             only,
             base_dir: std::env::var_os("INDEXEDCP_BENCH_DIR")
                 .map(PathBuf::from)
@@ -286,9 +325,9 @@ fn parse_scenarios(list: &str) -> Result<BTreeSet<u32>> {
             n.trim()
                 .parse::<u32>()
                 .ok()
-                .filter(|n| (1..=6).contains(n))
+                .filter(|n| (1..=7).contains(n))
                 .ok_or_else(|| {
-                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 6, separated by commas")
+                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 7, separated by commas")
                 })
         })
         .collect()

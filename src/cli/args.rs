@@ -1,7 +1,8 @@
 //! The command line's shape: the clap types of every command and their
 //! options, what a few options mean once parsed (which buffer file `--config`
 //! or `--storage` names, the receiver's listen address and settings), and the
-//! rewriting of the cp-style `indexedcp FILE... URL` into an `upload`.
+//! rewriting of the cp-style `indexedcp FILE... URL` (an `http(s)://` receiver
+//! or an `s3://` bucket) into an `upload`.
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +21,7 @@ use crate::config::{self, PathMode, ServerConfig};
     version,
     about = "Files dropped into a folder reach a central receiver exactly once, byte-identical",
     override_usage = "indexedcp <COMMAND>\n       indexedcp [OPTIONS] FILE... URL   (cp-style: the same as `indexedcp upload --server URL FILE...`)",
-    after_help = "Examples:\n  indexedcp report.pdf data.csv http://central:3000/upload    copy files: buffer, then upload\n  indexedcp upload --server http://central:3000/upload -k KEY *.log\n  indexedcp add *.log                                          buffer only; works offline\n  indexedcp upload --server http://central:3000/upload         send what is buffered\n  indexedcp status\n  indexedcp daemon --config config/quickstart.toml\n  indexedcp server --port 3000 --output-dir ./received --api-key SECRET\n  indexedcp check-config --config /etc/indexedcp/indexedcp.toml\n  indexedcp completions bash > ~/.local/share/bash-completion/completions/indexedcp\n\nWithout a config file the one-shot commands keep their buffer in ~/.indexcp/db/client.db."
+    after_help = "Examples:\n  indexedcp report.pdf data.csv http://central:3000/upload    copy files: buffer, then upload\n  indexedcp *.log s3://archive/logs/ --endpoint http://127.0.0.1:9000   straight into a bucket\n  indexedcp upload --server http://central:3000/upload -k KEY *.log\n  indexedcp add *.log                                          buffer only; works offline\n  indexedcp upload --server http://central:3000/upload         send what is buffered\n  indexedcp status\n  indexedcp daemon --config config/quickstart.toml\n  indexedcp server --port 3000 --output-dir ./received --api-key SECRET\n  indexedcp check-config --config /etc/indexedcp/indexedcp.toml\n  indexedcp completions bash > ~/.local/share/bash-completion/completions/indexedcp\n\nWithout a config file the one-shot commands keep their buffer in ~/.indexcp/db/client.db."
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -31,7 +32,7 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Buffer FILEs, then upload everything buffered to a receiver, with retries.
     #[command(
-        after_help = "Examples:\n  indexedcp upload --server http://central:3000/upload --api-key KEY report.pdf data.csv\n  indexedcp upload --server http://central:3000/upload           # what is buffered (after add, or an interrupted upload)\n  INDEXEDCP_API_KEY=KEY indexedcp upload --server https://central/upload --max-retries 10 *.log\n  indexedcp report.pdf http://central:3000/upload                 # cp-style shorthand\n\nPrints `FILE -> NAME ON THE SERVER` for each file delivered (with progress bars on a terminal).\nExit status: 0 when every file was delivered; 65 when a file is missing or the receiver refused one;\n69 when the receiver stayed unreachable (the files stay buffered; run the same command again);\n78 when the receiver refused the API key or URL; 130 on Ctrl-C (the rest stays buffered)."
+        after_help = "Examples:\n  indexedcp upload --server http://central:3000/upload --api-key KEY report.pdf data.csv\n  indexedcp upload --server http://central:3000/upload           # what is buffered (after add, or an interrupted upload)\n  INDEXEDCP_API_KEY=KEY indexedcp upload --server https://central/upload --max-retries 10 *.log\n  indexedcp report.pdf http://central:3000/upload                 # cp-style shorthand\n  AWS_ACCESS_KEY_ID=ID AWS_SECRET_ACCESS_KEY=SECRET indexedcp upload --server s3://archive/in/ --endpoint http://127.0.0.1:9000 *.log\n\nPrints `FILE -> NAME ON THE SERVER` (the object key for s3://) for each file delivered (with progress bars on a terminal).\nAn s3:// URL signs with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the standard AWS credential chain.\nExit status: 0 when every file was delivered; 65 when a file is missing or the receiver refused one;\n69 when the receiver stayed unreachable (the files stay buffered; run the same command again);\n78 when the receiver refused the API key or URL (or the store the bucket or credentials); 130 on Ctrl-C (the rest stays buffered)."
     )]
     Upload(UploadArgs),
     /// Buffer FILEs for a later `indexedcp upload` (works offline).
@@ -73,12 +74,19 @@ pub(crate) enum Command {
 
 #[derive(Debug, Args)]
 pub(crate) struct UploadArgs {
-    /// The receiver's upload URL (a URL without a path gets /upload).
+    /// The receiver's upload URL (a URL without a path gets /upload), or a
+    /// bucket as s3://BUCKET/optional/prefix/.
     #[arg(long, short, value_name = "URL")]
     pub(crate) server: String,
-    /// API key sent as `Authorization: Bearer`.
+    /// API key sent as `Authorization: Bearer` (not for s3:// URLs).
     #[arg(long, short = 'k', env = crate::config::API_KEY_ENV, hide_env_values = true)]
     pub(crate) api_key: Option<String>,
+    /// With an s3:// URL: an S3-compatible service (path-style requests); omit for AWS.
+    #[arg(long, value_name = "URL")]
+    pub(crate) endpoint: Option<String>,
+    /// With an s3:// URL: the bucket's region (default AWS_REGION, else us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub(crate) region: Option<String>,
     #[command(flatten)]
     pub(crate) buffer: BufferArg,
     /// Retries of an unreachable receiver before giving up (the files stay buffered).
@@ -291,19 +299,24 @@ impl ServerArgs {
     }
 }
 
-/// `indexedcp FILE... URL` (an http(s) URL among the arguments, usually the
-/// last, and a first argument that is not a command) becomes
+/// `indexedcp FILE... URL` (an http(s) or s3 URL among the arguments, usually
+/// the last, and a first argument that is not a command) becomes
 /// `indexedcp upload --server URL FILE...`; anything else is left alone. Options
-/// may stand anywhere (`indexedcp -k KEY a.txt URL`, `indexedcp a.txt URL -k KEY`).
+/// may stand anywhere (`indexedcp -k KEY a.txt URL`, `indexedcp a.txt URL -k KEY`,
+/// `indexedcp a.txt s3://bucket/ --endpoint http://127.0.0.1:9000`).
 pub(super) fn expand_cp_style(args: Vec<OsString>) -> Vec<OsString> {
     let Some(first) = args.get(1) else {
         return args;
     };
     let is_url = |a: &OsString| {
         let a = a.to_string_lossy();
-        a.starts_with("http://") || a.starts_with("https://")
+        a.starts_with("http://") || a.starts_with("https://") || a.starts_with("s3://")
     };
-    let Some(url_at) = args.iter().skip(2).rposition(is_url).map(|i| i + 2) else {
+    // The value of `--endpoint` is a URL too, but never the destination.
+    let Some(url_at) = (2..args.len())
+        .rev()
+        .find(|&i| is_url(&args[i]) && args[i - 1] != "--endpoint")
+    else {
         return args;
     };
     let first = first.to_string_lossy();
@@ -349,6 +362,36 @@ mod tests {
         assert_eq!(
             args.read_timeout,
             crate::server::ReceiverOptions::default().read_timeout
+        );
+    }
+
+    #[test]
+    fn a_bucket_url_is_the_destination_and_the_endpoint_stays_an_option() {
+        let expanded = expand_cp_style(
+            [
+                "indexedcp",
+                "a.txt",
+                "s3://archive/in/",
+                "--endpoint",
+                "http://127.0.0.1:9000",
+                "b.txt",
+            ]
+            .map(OsString::from)
+            .to_vec(),
+        );
+        assert_eq!(
+            expanded,
+            [
+                "indexedcp",
+                "upload",
+                "--server",
+                "s3://archive/in/",
+                "a.txt",
+                "--endpoint",
+                "http://127.0.0.1:9000",
+                "b.txt"
+            ]
+            .map(OsString::from)
         );
     }
 }

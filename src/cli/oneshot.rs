@@ -1,8 +1,12 @@
 //! The one-shot commands: `add` (buffer only, works offline) and `upload`
 //! (buffer, then send everything queued, retrying an unreachable receiver on
 //! the agent's backoff schedule), which the cp-style `indexedcp FILE... URL`
-//! also runs. They drive the library's [`Client`] and show progress bars on a
-//! terminal, or one `FILE -> SERVER NAME` line per file otherwise.
+//! also runs. They drive the library's [`Client`] for a receiver, or the same
+//! buffer and uploader with the `s3` delivery for an `s3://` bucket
+//! (`bucket`), and show progress bars on a terminal, or one
+//! `FILE -> SERVER NAME` line per file otherwise.
+
+mod bucket;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +20,9 @@ use super::{Failure, exit, runtime};
 use crate::agent::ingest::IngestError;
 use crate::agent::store::{FileRecord, FileState};
 use crate::agent::upload::{Backoff, Retry};
-use crate::client::{Client, ClientError, ClientOptions, FailedFile, ProgressEvent};
+use crate::client::{Client, ClientError, ClientOptions, FailedFile, PathIngest, ProgressEvent};
 use crate::config::LogFormat;
+use crate::config::TargetConfig;
 use crate::logging;
 
 /// Refuses, before anything is buffered, names that are not readable regular
@@ -140,23 +145,21 @@ pub(super) fn add(args: AddArgs) -> Result<(), Failure> {
 /// everything queued, retrying an unreachable receiver a few times.
 pub(super) fn upload(args: UploadArgs) -> Result<(), Failure> {
     check_files(&args.files)?;
-    let api_key = args
-        .api_key
-        .clone()
-        .filter(|k| !k.trim().is_empty())
-        .ok_or_else(|| Failure::usage("no API key: pass --api-key KEY or set INDEXEDCP_API_KEY"))?;
+    let destination = destination(&args)?;
     let storage = args.buffer.path()?;
     logging::init(Some("off"), LogFormat::Text);
-    let resume = format!(
-        "indexedcp upload --server {}{}",
-        args.server,
-        buffer_flags(&args.buffer)
-    );
+    let mut resume = format!("indexedcp upload --server {}", args.server);
+    for (flag, value) in [("--endpoint", &args.endpoint), ("--region", &args.region)] {
+        if let Some(value) = value {
+            resume.push_str(&format!(" {flag} {value}"));
+        }
+    }
+    resume.push_str(&buffer_flags(&args.buffer));
     let rt = runtime()?;
     let reporter = Arc::new(Reporter::new());
     let result = rt.block_on(async {
         tokio::select! {
-            result = upload_files(&args, api_key, storage, &resume, reporter.clone()) => result,
+            result = upload_files(&args, destination, storage, &resume, reporter.clone()) => result,
             _ = tokio::signal::ctrl_c() => Err(Failure {
                 code: exit::INTERRUPTED,
                 message: format!("interrupted; what was not delivered stays buffered, and `{resume}` resumes it"),
@@ -168,22 +171,144 @@ pub(super) fn upload(args: UploadArgs) -> Result<(), Failure> {
     result
 }
 
+/// Where `upload` sends: a receiver (with its API key) or a bucket.
+enum Destination {
+    Receiver { api_key: String },
+    Bucket(Box<TargetConfig>),
+}
+
+/// The destination `--server` names, with what it needs; options of the
+/// other kind are refused rather than ignored.
+fn destination(args: &UploadArgs) -> Result<Destination, Failure> {
+    if args.server.starts_with("s3://") {
+        return bucket::target(
+            &args.server,
+            args.endpoint.as_deref(),
+            args.region.as_deref(),
+        )
+        .map(|target| Destination::Bucket(Box::new(target)));
+    }
+    for (flag, value) in [("--endpoint", &args.endpoint), ("--region", &args.region)] {
+        if value.is_some() {
+            return Err(Failure::usage(format!(
+                "{flag} is for s3:// URLs; --server {} is a receiver",
+                args.server
+            )));
+        }
+    }
+    let api_key = args
+        .api_key
+        .clone()
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| Failure::usage("no API key: pass --api-key KEY or set INDEXEDCP_API_KEY"))?;
+    Ok(Destination::Receiver { api_key })
+}
+
+/// The buffer and the way out of it that `upload` drives.
+enum Sender {
+    Receiver(Client),
+    Bucket(Box<bucket::Bucket>),
+}
+
+impl Sender {
+    async fn open(
+        destination: Destination,
+        server: &str,
+        storage: PathBuf,
+    ) -> Result<Sender, ClientError> {
+        Ok(match destination {
+            Destination::Receiver { api_key } => Sender::Receiver(
+                Client::new(ClientOptions {
+                    server_url: Some(server.to_owned()),
+                    api_key: Some(api_key),
+                    storage_path: storage,
+                    log_level: None,
+                    ..ClientOptions::default()
+                })
+                .await?,
+            ),
+            Destination::Bucket(target) => {
+                Sender::Bucket(Box::new(bucket::Bucket::open(storage, *target).await?))
+            }
+        })
+    }
+
+    async fn buffer_file(&self, path: &Path) -> Result<PathIngest, ClientError> {
+        match self {
+            Sender::Receiver(client) => client.buffer_file(path).await,
+            Sender::Bucket(bucket) => bucket.buffer_file(path).await,
+        }
+    }
+
+    async fn buffered_files(&self) -> Result<Vec<FileRecord>, ClientError> {
+        match self {
+            Sender::Receiver(client) => client.buffered_files().await,
+            Sender::Bucket(bucket) => bucket.buffered_files().await,
+        }
+    }
+
+    fn on_upload_progress(&self, callback: impl Fn(&ProgressEvent) + Send + Sync + 'static) {
+        match self {
+            Sender::Receiver(client) => client.on_upload_progress(callback),
+            Sender::Bucket(bucket) => bucket.on_upload_progress(Arc::new(callback)),
+        }
+    }
+
+    /// One attempt at every queued file: the files delivered (client name ->
+    /// name at the destination) and those not.
+    async fn upload_round(
+        &self,
+    ) -> Result<(HashMap<String, String>, Vec<FailedFile>), ClientError> {
+        match self {
+            Sender::Receiver(client) => match client.upload_buffered_files().await {
+                Ok(delivered) => Ok((delivered, Vec::new())),
+                Err(ClientError::Undelivered { delivered, failed }) => Ok((delivered, failed)),
+                Err(e) => Err(e),
+            },
+            Sender::Bucket(bucket) => bucket.upload_round().await,
+        }
+    }
+
+    /// The peer, as messages name it.
+    fn peer(&self) -> &'static str {
+        match self {
+            Sender::Receiver(_) => "the receiver",
+            Sender::Bucket(_) => "the store",
+        }
+    }
+
+    /// What to check when the destination refuses every request.
+    fn refusal(&self, error: &str) -> String {
+        match self {
+            Sender::Receiver(_) => {
+                format!("the receiver refused the request: {error}; check --server and --api-key")
+            }
+            Sender::Bucket(_) => format!(
+                "the store refused the request: {error}; check that the bucket exists, \
+                 --endpoint, --region, and the credentials (AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY)"
+            ),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Sender::Receiver(client) => client.close().await,
+            Sender::Bucket(bucket) => (*bucket).close().await,
+        }
+    }
+}
+
 async fn upload_files(
     args: &UploadArgs,
-    api_key: String,
+    destination: Destination,
     storage: PathBuf,
     resume: &str,
     reporter: Arc<Reporter>,
 ) -> Result<(), Failure> {
-    let client = Client::new(ClientOptions {
-        server_url: Some(args.server.clone()),
-        api_key: Some(api_key),
-        storage_path: storage,
-        log_level: None,
-        ..ClientOptions::default()
-    })
-    .await
-    .map_err(client_failure)?;
+    let client = Sender::open(destination, &args.server, storage)
+        .await
+        .map_err(client_failure)?;
     for path in &args.files {
         client
             .buffer_file(path)
@@ -217,17 +342,8 @@ async fn upload_files(
     loop {
         let waiting = queued(client.buffered_files().await.map_err(client_failure)?);
         reporter.prepare(&waiting);
-        let failed = match client.upload_buffered_files().await {
-            Ok(delivered) => {
-                reporter.delivered(&delivered);
-                Vec::new()
-            }
-            Err(ClientError::Undelivered { delivered, failed }) => {
-                reporter.delivered(&delivered);
-                failed
-            }
-            Err(e) => return Err(client_failure(e)),
-        };
+        let (delivered, failed) = client.upload_round().await.map_err(client_failure)?;
+        reporter.delivered(&delivered);
         let (now_parked, pending): (Vec<FailedFile>, Vec<FailedFile>) =
             failed.into_iter().partition(|f| f.parked);
         for f in &now_parked {
@@ -246,8 +362,8 @@ async fn upload_files(
             return Err(Failure {
                 code: exit::CONFIG,
                 message: format!(
-                    "the receiver refused the request: {}; check --server and --api-key. {} file(s) stay buffered; `{resume}` sends them",
-                    refused.error,
+                    "{}. {} file(s) stay buffered; `{resume}` sends them",
+                    client.refusal(&refused.error),
                     pending.len()
                 ),
             });
@@ -273,10 +389,11 @@ async fn upload_files(
         ));
         tokio::time::sleep(delay).await;
     }
+    let peer = client.peer();
     client.close().await;
     if let Some(first) = parked.first() {
         return Err(Failure::data(format!(
-            "the receiver refused {} file(s) ({}: {}); they are parked in the buffer: `indexedcp status` shows them, `indexedcp retry --all` re-queues them once the cause is fixed",
+            "{peer} refused {} file(s) ({}: {}); they are parked in the buffer: `indexedcp status` shows them, `indexedcp retry --all` re-queues them once the cause is fixed",
             parked.len(),
             reporter.display(&first.file_name),
             first.error

@@ -1,25 +1,145 @@
 //! The commands that read or edit the buffer without uploading: `status`
 //! (alias `ls`) with its per-target summary and file table, `retry` and
 //! `purge`. They work on the buffer file directly, so they also inspect the
-//! buffer of a daemon that is running.
+//! buffer of a daemon that is running. The configuration, when one is named
+//! (or the default file exists), tells each target's kind and, for a bucket,
+//! the part size that turns a large file's acknowledged chunks into parts
+//! sent; the one-shot commands' buffer has no fixed target, so it shows
+//! neither.
+
+use std::collections::HashMap;
 
 use super::args::{PurgeArgs, RetryArgs, StatusArgs};
 use super::{Failure, exit};
-use crate::agent::store::{FileRecord, FileState};
+use crate::agent::store::{ChunkMeta, FileRecord, FileState, Store};
+use crate::config::{Config, TargetKind};
+
+/// What the configuration says of one target, for `status`.
+struct TargetInfo {
+    /// `indexedcp` or `s3`.
+    kind: &'static str,
+    /// The receiver's URL or the bucket's `s3://` URL.
+    url: String,
+    /// A bucket's part size: larger files go as multipart uploads.
+    part_size: Option<u64>,
+}
+
+/// A large file's multipart upload: parts acknowledged and parts in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Parts {
+    sent: u64,
+    count: u64,
+}
+
+/// The targets the configuration names, by name.
+fn targets(config: Option<&Config>) -> HashMap<String, TargetInfo> {
+    config
+        .map(|config| {
+            config
+                .targets
+                .iter()
+                .map(|target| {
+                    let info = TargetInfo {
+                        kind: target.kind.name(),
+                        url: target.url.clone(),
+                        part_size: match &target.kind {
+                            TargetKind::S3(s3) => Some(s3.part_size),
+                            TargetKind::IndexedCp => None,
+                        },
+                    };
+                    (target.name.clone(), info)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Cuts a file's chunks into parts as the `s3` delivery does (runs of
+/// consecutive chunks of at least `part_size` bytes, the last one taking the
+/// rest) and counts the parts whose chunks were all acknowledged.
+fn parts_sent(chunks: &[ChunkMeta], part_size: u64) -> Parts {
+    let (mut sent, mut count) = (0, 0);
+    let (mut bytes, mut all_acknowledged, mut open) = (0, true, false);
+    for chunk in chunks {
+        bytes += chunk.length;
+        all_acknowledged &= chunk.uploaded;
+        open = true;
+        if bytes >= part_size {
+            count += 1;
+            sent += u64::from(all_acknowledged);
+            (bytes, all_acknowledged, open) = (0, true, false);
+        }
+    }
+    if open {
+        count += 1;
+        sent += u64::from(all_acknowledged);
+    }
+    Parts { sent, count }
+}
+
+/// The parts of every queued file larger than its bucket's part size.
+fn multipart_progress(
+    store: &Store,
+    files: &[FileRecord],
+    targets: &HashMap<String, TargetInfo>,
+) -> Result<HashMap<i64, Parts>, Failure> {
+    let mut parts = HashMap::new();
+    for file in files.iter().filter(|f| f.state == FileState::Queued) {
+        let Some(part_size) = targets.get(&file.target).and_then(|t| t.part_size) else {
+            continue;
+        };
+        if file.size > part_size {
+            let chunks = store
+                .chunks(file.id)
+                .map_err(|e| Failure::io(e.to_string()))?;
+            parts.insert(file.id, parts_sent(&chunks, part_size));
+        }
+    }
+    Ok(parts)
+}
 
 /// `indexedcp status`: the buffer's files as a table, or as JSON.
 pub(super) fn status(args: StatusArgs) -> Result<(), Failure> {
     let store = args.buffer.open()?;
     let files = store.list().map_err(|e| Failure::io(e.to_string()))?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&files).expect("file records serialize")
-        );
+    let config = if args.buffer.storage.is_some() {
+        None
     } else {
-        print!("{}", status_table(&files));
+        args.buffer.config()?
+    };
+    let targets = targets(config.as_ref());
+    let parts = multipart_progress(&store, &files, &targets)?;
+    if args.json {
+        println!("{}", status_json(&files, &targets, &parts));
+    } else {
+        print!("{}", status_table(&files, &targets, &parts));
     }
     Ok(())
+}
+
+/// The JSON form: the file records, each with its target's kind when the
+/// configuration tells it, and a large file's parts when it goes to a bucket.
+fn status_json(
+    files: &[FileRecord],
+    targets: &HashMap<String, TargetInfo>,
+    parts: &HashMap<i64, Parts>,
+) -> String {
+    let files: Vec<serde_json::Value> = files
+        .iter()
+        .map(|file| {
+            let mut value = serde_json::to_value(file).expect("file records serialize");
+            let object = value.as_object_mut().expect("a record is an object");
+            if let Some(target) = targets.get(&file.target) {
+                object.insert("target_kind".into(), target.kind.into());
+            }
+            if let Some(parts) = parts.get(&file.id) {
+                object.insert("parts_sent".into(), parts.sent.into());
+                object.insert("part_count".into(), parts.count.into());
+            }
+            value
+        })
+        .collect();
+    serde_json::to_string_pretty(&files).expect("JSON values serialize")
 }
 
 /// `indexedcp retry ID|--all`: parked files back in the upload queue.
@@ -72,9 +192,6 @@ pub(super) fn purge(args: PurgeArgs) -> Result<(), Failure> {
 /// does not keep the file: the operator asked for it to go, and is told what
 /// is left behind.
 fn abort_at_target(args: &PurgeArgs, file: &FileRecord) {
-    if file.delivery_state.is_none() {
-        return;
-    }
     let Some(target) = args
         .buffer
         .config()
@@ -97,7 +214,8 @@ fn abort_at_target(args: &PurgeArgs, file: &FileRecord) {
         });
     if let Err(error) = aborted {
         eprintln!(
-            "warning: cannot abort the unfinished upload of {} at target {:?}: {error};              the store keeps it until its lifecycle rule removes it",
+            "warning: cannot abort the unfinished upload of {} at target {:?}: {error}; \
+             the store keeps it until its lifecycle rule removes it",
             file.remote_name, file.target
         );
     }
@@ -126,9 +244,10 @@ fn human_time(ms: i64) -> String {
     }
 }
 
-/// One line per target: queued files and bytes, in progress, failed, the age
-/// of the oldest queued file, and the last error.
-fn target_summary(files: &[FileRecord]) -> String {
+/// One line per target: its kind and URL when the configuration tells them,
+/// queued files and bytes, in progress, failed, the age of the oldest queued
+/// file, and the last error.
+fn target_summary(files: &[FileRecord], configured: &HashMap<String, TargetInfo>) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write;
     #[derive(Default)]
@@ -163,9 +282,13 @@ fn target_summary(files: &[FileRecord]) -> String {
     let now = crate::clock::now_ms();
     let mut out = String::new();
     for (name, t) in targets {
+        let _ = write!(out, "target {name}");
+        if let Some(info) = configured.get(name) {
+            let _ = write!(out, " ({} {})", info.kind, info.url);
+        }
         let _ = write!(
             out,
-            "target {name}: {} queued ({} bytes), {} in progress, {} failed",
+            ": {} queued ({} bytes), {} in progress, {} failed",
             t.queued, t.bytes, t.in_progress, t.failed
         );
         if let Some(oldest) = t.oldest {
@@ -184,14 +307,18 @@ fn target_summary(files: &[FileRecord]) -> String {
 }
 
 /// The human-readable `status` listing.
-fn status_table(files: &[FileRecord]) -> String {
+fn status_table(
+    files: &[FileRecord],
+    targets: &HashMap<String, TargetInfo>,
+    parts: &HashMap<i64, Parts>,
+) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if files.is_empty() {
         out.push_str("the buffer is empty\n");
         return out;
     }
-    out.push_str(&target_summary(files));
+    out.push_str(&target_summary(files, targets));
     out.push('\n');
     let _ = writeln!(
         out,
@@ -209,6 +336,13 @@ fn status_table(files: &[FileRecord]) -> String {
             let _ = write!(out, " -> {server_name}");
         }
         out.push('\n');
+        if let Some(parts) = parts.get(&f.id) {
+            let _ = writeln!(
+                out,
+                "{:>7}multipart upload: {} of {} parts sent",
+                "", parts.sent, parts.count
+            );
+        }
         if let Some(reason) = f.failure.as_ref().or(f
             .last_error
             .as_ref()
@@ -218,4 +352,38 @@ fn status_table(files: &[FileRecord]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(idx: u64, length: u64, uploaded: bool) -> ChunkMeta {
+        ChunkMeta {
+            idx,
+            offset: idx * 4,
+            length,
+            sha256: String::new(),
+            uploaded,
+            retry_count: 0,
+            ack: None,
+        }
+    }
+
+    #[test]
+    fn parts_are_runs_of_chunks_of_the_part_size_and_count_once_all_acknowledged() {
+        // Chunks of 4 bytes, parts of at least 8: [0 1] [2 3] [4], the last
+        // taking what is left.
+        let chunks = [
+            chunk(0, 4, true),
+            chunk(1, 4, true),
+            chunk(2, 4, true),
+            chunk(3, 4, false),
+            chunk(4, 1, true),
+        ];
+        assert_eq!(parts_sent(&chunks, 8), Parts { sent: 2, count: 3 });
+        assert_eq!(parts_sent(&chunks[..4], 8), Parts { sent: 1, count: 2 });
+        let none: Vec<ChunkMeta> = (0..6).map(|i| chunk(i, 4, false)).collect();
+        assert_eq!(parts_sent(&none, 12), Parts { sent: 0, count: 2 });
+    }
 }
