@@ -4,6 +4,36 @@
 //! line: the one-shot commands (`oneshot`) drive the library's `Client`,
 //! the status commands (`status`) read the agent's `Store`, and `daemon` and
 //! `server` hand over to the `daemon` module.
+//!
+//! # The one-shot commands in detail
+//!
+//! - Each file is first buffered (chunked, hashed, in one SQLite transaction), then
+//!   sent under its base name with the daemon's engine and protocol; the source is
+//!   left alone. A URL without a path gets `/upload`. One line per delivered file,
+//!   `FILE -> NAME ON THE SERVER` (the receiver may pick another name when one is
+//!   taken), goes to stdout; on a terminal, progress bars (one per file and a
+//!   total) are drawn on stderr.
+//! - The buffer is `~/.indexcp/db/client.db` (created on first use) unless
+//!   `--storage PATH` names another, or a config file (`--config`, or
+//!   `/etc/indexedcp/indexedcp.toml` when it exists) points at a daemon's.
+//!   `status`, `retry` and `purge` work on the same buffer.
+//! - An unreachable receiver is retried `--max-retries` times (default 3), after
+//!   `--retry-delay` (default 1s) doubling up to 30s; then the command exits 69
+//!   and the files stay buffered, and running the same command again resumes
+//!   them. Ctrl-C does the same (exit 130). Running it again never sends a file
+//!   twice: a file still waiting in the buffer unchanged is not buffered a second
+//!   time. Once a file was delivered, copying it again sends a new copy, as `cp`
+//!   would. A file the receiver refuses (too large, an invalid name) is parked;
+//!   `status` shows why and `retry` re-queues it after the cause is fixed.
+//!
+//! Exit codes: 0 all delivered (or nothing was waiting); 64 usage error (unknown
+//! option, no `--server`, no API key via `--api-key` or `INDEXEDCP_API_KEY`, a
+//! non-http(s) URL); 65 a named file is missing, a directory or unreadable
+//! (nothing is buffered then), or a file was refused (parked); 69 the receiver
+//! stayed unreachable (files stay buffered); 74 the buffer cannot be created or
+//! written; 78 the receiver refused the key or URL (401, 403, 404, 405); 130
+//! interrupted (the rest stays buffered).
+//!
 
 mod args;
 mod oneshot;

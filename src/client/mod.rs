@@ -10,6 +10,28 @@
 //! The one-shot commands (`indexedcp upload`, `indexedcp add`) are built on this
 //! client. Blocking work (SQLite, reading files) runs on tokio's blocking pool.
 //!
+//! # Events, and where this differs from the Python client
+//!
+//! Progress events carry `file_name`, `remote_name`, `chunk_index`, `chunk_count`,
+//! `file_size`, `status` (`success`/`failed`), `retry_count`, `next_retry_in` and
+//! `error`; the completion summary `succeeded`, `failed`, `total`. Where this
+//! differs from the Python client: `upload_buffered_files` sends every queued file
+//! at once (the background upload honours the retry schedule), stops a file at its
+//! first failed chunk so that chunks stay in order, hears progress as chunks are
+//! acknowledged (not always in chunk order with a resumable receiver), and reports
+//! failures as `ClientError::Undelivered` with what was and was not delivered;
+//! `max_retries` counts retries after the first attempt; the map's keys are
+//! absolute paths; `on_upload_complete` is called by background rounds, as in the
+//! original. `Client::store()` exposes the buffer (chunk retry counts, the last
+//! five errors per chunk) for inspection. `indexedcp::client::storage` is the
+//! original's key-value storage: the `Storage` trait (`initialize`, `save`,
+//! `load`, `load_all`, `delete`, `exists`, `list`, `count`, `cleanup_old`,
+//! `close`, JSON values), `SqliteStorage` (pooled, blocking work off the executor,
+//! configurable table; it reads databases the Python library wrote) and
+//! `create_storage("sqlite", options)`. `indexedcp::logging::init` sets up the
+//! binary's logger. `cargo doc --open` has an example for every item.
+//!
+//!
 //! ```no_run
 //! use indexedcp::client::{Client, ClientOptions};
 //!
