@@ -90,7 +90,8 @@ impl Store {
         let mut stmt = conn.prepare_cached(
             "SELECT f.id FROM files f
              WHERE f.state = 'queued' AND f.target = ?1
-               AND coalesce((SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'), 0) <= ?2
+               AND coalesce((SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'),
+                            (SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id), 0) <= ?2
              ORDER BY f.id LIMIT ?3",
         )?;
         let ids = stmt
@@ -117,10 +118,13 @@ impl Store {
     /// The earliest moment (ms) any queued file of `target` becomes due.
     pub(crate) fn next_due(&self, target: &str) -> Result<Option<i64>> {
         let conn = self.pool.get()?;
-        // A file is due when its latest-scheduled pending chunk is; the earliest
+        // A file is due when its latest-scheduled pending chunk is, or, when
+        // every piece was acknowledged and only finishing it failed, when its
+        // latest-scheduled chunk is (as `due_files` reads it); the earliest
         // such moment over all files is when the uploader must wake.
-        Ok(conn.prepare_cached("SELECT min(due) FROM (SELECT max(c.next_attempt) AS due FROM chunks c JOIN files f ON f.id = c.file_id
-             WHERE f.state = 'queued' AND f.target = ?1 AND c.state = 'pending' GROUP BY f.id)")?.query_row(params![target],
+        Ok(conn.prepare_cached("SELECT min(due) FROM (SELECT coalesce(max(CASE WHEN c.state = 'pending' THEN c.next_attempt END), max(c.next_attempt)) AS due
+             FROM chunks c JOIN files f ON f.id = c.file_id
+             WHERE f.state = 'queued' AND f.target = ?1 GROUP BY f.id)")?.query_row(params![target],
             |r| r.get(0))?)
     }
 
@@ -253,6 +257,9 @@ impl Store {
         tx.prepare_cached("UPDATE files SET updated_at = ?2 WHERE id = ?1")?
             .execute(params![file_id, now])?;
         tx.commit()?;
+        // Nothing else checkpoints the WAL while nothing is confirmed: during
+        // an outage of days, failures alone would grow it without bound.
+        self.trim_wal();
         Ok(count as u64)
     }
 
@@ -362,6 +369,44 @@ mod tests {
         assert_eq!(
             (rec.retries, rec.last_error.as_deref()),
             (7, Some("error 7"))
+        );
+    }
+
+    #[test]
+    fn a_file_whose_pieces_all_arrived_waits_out_a_failed_finish() {
+        // Every piece acknowledged, then finishing it failed (an object
+        // store's CompleteMultipartUpload refused): the retry time is on an
+        // acknowledged chunk, and the file must wait for it, not be due again
+        // at once, round after round.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let id = ingest(&store, &new_file("a", 1), b"0123456789");
+        store
+            .mark_uploaded(id, &[0, 1, 2], Some("tag"), Durability::Synced)
+            .unwrap();
+        store
+            .record_failure(id, 2, "finish refused", 5_000)
+            .unwrap();
+        assert!(store.due_files("t", 4_999, &[], 10).unwrap().is_empty());
+        assert_eq!(store.due_files("t", 5_000, &[], 10).unwrap().len(), 1);
+        assert_eq!(store.next_due("t").unwrap(), Some(5_000));
+    }
+
+    #[test]
+    fn failures_alone_do_not_grow_the_wal_without_bound() {
+        // Nothing is confirmed during an outage, so nothing else checkpoints
+        // the WAL; every recorded failure rewrites a few 64 KiB pages.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let store = Store::open(&path).unwrap();
+        let id = ingest(&store, &new_file("a", 1), b"0123456789");
+        for n in 0..2_000 {
+            store.record_failure(id, 0, "unreachable", n).unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("b.db-wal")).map_or(0, |m| m.len());
+        assert!(
+            wal < 2 * super::super::WAL_TRUNCATE_AFTER,
+            "the WAL holds {wal} bytes after 2,000 failures"
         );
     }
 
