@@ -729,6 +729,9 @@ impl Checker<'_> {
                     )),
                 },
             ),
+            tus_path: self.field(raw.tus_path, "server.tus_path", defaults.tus_path, |path| {
+                super::values::check_tus_path(path)
+            }),
             output_dir,
         }
     }

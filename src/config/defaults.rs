@@ -99,6 +99,8 @@ pub const INCOMPLETE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// uploads, an open file (two descriptors), so 400 of them with the
 /// receiver's own files stay under the common limit of 1,024 descriptors.
 pub const MAX_CONNECTIONS: usize = 400;
+/// `server.tus_path`: the tus endpoint is on unless set to "".
+pub const TUS_PATH: &str = "/files/";
 /// `server.state_dir` is `<output_dir>/.indexedcp` by default, so that the
 /// final rename from staging into place never crosses a filesystem.
 pub const SERVER_STATE_SUBDIR: &str = ".indexedcp";

@@ -104,6 +104,7 @@ impl Config {
                 "max_connections",
                 Value::Integer(saturating_i64(server.max_connections)),
             );
+            out.string("tus_path", &server.tus_path);
         }
         out.text
     }

@@ -92,4 +92,5 @@ pub(super) struct RawServer {
     pub(super) incomplete_expiry: Field<Value>,
     pub(super) state_dir: Field<String>,
     pub(super) max_connections: Field<i64>,
+    pub(super) tus_path: Field<String>,
 }

@@ -279,6 +279,9 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Where the tus 1.0.0 endpoint lives (`/files/`): starts and ends with
+    /// `/`; empty when tus is turned off.
+    pub tus_path: String,
 }
 
 impl ServerConfig {
@@ -296,6 +299,7 @@ impl ServerConfig {
             max_file_bytes: defaults::MAX_FILE_BYTES,
             incomplete_expiry: defaults::INCOMPLETE_EXPIRY,
             max_connections: defaults::MAX_CONNECTIONS,
+            tus_path: defaults::TUS_PATH.to_owned(),
         }
     }
 }

@@ -206,9 +206,65 @@ pub(super) fn overlaps(a: &Path, b: &Path) -> bool {
     inside(a, b) || inside(b, a)
 }
 
+/// `server.tus_path`: "" (tus off), or a path such as "/files/" whose
+/// segments are plain URL characters, outside the receiver's own routes.
+pub(super) fn check_tus_path(path: &str) -> Result<String, String> {
+    if path.is_empty() {
+        return Ok(String::new());
+    }
+    let hint = "use a path such as \"/files/\", or \"\" to turn tus off";
+    let Some(inner) = path
+        .strip_prefix('/')
+        .and_then(|p| p.strip_suffix('/'))
+        .filter(|p| !p.is_empty())
+    else {
+        return Err(format!(
+            "{path:?} must start and end with \"/\" and name at least one segment; {hint}"
+        ));
+    };
+    for segment in inner.split('/') {
+        let plain = segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        if segment.is_empty() || segment == "." || segment == ".." || !plain {
+            return Err(format!(
+                "{path:?} has the segment {segment:?}; segments are letters, digits, \"-\", \".\", \"_\" and \"~\" (not \".\" or \"..\"); {hint}"
+            ));
+        }
+    }
+    let first = inner.split('/').next().unwrap_or_default();
+    if ["upload", "health"].contains(&first) {
+        return Err(format!(
+            "{path:?} is inside the receiver's own /{first} routes; {hint}"
+        ));
+    }
+    Ok(path.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tus_paths_are_plain_and_apart_from_the_receivers_routes() {
+        assert_eq!(check_tus_path("/files/").unwrap(), "/files/");
+        assert_eq!(check_tus_path("/api/v2/tus/").unwrap(), "/api/v2/tus/");
+        assert_eq!(check_tus_path("").unwrap(), "");
+        for bad in [
+            "files/",
+            "/files",
+            "/",
+            "//",
+            "/a//b/",
+            "/../",
+            "/a b/",
+            "/{id}/",
+            "/upload/",
+            "/health/x/",
+        ] {
+            assert!(check_tus_path(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn normalize_is_lexical() {

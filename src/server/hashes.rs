@@ -246,6 +246,22 @@ impl FileHashes {
         self.entries().remove(upload_id);
     }
 
+    /// The caller worked out the whole file's hash (a tus upload, whose
+    /// SHA-256 the client need not declare): completion takes it from here
+    /// instead of reading the file back again.
+    pub(super) fn settle(&self, upload_id: &str, sha256: String) {
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.entries().insert(
+            upload_id.to_owned(),
+            Entry {
+                generation,
+                progress: Progress::Whole { sha256 },
+            },
+        );
+    }
+
     /// Takes what is known of the file's hash, at completion.
     pub(super) fn take(&self, upload_id: &str) -> Known {
         match self.entries().remove(upload_id).map(|e| e.progress) {

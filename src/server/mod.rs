@@ -51,6 +51,7 @@ mod resumable;
 mod serve;
 mod sha256;
 mod state;
+mod tus;
 mod v1;
 
 use std::os::fd::OwnedFd;
@@ -106,6 +107,7 @@ struct Inner {
     incomplete_expiry: Duration,
     read_timeout: Duration,
     max_connections: usize,
+    tus_path: String,
     state: UploadState,
     root: OwnedFd,
     staging: OwnedFd,
@@ -160,6 +162,7 @@ impl Receiver {
                 incomplete_expiry: cfg.incomplete_expiry,
                 read_timeout: options.read_timeout,
                 max_connections: cfg.max_connections,
+                tus_path: cfg.tus_path.clone(),
                 state,
                 root,
                 staging,

@@ -274,7 +274,7 @@ pub(super) async fn receive_resumable(
 impl Receiver {
     /// Refuses (507) a new upload of `file_size` bytes that cannot fit in the
     /// space left on the staging directory's file system.
-    fn check_room(&self, file_size: u64) -> Result<(), ApiError> {
+    pub(super) fn check_room(&self, file_size: u64) -> Result<(), ApiError> {
         let fs = rustix::fs::fstatvfs(&self.inner.staging).map_err(std::io::Error::from)?;
         let free = fs.f_bavail.saturating_mul(fs.f_frsize);
         if file_size > free {

@@ -40,6 +40,7 @@ impl Receiver {
             .route("/upload/{upload_id}", get(upload_status))
             .fallback(not_found)
             .layer(middleware::from_fn(cors))
+            .merge(super::tus::routes(self))
             .with_state(self.clone())
     }
 

@@ -17,6 +17,9 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::sqlite::{self, Pool};
 
+mod tus;
+pub(super) use tus::{NewTusUpload, OPEN_CHUNK_COUNT, TusUpload};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("receiver state database {path}: {source}")]
@@ -140,7 +143,7 @@ impl UploadState {
                 source,
             }
         })?;
-        sqlite::migrate(&pool, &[SCHEMA_V1])?;
+        sqlite::migrate(&pool, &[SCHEMA_V1, tus::SCHEMA_V2])?;
         Ok(UploadState { pool })
     }
 

@@ -32,3 +32,4 @@ mod s3;
 mod s3_cli;
 mod supervision;
 mod systemd_units;
+mod tus_receiver;

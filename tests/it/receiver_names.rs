@@ -7,7 +7,7 @@ use std::os::unix::fs::symlink;
 use crate::fixtures::*;
 use crate::support::*;
 
-fn hostile_names() -> Vec<Vec<u8>> {
+pub(crate) fn hostile_names() -> Vec<Vec<u8>> {
     let mut names: Vec<Vec<u8>> = [
         "../escape.txt",
         "../../escape.txt",
@@ -80,7 +80,7 @@ fn hostile_names() -> Vec<Vec<u8>> {
 }
 
 /// Names that must be refused in sanitize and allow-paths modes.
-fn must_refuse(name: &[u8]) -> bool {
+pub(crate) fn must_refuse(name: &[u8]) -> bool {
     let s = String::from_utf8_lossy(name);
     let traversal = s.split(['/', '\\']).any(|c| c == "..");
     let absolute =
