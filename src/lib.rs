@@ -58,7 +58,7 @@
 //!     the `Delivery` trait with one folder per
 //!     kind (`indexedcp`). The uploader writes no SQL and speaks no HTTP.
 //! - `server`: the receiver. `serve` (routes, auth, CORS, shutdown), `v1`,
-//!   `resumable`, `batch`, `finalize` (verify, sync, rename into place,
+//!   `resumable`, `batch`, `tus` (tus 1.0.0 at `/files/`), `finalize` (verify, sync, rename into place,
 //!   recovery, expiry), `paths` (path modes, writes that stay inside the output
 //!   folder), `state` (its own SQLite file), `hashes`, `sha256`, `body`,
 //!   `headers`, `errors`, `locks`, `admission` (the connection cap, accept

@@ -5,7 +5,8 @@
 //! `<upload id>#0` and `<upload id>` of every one of its files at once, from
 //! before it reads them until they are settled; the staging sweep and expiry
 //! do the same for each staging file they may remove. `v1:<client name>` is
-//! held for the whole of a v1 chunk.
+//! held for the whole of a v1 chunk. A tus PATCH holds `<upload id>#0` (so a
+//! tus upload's PATCHes run one at a time) and completes under `<upload id>`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
