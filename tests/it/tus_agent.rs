@@ -10,6 +10,9 @@
 //! `target/tus-node/node_modules` (`.ci/run` installs them there). Missing,
 //! the tests skip with a message, except under `CI=true`, where they fail.
 
+#[path = "tus_agent_kill.rs"]
+mod kill;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,6 +80,7 @@ pub fn node_modules() -> Option<PathBuf> {
 pub struct TusServer {
     child: Child,
     port: u16,
+    dir: PathBuf,
     pub store: PathBuf,
     requests: PathBuf,
 }
@@ -118,6 +122,7 @@ impl TusServer {
         let server = TusServer {
             child: child.0,
             port,
+            dir: dir.to_owned(),
             store,
             requests: dir.join("requests.log"),
         };
@@ -154,6 +159,13 @@ impl TusServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_on(&self.dir, self.port, &self.store);
+        self.wait_until_up().await;
     }
 
     /// Requests received with `method` so far (across restarts).
