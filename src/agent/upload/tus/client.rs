@@ -22,6 +22,7 @@ const TUS_EXTENSION: &str = "tus-extension";
 const TUS_CHECKSUM_ALGORITHM: &str = "tus-checksum-algorithm";
 const UPLOAD_OFFSET: &str = "upload-offset";
 const UPLOAD_LENGTH: &str = "upload-length";
+const UPLOAD_DEFER_LENGTH: &str = "upload-defer-length";
 const UPLOAD_METADATA: &str = "upload-metadata";
 const UPLOAD_CHECKSUM: &str = "upload-checksum";
 /// The body type of every PATCH.
@@ -35,6 +36,9 @@ pub(super) struct Capabilities {
     /// The checksum extension with sha256: every PATCH carries its body's
     /// SHA-256, and the server refuses a body damaged on the way.
     pub(super) checksum_sha256: bool,
+    /// The creation-defer-length extension: an upload can be created before
+    /// its length is told.
+    pub(super) defer_length: bool,
 }
 
 /// What a HEAD of an upload showed.
@@ -115,12 +119,20 @@ impl Client {
         }
     }
 
-    /// POST: creates the upload of `file`; returns its absolute URL.
-    pub(super) async fn create(&self, file: &FileRecord) -> Result<String, UploadError> {
-        let response = self
-            .http
-            .post(&self.url)
-            .header(UPLOAD_LENGTH, file.size)
+    /// POST: creates the upload of `file`, with its length deferred when
+    /// `defer` is set; returns its absolute URL.
+    pub(super) async fn create(
+        &self,
+        file: &FileRecord,
+        defer: bool,
+    ) -> Result<String, UploadError> {
+        let request = self.http.post(&self.url);
+        let request = if defer {
+            request.header(UPLOAD_DEFER_LENGTH, 1)
+        } else {
+            request.header(UPLOAD_LENGTH, file.size)
+        };
+        let response = request
             .header(UPLOAD_METADATA, metadata(file))
             .header(reqwest::header::CONTENT_LENGTH, 0)
             .send()
@@ -184,13 +196,15 @@ impl Client {
         }
     }
 
-    /// PATCH: `body` at `offset`, with its SHA-256 (base64) when given.
+    /// PATCH: `body` at `offset`, with its SHA-256 (base64) when given, and
+    /// the upload's length when it was deferred.
     pub(super) async fn patch(
         &self,
         url: &str,
         offset: u64,
         body: bytes::Bytes,
         sha256: Option<String>,
+        upload_length: Option<u64>,
     ) -> Result<Patched, UploadError> {
         let length = body.len();
         let mut request = self
@@ -199,6 +213,9 @@ impl Client {
             .header(UPLOAD_OFFSET, offset)
             .header(reqwest::header::CONTENT_TYPE, OFFSET_OCTET_STREAM)
             .body(body);
+        if let Some(upload_length) = upload_length {
+            request = request.header(UPLOAD_LENGTH, upload_length);
+        }
         if let Some(sha256) = sha256 {
             request = request.header(UPLOAD_CHECKSUM, format!("sha256 {sha256}"));
         }
@@ -245,9 +262,11 @@ fn capabilities(headers: &HeaderMap) -> Capabilities {
             .map(|item| item.trim().to_ascii_lowercase())
             .collect()
     };
+    let extensions = list(TUS_EXTENSION);
     Capabilities {
-        checksum_sha256: list(TUS_EXTENSION).iter().any(|e| e == "checksum")
+        checksum_sha256: extensions.iter().any(|e| e == "checksum")
             && list(TUS_CHECKSUM_ALGORITHM).iter().any(|a| a == "sha256"),
+        defer_length: extensions.iter().any(|e| e == "creation-defer-length"),
     }
 }
 
@@ -386,6 +405,13 @@ mod tests {
         assert!(!announce("creation,termination", "sha256"));
         assert!(!announce("creation,checksum", "sha1,md5"));
         assert!(!capabilities(&HeaderMap::new()).checksum_sha256);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            TUS_EXTENSION,
+            "creation,creation-defer-length".parse().unwrap(),
+        );
+        assert!(capabilities(&headers).defer_length);
+        assert!(!capabilities(&HeaderMap::new()).defer_length);
     }
 
     #[test]

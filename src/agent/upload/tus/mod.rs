@@ -28,6 +28,12 @@
 //! from the server's offset; a server behind what the buffer recorded fails
 //! the attempt, and the next one starts from the server's offset.
 //!
+//! An empty file is complete the moment it is created, so a crash before its
+//! URL is recorded would leave a complete copy behind: where the server has
+//! `creation-defer-length`, it is created without a length, and the length
+//! (0) follows in a PATCH once the URL is recorded. Without that extension,
+//! an empty file is at least once.
+//!
 //! Not used, on purpose: `creation-with-upload` would send bytes before the
 //! upload's URL is recorded, so a crash right after could leave a second
 //! complete copy. A purged file's incomplete upload is left to the server's
@@ -151,6 +157,13 @@ impl Tus {
     }
 }
 
+/// Whether the server holds all of `file`: its offset reached the length,
+/// which is known (an upload created with its length deferred is not
+/// complete until the length is told, even with nothing to send).
+fn is_complete(file: &FileRecord, progress: &Progress) -> bool {
+    progress.offset == file.size && progress.length == Some(file.size)
+}
+
 /// Whether a HEAD shows an upload of `file`; why not, else.
 fn check_progress(file: &FileRecord, url: &str, progress: &Progress) -> Result<(), String> {
     if progress.length.is_some_and(|length| length != file.size) || progress.offset > file.size {
@@ -199,7 +212,10 @@ impl Delivery for Tus {
         if self.state(state).is_some() {
             return Ok(state.map(str::to_owned));
         }
-        let url = self.client.create(file).await?;
+        // An empty upload is complete once created, unless its length is
+        // deferred until its URL is recorded.
+        let defer = file.size == 0 && self.capabilities().await?.defer_length;
+        let url = self.client.create(file, defer).await?;
         self.set_hint(&url, 0);
         let state = State {
             v: 1,
@@ -226,7 +242,7 @@ impl Delivery for Tus {
             self.forget_hint(&state.url);
             return Ok(Resume::Forgotten);
         }
-        if progress.offset == file.size {
+        if is_complete(file, &progress) {
             self.forget_hint(&state.url);
             return Ok(Resume::Complete {
                 server_name: Some(state.url),
@@ -264,13 +280,19 @@ impl Delivery for Tus {
                 }
                 // Only the server says the file is complete.
                 let progress = self.progress(file, url).await?;
-                if progress.offset == file.size {
+                if is_complete(file, &progress) {
                     return Ok(self.complete(url));
                 }
-                at = progress.offset.max(start);
-                continue;
+                if progress.length.is_some() || progress.offset != file.size {
+                    at = progress.offset.max(start);
+                    continue;
+                }
+                // All there, but the length was deferred: told below, with
+                // an empty PATCH.
             }
-            let body = data.slice((at - start) as usize..);
+            let body = data.slice((at - start).min(end - start) as usize..);
+            // Only an empty file is created with its length deferred.
+            let upload_length = (file.size == 0).then_some(0);
             let sha256 = if !checksums {
                 None
             } else if at == start && piece.chunks.len() == 1 {
@@ -292,7 +314,11 @@ impl Delivery for Tus {
                     })?,
                 )
             };
-            match self.client.patch(url, at, body, sha256).await? {
+            match self
+                .client
+                .patch(url, at, body, sha256, upload_length)
+                .await?
+            {
                 Patched::Offset(offset) if offset == file.size => return Ok(self.complete(url)),
                 Patched::Offset(offset) if offset > at => {
                     self.set_hint(url, offset);
@@ -313,7 +339,7 @@ impl Delivery for Tus {
                 }
                 Patched::Conflict => {
                     let progress = self.progress(file, url).await?;
-                    if progress.offset == file.size {
+                    if is_complete(file, &progress) {
                         return Ok(self.complete(url));
                     }
                     if progress.offset < start {
@@ -351,7 +377,7 @@ impl Delivery for Tus {
             return Err(self.forgotten(&self.client.url, "no upload was created for the file"));
         };
         let progress = self.progress(file, &state.url).await?;
-        if progress.offset == file.size {
+        if is_complete(file, &progress) {
             self.forget_hint(&state.url);
             return Ok(Finished::Complete {
                 server_name: Some(state.url),
