@@ -56,7 +56,7 @@
 //!   - `agent::upload`: the uploader (`uploader`, `file`, `batch`, `once`,
 //!     `target`), the retry schedule (`backoff`), retry-or-park (`error`), and
 //!     the `Delivery` trait with one folder per
-//!     kind (`indexedcp`). The uploader writes no SQL and speaks no HTTP.
+//!     kind (`indexedcp`, `s3`, `tus`). The uploader writes no SQL and speaks no HTTP.
 //! - `server`: the receiver. `serve` (routes, auth, CORS, shutdown), `v1`,
 //!   `resumable`, `batch`, `tus` (tus 1.0.0 at `/files/`), `finalize` (verify, sync, rename into place,
 //!   recovery, expiry), `paths` (path modes, writes that stay inside the output

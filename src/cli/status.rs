@@ -44,7 +44,7 @@ fn targets(config: Option<&Config>) -> HashMap<String, TargetInfo> {
                         url: target.url.clone(),
                         part_size: match &target.kind {
                             TargetKind::S3(s3) => Some(s3.part_size),
-                            TargetKind::IndexedCp => None,
+                            TargetKind::IndexedCp | TargetKind::Tus => None,
                         },
                     };
                     (target.name.clone(), info)

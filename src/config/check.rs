@@ -17,7 +17,7 @@ use toml::Spanned;
 use super::defaults;
 use super::diagnostics::{ConfigError, Problem, position_of, toml_problem};
 use super::raw::{Field, RawConfig, RawDaemon, RawServer, RawSpool, RawTarget};
-use super::s3::{RawKindKeys, check_target_url, is_s3_kind};
+use super::s3::{RawKindKeys, TargetKind, check_target_url, is_s3_kind};
 use super::types::{Config, DaemonConfig, Disposition, ServerConfig, SpoolConfig, TargetConfig};
 use super::units::format_duration;
 use super::values::{
@@ -275,6 +275,10 @@ impl Checker<'_> {
         // An unknown kind is reported once; the URL is then checked against
         // every kind, so that it is not reported for the wrong one.
         let kind_written = raw.kind.is_some();
+        let is_tus = raw
+            .kind
+            .as_ref()
+            .is_some_and(|kind| kind.get_ref() == "tus");
         let is_s3 = self.field(raw.kind, "target.kind", None, |kind| {
             is_s3_kind(kind).map(Some)
         });
@@ -289,6 +293,9 @@ impl Checker<'_> {
             )
             .unwrap_or_default();
         let api_key_span = raw.api_key.as_ref().map(Spanned::span);
+        let api_key_written = api_key_span
+            .clone()
+            .or(raw.api_key_file.as_ref().map(Spanned::span));
         let api_key = self.check_target_api_key(raw.api_key, raw.api_key_file);
         let kind_keys = RawKindKeys {
             endpoint: raw.endpoint,
@@ -299,6 +306,8 @@ impl Checker<'_> {
             on_conflict: raw.on_conflict,
         };
         let kind = self.check_target_kind(is_s3 == Some(true), &url, api_key_span, kind_keys);
+        let kind = if is_tus { TargetKind::Tus } else { kind };
+        let headers = self.check_target_headers(raw.headers, &kind, api_key_written);
 
         let initial_span = raw.initial_retry_delay.as_ref().map(Spanned::span);
         let max_span = raw.max_retry_delay.as_ref().map(Spanned::span);
@@ -360,6 +369,7 @@ impl Checker<'_> {
                 positive_duration(value, "each request may take this long, e.g. \"30s\"")
             }),
             kind,
+            headers,
         };
 
         if target.initial_retry_delay > target.max_retry_delay {

@@ -50,6 +50,13 @@ impl Config {
                     None => out.comment(&format!("api_key not set: {API_KEY_ENV} is the fallback")),
                 },
                 TargetKind::S3(s3) => s3_keys(&mut out, s3),
+                TargetKind::Tus => match target.api_key {
+                    Some(_) => out.string("api_key", REDACTED),
+                    None => out.comment("api_key not set: no Authorization unless headers has one"),
+                },
+            }
+            if let Some(headers) = super::headers::redacted_headers(&target.headers) {
+                out.value("headers", headers);
             }
             out.string("chunk_size", &format_size(target.chunk_size));
             out.value(

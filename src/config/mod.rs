@@ -16,6 +16,7 @@ mod check;
 pub mod defaults;
 mod diagnostics;
 mod effective;
+mod headers;
 mod raw;
 mod s3;
 pub mod types;

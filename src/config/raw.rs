@@ -61,6 +61,8 @@ pub(super) struct RawTarget {
     pub(super) secret_access_key_file: Field<String>,
     pub(super) part_size: Field<Value>,
     pub(super) on_conflict: Field<String>,
+    // Extra HTTP headers for the HTTP kinds (`indexedcp`, `tus`).
+    pub(super) headers: Field<std::collections::BTreeMap<String, Spanned<Value>>>,
 }
 
 /// One `[[spool]]`.

@@ -25,6 +25,9 @@ pub enum TargetKind {
     IndexedCp,
     /// An S3 or S3-compatible bucket, written to directly.
     S3(S3Target),
+    /// A server speaking tus 1.0.0 (the open resumable-upload protocol), at
+    /// its creation URL (`http://` or `https://`).
+    Tus,
 }
 
 impl TargetKind {
@@ -33,6 +36,7 @@ impl TargetKind {
         match self {
             TargetKind::IndexedCp => "indexedcp",
             TargetKind::S3(_) => "s3",
+            TargetKind::Tus => "tus",
         }
     }
 }
@@ -209,8 +213,9 @@ pub(super) fn is_s3_kind(kind: &str) -> Result<bool, String> {
     match kind {
         "indexedcp" => Ok(false),
         "s3" => Ok(true),
+        "tus" => Ok(false),
         _ => Err(format!(
-            "unknown kind {kind:?}: use \"indexedcp\" or \"s3\""
+            "unknown kind {kind:?}: use \"indexedcp\", \"s3\" or \"tus\""
         )),
     }
 }
@@ -425,7 +430,7 @@ mod tests {
     fn kinds_and_their_keys_are_checked() {
         assert_single_error(
             &S3.replace("\"s3\"", "\"gcs\""),
-            "`target.kind`: unknown kind \"gcs\": use \"indexedcp\" or \"s3\"",
+            "`target.kind`: unknown kind \"gcs\": use \"indexedcp\", \"s3\" or \"tus\"",
         );
         assert_single_error(
             &format!("{S3}on_conflict = \"keep\"\n"),

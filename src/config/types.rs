@@ -156,6 +156,9 @@ pub struct TargetConfig {
     pub timeout: Duration,
     /// How files reach the target, with the settings of its kind.
     pub kind: TargetKind,
+    /// Extra headers sent with every request (`headers`), values marked
+    /// sensitive; empty unless set. Only the HTTP kinds have them.
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl TargetConfig {
@@ -174,6 +177,7 @@ impl TargetConfig {
             retry_multiplier: defaults::RETRY_MULTIPLIER,
             timeout: defaults::TIMEOUT,
             kind: TargetKind::IndexedCp,
+            headers: reqwest::header::HeaderMap::new(),
         }
     }
 }

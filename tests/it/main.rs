@@ -32,4 +32,5 @@ mod s3;
 mod s3_cli;
 mod supervision;
 mod systemd_units;
+mod tus_agent;
 mod tus_receiver;

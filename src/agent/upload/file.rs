@@ -335,7 +335,7 @@ pub(super) async fn fail(
     }
     match (retry, target.warning_due()) {
         (Retry::AtMaximum, Some(more_failures)) => {
-            tracing::error!(file = %file.remote_name, target = %file.target, kind = target.delivery.kind(), url = %target.delivery.endpoint(), error = %message, next_retry_in = ?delay, more_failures, "the target refused this agent's configuration (API key or URL; for s3: credentials, bucket or region); fix the [[target]] and send SIGHUP");
+            tracing::error!(file = %file.remote_name, target = %file.target, kind = target.delivery.kind(), url = %target.delivery.endpoint(), error = %message, next_retry_in = ?delay, more_failures, "the target refused this agent's configuration (API key or URL; for s3: credentials, bucket or region; for tus: headers or api_key); fix the [[target]] and send SIGHUP");
         }
         (_, Some(more_failures)) => {
             tracing::warn!(file = %file.remote_name, target = %file.target, kind = target.delivery.kind(), chunk = chunk.idx, retry_count = count, next_retry_in = ?delay, error = %message, more_failures, "chunk failed; will retry (more_failures: failed attempts since the last warning, logged at debug level)");

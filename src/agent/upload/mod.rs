@@ -8,7 +8,8 @@
 //! schedule ([`Backoff`]) and whether a failure is retried or parks the file
 //! ([`UploadError::retry`], the one place that decides). Each kind of target
 //! implements [`delivery::Delivery`]: [`indexedcp`], this project's own
-//! receiver protocol (v1, resumable, batches), and [`s3`], object storage. A file's data leaves the
+//! receiver protocol (v1, resumable, batches), [`s3`], object storage, and
+//! [`tus`], any tus 1.0.0 server. A file's data leaves the
 //! buffer only when its delivery confirmed the whole file. No SQL here: the
 //! store does that, always off the executor.
 
@@ -22,6 +23,7 @@ pub mod indexedcp;
 mod once;
 pub mod s3;
 mod target;
+pub mod tus;
 mod uploader;
 
 pub use backoff::Backoff;

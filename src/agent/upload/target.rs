@@ -12,6 +12,7 @@ use super::delivery::Delivery;
 use super::error::UploadError;
 use super::indexedcp::IndexedCp;
 use super::s3::S3;
+use super::tus::Tus;
 
 /// The unit of a target's byte budget: a piece in flight holds one permit
 /// per started unit of its length.
@@ -50,6 +51,7 @@ impl TargetRuntime {
         let delivery: Arc<dyn Delivery> = match &config.kind {
             TargetKind::IndexedCp => Arc::new(IndexedCp::new(&config)?),
             TargetKind::S3(s3) => Arc::new(S3::new(&config, s3)?),
+            TargetKind::Tus => Arc::new(Tus::new(&config)?),
         };
         Ok(TargetRuntime::with_delivery(config, delivery))
     }

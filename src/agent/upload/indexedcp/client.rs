@@ -36,6 +36,7 @@ impl IndexedCp {
             .timeout(target.timeout)
             .connect_timeout(target.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("indexedcp/", env!("CARGO_PKG_VERSION")))
+            .default_headers(target.headers.clone())
             .build()
             .map_err(|e| UploadError::Request {
                 what: "an HTTP client".into(),
