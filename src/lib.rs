@@ -31,6 +31,37 @@
 //! the client's hashes and renames the file into place without ever
 //! replacing one. The wire protocol is specified in [`protocol`].
 //!
+//! # The life of a file
+//!
+//! - A file in a spool is **complete** when it was renamed or moved in (the
+//!   recommended way: write elsewhere on the same file system, then `mv`), closed
+//!   after writing and then left alone for 25 ms (and not open for writing again,
+//!   which the kernel tells by refusing a read lease), or unchanged in size and
+//!   mtime for the spool's `settle`. Hidden and temporary names (`.*`, `*.tmp`,
+//!   `*.part`, `*.swp`, `*~`), symlinks, FIFOs and devices are never sent.
+//! - **Ingest** streams the file into 1 MiB (configurable) chunk rows with a
+//!   SHA-256 per chunk and for the file, in one SQLite transaction committed with
+//!   `synchronous=FULL` (files that arrive together share one transaction, up to
+//!   256 files or 16 MiB), and only then disposes of the source (`delete`, `move`
+//!   to `move_to`, or `keep`). A file that changes while it is read is rolled back
+//!   and taken again once it settles. A crash between commit and disposal never
+//!   buffers the same file twice (its device, inode, size and mtime are recorded).
+//!   With `max_buffer_bytes` reached (or the buffer's disk full), ingest pauses:
+//!   files wait in the spool, and ingest resumes as uploads free space.
+//! - The **uploader** wakes every `check_interval` and right after each ingest,
+//!   keeps `concurrency` files per target in flight, and sends each file's chunks
+//!   in order to a v1 receiver, up to four at a time to a resumable one (never
+//!   more than `chunk_size x concurrency` bytes in flight per target); small files
+//!   that are due together share batch requests. A failed chunk waits
+//!   `min(initial * multiplier^(n-1), max)` plus up to 10 % jitter (1 s, 2 s,
+//!   4 s ... 60 s by default); network errors, timeouts, 5xx, 408, 429
+//!   (honouring `Retry-After`) and 422 are retried; 401/403/404/405 are logged as
+//!   configuration problems and retried at the maximum delay; other 4xx park the
+//!   file as `failed` with the reason until `indexedcp retry`. A file's data
+//!   leaves the buffer only when the receiver confirmed the whole file (every
+//!   status and what the client does with it: the `protocol` module docs).
+//!
+//!
 //! # Code map
 //!
 //! Only `client`, `config`, `protocol`, `logging`, `failpoint` and `cli`'s
