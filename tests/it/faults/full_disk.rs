@@ -79,7 +79,13 @@ impl Drop for Tmpfs {
 fn spool_damage(fx: &Fixture, files: &BTreeMap<String, Vec<u8>>) -> Vec<String> {
     files_below(&fx.spool)
         .into_iter()
-        .filter(|rel| std::fs::read(fx.spool.join(rel)).ok().as_ref() != files.get(rel))
+        // A file gone between the listing and the read was buffered and
+        // disposed of meanwhile: not damage (delivery is checked later).
+        .filter(|rel| {
+            std::fs::read(fx.spool.join(rel))
+                .ok()
+                .is_some_and(|bytes| Some(&bytes) != files.get(rel))
+        })
         .collect()
 }
 
