@@ -29,5 +29,6 @@ mod receiver_resumable;
 mod receiver_v1_recovery;
 mod reload;
 mod s3;
+mod spool_guards;
 mod supervision;
 mod systemd_units;
