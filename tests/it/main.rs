@@ -16,6 +16,7 @@ mod faults;
 mod library;
 mod logging;
 mod metrics;
+mod mounted_over;
 mod outage;
 mod packaging;
 mod receiver_batch;
