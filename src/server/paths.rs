@@ -651,4 +651,42 @@ mod tests {
         let long = format!("{}.txt", "é".repeat(125));
         assert!(unique_candidate(&long, 5, 3).len() <= 255);
     }
+
+    #[test]
+    fn a_held_directory_is_checked_against_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let held = open_root(&out).unwrap();
+        assert!(matches!(current(&held).unwrap(), CurrentDir::Held(_)));
+
+        // Deleted: refused, naming the directory.
+        std::fs::remove_dir(&out).unwrap();
+        let Err(gone) = current(&held) else {
+            panic!("a deleted directory was written through")
+        };
+        let message = gone
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<DirUnavailable>())
+            .expect("a DirUnavailable error")
+            .to_string();
+        assert!(message.contains(&out.display().to_string()), "{message}");
+        assert!(create_new(&held, "x").is_err());
+
+        // Made again: the new directory is the one written to.
+        std::fs::create_dir(&out).unwrap();
+        assert!(matches!(current(&held).unwrap(), CurrentDir::Reopened(_)));
+        drop(create_new(&held, "x").unwrap());
+        assert!(out.join("x").is_file());
+        let dest = Destination {
+            dirs: vec!["sub".to_owned()],
+            name: "y".to_owned(),
+        };
+        let parent = open_parent(&held, &dest).unwrap();
+        assert!(rename_no_replace(&held, "x", &parent, "y").unwrap());
+        assert!(out.join("sub/y").is_file());
+
+        // A sub-directory's descriptor is not checked.
+        assert!(matches!(current(&parent).unwrap(), CurrentDir::Held(_)));
+    }
 }

@@ -109,10 +109,7 @@ async fn an_ingest_that_failed_once_is_retried() {
     drop_file(&staging, &spool, "plain.bin", b"readable");
 
     agent
-        .wait_for_line(
-            &["locked.bin", "tried again later"],
-            Duration::from_secs(30),
-        )
+        .wait_for_line(&["locked.bin", "denied"], Duration::from_secs(30))
         .await;
     let expected = BTreeMap::from([("plain.bin".to_owned(), b"readable".to_vec())]);
     wait_for_files(&out, &expected, Duration::from_secs(30)).await;

@@ -11,6 +11,13 @@
 //! missing one is not, so every doubt (overflow, watcher error, new directory)
 //! is resolved by scanning again.
 //!
+//! A name with a control character (a newline, a tab, an ESC...) is never
+//! offered: every receiver refuses it, and buffering it would delete the only
+//! other copy. The file stays in the spool with one warning that shows the
+//! name escaped ([`escape_name`]); renaming it sends it. The watcher also
+//! watches its spool again when the path comes to name another directory (a
+//! file system mounted over it, or a directory put in its place).
+//!
 //! This module holds the public types and the watcher task's state and main
 //! loop; the task's jobs live in submodules: `watch` turns notify events into
 //! state changes, `scan` walks the spool, `settle` decides when a changing
