@@ -229,3 +229,28 @@ async fn names_with_control_characters_stay_in_the_spool() {
         "only the plain files were buffered"
     );
 }
+
+/// `indexedcp upload` of a file whose name has a control character stops
+/// before buffering it (exit 65, the name escaped in the message) instead
+/// of parking it in the buffer after the receiver's 400.
+#[tokio::test]
+async fn a_named_file_with_a_control_character_is_not_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let file = dir.path().join("two\nlines.txt");
+    std::fs::write(&file, b"content").unwrap();
+    let output = indexedcp()
+        .args(["upload", "--server", &server.upload_url(), "--api-key", KEY])
+        .arg("--storage")
+        .arg(dir.path().join("client.db"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("two\\nlines.txt"), "{stderr}");
+    assert!(stderr.contains("control character"), "{stderr}");
+    assert!(visible_files(&out).is_empty());
+    assert_eq!(std::fs::read(&file).unwrap(), b"content");
+}
