@@ -96,11 +96,18 @@ struct RunningSpool {
 }
 
 /// A spool file whose ingest failed: which attempt failed last, and when it
-/// is offered again (`None` while that offer is on its way).
+/// is offered again (`None` while that offer is on its way, since
+/// `reoffered`).
 struct IngestRetry {
     attempts: u64,
     due: Option<tokio::time::Instant>,
+    reoffered: tokio::time::Instant,
 }
+
+/// How long a file offered again may go without an outcome before it is
+/// forgotten: the watcher offers nothing for a file gone meanwhile, and
+/// a file that comes back starts its schedule afresh.
+const RETRY_FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// A spool file: the spool root as configured and the path relative to it.
 type SpoolFile = (PathBuf, String);
@@ -478,25 +485,30 @@ impl Agent {
                 continue;
             }
             retry.due = None;
+            retry.reoffered = now;
             if let Some(running) = self.spools.iter().find(|s| s.config.path == *spool) {
                 running.handle.reoffer(relative.clone());
             }
         }
         // Files of spools removed by a reload stay where they are.
         let spools: Vec<PathBuf> = self.spools.iter().map(|s| s.config.path.clone()).collect();
-        self.retries.retain(|(spool, _), _| spools.contains(spool));
+        self.retries.retain(|(spool, _), retry| {
+            spools.contains(spool)
+                && (retry.due.is_some() || now.duration_since(retry.reoffered) < RETRY_FORGET_AFTER)
+        });
     }
 
     /// Records that a file's ingest failed and schedules its next offer on
     /// its target's retry schedule.
     fn schedule_retry(&mut self, file: SpoolFile, backoff: Backoff) {
+        let now = tokio::time::Instant::now();
         let retry = self.retries.entry(file).or_insert(IngestRetry {
             attempts: 0,
             due: None,
+            reoffered: now,
         });
         retry.attempts += 1;
-        let delay = backoff.delay(retry.attempts);
-        retry.due = Some(tokio::time::Instant::now() + delay);
+        retry.due = Some(now + backoff.delay(retry.attempts));
     }
 
     async fn buffer_has_room(&self) -> bool {

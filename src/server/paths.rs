@@ -364,57 +364,75 @@ impl AsFd for CurrentDir<'_> {
 /// [`open_root`] (a sub-directory) is returned as it is.
 pub(super) fn current(held: &OwnedFd) -> io::Result<CurrentDir<'_>> {
     let opened = identity(held)?;
+    let Some(path) = held_path(held).filter(|_| is_registered(held, opened)) else {
+        return Ok(CurrentDir::Held(held));
+    };
+    // The lock is not held across these calls: a stat on a hung network
+    // file system must not hold up the requests for other directories.
+    let now = rustix::fs::stat(&path).map(|st| (st.st_dev, st.st_ino));
+    let found = match now {
+        Ok(now) if now == opened => None,
+        Ok(now) => Some(open_dir(&path).and_then(|fd| Ok((identity(&fd)? == now, fd)))),
+        Err(e) => Some(Err(io::Error::from(e))),
+    };
+    let (result, reported) = match found {
+        None => (Ok(CurrentDir::Held(held)), None),
+        Some(Ok((true, fd))) => {
+            let now = identity(&fd)?;
+            (Ok(CurrentDir::Reopened(fd)), Some(Reported::Replaced(now)))
+        }
+        // Replaced again between the look and the open: the next request
+        // looks again.
+        Some(Ok((false, _))) => {
+            return Err(unavailable(format!(
+                "the receiver's directory {} is changing (mounted or replaced right now); nothing was written, retry later",
+                path.display()
+            )));
+        }
+        Some(Err(e)) => {
+            let message = format!(
+                "the receiver's directory {} is gone ({e}); nothing was written: its operator must create it or mount its file system, retry later",
+                path.display()
+            );
+            (Err(unavailable(message)), Some(Reported::Missing))
+        }
+    };
+    report_change(held, opened, &path, reported);
+    result
+}
+
+/// Whether `held` is the very descriptor [`open_root`] registered.
+fn is_registered(held: &OwnedFd, opened: (u64, u64)) -> bool {
+    let all = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    all.iter()
+        .any(|h| h.fd == held.as_raw_fd() && h.opened == opened)
+}
+
+/// Logs a change of what a held directory's path names, once per change.
+fn report_change(held: &OwnedFd, opened: (u64, u64), path: &Path, now: Option<Reported>) {
     let mut all = HELD.lock().unwrap_or_else(|e| e.into_inner());
     let Some(entry) = all
         .iter_mut()
         .find(|h| h.fd == held.as_raw_fd() && h.opened == opened)
     else {
-        return Ok(CurrentDir::Held(held));
+        return;
     };
-    let now = rustix::fs::stat(&entry.path).map(|st| (st.st_dev, st.st_ino));
-    let reopened = match now {
-        Ok(now) if now == opened => {
-            if entry.reported.is_some() {
-                tracing::info!(directory = %entry.path.display(), "the directory is the one the receiver opened again");
-                entry.reported = None;
-            }
-            return Ok(CurrentDir::Held(held));
+    if entry.reported == now {
+        return;
+    }
+    entry.reported = now;
+    match now {
+        None => {
+            tracing::info!(directory = %path.display(), "the directory is the one the receiver opened again");
         }
-        Ok(now) => open_dir(&entry.path).and_then(|fd| Ok((identity(&fd)? == now, fd))),
-        Err(e) => Err(io::Error::from(e)),
-    };
-    match reopened {
-        Ok((true, fd)) => {
-            let now = identity(&fd)?;
-            if entry.reported != Some(Reported::Replaced(now)) {
-                entry.reported = Some(Reported::Replaced(now));
-                tracing::warn!(
-                    directory = %entry.path.display(),
-                    "the directory's path now names another directory than the one the receiver opened (a file system was mounted over it, or it was deleted and made again); writing to the one the path names"
-                );
-            }
-            Ok(CurrentDir::Reopened(fd))
-        }
-        // Replaced again between the look and the open: the next request
-        // looks again.
-        Ok((false, _)) => Err(unavailable(format!(
-            "the receiver's directory {} is changing (mounted or replaced right now); nothing was written, retry later",
-            entry.path.display()
-        ))),
-        Err(e) => {
-            if entry.reported != Some(Reported::Missing) {
-                entry.reported = Some(Reported::Missing);
-                tracing::error!(
-                    directory = %entry.path.display(),
-                    error = %e,
-                    "the receiver's directory is gone: uploads are refused with 503 until it is back; create it or mount its file system, or restart the receiver if it held the receiver's state"
-                );
-            }
-            Err(unavailable(format!(
-                "the receiver's directory {} is gone ({e}); nothing was written: its operator must create it or mount its file system, retry later",
-                entry.path.display()
-            )))
-        }
+        Some(Reported::Replaced(_)) => tracing::warn!(
+            directory = %path.display(),
+            "the directory's path now names another directory than the one the receiver opened (a file system was mounted over it, or it was deleted and made again); writing to the one the path names"
+        ),
+        Some(Reported::Missing) => tracing::error!(
+            directory = %path.display(),
+            "the receiver's directory is gone: uploads are refused with 503 until it is back; create it or mount its file system, or restart the receiver if it held the receiver's state"
+        ),
     }
 }
 
