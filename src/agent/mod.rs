@@ -499,8 +499,8 @@ impl Agent {
     }
 
     /// Records that a file's ingest failed and schedules its next offer on
-    /// its target's retry schedule.
-    fn schedule_retry(&mut self, file: SpoolFile, backoff: Backoff) {
+    /// its target's retry schedule; returns how many attempts failed so far.
+    fn schedule_retry(&mut self, file: SpoolFile, backoff: Backoff) -> u64 {
         let now = tokio::time::Instant::now();
         let retry = self.retries.entry(file).or_insert(IngestRetry {
             attempts: 0,
@@ -509,6 +509,7 @@ impl Agent {
         });
         retry.attempts += 1;
         retry.due = Some(now + backoff.delay(retry.attempts));
+        retry.attempts
     }
 
     async fn buffer_has_room(&self) -> bool {
@@ -590,17 +591,17 @@ impl Agent {
                     tracing::error!(files, error = %e, "the buffer's disk is full: ingest paused, files wait in the spool");
                 } else {
                     tracing::error!(files, error = %e, "ingest failed; the files stay in the spool and are tried again later");
-                    batch
-                        .into_iter()
-                        .for_each(|(f, b)| self.schedule_retry(f, b));
+                    batch.into_iter().for_each(|(f, b)| {
+                        self.schedule_retry(f, b);
+                    });
                 }
                 return pause;
             }
             Err(e) => {
                 tracing::error!(files, error = %e, "ingest task failed; the files stay in the spool and are tried again later");
-                batch
-                    .into_iter()
-                    .for_each(|(f, b)| self.schedule_retry(f, b));
+                batch.into_iter().for_each(|(f, b)| {
+                    self.schedule_retry(f, b);
+                });
                 return false;
             }
         };
@@ -610,12 +611,16 @@ impl Agent {
             buffered |= matches!(outcome, Ok(IngestOutcome::Buffered { .. }));
             let failed = matches!(outcome, Ok(IngestOutcome::Skipped(_)) | Err(_))
                 && !outcome.as_ref().is_err_and(IngestError::is_disk_full);
-            if failed {
-                self.schedule_retry(file, backoff);
+            // A failure is logged at its level the first time, and quietly
+            // on each retry that fails the same way, so that a file that
+            // stays unreadable does not fill the log.
+            let attempts = if failed {
+                self.schedule_retry(file, backoff)
             } else {
                 self.retries.remove(&file);
-            }
-            pause |= self.report(&offer.candidate, outcome);
+                0
+            };
+            pause |= self.report(&offer.candidate, outcome, attempts);
         }
         if buffered {
             self.wake.notify_one();
@@ -626,7 +631,13 @@ impl Agent {
     }
 
     /// Logs what became of one candidate; returns whether ingest must pause.
-    fn report(&self, candidate: &Candidate, outcome: Result<IngestOutcome, IngestError>) -> bool {
+    /// `attempts` counts the failed attempts for this file so far.
+    fn report(
+        &self,
+        candidate: &Candidate,
+        outcome: Result<IngestOutcome, IngestError>,
+        attempts: u64,
+    ) -> bool {
         let file = spool::escape_name(&candidate.relative);
         let file = file.as_ref();
         let spool = candidate.spool.display().to_string();
@@ -660,7 +671,11 @@ impl Agent {
             }
             Ok(IngestOutcome::Skipped(reason)) => {
                 let reason = spool::escape_name(&reason);
-                tracing::warn!(%spool, file, %reason, "skipped for now; tried again later");
+                if attempts > 1 {
+                    tracing::debug!(%spool, file, %reason, attempts, "skipped again; tried again later");
+                } else {
+                    tracing::warn!(%spool, file, %reason, "skipped for now; tried again later");
+                }
                 false
             }
             Err(e) if e.is_disk_full() => {
@@ -669,7 +684,11 @@ impl Agent {
             }
             Err(e) => {
                 let error = spool::escape_name(&e.to_string()).into_owned();
-                tracing::error!(%spool, file, %error, "ingest failed; the file stays in the spool and is tried again later");
+                if attempts > 1 {
+                    tracing::debug!(%spool, file, %error, attempts, "ingest failed again; tried again later");
+                } else {
+                    tracing::error!(%spool, file, %error, "ingest failed; the file stays in the spool and is tried again later");
+                }
                 false
             }
         }
