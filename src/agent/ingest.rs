@@ -84,6 +84,16 @@ pub enum IngestError {
         /// The path as it was named.
         path: PathBuf,
     },
+    /// The name to send has a control character (a newline, a tab, an
+    /// ESC...), which every receiver refuses: buffering the file would only
+    /// park it. Nothing was buffered.
+    #[error(
+        "the name {name} (shown escaped) has a control character, which receivers refuse; send the file under another name"
+    )]
+    ControlCharacter {
+        /// The name, its control characters escaped.
+        name: String,
+    },
     /// The buffer failed; [`IngestError::is_disk_full`] tells a full disk.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -465,6 +475,11 @@ pub fn ingest_path(
     remote_name: &str,
     target: &TargetConfig,
 ) -> Result<PathIngest, IngestError> {
+    if remote_name.chars().any(char::is_control) {
+        return Err(IngestError::ControlCharacter {
+            name: crate::agent::spool::escape_name(remote_name).into_owned(),
+        });
+    }
     let read_err = |source| IngestError::Read {
         path: path.to_owned(),
         source,
@@ -756,6 +771,9 @@ mod tests {
             ingest_path(&store, dir.path(), "x", &target),
             Err(IngestError::NotAFile { .. })
         ));
+        let refused = ingest_path(&store, &path, "a\nb.txt", &target).unwrap_err();
+        assert!(matches!(refused, IngestError::ControlCharacter { .. }));
+        assert!(refused.to_string().contains("a\\nb.txt"), "{refused}");
         assert!(matches!(
             ingest_path(&store, &dir.path().join("missing"), "x", &target),
             Err(IngestError::Read { .. })

@@ -6,12 +6,18 @@
 //! `upload`); each owns its own logic. Ingest runs one file at a time on a
 //! blocking thread, so memory stays at one chunk for ingest plus one chunk per
 //! file in flight, whatever the file sizes or the queue length.
+//!
+//! The watcher offers each file once; a file whose ingest failed for any
+//! reason is offered again on its target's retry schedule (`Backoff`), and a
+//! reload that raises `max_buffer_bytes` or adds or changes a target rescans
+//! the spools, so that the files refused under the old settings go too.
 
 pub mod ingest;
 pub mod spool;
 pub mod store;
 pub mod upload;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -25,7 +31,7 @@ use crate::config::{Config, SpoolConfig, TargetConfig};
 use ingest::{IngestError, IngestOutcome};
 use spool::{Candidate, SpoolHandle};
 use store::{Store, StoreError};
-use upload::{NoObserver, TargetRuntime, UploaderShared};
+use upload::{Backoff, NoObserver, TargetRuntime, UploaderShared};
 
 /// How long confirmed files stay listed in the buffer (with their server name).
 pub(crate) const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -89,6 +95,23 @@ struct RunningSpool {
     token: CancellationToken,
 }
 
+/// A spool file whose ingest failed: which attempt failed last, and when it
+/// is offered again (`None` while that offer is on its way, since
+/// `reoffered`).
+struct IngestRetry {
+    attempts: u64,
+    due: Option<tokio::time::Instant>,
+    reoffered: tokio::time::Instant,
+}
+
+/// How long a file offered again may go without an outcome before it is
+/// forgotten: the watcher offers nothing for a file gone meanwhile, and
+/// a file that comes back starts its schedule afresh.
+const RETRY_FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// A spool file: the spool root as configured and the path relative to it.
+type SpoolFile = (PathBuf, String);
+
 /// A started agent: watchers running, the rest started by [`Agent::run`].
 pub(crate) struct Agent {
     store: Store,
@@ -104,6 +127,11 @@ pub(crate) struct Agent {
     max_buffer_bytes: u64,
     grace: Duration,
     shutdown: CancellationToken,
+    /// Spool files whose ingest failed, offered again on the spool's
+    /// target's retry schedule: the watcher offers a file once, so without
+    /// this a failure that passes (too many open files, a busy buffer) would
+    /// leave the file in the spool until a restart.
+    retries: HashMap<SpoolFile, IngestRetry>,
 }
 
 /// What the supervisor can read about a running agent (for sd_notify).
@@ -163,6 +191,7 @@ impl Agent {
             max_buffer_bytes: config.daemon.max_buffer_bytes,
             grace: config.daemon.shutdown_grace,
             shutdown,
+            retries: HashMap::new(),
         };
         for spool_cfg in &config.spools {
             agent.start_spool(spool_cfg.clone())?;
@@ -243,11 +272,17 @@ impl Agent {
             changes.push(format!("check_interval {:?}", config.daemon.check_interval));
             self.shared.set_check_interval(config.daemon.check_interval);
         }
+        // Files refused as larger than the buffer, or left for a target
+        // that was missing or wrong, are offered again under the new settings.
+        let mut offer_again = changes
+            .iter()
+            .any(|c| c.ends_with(" added") || c.ends_with(" changed"));
         if self.max_buffer_bytes != config.daemon.max_buffer_bytes {
             changes.push(format!(
                 "max_buffer_bytes {}",
                 config.daemon.max_buffer_bytes
             ));
+            offer_again |= config.daemon.max_buffer_bytes > self.max_buffer_bytes;
             self.max_buffer_bytes = config.daemon.max_buffer_bytes;
         }
         self.grace = config.daemon.shutdown_grace;
@@ -277,6 +312,10 @@ impl Agent {
             }
         }
         self.spools = kept;
+        if offer_again {
+            // Restarted and new spools scan when they start.
+            self.spools.iter().for_each(|s| s.handle.rescan());
+        }
         for spool_cfg in &config.spools {
             if self.spools.iter().any(|s| s.config.path == spool_cfg.path) {
                 continue;
@@ -329,6 +368,7 @@ impl Agent {
         let mut died = None;
         loop {
             self.beat();
+            let next_retry = self.next_retry();
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 ended = &mut uploader => {
@@ -367,6 +407,7 @@ impl Agent {
                         tracing::info!(changes = %changes.join("; "), "reload: agent updated");
                     }
                 }
+                () = sleep_until_some(next_retry) => self.offer_due_retries(),
                 _ = housekeeping.tick() => {
                     if paused && self.buffer_has_room().await {
                         paused = false;
@@ -418,16 +459,57 @@ impl Agent {
 
     /// Ingests a batch, beating meanwhile: buffering a big file takes as long
     /// as reading it, and the loop is busy, not hung, while it waits.
-    async fn ingest_beating(&self, batch: Vec<Candidate>) -> bool {
+    async fn ingest_beating(&mut self, batch: Vec<Candidate>) -> bool {
+        let heartbeat = self.ingest_heartbeat.clone();
         let ingest = self.ingest(batch);
         tokio::pin!(ingest);
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 paused = &mut ingest => return paused,
-                _ = beat.tick() => self.beat(),
+                _ = beat.tick() => heartbeat.store(crate::clock::now_ms(), Ordering::Relaxed),
             }
         }
+    }
+
+    /// When the next failed file is due to be offered again.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.retries.values().filter_map(|r| r.due).min()
+    }
+
+    /// Asks the watchers to offer again the failed files now due.
+    fn offer_due_retries(&mut self) {
+        let now = tokio::time::Instant::now();
+        for ((spool, relative), retry) in &mut self.retries {
+            if retry.due.is_none_or(|due| due > now) {
+                continue;
+            }
+            retry.due = None;
+            retry.reoffered = now;
+            if let Some(running) = self.spools.iter().find(|s| s.config.path == *spool) {
+                running.handle.reoffer(relative.clone());
+            }
+        }
+        // Files of spools removed by a reload stay where they are.
+        let spools: Vec<PathBuf> = self.spools.iter().map(|s| s.config.path.clone()).collect();
+        self.retries.retain(|(spool, _), retry| {
+            spools.contains(spool)
+                && (retry.due.is_some() || now.duration_since(retry.reoffered) < RETRY_FORGET_AFTER)
+        });
+    }
+
+    /// Records that a file's ingest failed and schedules its next offer on
+    /// its target's retry schedule; returns how many attempts failed so far.
+    fn schedule_retry(&mut self, file: SpoolFile, backoff: Backoff) -> u64 {
+        let now = tokio::time::Instant::now();
+        let retry = self.retries.entry(file).or_insert(IngestRetry {
+            attempts: 0,
+            due: None,
+            reoffered: now,
+        });
+        retry.attempts += 1;
+        retry.due = Some(now + backoff.delay(retry.attempts));
+        retry.attempts
     }
 
     async fn buffer_has_room(&self) -> bool {
@@ -456,8 +538,9 @@ impl Agent {
     }
 
     /// Ingests candidates in one batch; returns whether ingest must pause
-    /// (buffer or disk full).
-    async fn ingest(&self, candidates: Vec<Candidate>) -> bool {
+    /// (buffer or disk full). A file whose ingest failed is offered again
+    /// later, on its target's retry schedule.
+    async fn ingest(&mut self, candidates: Vec<Candidate>) -> bool {
         let mut offers = Vec::with_capacity(candidates.len());
         for candidate in candidates {
             let Some(spool_cfg) = self
@@ -488,6 +571,13 @@ impl Agent {
         }
         let (store, max) = (self.store.clone(), self.max_buffer_bytes);
         let files = offers.len();
+        let batch: Vec<(SpoolFile, Backoff)> = offers
+            .iter()
+            .map(|o| {
+                let file = (o.candidate.spool.clone(), o.candidate.relative.clone());
+                (file, Backoff::of(&o.target))
+            })
+            .collect();
         // The offers go to the blocking task and come back with their outcomes.
         let result = tokio::task::spawn_blocking(move || {
             ingest::ingest_candidates(&store, &offers, max).map(|outcomes| (offers, outcomes))
@@ -500,20 +590,37 @@ impl Agent {
                 if pause {
                     tracing::error!(files, error = %e, "the buffer's disk is full: ingest paused, files wait in the spool");
                 } else {
-                    tracing::error!(files, error = %e, "ingest failed; the files stay in the spool");
+                    tracing::error!(files, error = %e, "ingest failed; the files stay in the spool and are tried again later");
+                    batch.into_iter().for_each(|(f, b)| {
+                        self.schedule_retry(f, b);
+                    });
                 }
                 return pause;
             }
             Err(e) => {
-                tracing::error!(files, error = %e, "ingest task failed");
+                tracing::error!(files, error = %e, "ingest task failed; the files stay in the spool and are tried again later");
+                batch.into_iter().for_each(|(f, b)| {
+                    self.schedule_retry(f, b);
+                });
                 return false;
             }
         };
         let mut pause = false;
         let mut buffered = false;
-        for (offer, outcome) in offers.iter().zip(outcomes) {
+        for ((offer, outcome), (file, backoff)) in offers.iter().zip(outcomes).zip(batch) {
             buffered |= matches!(outcome, Ok(IngestOutcome::Buffered { .. }));
-            pause |= self.report(&offer.candidate, outcome);
+            let failed = matches!(outcome, Ok(IngestOutcome::Skipped(_)) | Err(_))
+                && !outcome.as_ref().is_err_and(IngestError::is_disk_full);
+            // A failure is logged at its level the first time, and quietly
+            // on each retry that fails the same way, so that a file that
+            // stays unreadable does not fill the log.
+            let attempts = if failed {
+                self.schedule_retry(file, backoff)
+            } else {
+                self.retries.remove(&file);
+                0
+            };
+            pause |= self.report(&offer.candidate, outcome, attempts);
         }
         if buffered {
             self.wake.notify_one();
@@ -524,8 +631,15 @@ impl Agent {
     }
 
     /// Logs what became of one candidate; returns whether ingest must pause.
-    fn report(&self, candidate: &Candidate, outcome: Result<IngestOutcome, IngestError>) -> bool {
-        let file = candidate.relative.as_str();
+    /// `attempts` counts the failed attempts for this file so far.
+    fn report(
+        &self,
+        candidate: &Candidate,
+        outcome: Result<IngestOutcome, IngestError>,
+        attempts: u64,
+    ) -> bool {
+        let file = spool::escape_name(&candidate.relative);
+        let file = file.as_ref();
         let spool = candidate.spool.display().to_string();
         match outcome {
             Ok(IngestOutcome::Buffered { file_id, bytes }) => {
@@ -556,7 +670,12 @@ impl Agent {
                 false
             }
             Ok(IngestOutcome::Skipped(reason)) => {
-                tracing::warn!(%spool, file, %reason, "skipped");
+                let reason = spool::escape_name(&reason);
+                if attempts > 1 {
+                    tracing::debug!(%spool, file, %reason, attempts, "skipped again; tried again later");
+                } else {
+                    tracing::warn!(%spool, file, %reason, "skipped for now; tried again later");
+                }
                 false
             }
             Err(e) if e.is_disk_full() => {
@@ -564,10 +683,23 @@ impl Agent {
                 true
             }
             Err(e) => {
-                tracing::error!(%spool, file, error = %e, "ingest failed; the file stays in the spool");
+                let error = spool::escape_name(&e.to_string()).into_owned();
+                if attempts > 1 {
+                    tracing::debug!(%spool, file, %error, attempts, "ingest failed again; tried again later");
+                } else {
+                    tracing::error!(%spool, file, %error, "ingest failed; the file stays in the spool and is tried again later");
+                }
                 false
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use super::args::{PurgeArgs, RetryArgs, StatusArgs};
 use super::{Failure, exit};
+use crate::agent::spool::escape_name;
 use crate::agent::store::{ChunkMeta, FileRecord, FileState, Store};
 use crate::config::{Config, TargetKind};
 
@@ -174,7 +175,9 @@ pub(super) fn purge(args: PurgeArgs) -> Result<(), Failure> {
     if !args.yes
         && !confirm(&format!(
             "delete {} ({} bytes, {}) from the buffer? its data is lost unless it was delivered [y/N] ",
-            file.remote_name, file.size, file.state
+            escape_name(&file.remote_name),
+            file.size,
+            file.state
         ))
     {
         return Err(Failure::usage("not purged (confirm with --yes)"));
@@ -183,7 +186,7 @@ pub(super) fn purge(args: PurgeArgs) -> Result<(), Failure> {
     store
         .purge(args.id)
         .map_err(|e| Failure::io(e.to_string()))?;
-    println!("purged {} ({})", file.remote_name, file.id);
+    println!("purged {} ({})", escape_name(&file.remote_name), file.id);
     Ok(())
 }
 
@@ -216,7 +219,8 @@ fn abort_at_target(args: &PurgeArgs, file: &FileRecord) {
         eprintln!(
             "warning: cannot abort the unfinished upload of {} at target {:?}: {error}; \
              the store keeps it until its lifecycle rule removes it",
-            file.remote_name, file.target
+            escape_name(&file.remote_name),
+            file.target
         );
     }
 }
@@ -299,7 +303,7 @@ fn target_summary(files: &[FileRecord], configured: &HashMap<String, TargetInfo>
             );
         }
         if let Some(e) = t.last_error {
-            let _ = write!(out, "; last error: {e}");
+            let _ = write!(out, "; last error: {}", escape_name(e));
         }
         out.push('\n');
     }
@@ -330,10 +334,17 @@ fn status_table(
         let _ = write!(
             out,
             "{:>5}  {:<9}  {:>12}  {:>4}/{:<4}  {:>7}  {:<9}  {}",
-            f.id, f.state, f.size, f.chunks_uploaded, f.chunk_count, f.retries, next, f.remote_name
+            f.id,
+            f.state,
+            f.size,
+            f.chunks_uploaded,
+            f.chunk_count,
+            f.retries,
+            next,
+            escape_name(&f.remote_name)
         );
         if let Some(server_name) = &f.server_name {
-            let _ = write!(out, " -> {server_name}");
+            let _ = write!(out, " -> {}", escape_name(server_name));
         }
         out.push('\n');
         if let Some(parts) = parts.get(&f.id) {
@@ -348,7 +359,7 @@ fn status_table(
             .as_ref()
             .filter(|_| f.state != FileState::Confirmed))
         {
-            let _ = writeln!(out, "{:>7}{reason}", "");
+            let _ = writeln!(out, "{:>7}{}", "", escape_name(reason));
         }
     }
     out

@@ -340,6 +340,9 @@ impl Receiver {
             }
         }
         inner.hashes.forget(&entry.upload_id);
+        // Opened by path: a staging directory mounted over or gone answers
+        // 503 naming it, as the resumable path does, rather than 500.
+        paths::current(&inner.staging)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)

@@ -58,6 +58,9 @@ pub(super) enum ApiError {
     /// The whole file did not verify; the upload was discarded.
     FileMismatch(String),
     InsufficientStorage(String),
+    /// The output or staging directory is missing or no longer reachable
+    /// (`paths::DirUnavailable`); retrying later loses nothing.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -74,6 +77,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -90,6 +94,7 @@ impl ApiError {
             | ApiError::Unprocessable(m)
             | ApiError::FileMismatch(m)
             | ApiError::InsufficientStorage(m)
+            | ApiError::Unavailable(m)
             | ApiError::Internal(m) => m.clone(),
         }
     }
@@ -106,6 +111,7 @@ impl ApiError {
             ApiError::Unprocessable(m) => (protocol::CHUNK_MISMATCH_ERROR, Some(m)),
             ApiError::FileMismatch(m) => (protocol::FILE_MISMATCH_ERROR, Some(m)),
             ApiError::InsufficientStorage(m) => ("Insufficient storage", Some(m)),
+            ApiError::Unavailable(m) => ("Service unavailable", Some(m)),
             ApiError::Internal(m) => ("Internal error", Some(m)),
         };
         ErrorReply {
@@ -124,8 +130,13 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        // A full disk is the operator's to fix, not a fault of the receiver.
-        if status == StatusCode::INSUFFICIENT_STORAGE {
+        // A full disk or a directory gone is the operator's to fix, not a
+        // fault of the receiver (and the directory's fate is logged loudly
+        // once where it is found).
+        if matches!(
+            status,
+            StatusCode::INSUFFICIENT_STORAGE | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             tracing::warn!(status = status.as_u16(), error = %self.message(), "request refused");
         } else if status.is_server_error() {
             tracing::error!(status = status.as_u16(), error = %self.message(), "request failed");
@@ -138,7 +149,12 @@ impl IntoResponse for ApiError {
 
 impl From<io::Error> for ApiError {
     fn from(e: io::Error) -> ApiError {
-        if is_disk_full(&e) {
+        if let Some(gone) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<paths::DirUnavailable>())
+        {
+            ApiError::Unavailable(gone.0.clone())
+        } else if is_disk_full(&e) {
             ApiError::InsufficientStorage(format!(
                 "the receiver's disk is full ({e}); nothing was recorded, retry later"
             ))

@@ -11,7 +11,9 @@
 //! is renamed without replacing anything; the destination and staging
 //! directories are synced; then the upload is recorded complete (unsynced:
 //! after a power cut the synced finalizing record and the missing staged file
-//! tell `finalize_blocking` to record it again).
+//! tell `finalize_blocking` to record it again). Before any of it, the output
+//! and staging directories are checked to be still what their paths name
+//! (see `paths::current`).
 
 use std::io;
 
@@ -140,6 +142,12 @@ impl Receiver {
 
     pub(super) fn finalize_blocking(&self, upload_id: &str) -> Result<String, ApiError> {
         let inner = &self.inner;
+        // Both directories must still be the ones their paths name (or be
+        // reopened), else nothing is renamed and the client is told 503: a
+        // file renamed into a directory hidden by a mount, or into a deleted
+        // one, would be reported delivered and seen by nobody.
+        paths::current(&inner.root)?;
+        paths::current(&inner.staging)?;
         let Some(upload) = inner.state.upload(upload_id)? else {
             return Err(ApiError::NotFound);
         };

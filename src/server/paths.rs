@@ -7,11 +7,21 @@
 //! a directory descriptor of the output directory, walking one component at a time
 //! with `O_NOFOLLOW`, so a symlink planted inside the output directory cannot lead
 //! a write outside it, and no final name is ever overwritten.
+//!
+//! The output and staging directories are held open from the start, so a file
+//! system mounted over one of them later (a data disk or a share that mounts
+//! late), or a directory deleted and made again, would leave the receiver
+//! writing where nobody looks. Every write and rename through a held directory
+//! therefore first checks that its path still names it (device and inode): if
+//! the path names another directory, that one is opened and used, and the log
+//! says so; if it names nothing, or the two are on different file systems
+//! now, the request is refused with 503 and the log names the directory.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 
@@ -264,8 +274,26 @@ pub(super) enum OpenError {
     Io(#[from] io::Error),
 }
 
-/// Opens the output directory itself (following a symlink is the operator's choice).
+/// Opens the output (or staging) directory itself (following a symlink is the
+/// operator's choice), and remembers the path it was opened by, so that later
+/// writes through it can check that the path still names it ([`current`]).
 pub(super) fn open_root(dir: &Path) -> io::Result<OwnedFd> {
+    let fd = open_dir(dir)?;
+    let path = std::path::absolute(dir)?;
+    let held = Held {
+        fd: fd.as_raw_fd(),
+        opened: identity(&fd)?,
+        path,
+        reported: None,
+    };
+    let mut all = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    // A number used before belonged to a descriptor closed since.
+    all.retain(|h| h.fd != held.fd);
+    all.push(held);
+    Ok(fd)
+}
+
+fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(
         dir,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
@@ -273,11 +301,155 @@ pub(super) fn open_root(dir: &Path) -> io::Result<OwnedFd> {
     )?)
 }
 
+/// A directory opened by [`open_root`]: its descriptor number, its device and
+/// inode then, the absolute path it was opened by, and the last change of
+/// that path already logged (so that a change is logged once).
+struct Held {
+    fd: RawFd,
+    opened: (u64, u64),
+    path: PathBuf,
+    reported: Option<Reported>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    /// The path names the directory of this device and inode instead.
+    Replaced((u64, u64)),
+    /// The path names nothing (or cannot be examined).
+    Missing,
+}
+
+/// The directories the receivers of this process hold open. A process-wide
+/// list, because the descriptors live in the receiver's state, which knows
+/// nothing of paths; it holds two entries per receiver opened (one more pair
+/// after each reload that opens a new receiver).
+static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
+
+fn identity(fd: impl AsFd) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Why a held directory cannot be written through; a request that meets it
+/// is refused with 503 (see `errors`), since waiting for the operator (to
+/// mount the file system, or restart the receiver) loses nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct DirUnavailable(pub(super) String);
+
+fn unavailable(message: String) -> io::Error {
+    io::Error::other(DirUnavailable(message))
+}
+
+/// The directory a held descriptor stands for now: the held one while its
+/// path still names it, else the one the path names now.
+pub(super) enum CurrentDir<'a> {
+    Held(&'a OwnedFd),
+    Reopened(OwnedFd),
+}
+
+impl AsFd for CurrentDir<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            CurrentDir::Held(fd) => fd.as_fd(),
+            CurrentDir::Reopened(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// Checks that the path `held` was opened by still names it, and returns the
+/// directory to write through: `held` itself, or the directory now at that
+/// path (logged once per change). A path that names nothing gives a
+/// [`DirUnavailable`] error naming it. A descriptor not opened by
+/// [`open_root`] (a sub-directory) is returned as it is.
+pub(super) fn current(held: &OwnedFd) -> io::Result<CurrentDir<'_>> {
+    let opened = identity(held)?;
+    let Some(path) = held_path(held).filter(|_| is_registered(held, opened)) else {
+        return Ok(CurrentDir::Held(held));
+    };
+    // The lock is not held across these calls: a stat on a hung network
+    // file system must not hold up the requests for other directories.
+    let now = rustix::fs::stat(&path).map(|st| (st.st_dev, st.st_ino));
+    let found = match now {
+        Ok(now) if now == opened => None,
+        Ok(now) => Some(open_dir(&path).and_then(|fd| Ok((identity(&fd)? == now, fd)))),
+        Err(e) => Some(Err(io::Error::from(e))),
+    };
+    let (result, reported) = match found {
+        None => (Ok(CurrentDir::Held(held)), None),
+        Some(Ok((true, fd))) => {
+            let now = identity(&fd)?;
+            (Ok(CurrentDir::Reopened(fd)), Some(Reported::Replaced(now)))
+        }
+        // Replaced again between the look and the open: the next request
+        // looks again.
+        Some(Ok((false, _))) => {
+            return Err(unavailable(format!(
+                "the receiver's directory {} is changing (mounted or replaced right now); nothing was written, retry later",
+                path.display()
+            )));
+        }
+        Some(Err(e)) => {
+            let message = format!(
+                "the receiver's directory {} is gone ({e}); nothing was written: its operator must create it or mount its file system, retry later",
+                path.display()
+            );
+            (Err(unavailable(message)), Some(Reported::Missing))
+        }
+    };
+    report_change(held, opened, &path, reported);
+    result
+}
+
+/// Whether `held` is the very descriptor [`open_root`] registered.
+fn is_registered(held: &OwnedFd, opened: (u64, u64)) -> bool {
+    let all = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    all.iter()
+        .any(|h| h.fd == held.as_raw_fd() && h.opened == opened)
+}
+
+/// Logs a change of what a held directory's path names, once per change.
+fn report_change(held: &OwnedFd, opened: (u64, u64), path: &Path, now: Option<Reported>) {
+    let mut all = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(entry) = all
+        .iter_mut()
+        .find(|h| h.fd == held.as_raw_fd() && h.opened == opened)
+    else {
+        return;
+    };
+    if entry.reported == now {
+        return;
+    }
+    entry.reported = now;
+    match now {
+        None => {
+            tracing::info!(directory = %path.display(), "the directory is the one the receiver opened again");
+        }
+        Some(Reported::Replaced(_)) => tracing::warn!(
+            directory = %path.display(),
+            "the directory's path now names another directory than the one the receiver opened (a file system was mounted over it, or it was deleted and made again); writing to the one the path names"
+        ),
+        Some(Reported::Missing) => tracing::error!(
+            directory = %path.display(),
+            "the receiver's directory is gone: uploads are refused with 503 until it is back; create it or mount its file system, or restart the receiver if it held the receiver's state"
+        ),
+    }
+}
+
+/// The path `fd` was opened by, when [`open_root`] opened it.
+fn held_path(fd: &OwnedFd) -> Option<PathBuf> {
+    let all = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    all.iter()
+        .find(|h| h.fd == fd.as_raw_fd())
+        .map(|h| h.path.clone())
+}
+
 /// Opens (creating as needed) the directories of `dest` below `root`, never
 /// following a symlink.
 pub(super) fn open_parent(root: &OwnedFd, dest: &Destination) -> Result<OwnedFd, OpenError> {
+    let root = current(root)?;
     let mut current = rustix::fs::openat(
-        root,
+        &root,
         ".",
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
@@ -309,8 +481,9 @@ pub(super) fn open_parent(root: &OwnedFd, dest: &Destination) -> Result<OwnedFd,
 
 /// Creates `name` in `dir` only if nothing of that name exists (a symlink counts).
 pub(super) fn create_new(dir: &OwnedFd, name: &str) -> io::Result<File> {
+    let dir = current(dir)?;
     let fd = rustix::fs::openat(
-        dir,
+        &dir,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o644),
@@ -320,8 +493,9 @@ pub(super) fn create_new(dir: &OwnedFd, name: &str) -> io::Result<File> {
 
 /// Opens an existing regular file for writing, refusing a symlink.
 pub(super) fn open_existing(dir: &OwnedFd, name: &str) -> io::Result<File> {
+    let dir = current(dir)?;
     let fd = rustix::fs::openat(
-        dir,
+        &dir,
         name,
         OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
@@ -337,22 +511,36 @@ pub(super) fn open_existing(dir: &OwnedFd, name: &str) -> io::Result<File> {
 }
 
 /// Renames `from` (in `from_dir`) to `to` (in `to_dir`) unless `to` exists.
-/// Returns `Ok(false)` when the name is taken.
+/// Returns `Ok(false)` when the name is taken. Both directories are checked
+/// first ([`current`]); two directories now on different file systems (one
+/// of them mounted over since the start) give a [`DirUnavailable`] error.
 pub(super) fn rename_no_replace(
     from_dir: &OwnedFd,
     from: &str,
     to_dir: &OwnedFd,
     to: &str,
 ) -> io::Result<bool> {
-    match rustix::fs::renameat_with(from_dir, from, to_dir, to, RenameFlags::NOREPLACE) {
+    let (held_from, held_to) = (from_dir, to_dir);
+    let (from_dir, to_dir) = (current(held_from)?, current(held_to)?);
+    match rustix::fs::renameat_with(&from_dir, from, &to_dir, to, RenameFlags::NOREPLACE) {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::EXIST) => Ok(false),
+        Err(rustix::io::Errno::XDEV) => {
+            let name =
+                |fd| held_path(fd).map_or_else(|| "?".to_owned(), |p| p.display().to_string());
+            let message = format!(
+                "the staging directory {} and the output directory are on different file systems now (a file system was mounted over one of them after the receiver started); nothing was written: restart the receiver so that it opens its directories again, retry later",
+                name(held_from)
+            );
+            tracing::error!(staging = %name(held_from), "cannot rename a finished upload into the output directory: {message}");
+            Err(unavailable(message))
+        }
         // File systems without RENAME_NOREPLACE: link (which never replaces), then
         // unlink the staging name.
         Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-            match rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty()) {
+            match rustix::fs::linkat(&from_dir, from, &to_dir, to, AtFlags::empty()) {
                 Ok(()) => {
-                    rustix::fs::unlinkat(from_dir, from, AtFlags::empty())?;
+                    rustix::fs::unlinkat(&from_dir, from, AtFlags::empty())?;
                     Ok(true)
                 }
                 Err(rustix::io::Errno::EXIST) => Ok(false),
@@ -365,7 +553,8 @@ pub(super) fn rename_no_replace(
 
 /// Whether `name` exists in `dir` (without following a symlink).
 pub(super) fn exists_in(dir: &OwnedFd, name: &str) -> io::Result<bool> {
-    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+    let dir = current(dir)?;
+    match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(_) => Ok(true),
         Err(rustix::io::Errno::NOENT) => Ok(false),
         Err(e) => Err(e.into()),
@@ -376,7 +565,7 @@ pub(super) fn exists_in(dir: &OwnedFd, name: &str) -> io::Result<bool> {
 /// under two names); `false` when either is missing.
 pub(super) fn same_file(a_dir: &OwnedFd, a: &str, b_dir: &OwnedFd, b: &str) -> io::Result<bool> {
     let stat = |dir: &OwnedFd, name: &str| match rustix::fs::statat(
-        dir,
+        current(dir)?,
         name,
         AtFlags::SYMLINK_NOFOLLOW,
     ) {
@@ -390,8 +579,14 @@ pub(super) fn same_file(a_dir: &OwnedFd, a: &str, b_dir: &OwnedFd, b: &str) -> i
     })
 }
 
+/// Syncs `dir`, or the directory its path names now when that changed (so
+/// that a rename made there is durable). A path that names nothing falls back
+/// to the held directory: a sync must not fail a rename that happened.
 pub(super) fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
-    rustix::fs::fsync(dir)?;
+    match current(dir) {
+        Ok(now) => rustix::fs::fsync(&now)?,
+        Err(_) => rustix::fs::fsync(dir)?,
+    }
     Ok(())
 }
 
@@ -473,5 +668,43 @@ mod tests {
         assert_eq!(unique_candidate(".bashrc", 5, 1), ".bashrc_5");
         let long = format!("{}.txt", "é".repeat(125));
         assert!(unique_candidate(&long, 5, 3).len() <= 255);
+    }
+
+    #[test]
+    fn a_held_directory_is_checked_against_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let held = open_root(&out).unwrap();
+        assert!(matches!(current(&held).unwrap(), CurrentDir::Held(_)));
+
+        // Deleted: refused, naming the directory.
+        std::fs::remove_dir(&out).unwrap();
+        let Err(gone) = current(&held) else {
+            panic!("a deleted directory was written through")
+        };
+        let message = gone
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<DirUnavailable>())
+            .expect("a DirUnavailable error")
+            .to_string();
+        assert!(message.contains(&out.display().to_string()), "{message}");
+        assert!(create_new(&held, "x").is_err());
+
+        // Made again: the new directory is the one written to.
+        std::fs::create_dir(&out).unwrap();
+        assert!(matches!(current(&held).unwrap(), CurrentDir::Reopened(_)));
+        drop(create_new(&held, "x").unwrap());
+        assert!(out.join("x").is_file());
+        let dest = Destination {
+            dirs: vec!["sub".to_owned()],
+            name: "y".to_owned(),
+        };
+        let parent = open_parent(&held, &dest).unwrap();
+        assert!(rename_no_replace(&held, "x", &parent, "y").unwrap());
+        assert!(out.join("sub/y").is_file());
+
+        // A sub-directory's descriptor is not checked.
+        assert!(matches!(current(&parent).unwrap(), CurrentDir::Held(_)));
     }
 }

@@ -209,7 +209,10 @@ pub(super) async fn receive_resumable(
             recorded: false,
         };
         let staging_path = inner.staging_path.join(&ext.upload_id);
+        let this = receiver.clone();
         let file = blocking(move || {
+            // A staging directory mounted over or gone is a 503, not a 500.
+            super::paths::current(&this.inner.staging)?;
             std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)

@@ -11,6 +11,13 @@
 //! missing one is not, so every doubt (overflow, watcher error, new directory)
 //! is resolved by scanning again.
 //!
+//! A name with a control character (a newline, a tab, an ESC...) is never
+//! offered: every receiver refuses it, and buffering it would delete the only
+//! other copy. The file stays in the spool with one warning that shows the
+//! name escaped ([`escape_name`]); renaming it sends it. The watcher also
+//! watches its spool again when the path comes to name another directory (a
+//! file system mounted over it, or a directory put in its place).
+//!
 //! This module holds the public types and the watcher task's state and main
 //! loop; the task's jobs live in submodules: `watch` turns notify events into
 //! state changes, `scan` walks the spool, `settle` decides when a changing
@@ -27,6 +34,8 @@ mod watch;
 mod testkit;
 
 pub use identity::SourceIdentity;
+
+use std::borrow::Cow;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{self, FileType};
@@ -97,6 +106,7 @@ pub enum SpoolError {
 #[derive(Debug, Clone)]
 pub struct SpoolHandle {
     rescan: Arc<Notify>,
+    reoffer: mpsc::UnboundedSender<String>,
 }
 
 impl SpoolHandle {
@@ -106,6 +116,33 @@ impl SpoolHandle {
     pub fn rescan(&self) {
         self.rescan.notify_one();
     }
+
+    /// Asks for the file at `relative` to be offered again if it is still
+    /// there and complete, although it was offered before unchanged: its
+    /// ingest failed and is to be tried again.
+    pub fn reoffer(&self, relative: String) {
+        // Only fails when the watcher stopped, which its task reports.
+        let _ = self.reoffer.send(relative);
+    }
+}
+
+/// `name` fit for a log line or a terminal: control characters (a newline
+/// that would forge a log line, an ESC that would drive the terminal) are
+/// escaped the way Rust escapes strings (`\n`, `\u{1b}`); every other
+/// character, non-ASCII letters included, is kept as it is.
+pub fn escape_name(name: &str) -> Cow<'_, str> {
+    if !name.chars().any(char::is_control) {
+        return Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Starts watching `spool`: a full scan at start, then notify events. Emits
@@ -131,10 +168,12 @@ fn spawn_with_queue(
 ) -> Result<(SpoolHandle, JoinHandle<()>), SpoolError> {
     let (state, events) = SpoolWatch::start(spool, tx, shutdown.clone(), event_queue)?;
     let rescan = Arc::new(Notify::new());
+    let (reoffer, reoffers) = mpsc::unbounded_channel();
     let handle = SpoolHandle {
         rescan: rescan.clone(),
+        reoffer,
     };
-    let task = tokio::spawn(state.run(events, rescan, shutdown));
+    let task = tokio::spawn(state.run(events, rescan, reoffers, shutdown));
     Ok((handle, task))
 }
 
@@ -163,6 +202,10 @@ struct SpoolWatch {
     delayed_scans: Vec<(Instant, String)>,
     last_full_scan: Instant,
     root_lost: Option<RootLost>,
+    /// The device and inode of the spool directory being watched. A file
+    /// system mounted over the spool, or a directory put in its place, keeps
+    /// the path but not these, and raises no event on the old watch.
+    root_identity: Option<(u64, u64)>,
     /// When a closed pending file is next due for a look ([`settle::CLOSE_QUIET`]).
     close_check: Option<Instant>,
 }
@@ -200,6 +243,7 @@ impl SpoolWatch {
                     source,
                 }
             })?;
+        let root_identity = dir_identity(&watch_root);
         let state = SpoolWatch {
             spool_root: spool.path,
             watch_root,
@@ -217,6 +261,7 @@ impl SpoolWatch {
             delayed_scans: Vec::new(),
             last_full_scan: Instant::now(),
             root_lost: None,
+            root_identity,
             close_check: None,
         };
         Ok((state, events))
@@ -226,6 +271,7 @@ impl SpoolWatch {
         mut self,
         mut events: mpsc::Receiver<notify::Result<Event>>,
         rescan: Arc<Notify>,
+        mut reoffers: mpsc::UnboundedReceiver<String>,
         shutdown: CancellationToken,
     ) {
         debug!(
@@ -269,6 +315,10 @@ impl SpoolWatch {
                     self.request_scan(ScanRequest::Full);
                     ControlFlow::Continue(())
                 }
+                Some(relative) = reoffers.recv() => {
+                    self.offered.remove(&relative);
+                    self.offer(relative, None).await
+                }
                 _ = tick.tick() => self.on_tick().await,
                 () = sleep_until_some(self.close_check) => {
                     self.close_check = None;
@@ -303,6 +353,8 @@ impl SpoolWatch {
     async fn on_tick(&mut self) -> ControlFlow<()> {
         if self.root_lost.is_some() {
             self.watch_again();
+        } else {
+            self.check_root_identity();
         }
         let now = Instant::now();
         if now.duration_since(self.last_full_scan) >= SAFETY_SCAN_PERIOD {
@@ -348,7 +400,7 @@ impl SpoolWatch {
                 permit
             }
         };
-        debug!(spool = %self.spool_root.display(), file = %relative, size = identity.size, "file complete");
+        debug!(spool = %self.spool_root.display(), file = %escape_name(&relative), size = identity.size, "file complete");
         self.pending.remove(&relative);
         self.offered.insert(relative.clone(), identity);
         permit.send(Candidate {
@@ -373,7 +425,7 @@ impl SpoolWatch {
                 if error.kind() != io::ErrorKind::NotFound {
                     warn!(
                         spool = %self.spool_root.display(),
-                        file = %relative,
+                        file = %escape_name(relative),
                         error = %error,
                         "cannot stat file; it is looked at again at the next rescan"
                     );
@@ -385,6 +437,11 @@ impl SpoolWatch {
         if !meta.is_file() {
             self.pending.remove(relative);
             self.report_skipped(relative, meta.file_type());
+            return None;
+        }
+        if relative.chars().any(char::is_control) {
+            self.pending.remove(relative);
+            self.report_control_name(relative);
             return None;
         }
         let identity = SourceIdentity::of(&meta);
@@ -415,9 +472,23 @@ impl SpoolWatch {
         if self.reported.insert(self.watch_root.join(relative)) {
             info!(
                 spool = %self.spool_root.display(),
-                file = %relative,
+                file = %escape_name(relative),
                 kind = describe(file_type),
                 "skipping: only regular files are sent"
+            );
+        }
+    }
+
+    /// A name with a control character (a newline, a tab, an ESC...) is
+    /// refused by every receiver, so buffering it would only park it in the
+    /// buffer after its source was deleted: it stays in the spool instead,
+    /// where renaming it is all it takes to send it.
+    fn report_control_name(&mut self, relative: &str) {
+        if self.reported.insert(self.watch_root.join(relative)) {
+            warn!(
+                spool = %self.spool_root.display(),
+                file = %escape_name(relative),
+                "skipping a name with a control character (shown escaped), which receivers refuse; the file stays in the spool: rename it to send it"
             );
         }
     }
@@ -426,11 +497,18 @@ impl SpoolWatch {
         if self.reported.insert(path.to_owned()) {
             warn!(
                 spool = %self.spool_root.display(),
-                file = %path.display(),
+                file = %escape_name(&path.display().to_string()),
                 "skipping a name that is not valid UTF-8; rename it to send it"
             );
         }
     }
+}
+
+/// The device and inode of the directory at `path`, following symlinks as
+/// the watch does.
+fn dir_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn describe(file_type: FileType) -> &'static str {
@@ -491,6 +569,13 @@ mod tests {
         assert_eq!(changed.relative, "a.dat");
         assert_eq!(changed.identity.size, 14);
         assert_ne!(changed.identity, first.identity);
+    }
+
+    #[test]
+    fn names_are_escaped_only_where_needed() {
+        assert!(matches!(escape_name("日本語 a.txt"), Cow::Borrowed(_)));
+        assert_eq!(escape_name("a\nb\tc\r"), "a\\nb\\tc\\r");
+        assert_eq!(escape_name("x\u{1b}[31my\u{7f}"), "x\\u{1b}[31my\\u{7f}");
     }
 
     #[tokio::test]

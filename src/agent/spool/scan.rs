@@ -89,7 +89,7 @@ impl SpoolWatch {
                 if self.reported.insert(path.clone()) {
                     warn!(
                         spool = %self.spool_root.display(),
-                        file = %path.display(),
+                        file = %super::escape_name(&path.display().to_string()),
                         error = %error,
                         "cannot read directory; its files are not sent until its permissions are fixed"
                     );

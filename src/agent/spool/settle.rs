@@ -106,7 +106,7 @@ impl SpoolWatch {
                     self.pending.remove(&relative);
                     warn!(
                         spool = %self.spool_root.display(),
-                        file = %relative,
+                        file = %super::escape_name(&relative),
                         error = %error,
                         "cannot stat file; it is looked at again at the next rescan"
                     );

@@ -324,6 +324,33 @@ impl SpoolWatch {
         self.watch_again();
     }
 
+    /// Watches the spool again when its path names another directory than
+    /// the one watched: a file system mounted over it (a data disk or a
+    /// share that mounts late) or a directory put in its place. The old
+    /// watch sees nothing of the new directory, whose files would otherwise
+    /// wait for the periodic safety scan.
+    pub(super) fn check_root_identity(&mut self) {
+        let now = super::dir_identity(&self.watch_root);
+        if now.is_none() || now == self.root_identity {
+            // A missing root is the removal that notify reports itself.
+            return;
+        }
+        warn!(
+            spool = %self.spool_root.display(),
+            "the spool path now names another directory (a file system was mounted over it, or it was replaced); watching the new one"
+        );
+        self.root_identity = now;
+        self.pending.clear();
+        self.offered.clear();
+        self.reported.clear();
+        self.scan_queue.clear();
+        let _ = self.watcher.unwatch(&self.watch_root);
+        self.root_lost = Some(RootLost {
+            failure_logged: false,
+        });
+        self.watch_again();
+    }
+
     pub(super) fn watch_again(&mut self) {
         let result = fs::create_dir_all(&self.watch_root)
             .map_err(notify::Error::io)
@@ -332,6 +359,7 @@ impl SpoolWatch {
             Ok(()) => {
                 info!(spool = %self.spool_root.display(), "spool directory recreated; watching it again");
                 self.root_lost = None;
+                self.root_identity = super::dir_identity(&self.watch_root);
                 self.request_scan(ScanRequest::Full);
             }
             Err(error) => {

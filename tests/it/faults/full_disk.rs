@@ -22,13 +22,13 @@ use crate::fixtures::drop_file;
 use crate::support::eventually;
 
 /// A tmpfs mounted for the length of a test; unmounted on drop.
-struct Tmpfs {
+pub(crate) struct Tmpfs {
     path: PathBuf,
 }
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (e.g. "8m") on `path`, or says why it cannot.
-    fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+    pub(crate) fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
         use std::os::unix::fs::MetadataExt;
         let uid = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
         if uid != 0 {

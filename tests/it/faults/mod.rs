@@ -22,7 +22,7 @@ mod manifest;
 mod proxy;
 
 mod fsync_order;
-mod full_disk;
+pub(crate) mod full_disk;
 mod hostile_spool;
 mod kill_agent;
 mod kill_receiver;
