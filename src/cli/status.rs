@@ -248,9 +248,9 @@ fn human_time(ms: i64) -> String {
     }
 }
 
-/// One line per target: its kind and URL when the configuration tells them,
-/// queued files and bytes, in progress, failed, the age of the oldest queued
-/// file, and the last error.
+/// One line per target: queued files and bytes, in progress, failed, the age
+/// of the oldest queued file, and the last error; then its kind and URL when
+/// the configuration tells them.
 fn target_summary(files: &[FileRecord], configured: &HashMap<String, TargetInfo>) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write;
@@ -286,13 +286,9 @@ fn target_summary(files: &[FileRecord], configured: &HashMap<String, TargetInfo>
     let now = crate::clock::now_ms();
     let mut out = String::new();
     for (name, t) in targets {
-        let _ = write!(out, "target {name}");
-        if let Some(info) = configured.get(name) {
-            let _ = write!(out, " ({} {})", info.kind, info.url);
-        }
         let _ = write!(
             out,
-            ": {} queued ({} bytes), {} in progress, {} failed",
+            "target {name}: {} queued ({} bytes), {} in progress, {} failed",
             t.queued, t.bytes, t.in_progress, t.failed
         );
         if let Some(oldest) = t.oldest {
@@ -306,6 +302,9 @@ fn target_summary(files: &[FileRecord], configured: &HashMap<String, TargetInfo>
             let _ = write!(out, "; last error: {}", escape_name(e));
         }
         out.push('\n');
+        if let Some(info) = configured.get(name) {
+            let _ = writeln!(out, "  kind {}, {}", info.kind, info.url);
+        }
     }
     out
 }

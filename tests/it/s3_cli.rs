@@ -356,11 +356,12 @@ async fn status_shows_the_kind_of_each_target_and_the_parts_of_a_large_file_in_f
     let table = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
-        table.contains(&format!("target archive (s3 s3://{BUCKET}/in/): 1 queued")),
+        table.contains("target archive: 1 queued (20971520 bytes), 1 in progress, 0 failed")
+            && table.contains(&format!("\n  kind s3, s3://{BUCKET}/in/\n")),
         "{table}"
     );
     assert!(
-        table.contains("target central (indexedcp http://127.0.0.1:"),
+        table.contains("\n  kind indexedcp, http://127.0.0.1:"),
         "{table}"
     );
     assert!(
