@@ -68,7 +68,8 @@
 //! entry point are public; the others are internal, and
 //! `cargo doc --document-private-items --open` shows their docs too.
 //!
-//! - `cli` (`args`, `oneshot`, `status`): clap types, dispatch, and the one
+//! - `cli` (`args`, `oneshot` with `oneshot::bucket` for `s3://`, `status`):
+//!   clap types, dispatch, and the one
 //!   place where errors become exit codes (sysexits).
 //! - `daemon` (`roles`, `reload`, `notify`, `metrics`): the supervisor.
 //!   Signals, cancellation, running the roles a config enables, SIGHUP

@@ -59,23 +59,14 @@ fn targets(config: Option<&Config>) -> HashMap<String, TargetInfo> {
 /// consecutive chunks of at least `part_size` bytes, the last one taking the
 /// rest) and counts the parts whose chunks were all acknowledged.
 fn parts_sent(chunks: &[ChunkMeta], part_size: u64) -> Parts {
-    let (mut sent, mut count) = (0, 0);
-    let (mut bytes, mut all_acknowledged, mut open) = (0, true, false);
-    for chunk in chunks {
-        bytes += chunk.length;
-        all_acknowledged &= chunk.uploaded;
-        open = true;
-        if bytes >= part_size {
-            count += 1;
-            sent += u64::from(all_acknowledged);
-            (bytes, all_acknowledged, open) = (0, true, false);
-        }
+    let parts = crate::agent::upload::pieces(chunks.to_vec(), part_size);
+    Parts {
+        sent: parts
+            .iter()
+            .filter(|part| part.chunks.iter().all(|c| c.uploaded))
+            .count() as u64,
+        count: parts.len() as u64,
     }
-    if open {
-        count += 1;
-        sent += u64::from(all_acknowledged);
-    }
-    Parts { sent, count }
 }
 
 /// The parts of every queued file larger than its bucket's part size.

@@ -27,6 +27,7 @@ pub mod tus;
 mod uploader;
 
 pub use backoff::Backoff;
+pub(crate) use delivery::pieces;
 pub use error::{Retry, UploadError};
 pub use events::{EventStatus, NoObserver, UploadEvent, UploadObserver};
 pub use file::FileOutcome;
