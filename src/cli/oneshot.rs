@@ -178,6 +178,7 @@ async fn upload_files(
     let client = Client::new(ClientOptions {
         server_url: Some(args.server.clone()),
         api_key: Some(api_key),
+        tls: args.tls()?,
         storage_path: storage,
         log_level: None,
         ..ClientOptions::default()

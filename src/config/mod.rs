@@ -18,6 +18,7 @@ mod diagnostics;
 mod effective;
 mod raw;
 mod s3;
+mod tls;
 pub mod types;
 mod units;
 mod values;
@@ -25,6 +26,7 @@ mod values;
 pub use defaults::{API_KEY_ENV, CONFIG_PATH as DEFAULT_CONFIG_PATH};
 pub use diagnostics::{ConfigError, Problem};
 pub use s3::{OnConflict, S3Target, TargetKind, parse_s3_url};
+pub use tls::{PemFile, ServerTls, TargetTls};
 pub use types::{
     Config, DaemonConfig, Disposition, LogFormat, PathMode, ServerConfig, SpoolConfig, TargetConfig,
 };

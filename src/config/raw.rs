@@ -61,6 +61,10 @@ pub(super) struct RawTarget {
     pub(super) secret_access_key_file: Field<String>,
     pub(super) part_size: Field<Value>,
     pub(super) on_conflict: Field<String>,
+    // TLS for https:// URLs (config::tls).
+    pub(super) ca_file: Field<String>,
+    pub(super) client_cert: Field<String>,
+    pub(super) client_key: Field<String>,
 }
 
 /// One `[[spool]]`.
@@ -92,4 +96,8 @@ pub(super) struct RawServer {
     pub(super) incomplete_expiry: Field<Value>,
     pub(super) state_dir: Field<String>,
     pub(super) max_connections: Field<i64>,
+    // HTTPS (config::tls).
+    pub(super) tls_cert: Field<String>,
+    pub(super) tls_key: Field<String>,
+    pub(super) tls_client_ca: Field<String>,
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::defaults;
 use super::s3::TargetKind;
+use super::tls::{ServerTls, TargetTls};
 
 /// The validated configuration of one `indexedcp` process.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +157,8 @@ pub struct TargetConfig {
     pub timeout: Duration,
     /// How files reach the target, with the settings of its kind.
     pub kind: TargetKind,
+    /// Trusted CAs and the client certificate, for `https://` URLs.
+    pub tls: TargetTls,
 }
 
 impl TargetConfig {
@@ -174,6 +177,7 @@ impl TargetConfig {
             retry_multiplier: defaults::RETRY_MULTIPLIER,
             timeout: defaults::TIMEOUT,
             kind: TargetKind::IndexedCp,
+            tls: TargetTls::default(),
         }
     }
 }
@@ -279,6 +283,8 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// HTTPS only, with this certificate, when set.
+    pub tls: Option<ServerTls>,
 }
 
 impl ServerConfig {
@@ -296,6 +302,7 @@ impl ServerConfig {
             max_file_bytes: defaults::MAX_FILE_BYTES,
             incomplete_expiry: defaults::INCOMPLETE_EXPIRY,
             max_connections: defaults::MAX_CONNECTIONS,
+            tls: None,
         }
     }
 }

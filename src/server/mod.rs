@@ -29,7 +29,8 @@
 //! This module holds the [`Receiver`] (configuration, state database,
 //! directory descriptors, and the hashes and locks shared by every receiver
 //! of the process) and the helpers every protocol uses. `serve` owns the
-//! routes, the key check and the listener; `admission` the connection slots
+//! routes, the key check and the listener; `tls` the HTTPS settings and
+//! handshakes; `admission` the connection slots
 //! (`max_connections`) and accept failures; `audit` the log of refused keys;
 //! `errors` the replies to refused requests; `headers` the parsing of request
 //! headers; `locks` the keyed locks; `paths` the file names and directory
@@ -51,6 +52,7 @@ mod resumable;
 mod serve;
 mod sha256;
 mod state;
+mod tls;
 mod v1;
 
 use std::os::fd::OwnedFd;
@@ -106,6 +108,8 @@ struct Inner {
     incomplete_expiry: Duration,
     read_timeout: Duration,
     max_connections: usize,
+    /// HTTPS only, when `[server] tls_cert` is set.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: UploadState,
     root: OwnedFd,
     staging: OwnedFd,
@@ -151,6 +155,7 @@ impl Receiver {
             source,
         })?;
         let hashes = hashes::for_staging_dir(&staging_path);
+        let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
         Ok(Receiver {
             inner: Arc::new(Inner {
                 keys: cfg.api_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
@@ -160,6 +165,7 @@ impl Receiver {
                 incomplete_expiry: cfg.incomplete_expiry,
                 read_timeout: options.read_timeout,
                 max_connections: cfg.max_connections,
+                tls,
                 state,
                 root,
                 staging,

@@ -1,6 +1,8 @@
 //! Serving the receiver: the routes, the checks every upload route shares
 //! (the API key, the CORS headers), the HTTP/1 connections on a listener, the
-//! background recovery and expiry, and the graceful shutdown. A configuration
+//! background recovery and expiry, and the graceful shutdown. With TLS
+//! configured, each accepted connection does its handshake in its own task
+//! (see `tls`) before HTTP is served on it. A configuration
 //! reload swaps the [`Receiver`] that new connections get without closing the
 //! listener.
 
@@ -27,6 +29,7 @@ use super::batch::receive_batch;
 use super::errors::{ApiError, ServerError, too_large_chunk};
 use super::headers::{content_length, header_str, number, parse_extension, within_declared_limit};
 use super::resumable::{receive_resumable, upload_status};
+use super::tls::{self, ClientCertificate};
 use super::v1::receive_v1;
 use crate::protocol;
 
@@ -169,25 +172,39 @@ pub async fn serve_reloadable(
             router = receiver.router();
             slots.resize(receiver.inner.max_connections);
         }
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(receiver.inner.read_timeout)
-            .keep_alive(true);
-        let service = tower::ServiceExt::map_request(
-            router.clone(),
-            move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(Peer(peer));
-                request
-            },
-        );
-        let service = hyper_util::service::TowerToHyperService::new(service);
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let connection = Connection {
+            router: router.clone(),
+            peer,
+            read_timeout: receiver.inner.read_timeout,
+            watcher: graceful.watcher(),
+        };
+        let tls = receiver.inner.tls.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let Some(tls) = tls else {
+                return connection.serve(stream, None).await;
+            };
+            // The handshake runs here, not in the accept loop: a client that
+            // stays silent holds only its own slot, and for the read timeout.
+            let handshake = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                handshake = tokio::time::timeout(connection.read_timeout, tls.accept(stream)) => handshake,
+            };
+            match handshake {
+                Ok(Ok(stream)) => {
+                    let certificate = tls::client_certificate(&stream);
+                    if let Some(certificate) = &certificate {
+                        tracing::debug!(%peer, subject = %certificate.subject, "client certificate accepted");
+                    }
+                    connection.serve(stream, certificate).await
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
             }
         });
     }
@@ -196,6 +213,45 @@ pub async fn serve_reloadable(
     tokio::select! {
         _ = graceful.shutdown() => tracing::debug!("all connections closed"),
         _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; abandoning them"),
+    }
+}
+
+/// What serving one accepted connection needs.
+struct Connection {
+    router: Router,
+    peer: SocketAddr,
+    read_timeout: Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Connection {
+    /// Serves HTTP/1 on `io` (a TCP stream, or a TLS stream after its
+    /// handshake) until the client closes it or a graceful shutdown ends it.
+    async fn serve<I>(self, io: I, certificate: Option<ClientCertificate>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.read_timeout)
+            .keep_alive(true);
+        let peer = self.peer;
+        let service = tower::ServiceExt::map_request(
+            self.router,
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                if let Some(certificate) = &certificate {
+                    request.extensions_mut().insert(certificate.clone());
+                }
+                request
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }
 

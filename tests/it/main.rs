@@ -31,3 +31,4 @@ mod reload;
 mod s3;
 mod supervision;
 mod systemd_units;
+mod tls;
