@@ -688,8 +688,13 @@ impl Checker<'_> {
             tls_client_ca: raw.tls_client_ca,
         };
         let tls = self.check_server_tls(&section, tls);
+        let client_ca = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        let clients = self.check_clients(raw.client, client_ca);
+        let output_layout = self.check_output_layout(raw.output_layout);
         ServerConfig {
             tls,
+            clients,
+            output_layout,
             listen: self.field(raw.listen, "server.listen", defaults.listen, |listen| {
                 listen.parse().map_err(|_| {
                     format!(

@@ -113,11 +113,21 @@ impl Config {
                 "max_connections",
                 Value::Integer(saturating_i64(server.max_connections)),
             );
+            out.string("output_layout", server.output_layout.as_str());
             if let Some(tls) = &server.tls {
                 out.string("tls_cert", &pem_path_text(&tls.cert));
                 out.string("tls_key", &pem_path_text(&tls.key));
                 if let Some(ca) = &tls.client_ca {
                     out.string("tls_client_ca", &pem_path_text(ca));
+                }
+            }
+            // Only the key's hash is kept, so that is what is shown.
+            for client in &server.clients {
+                out.section("[[server.client]]");
+                out.string("name", &client.name);
+                out.string("api_key_sha256", &hex::encode(client.key_sha256));
+                if let Some(subject) = &client.cert_subject {
+                    out.string("cert_subject", subject);
                 }
             }
         }

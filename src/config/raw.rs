@@ -100,4 +100,7 @@ pub(super) struct RawServer {
     pub(super) tls_cert: Field<String>,
     pub(super) tls_key: Field<String>,
     pub(super) tls_client_ca: Field<String>,
+    // Named clients (config::clients).
+    pub(super) client: Field<Vec<Spanned<super::clients::RawClient>>>,
+    pub(super) output_layout: Field<String>,
 }

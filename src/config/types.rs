@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::clients::{NamedClient, OutputLayout};
 use super::defaults;
 use super::s3::TargetKind;
 use super::tls::{ServerTls, TargetTls};
@@ -285,6 +286,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// HTTPS only, with this certificate, when set.
     pub tls: Option<ServerTls>,
+    /// Clients known by name, besides the unnamed `api_keys`.
+    pub clients: Vec<NamedClient>,
+    /// Where files go below `output_dir`: flat, or by client name.
+    pub output_layout: OutputLayout,
 }
 
 impl ServerConfig {
@@ -303,6 +308,8 @@ impl ServerConfig {
             incomplete_expiry: defaults::INCOMPLETE_EXPIRY,
             max_connections: defaults::MAX_CONNECTIONS,
             tls: None,
+            clients: Vec::new(),
+            output_layout: OutputLayout::Flat,
         }
     }
 }

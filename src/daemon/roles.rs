@@ -148,7 +148,8 @@ pub(super) async fn bind_and_announce(
 /// Fills in the receiver's keys: configured ones, else `INDEXEDCP_API_KEY`, else a
 /// generated key (returned so that it can be printed once).
 pub(crate) fn with_api_keys(mut cfg: ServerConfig) -> (ServerConfig, Option<String>) {
-    if !cfg.api_keys.is_empty() {
+    // Named clients are keys enough: no unnamed key is generated beside them.
+    if !cfg.api_keys.is_empty() || !cfg.clients.is_empty() {
         return (cfg, None);
     }
     if let Some(key) = crate::config::api_key_from_env() {

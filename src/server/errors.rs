@@ -37,7 +37,7 @@ pub enum ServerError {
     #[error(transparent)]
     State(#[from] state::StateError),
     #[error("{0}")]
-    Tls(String),
+    Settings(String),
     #[error("cannot listen on {addr}: {source}; choose another address or port")]
     Bind {
         addr: SocketAddr,

@@ -60,7 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{PathMode, ServerConfig};
+use crate::config::{NamedClient, OutputLayout, PathMode, ServerConfig};
 use errors::ApiError;
 use hashes::FileHashes;
 use locks::{KeyedLocks, UPLOAD_LOCKS};
@@ -110,6 +110,10 @@ struct Inner {
     max_connections: usize,
     /// HTTPS only, when `[server] tls_cert` is set.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Named clients (`[[server.client]]`); a reload that drops one revokes
+    /// it for every request from then on.
+    clients: Vec<NamedClient>,
+    output_layout: OutputLayout,
     state: UploadState,
     root: OwnedFd,
     staging: OwnedFd,
@@ -156,6 +160,19 @@ impl Receiver {
         })?;
         let hashes = hashes::for_staging_dir(&staging_path);
         let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
+        let reserved = reserved_component(&cfg.output_dir, &cfg.state_dir);
+        if cfg.output_layout == OutputLayout::ByClient
+            && let Some(clash) = cfg
+                .clients
+                .iter()
+                .find(|c| Some(&c.name) == reserved.as_ref())
+        {
+            return Err(ServerError::Settings(format!(
+                "client {:?} would share its folder with the receiver's state directory {}; rename the client or move server.state_dir",
+                clash.name,
+                cfg.state_dir.display()
+            )));
+        }
         Ok(Receiver {
             inner: Arc::new(Inner {
                 keys: cfg.api_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
@@ -166,26 +183,53 @@ impl Receiver {
                 read_timeout: options.read_timeout,
                 max_connections: cfg.max_connections,
                 tls,
+                clients: cfg.clients.clone(),
+                output_layout: cfg.output_layout,
                 state,
                 root,
                 staging,
                 staging_path,
-                reserved: reserved_component(&cfg.output_dir, &cfg.state_dir),
+                reserved,
                 hashes,
                 locks: &UPLOAD_LOCKS,
             }),
         })
     }
 
-    /// Where a client's file name goes in the output directory, by the
-    /// configured path mode; a name the mode refuses is a 400 reply.
-    fn destination(&self, client_name: &str) -> Result<Destination, ApiError> {
-        paths::destination_for(
+    /// The name an upload is recorded under: with the `by-client` layout,
+    /// the file name behind the sending client's name and a `/` (nothing
+    /// before the `/` for an unnamed key), so that the record says whose it
+    /// is and [`Receiver::destination`] puts it in that client's folder.
+    fn recorded_name(&self, sender: &serve::Authorized, file_name: &str) -> String {
+        match self.inner.output_layout {
+            OutputLayout::Flat => file_name.to_owned(),
+            OutputLayout::ByClient => {
+                format!("{}/{file_name}", sender.client.as_deref().unwrap_or(""))
+            }
+        }
+    }
+
+    /// Where a recorded name goes in the output directory, by the configured
+    /// path mode (and, with the `by-client` layout, in its client's folder);
+    /// a name the mode refuses is a 400 reply.
+    fn destination(&self, recorded_name: &str) -> Result<Destination, ApiError> {
+        let (client, file_name) = match self.inner.output_layout {
+            OutputLayout::ByClient => match recorded_name.split_once('/') {
+                Some((client, file_name)) => (client, file_name),
+                None => ("", recorded_name),
+            },
+            OutputLayout::Flat => ("", recorded_name),
+        };
+        let mut dest = paths::destination_for(
             self.inner.path_mode,
-            client_name,
+            file_name,
             self.inner.reserved.as_deref(),
         )
-        .map_err(|InvalidName(message)| ApiError::InvalidName(message))
+        .map_err(|InvalidName(message)| ApiError::InvalidName(message))?;
+        if !client.is_empty() {
+            dest.dirs.insert(0, client.to_owned());
+        }
+        Ok(dest)
     }
 
     /// Removes an upload's staging file and forgets its whole-file hash.
@@ -233,8 +277,12 @@ where
     let Ok(slot) = BLOCKING.acquire().await else {
         unreachable!("the blocking slots are never closed");
     };
+    // The request's span (which names its client) goes along, so that the
+    // blocking work's log lines say whose upload they are about.
+    let span = tracing::Span::current();
     let task = tokio::task::spawn_blocking(move || {
         let _slot = slot;
+        let _span = span.enter();
         f()
     });
     match task.await {

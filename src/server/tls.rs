@@ -37,14 +37,14 @@ pub(super) fn acceptor(tls: &ServerTls) -> Result<tokio_rustls::TlsAcceptor, Ser
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| ServerError::Tls(format!("cannot set up TLS: {e}")))?;
+        .map_err(|e| ServerError::Settings(format!("cannot set up TLS: {e}")))?;
     let builder = match &tls.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in ca.certificate_ders().map_err(ServerError::Tls)? {
+            for cert in ca.certificate_ders().map_err(ServerError::Settings)? {
                 roots.add(cert).map_err(|e| {
-                    ServerError::Tls(format!(
+                    ServerError::Settings(format!(
                         "server.tls_client_ca {}: a certificate is not usable as a CA ({e})",
                         ca.path.display()
                     ))
@@ -53,15 +53,18 @@ pub(super) fn acceptor(tls: &ServerTls) -> Result<tokio_rustls::TlsAcceptor, Ser
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| {
-                    ServerError::Tls(format!("server.tls_client_ca {}: {e}", ca.path.display()))
+                    ServerError::Settings(format!(
+                        "server.tls_client_ca {}: {e}",
+                        ca.path.display()
+                    ))
                 })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let chain = tls.cert.certificate_ders().map_err(ServerError::Tls)?;
-    let key = tls.key.private_key_der().map_err(ServerError::Tls)?;
+    let chain = tls.cert.certificate_ders().map_err(ServerError::Settings)?;
+    let key = tls.key.private_key_der().map_err(ServerError::Settings)?;
     let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        ServerError::Tls(format!(
+        ServerError::Settings(format!(
             "server.tls_cert {} and server.tls_key {} do not make a usable certificate ({e}); \
              check that the key belongs to the first certificate of the chain",
             tls.cert.path.display(),
