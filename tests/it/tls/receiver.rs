@@ -76,6 +76,12 @@ async fn https_receiver_serves_agent_cli_and_curl_and_refuses_plain_http_and_tls
     expected.insert("from-cli.bin".to_string(), from_cli);
     wait_for_files(&receiver.out, &expected, Duration::from_secs(10)).await;
 
+    // A client that connects and never speaks stalls nobody: its handshake
+    // waits in its own task.
+    let _silent: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", receiver.port)).unwrap())
+        .collect();
+
     // curl with --cacert, a v1 upload.
     let body = dir.path().join("from-curl.txt");
     std::fs::write(&body, b"sent by curl over TLS").unwrap();
