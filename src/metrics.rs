@@ -74,6 +74,21 @@ pub fn count_receiver_reply(status: u16) {
     }
 }
 
+/// Requests the receiver accepted from each named client; as many entries
+/// as `[[server.client]]` sections have ever been configured in the process.
+static CLIENT_REQUESTS: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+pub fn count_client_request(client: &str) {
+    let mut counts = CLIENT_REQUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    match counts.get_mut(client) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(client.to_owned(), 1);
+        }
+    }
+}
+
 /// One target's queue, read from the store at scrape time.
 pub struct QueueGauge {
     pub target: String,
@@ -211,6 +226,18 @@ pub fn render(queues: &[QueueGauge]) -> String {
         if n > 0 {
             let _ = writeln!(out, "{name}{{status=\"{}\"}} {n}", i + 100);
         }
+    }
+    let name = "indexedcp_receiver_client_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Requests the receiver accepted, by named client.\n# TYPE {name} counter"
+    );
+    for (client, n) in CLIENT_REQUESTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let _ = writeln!(out, "{name}{{client=\"{}\"}} {n}", escape(client));
     }
     out
 }

@@ -95,9 +95,37 @@ pub(crate) struct UploadArgs {
     /// The first retry's delay; each next one doubles (at most 30s).
     #[arg(long, default_value = "1s", value_parser = config::parse_duration, value_name = "DURATION")]
     pub(crate) retry_delay: Duration,
+    /// Trust the CAs in this PEM file besides the system's (as curl's --cacert).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for a receiver that requires one; needs --key.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub(crate) cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub(crate) key: Option<PathBuf>,
     /// Files to buffer and send; without any, what is buffered is sent.
     #[arg(value_name = "FILE")]
     pub(crate) files: Vec<PathBuf>,
+}
+
+impl UploadArgs {
+    /// The TLS settings of --cacert, --cert and --key, read from their files.
+    pub(super) fn tls(&self) -> Result<config::TargetTls, Failure> {
+        let read =
+            |path: &Option<PathBuf>,
+             what: fn(&std::path::Path) -> Result<config::PemFile, String>| {
+                path.as_deref()
+                    .map(what)
+                    .transpose()
+                    .map_err(Failure::config)
+            };
+        Ok(config::TargetTls {
+            ca_file: read(&self.cacert, config::PemFile::certificates)?,
+            client_cert: read(&self.cert, config::PemFile::certificates)?,
+            client_key: read(&self.key, config::PemFile::private_key)?,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +284,15 @@ pub(crate) struct ServerArgs {
     /// Time in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = config::parse_duration)]
     pub(crate) shutdown_grace: Duration,
+    /// Serve HTTPS only, with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by a CA in this PEM file (mTLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
 }
 
 fn parse_path_mode(s: &str) -> Result<PathMode, String> {
@@ -294,6 +331,12 @@ impl ServerArgs {
         cfg.max_connections = self.max_connections;
         if let Some(state_dir) = &self.state_dir {
             cfg.state_dir = state_dir.clone();
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            cfg.tls = Some(
+                config::ServerTls::from_files(cert, key, self.tls_client_ca.as_deref())
+                    .map_err(Failure::config)?,
+            );
         }
         Ok(cfg)
     }

@@ -152,7 +152,9 @@ fn daemon_failure(error: DaemonError) -> Failure {
         DaemonError::Agent(
             AgentError::StateDir { .. } | AgentError::Store(_) | AgentError::Spool { .. },
         ) => exit::IO_ERR,
-        DaemonError::Receiver(ServerError::CrossDevice { .. }) => exit::CONFIG,
+        DaemonError::Receiver(ServerError::CrossDevice { .. } | ServerError::Settings(_)) => {
+            exit::CONFIG
+        }
         DaemonError::Receiver(_) => exit::IO_ERR,
         DaemonError::Signals(_)
         | DaemonError::MetricsListen { .. }

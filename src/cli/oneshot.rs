@@ -21,8 +21,8 @@ use crate::agent::ingest::IngestError;
 use crate::agent::store::{FileRecord, FileState};
 use crate::agent::upload::{Backoff, Retry};
 use crate::client::{Client, ClientError, ClientOptions, FailedFile, PathIngest, ProgressEvent};
-use crate::config::LogFormat;
 use crate::config::TargetConfig;
+use crate::config::{LogFormat, TargetTls};
 use crate::logging;
 
 /// Refuses, before anything is buffered, names that are not readable regular
@@ -214,6 +214,7 @@ impl Sender {
     async fn open(
         destination: Destination,
         server: &str,
+        tls: TargetTls,
         storage: PathBuf,
     ) -> Result<Sender, ClientError> {
         Ok(match destination {
@@ -221,6 +222,7 @@ impl Sender {
                 Client::new(ClientOptions {
                     server_url: Some(server.to_owned()),
                     api_key: Some(api_key),
+                    tls,
                     storage_path: storage,
                     log_level: None,
                     ..ClientOptions::default()
@@ -306,7 +308,7 @@ async fn upload_files(
     resume: &str,
     reporter: Arc<Reporter>,
 ) -> Result<(), Failure> {
-    let client = Sender::open(destination, &args.server, storage)
+    let client = Sender::open(destination, &args.server, args.tls()?, storage)
         .await
         .map_err(client_failure)?;
     for path in &args.files {

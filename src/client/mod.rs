@@ -249,6 +249,7 @@ impl Client {
         target.initial_retry_delay = options.initial_retry_delay;
         target.max_retry_delay = options.max_retry_delay;
         target.retry_multiplier = options.retry_multiplier;
+        target.tls = options.tls.clone();
         let runtime = match (&server_url, &api_key) {
             (Some(_), Some(_)) => Some(Arc::new(TargetRuntime::new(target.clone())?)),
             _ => None,

@@ -102,6 +102,9 @@ pub struct ClientOptions {
     /// Called with the [`UploadSummary`](crate::client::UploadSummary) of each
     /// background round that delivered at least one file.
     pub on_upload_complete: Option<CompleteCallback>,
+    /// For `https://` URLs: CAs trusted besides the system's roots, and the
+    /// client certificate for a receiver that requires one.
+    pub tls: crate::config::TargetTls,
 }
 
 impl Default for ClientOptions {
@@ -120,6 +123,7 @@ impl Default for ClientOptions {
             on_upload_progress: None,
             on_upload_error: None,
             on_upload_complete: None,
+            tls: crate::config::TargetTls::default(),
         }
     }
 }

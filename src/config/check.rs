@@ -18,6 +18,7 @@ use super::defaults;
 use super::diagnostics::{ConfigError, Problem, position_of, toml_problem};
 use super::raw::{Field, RawConfig, RawDaemon, RawServer, RawSpool, RawTarget};
 use super::s3::{RawKindKeys, TargetKind, check_target_url, is_s3_kind};
+use super::tls::{RawServerTls, RawTargetTls};
 use super::types::{Config, DaemonConfig, Disposition, ServerConfig, SpoolConfig, TargetConfig};
 use super::units::format_duration;
 use super::values::{
@@ -308,10 +309,17 @@ impl Checker<'_> {
         let kind = self.check_target_kind(is_s3 == Some(true), &url, api_key_span, kind_keys);
         let kind = if is_tus { TargetKind::Tus } else { kind };
         let headers = self.check_target_headers(raw.headers, &kind, api_key_written);
+        let tls = RawTargetTls {
+            ca_file: raw.ca_file,
+            client_cert: raw.client_cert,
+            client_key: raw.client_key,
+        };
+        let tls = self.check_target_tls(&section, &url, tls);
 
         let initial_span = raw.initial_retry_delay.as_ref().map(Spanned::span);
         let max_span = raw.max_retry_delay.as_ref().map(Spanned::span);
         let target = TargetConfig {
+            tls,
             name,
             url,
             api_key,
@@ -684,7 +692,19 @@ impl Checker<'_> {
             .unwrap_or_default();
         let defaults = ServerConfig::new(&output_dir);
         let api_keys = self.check_server_api_keys(raw.api_keys, raw.api_keys_file);
+        let tls = RawServerTls {
+            tls_cert: raw.tls_cert,
+            tls_key: raw.tls_key,
+            tls_client_ca: raw.tls_client_ca,
+        };
+        let tls = self.check_server_tls(&section, tls);
+        let client_ca = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        let clients = self.check_clients(raw.client, client_ca);
+        let output_layout = self.check_output_layout(raw.output_layout);
         ServerConfig {
+            tls,
+            clients,
+            output_layout,
             listen: self.field(raw.listen, "server.listen", defaults.listen, |listen| {
                 listen.parse().map_err(|_| {
                     format!(

@@ -74,6 +74,15 @@ impl Config {
             out.string("max_retry_delay", &format_duration(target.max_retry_delay));
             out.value("retry_multiplier", Value::Float(target.retry_multiplier));
             out.string("timeout", &format_duration(target.timeout));
+            for (key, file) in [
+                ("ca_file", &target.tls.ca_file),
+                ("client_cert", &target.tls.client_cert),
+                ("client_key", &target.tls.client_key),
+            ] {
+                if let Some(file) = file {
+                    out.string(key, &pem_path_text(file));
+                }
+            }
         }
 
         for spool in &self.spools {
@@ -112,6 +121,23 @@ impl Config {
                 Value::Integer(saturating_i64(server.max_connections)),
             );
             out.string("tus_path", &server.tus_path);
+            out.string("output_layout", server.output_layout.as_str());
+            if let Some(tls) = &server.tls {
+                out.string("tls_cert", &pem_path_text(&tls.cert));
+                out.string("tls_key", &pem_path_text(&tls.key));
+                if let Some(ca) = &tls.client_ca {
+                    out.string("tls_client_ca", &pem_path_text(ca));
+                }
+            }
+            // Only the key's hash is kept, so that is what is shown.
+            for client in &server.clients {
+                out.section("[[server.client]]");
+                out.string("name", &client.name);
+                out.string("api_key_sha256", &hex::encode(client.key_sha256));
+                if let Some(subject) = &client.cert_subject {
+                    out.string("cert_subject", subject);
+                }
+            }
         }
         out.text
     }
@@ -149,6 +175,12 @@ fn s3_keys(out: &mut TomlWriter, s3: &S3Target) {
 
 fn path_text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+/// A PEM file's path, made absolute: it was resolved against the
+/// configuration file's directory, and would be resolved again if relative.
+fn pem_path_text(file: &crate::config::PemFile) -> String {
+    path_text(&std::path::absolute(&file.path).unwrap_or_else(|_| file.path.clone()))
 }
 
 fn saturating_i64(n: usize) -> i64 {

@@ -13,19 +13,23 @@
 //! other modules use are re-exported here.
 
 mod check;
+mod clients;
 pub mod defaults;
 mod diagnostics;
 mod effective;
 mod headers;
 mod raw;
 mod s3;
+mod tls;
 pub mod types;
 mod units;
 mod values;
 
+pub use clients::{NamedClient, OutputLayout, key_sha256, normalize_subject};
 pub use defaults::{API_KEY_ENV, CONFIG_PATH as DEFAULT_CONFIG_PATH};
 pub use diagnostics::{ConfigError, Problem};
 pub use s3::{OnConflict, S3Target, TargetKind, parse_s3_url};
+pub use tls::{PemFile, ServerTls, TargetTls};
 pub use types::{
     Config, DaemonConfig, Disposition, LogFormat, PathMode, ServerConfig, SpoolConfig, TargetConfig,
 };

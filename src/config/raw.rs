@@ -63,6 +63,10 @@ pub(super) struct RawTarget {
     pub(super) on_conflict: Field<String>,
     // Extra HTTP headers for the HTTP kinds (`indexedcp`, `tus`).
     pub(super) headers: Field<std::collections::BTreeMap<String, Spanned<Value>>>,
+    // TLS for https:// URLs (config::tls).
+    pub(super) ca_file: Field<String>,
+    pub(super) client_cert: Field<String>,
+    pub(super) client_key: Field<String>,
 }
 
 /// One `[[spool]]`.
@@ -95,4 +99,11 @@ pub(super) struct RawServer {
     pub(super) state_dir: Field<String>,
     pub(super) max_connections: Field<i64>,
     pub(super) tus_path: Field<String>,
+    // HTTPS (config::tls).
+    pub(super) tls_cert: Field<String>,
+    pub(super) tls_key: Field<String>,
+    pub(super) tls_client_ca: Field<String>,
+    // Named clients (config::clients).
+    pub(super) client: Field<Vec<Spanned<super::clients::RawClient>>>,
+    pub(super) output_layout: Field<String>,
 }

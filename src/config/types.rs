@@ -12,8 +12,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::clients::{NamedClient, OutputLayout};
 use super::defaults;
 use super::s3::TargetKind;
+use super::tls::{ServerTls, TargetTls};
 
 /// The validated configuration of one `indexedcp` process.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +161,8 @@ pub struct TargetConfig {
     /// Extra headers sent with every request (`headers`), values marked
     /// sensitive; empty unless set. Only the HTTP kinds have them.
     pub headers: reqwest::header::HeaderMap,
+    /// Trusted CAs and the client certificate, for `https://` URLs.
+    pub tls: TargetTls,
 }
 
 impl TargetConfig {
@@ -178,6 +182,7 @@ impl TargetConfig {
             timeout: defaults::TIMEOUT,
             kind: TargetKind::IndexedCp,
             headers: reqwest::header::HeaderMap::new(),
+            tls: TargetTls::default(),
         }
     }
 }
@@ -286,6 +291,12 @@ pub struct ServerConfig {
     /// Where the tus 1.0.0 endpoint lives (`/files/`): starts and ends with
     /// `/`; empty when tus is turned off.
     pub tus_path: String,
+    /// HTTPS only, with this certificate, when set.
+    pub tls: Option<ServerTls>,
+    /// Clients known by name, besides the unnamed `api_keys`.
+    pub clients: Vec<NamedClient>,
+    /// Where files go below `output_dir`: flat, or by client name.
+    pub output_layout: OutputLayout,
 }
 
 impl ServerConfig {
@@ -304,6 +315,9 @@ impl ServerConfig {
             incomplete_expiry: defaults::INCOMPLETE_EXPIRY,
             max_connections: defaults::MAX_CONNECTIONS,
             tus_path: defaults::TUS_PATH.to_owned(),
+            tls: None,
+            clients: Vec::new(),
+            output_layout: OutputLayout::Flat,
         }
     }
 }

@@ -134,20 +134,22 @@ pub(super) async fn bind_and_announce(
     // stdout was a pipe that closed (`indexedcp server | head -1`) keeps
     // serving.
     let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "Server listening on http://{addr}");
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let _ = writeln!(stdout, "Server listening on {scheme}://{addr}");
     if let Some(key) = generated_key {
         let _ = writeln!(stdout, "API Key: {key}");
     }
     let _ = stdout.flush();
     drop(stdout);
-    tracing::info!(%addr, output_dir = %cfg.output_dir.display(), path_mode = %cfg.path_mode, "receiver started");
+    tracing::info!(%addr, output_dir = %cfg.output_dir.display(), path_mode = %cfg.path_mode, tls = cfg.tls.is_some(), client_certificates = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "receiver started");
     Ok(listener)
 }
 
 /// Fills in the receiver's keys: configured ones, else `INDEXEDCP_API_KEY`, else a
 /// generated key (returned so that it can be printed once).
 pub(crate) fn with_api_keys(mut cfg: ServerConfig) -> (ServerConfig, Option<String>) {
-    if !cfg.api_keys.is_empty() {
+    // Named clients are keys enough: no unnamed key is generated beside them.
+    if !cfg.api_keys.is_empty() || !cfg.clients.is_empty() {
         return (cfg, None);
     }
     if let Some(key) = crate::config::api_key_from_env() {

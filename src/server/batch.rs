@@ -45,7 +45,7 @@ use crate::protocol::{self, BatchEntry, BatchManifest, BatchReply, BatchResult};
 /// gives each file the answer a single request would have had.
 pub(super) async fn receive_batch(
     State(receiver): State<Receiver>,
-    _: Authorized,
+    sender: Authorized,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -74,7 +74,11 @@ pub(super) async fn receive_batch(
     let (raw, rest) = body::read_prefix(&mut body, manifest_len as usize, idle)
         .await
         .map_err(|e| body_error(e, too_long))?;
-    let entries = blocking(move || parse_manifest(&raw, max_bytes)).await?;
+    let mut entries = blocking(move || parse_manifest(&raw, max_bytes)).await?;
+    for (entry, meta) in &mut entries {
+        entry.file_name = receiver.recorded_name(&sender, &entry.file_name);
+        meta.client_name = entry.file_name.clone();
+    }
 
     let guards = inner
         .locks

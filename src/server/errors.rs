@@ -36,6 +36,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     State(#[from] state::StateError),
+    #[error("{0}")]
+    Settings(String),
     #[error("cannot listen on {addr}: {source}; choose another address or port")]
     Bind {
         addr: SocketAddr,

@@ -29,7 +29,8 @@
 //! This module holds the [`Receiver`] (configuration, state database,
 //! directory descriptors, and the hashes and locks shared by every receiver
 //! of the process) and the helpers every protocol uses. `serve` owns the
-//! routes, the key check and the listener; `admission` the connection slots
+//! routes, the key check and the listener; `tls` the HTTPS settings and
+//! handshakes; `admission` the connection slots
 //! (`max_connections`) and accept failures; `audit` the log of refused keys;
 //! `errors` the replies to refused requests; `headers` the parsing of request
 //! headers; `locks` the keyed locks; `paths` the file names and directory
@@ -51,6 +52,7 @@ mod resumable;
 mod serve;
 mod sha256;
 mod state;
+mod tls;
 mod tus;
 mod v1;
 
@@ -59,7 +61,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{PathMode, ServerConfig};
+use crate::config::{NamedClient, OutputLayout, PathMode, ServerConfig};
 use errors::ApiError;
 use hashes::FileHashes;
 use locks::{KeyedLocks, UPLOAD_LOCKS};
@@ -108,6 +110,12 @@ struct Inner {
     read_timeout: Duration,
     max_connections: usize,
     tus_path: String,
+    /// HTTPS only, when `[server] tls_cert` is set.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Named clients (`[[server.client]]`); a reload that drops one revokes
+    /// it for every request from then on.
+    clients: Vec<NamedClient>,
+    output_layout: OutputLayout,
     state: UploadState,
     root: OwnedFd,
     staging: OwnedFd,
@@ -153,6 +161,20 @@ impl Receiver {
             source,
         })?;
         let hashes = hashes::for_staging_dir(&staging_path);
+        let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
+        let reserved = reserved_component(&cfg.output_dir, &cfg.state_dir);
+        if cfg.output_layout == OutputLayout::ByClient
+            && let Some(clash) = cfg
+                .clients
+                .iter()
+                .find(|c| Some(&c.name) == reserved.as_ref())
+        {
+            return Err(ServerError::Settings(format!(
+                "client {:?} would share its folder with the receiver's state directory {}; rename the client or move server.state_dir",
+                clash.name,
+                cfg.state_dir.display()
+            )));
+        }
         Ok(Receiver {
             inner: Arc::new(Inner {
                 keys: cfg.api_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
@@ -163,26 +185,54 @@ impl Receiver {
                 read_timeout: options.read_timeout,
                 max_connections: cfg.max_connections,
                 tus_path: cfg.tus_path.clone(),
+                tls,
+                clients: cfg.clients.clone(),
+                output_layout: cfg.output_layout,
                 state,
                 root,
                 staging,
                 staging_path,
-                reserved: reserved_component(&cfg.output_dir, &cfg.state_dir),
+                reserved,
                 hashes,
                 locks: &UPLOAD_LOCKS,
             }),
         })
     }
 
-    /// Where a client's file name goes in the output directory, by the
-    /// configured path mode; a name the mode refuses is a 400 reply.
-    fn destination(&self, client_name: &str) -> Result<Destination, ApiError> {
-        paths::destination_for(
+    /// The name an upload is recorded under: with the `by-client` layout,
+    /// the file name behind the sending client's name and a `/` (nothing
+    /// before the `/` for an unnamed key), so that the record says whose it
+    /// is and [`Receiver::destination`] puts it in that client's folder.
+    fn recorded_name(&self, sender: &serve::Authorized, file_name: &str) -> String {
+        match self.inner.output_layout {
+            OutputLayout::Flat => file_name.to_owned(),
+            OutputLayout::ByClient => {
+                format!("{}/{file_name}", sender.client.as_deref().unwrap_or(""))
+            }
+        }
+    }
+
+    /// Where a recorded name goes in the output directory, by the configured
+    /// path mode (and, with the `by-client` layout, in its client's folder);
+    /// a name the mode refuses is a 400 reply.
+    fn destination(&self, recorded_name: &str) -> Result<Destination, ApiError> {
+        let (client, file_name) = match self.inner.output_layout {
+            OutputLayout::ByClient => match recorded_name.split_once('/') {
+                Some((client, file_name)) => (client, file_name),
+                None => ("", recorded_name),
+            },
+            OutputLayout::Flat => ("", recorded_name),
+        };
+        let mut dest = paths::destination_for(
             self.inner.path_mode,
-            client_name,
+            file_name,
             self.inner.reserved.as_deref(),
         )
-        .map_err(|InvalidName(message)| ApiError::InvalidName(message))
+        .map_err(|InvalidName(message)| ApiError::InvalidName(message))?;
+        if !client.is_empty() {
+            dest.dirs.insert(0, client.to_owned());
+        }
+        Ok(dest)
     }
 
     /// Removes an upload's staging file and forgets its whole-file hash.
@@ -230,8 +280,12 @@ where
     let Ok(slot) = BLOCKING.acquire().await else {
         unreachable!("the blocking slots are never closed");
     };
+    // The request's span (which names its client) goes along, so that the
+    // blocking work's log lines say whose upload they are about.
+    let span = tracing::Span::current();
     let task = tokio::task::spawn_blocking(move || {
         let _slot = slot;
+        let _span = span.enter();
         f()
     });
     match task.await {

@@ -1,6 +1,8 @@
 //! Serving the receiver: the routes, the checks every upload route shares
 //! (the API key, the CORS headers), the HTTP/1 connections on a listener, the
-//! background recovery and expiry, and the graceful shutdown. A configuration
+//! background recovery and expiry, and the graceful shutdown. With TLS
+//! configured, each accepted connection does its handshake in its own task
+//! (see `tls`) before HTTP is served on it. A configuration
 //! reload swaps the [`Receiver`] that new connections get without closing the
 //! listener.
 
@@ -16,9 +18,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Receiver;
 use super::admission::{AcceptFailures, Slots};
@@ -27,59 +31,125 @@ use super::batch::receive_batch;
 use super::errors::{ApiError, ServerError, too_large_chunk};
 use super::headers::{content_length, header_str, number, parse_extension, within_declared_limit};
 use super::resumable::{receive_resumable, upload_status};
+use super::tls::{self, ClientCertificate};
 use super::v1::receive_v1;
+use crate::config::normalize_subject;
 use crate::protocol;
 
 impl Receiver {
     /// The axum application.
     fn router(&self) -> Router {
         Router::new()
-            .route("/health", get(health))
             .route("/upload", post(upload))
             .route("/upload/batch", post(receive_batch))
             .route("/upload/{upload_id}", get(upload_status))
+            .route_layer(middleware::from_fn_with_state(self.clone(), authenticate))
+            .route("/health", get(health))
             .fallback(not_found)
             .layer(middleware::from_fn(cors))
             .merge(super::tus::routes(self))
             .with_state(self.clone())
     }
 
-    /// Checks an `Authorization` header against every key in constant time.
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(given) = headers
+    /// Who sent a request: the named client whose key (and, when it names
+    /// one, certificate subject) it carries, or a holder of one of the
+    /// unnamed `api_keys`; `None` when neither. Keys are compared in
+    /// constant time, named clients' by their SHA-256.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        certificate: Option<&ClientCertificate>,
+    ) -> Option<Authorized> {
+        let given = headers
             .get(protocol::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        else {
-            return false;
-        };
-        self.inner
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))?;
+        let given_sha256: [u8; 32] = Sha256::digest(given).into();
+        let mut named = None;
+        for client in &self.inner.clients {
+            if bool::from(client.key_sha256.ct_eq(&given_sha256)) {
+                named = Some(client);
+            }
+        }
+        if let Some(client) = named {
+            if let Some(want) = &client.cert_subject {
+                let subject = certificate.map(|c| normalize_subject(&c.subject));
+                if subject.as_deref() != Some(want.as_str()) {
+                    tracing::info!(client = %client.name, certificate_subject = ?subject, expected = %want, "refused a named client's key: its certificate subject does not match cert_subject");
+                    return None;
+                }
+            }
+            return Some(Authorized {
+                client: Some(client.name.clone()),
+            });
+        }
+        let unnamed = self
+            .inner
             .keys
             .iter()
-            .fold(0u8, |ok, key| ok | key.as_slice().ct_eq(given).unwrap_u8())
-            == 1
+            .fold(0u8, |ok, key| ok | key.as_slice().ct_eq(given).unwrap_u8());
+        (unnamed == 1).then_some(Authorized { client: None })
     }
 }
 
-/// Proof that a request carries one of the receiver's API keys. Handlers of
-/// protected routes take it as an argument, so an unauthorized request is
-/// refused (401) before anything extracted after it, its body above all.
-pub(super) struct Authorized;
+/// Proof that a request carries a valid API key, and whose it is (`None`
+/// for the unnamed `api_keys`). The `authenticate` layer of the protected
+/// routes adds it; handlers take it as an argument.
+#[derive(Clone, Debug)]
+pub(super) struct Authorized {
+    pub(super) client: Option<String>,
+}
 
 impl FromRequestParts<Receiver> for Authorized {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        receiver: &Receiver,
-    ) -> Result<Authorized, ApiError> {
-        if receiver.authorized(&parts.headers) {
-            Ok(Authorized)
-        } else {
-            let peer = parts.extensions.get::<Peer>().map(|p| p.0);
-            REFUSED_KEYS.refused(peer, parts.uri.path());
-            Err(ApiError::Unauthorized)
-        }
+    async fn from_request_parts(parts: &mut Parts, _: &Receiver) -> Result<Authorized, ApiError> {
+        parts
+            .extensions
+            .get::<Authorized>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
     }
+}
+
+/// The layer in front of every protected route: answers 429 to an address
+/// serving a penalty for bad keys, 401 to a request without a valid key
+/// (before its body is read), and runs the others in a span that names
+/// their client, so that every log line about the request says whose it is.
+async fn authenticate(
+    State(receiver): State<Receiver>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let peer = request.extensions().get::<Peer>().map(|p| p.0);
+    if let Some(wait) = REFUSED_KEYS.penalty_left(peer) {
+        let mut response = (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(serde_json::json!({
+                "error": "Too many requests",
+                "message": "too many requests without a valid API key from this address; wait for Retry-After seconds",
+            })),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+        return response;
+    }
+    let certificate = request.extensions().get::<ClientCertificate>();
+    let Some(sender) = receiver.authenticate(request.headers(), certificate) else {
+        REFUSED_KEYS.refused(peer, request.uri().path());
+        return ApiError::Unauthorized.into_response();
+    };
+    REFUSED_KEYS.accepted(peer);
+    let span = match &sender.client {
+        Some(name) => {
+            crate::metrics::count_client_request(name);
+            tracing::info_span!("client", client = %name)
+        }
+        None => tracing::Span::none(),
+    };
+    request.extensions_mut().insert(sender);
+    next.run(request).instrument(span).await
 }
 
 /// Serves `receiver` on `listener` until `shutdown` is cancelled, then lets
@@ -170,25 +240,39 @@ pub async fn serve_reloadable(
             router = receiver.router();
             slots.resize(receiver.inner.max_connections);
         }
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(receiver.inner.read_timeout)
-            .keep_alive(true);
-        let service = tower::ServiceExt::map_request(
-            router.clone(),
-            move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(Peer(peer));
-                request
-            },
-        );
-        let service = hyper_util::service::TowerToHyperService::new(service);
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let connection = Connection {
+            router: router.clone(),
+            peer,
+            read_timeout: receiver.inner.read_timeout,
+            watcher: graceful.watcher(),
+        };
+        let tls = receiver.inner.tls.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let Some(tls) = tls else {
+                return connection.serve(stream, None).await;
+            };
+            // The handshake runs here, not in the accept loop: a client that
+            // stays silent holds only its own slot, and for the read timeout.
+            let handshake = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                handshake = tokio::time::timeout(connection.read_timeout, tls.accept(stream)) => handshake,
+            };
+            match handshake {
+                Ok(Ok(stream)) => {
+                    let certificate = tls::client_certificate(&stream);
+                    if let Some(certificate) = &certificate {
+                        tracing::debug!(%peer, subject = %certificate.subject, "client certificate accepted");
+                    }
+                    connection.serve(stream, certificate).await
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
             }
         });
     }
@@ -197,6 +281,45 @@ pub async fn serve_reloadable(
     tokio::select! {
         _ = graceful.shutdown() => tracing::debug!("all connections closed"),
         _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; abandoning them"),
+    }
+}
+
+/// What serving one accepted connection needs.
+struct Connection {
+    router: Router,
+    peer: SocketAddr,
+    read_timeout: Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Connection {
+    /// Serves HTTP/1 on `io` (a TCP stream, or a TLS stream after its
+    /// handshake) until the client closes it or a graceful shutdown ends it.
+    async fn serve<I>(self, io: I, certificate: Option<ClientCertificate>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.read_timeout)
+            .keep_alive(true);
+        let peer = self.peer;
+        let service = tower::ServiceExt::map_request(
+            self.router,
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                if let Some(certificate) = &certificate {
+                    request.extensions_mut().insert(certificate.clone());
+                }
+                request
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }
 
@@ -259,14 +382,14 @@ async fn not_found() -> ApiError {
 /// `X-Upload-Id`, of a v1 upload otherwise.
 async fn upload(
     State(receiver): State<Receiver>,
-    _: Authorized,
+    sender: Authorized,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let client_name = header_str(&headers, protocol::FILE_NAME)
+    let file_name = header_str(&headers, protocol::FILE_NAME)
         .map_err(|_| ApiError::InvalidName("Filename must be valid UTF-8".to_owned()))?
-        .unwrap_or(protocol::DEFAULT_FILE_NAME)
-        .to_owned();
+        .unwrap_or(protocol::DEFAULT_FILE_NAME);
+    let client_name = receiver.recorded_name(&sender, file_name);
     let chunk_idx = match header_str(&headers, protocol::CHUNK_INDEX)? {
         None => 0,
         Some(v) => number("X-Chunk-Index", v)?,

@@ -34,5 +34,6 @@ mod s3_cli;
 mod spool_guards;
 mod supervision;
 mod systemd_units;
+mod tls;
 mod tus_agent;
 mod tus_receiver;

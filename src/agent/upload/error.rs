@@ -6,6 +6,47 @@ use std::time::Duration;
 use crate::agent::store::StoreError;
 use crate::protocol;
 
+/// The certificate problem behind a failed request, if that is what it was:
+/// a rustls error somewhere in its chain of sources (inside an `io::Error`
+/// too, whose `source()` skips the error it wraps) that says a certificate
+/// was refused, by us or by the peer.
+pub(crate) fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let rustls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls) = rustls {
+            use rustls::AlertDescription as A;
+            return match rustls {
+                rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::AlertReceived(
+                    A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::CertificateRequired
+                    | A::UnknownCA
+                    | A::AccessDenied,
+                ) => Some(rustls.to_string()),
+                _ => None,
+            };
+        }
+        // The connector may box the rustls error in a way no downcast sees
+        // through; its message is rustls' own.
+        let text = e.to_string();
+        if let Some(at) = text.find("invalid peer certificate") {
+            return Some(text[at..].to_owned());
+        }
+        next = e.source();
+    }
+    None
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -27,6 +68,17 @@ pub enum UploadError {
     /// expired, or was aborted): it must start again.
     #[error("{url} forgot the upload: {message}")]
     Forgotten { url: String, message: String },
+    /// The TLS handshake failed on a certificate: the peer's was not
+    /// trusted (unknown CA, expired, issued for another name), or the peer
+    /// refused ours. Either way the configuration, not the network, is wrong.
+    #[error(
+        "TLS with {host} failed: {reason} ({url}); trust the receiver's CA with ca_file (--cacert), or fix its certificate or this client's client_cert, then send SIGHUP"
+    )]
+    Certificate {
+        url: String,
+        host: String,
+        reason: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -82,6 +134,11 @@ impl UploadError {
                 url: url.clone(),
                 message: message.clone(),
             },
+            UploadError::Certificate { url, host, reason } => UploadError::Certificate {
+                url: url.clone(),
+                host: host.clone(),
+                reason: reason.clone(),
+            },
             UploadError::Store(e) => UploadError::Protocol {
                 url: String::new(),
                 message: e.to_string(),
@@ -96,6 +153,9 @@ impl UploadError {
             | UploadError::Protocol { .. }
             | UploadError::Store(_) => Retry::Backoff,
             UploadError::Request { .. } => Retry::Never,
+            // Fixing it takes an operator: retry rarely, and at once after a
+            // reload (the uploader retries a replaced target's files at once).
+            UploadError::Certificate { .. } => Retry::AtMaximum,
             UploadError::Forgotten { .. } => Retry::Restart,
             UploadError::Status {
                 status,
@@ -163,6 +223,12 @@ mod tests {
             message: "NoSuchUpload".into(),
         };
         assert_eq!(forgotten.retry(), Retry::Restart);
+        let certificate = UploadError::Certificate {
+            url: "https://h/upload".into(),
+            host: "h".into(),
+            reason: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        assert_eq!(certificate.retry(), Retry::AtMaximum);
         // Object storage: a missing bucket or a refused key is the
         // configuration's problem; SlowDown is retried.
         assert_eq!(status(404, "NoSuchBucket", None).retry(), Retry::AtMaximum);

@@ -9,7 +9,8 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::agent::store::{ChunkMeta, FileRecord};
 use crate::agent::upload::UploadError;
-use crate::config::TargetConfig;
+use crate::agent::upload::error::certificate_problem;
+use crate::config::{TargetConfig, TargetTls};
 use crate::protocol::{self, BatchReply, ChunkReply, ErrorReply, UploadStatus};
 
 const RESUMABLE_UNKNOWN: u8 = 0;
@@ -32,11 +33,12 @@ pub struct IndexedCp {
 
 impl IndexedCp {
     pub fn new(target: &TargetConfig) -> Result<IndexedCp, UploadError> {
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(target.timeout)
             .connect_timeout(target.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("indexedcp/", env!("CARGO_PKG_VERSION")))
-            .default_headers(target.headers.clone())
+            .default_headers(target.headers.clone());
+        let http = with_tls(builder, &target.tls)?
             .build()
             .map_err(|e| UploadError::Request {
                 what: "an HTTP client".into(),
@@ -99,6 +101,17 @@ impl IndexedCp {
     }
 
     fn transport(&self, e: reqwest::Error) -> UploadError {
+        if let Some(reason) = certificate_problem(&e) {
+            let host = reqwest::Url::parse(&self.url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| self.url.clone());
+            return UploadError::Certificate {
+                url: self.url.clone(),
+                host,
+                reason,
+            };
+        }
         let mut message = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(inner) = source {
@@ -249,6 +262,34 @@ impl IndexedCp {
             _ => Err(self.refusal(response).await),
         }
     }
+}
+
+/// Adds a target's TLS settings to an HTTP client: the system's roots plus
+/// the CAs of `ca_file`, and the client certificate for mTLS. There is no
+/// switch that turns verification off.
+pub(crate) fn with_tls(
+    mut builder: reqwest::ClientBuilder,
+    tls: &TargetTls,
+) -> Result<reqwest::ClientBuilder, UploadError> {
+    let invalid = |path: &std::path::Path, e: reqwest::Error| UploadError::Request {
+        what: format!("TLS settings from {}", path.display()),
+        message: e.to_string(),
+    };
+    if let Some(ca) = &tls.ca_file {
+        for cert in
+            reqwest::Certificate::from_pem_bundle(&ca.pem).map_err(|e| invalid(&ca.path, e))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        let mut pem = cert.pem.clone();
+        pem.push(b'\n');
+        pem.extend_from_slice(&key.pem);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| invalid(&key.path, e))?;
+        builder = builder.identity(identity);
+    }
+    Ok(builder)
 }
 
 #[cfg(test)]
