@@ -90,7 +90,8 @@
 //!     the `Delivery` trait with one folder per
 //!     kind (`indexedcp`, `s3`, `tus`). The uploader writes no SQL and speaks no HTTP.
 //! - `server`: the receiver. `serve` (routes, auth, CORS, shutdown), `v1`,
-//!   `resumable`, `batch`, `tus` (tus 1.0.0 at `/files/`), `finalize` (verify, sync, rename into place,
+//!   `resumable`, `batch`, `tus` (tus 1.0.0 at `/files/`), `tls` (HTTPS,
+//!   rotation, client certificates), `finalize` (verify, sync, rename into place,
 //!   recovery, expiry), `paths` (path modes, writes that stay inside the output
 //!   folder), `state` (its own SQLite file), `hashes`, `sha256`, `body`,
 //!   `headers`, `errors`, `locks`, `admission` (the connection cap, accept
@@ -135,7 +136,7 @@
 //!   replaces a file there.
 //! - Deliberately absent: the uploader has no HTTP and no `match` on the
 //!   kind of target; the spool has no SQL; the store has no tokio; `config`
-//!   has no I/O beyond reading its file and key files.
+//!   has no I/O beyond reading its file, key files and certificate files.
 
 #![warn(missing_docs)]
 

@@ -111,6 +111,19 @@ impl FromRequestParts<Receiver> for Authorized {
     }
 }
 
+/// [`authenticate`] for the tus routes: a browser's CORS preflight and the
+/// tus `OPTIONS` discovery carry no key and need none.
+pub(super) async fn authenticate_except_options(
+    state: State<Receiver>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.method() == Method::OPTIONS {
+        return next.run(request).await;
+    }
+    authenticate(state, request, next).await
+}
+
 /// The layer in front of every protected route: answers 429 to an address
 /// serving a penalty for bad keys, 401 to a request without a valid key
 /// (before its body is read), and runs the others in a span that names

@@ -65,6 +65,10 @@ pub(super) fn routes(receiver: &Receiver) -> Router<Receiver> {
                 .post(overridden)
                 .options(options),
         )
+        .route_layer(middleware::from_fn_with_state(
+            receiver.clone(),
+            super::serve::authenticate_except_options,
+        ))
         .layer(middleware::from_fn(cors))
 }
 
