@@ -312,11 +312,17 @@ impl SpoolWatch {
             spool = %self.spool_root.display(),
             "spool directory was removed or moved away; recreating it"
         );
+        self.start_over();
+    }
+
+    /// Forgets everything known about the spool's contents, drops the old
+    /// watch (a moved or hidden directory keeps it, and must not report under
+    /// our name) and watches the path again, as at start.
+    fn start_over(&mut self) {
         self.pending.clear();
         self.offered.clear();
         self.reported.clear();
         self.scan_queue.clear();
-        // A moved directory keeps its watch; it must not report under our name.
         let _ = self.watcher.unwatch(&self.watch_root);
         self.root_lost = Some(RootLost {
             failure_logged: false,
@@ -340,15 +346,7 @@ impl SpoolWatch {
             "the spool path now names another directory (a file system was mounted over it, or it was replaced); watching the new one"
         );
         self.root_identity = now;
-        self.pending.clear();
-        self.offered.clear();
-        self.reported.clear();
-        self.scan_queue.clear();
-        let _ = self.watcher.unwatch(&self.watch_root);
-        self.root_lost = Some(RootLost {
-            failure_logged: false,
-        });
-        self.watch_again();
+        self.start_over();
     }
 
     pub(super) fn watch_again(&mut self) {
