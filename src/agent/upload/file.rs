@@ -129,9 +129,14 @@ pub async fn upload_file(
         let s = store.clone();
         async move {
             let _in_flight = target.reserve(piece.length()).await;
-            let idxs = piece.idxs();
+            let (idxs, piece_length) = (piece.idxs(), piece.length());
             let data = blocking(move || {
-                let mut data = Vec::new();
+                // A piece of one chunk (every piece of the indexedcp kind)
+                // is that chunk's bytes as read, without a copy.
+                if let [idx] = idxs[..] {
+                    return s.chunk_data(id, idx);
+                }
+                let mut data = Vec::with_capacity(piece_length as usize);
                 for idx in idxs {
                     data.extend_from_slice(&s.chunk_data(id, idx)?);
                 }
