@@ -270,7 +270,7 @@ pub async fn serve_reloadable(
             // stays silent holds only its own slot, and for the read timeout.
             let handshake = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                handshake = tokio::time::timeout(connection.read_timeout, tls.accept(stream)) => handshake,
+                handshake = tokio::time::timeout(connection.read_timeout, tls.accept(stream).into_fallible()) => handshake,
             };
             match handshake {
                 Ok(Ok(stream)) => {
@@ -280,8 +280,9 @@ pub async fn serve_reloadable(
                     }
                     connection.serve(stream, certificate).await
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, stream))) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    linger(stream).await;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake timed out");
@@ -295,6 +296,28 @@ pub async fn serve_reloadable(
         _ = graceful.shutdown() => tracing::debug!("all connections closed"),
         _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; abandoning them"),
     }
+}
+
+/// Closes a connection whose handshake failed without resetting it. In TLS
+/// 1.3 a client finishes its side of the handshake before the receiver has
+/// checked its certificate, and sends its request at once. Closing with that
+/// request unread makes the kernel answer with a reset, which can overtake
+/// the alert that says why (certificate required, unknown CA), and the client
+/// then reports "connection reset" instead of the reason. So: end the
+/// receiver's side, then read and discard until the client closes, for at
+/// most a second. The task holds no thread while it waits.
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 8192];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// What serving one accepted connection needs.

@@ -113,3 +113,53 @@ async fn mtls_accepts_only_certificates_from_the_client_ca() {
     expected.insert("scan.dcm".to_string(), scan);
     wait_for_files(&receiver.out, &expected, Duration::from_secs(30)).await;
 }
+
+/// A TLS 1.3 client finishes its side of the handshake before the receiver
+/// has checked its certificate, and may send a whole request at once. The
+/// refusal must still reach it as the alert that says why ("certificate
+/// required"), not as a reset or a bare end of file: the receiver reads and
+/// discards what was sent before it closes. Python's `ssl` writes the
+/// request in one blocking `sendall`, the way that lost the alert.
+#[test]
+fn a_client_that_sends_before_the_refusal_still_hears_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(&dir.path().join("pki"), "server-ca");
+    let clients = Ca::new(&dir.path().join("pki"), "client-ca");
+    let cert = ca.server("server", 1);
+    let extra = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\n",
+        cert.cert.display().to_string(),
+        cert.key.display().to_string(),
+        clients.ca_pem.display().to_string()
+    );
+    let receiver = TlsReceiver::start(&dir.path().join("r"), &extra);
+    let probe = format!(
+        r#"
+import socket, ssl
+ctx = ssl.create_default_context(cafile={ca:?})
+for attempt in range(10):
+    tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="localhost")
+    try:
+        tls.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 2000000)
+        tls.recv(100)
+        print("attempt", attempt, "was answered")
+    except Exception as e:
+        print("attempt", attempt, type(e).__name__, e)
+    tls.close()
+"#,
+        ca = ca.ca_pem.display().to_string(),
+        port = receiver.port
+    );
+    let output = run("python3", &["-c", &probe]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.matches("CERTIFICATE_REQUIRED").count(),
+        10,
+        "each attempt must end with the certificate-required alert:\n{stdout}"
+    );
+}
