@@ -41,8 +41,40 @@ async fn scenario_1_agent_sigkilled_at_random_moments() {
     let dropper = spawn_dropper(&fx, &files, dropping_period, seed ^ 0xD809);
     let mut agent = AgentProc::start(&fx, &config);
     let (mut during_ingest, mut during_upload) = (0, 0);
-    for _ in 0..kills {
-        tokio::time::sleep(rng.millis(min_life, max_life)).await;
+    for kill in 0..kills {
+        // One kill in three waits for files queued for upload, one for files
+        // waiting in the spool (up to 10 s each, so that a loaded machine
+        // still gets both; no longer once everything is dropped and
+        // delivered), and strikes soon after; the rest at any moment.
+        let aim = match kill % 3 {
+            0 => Some(true),
+            1 => Some(false),
+            _ => None,
+        };
+        let aimed = match aim {
+            Some(upload) => poll_every(
+                Duration::from_millis(5),
+                Duration::from_secs(10),
+                async || {
+                    let queued = buffer_counts(&fx.buffer_db()).is_some_and(|c| c.0 > 0);
+                    let waiting = !files_below(&fx.spool).is_empty();
+                    if (upload && queued) || (!upload && waiting) {
+                        return Some(true);
+                    }
+                    // Everything dropped and nothing left to do: no aim.
+                    (dropper.is_finished() && !queued && !waiting).then_some(false)
+                },
+            )
+            .await
+            .unwrap_or(false),
+            None => false,
+        };
+        let life = if aimed {
+            rng.millis(0, min_life)
+        } else {
+            rng.millis(min_life, max_life)
+        };
+        tokio::time::sleep(life).await;
         if !files_below(&fx.spool).is_empty() {
             during_ingest += 1;
         }
