@@ -19,7 +19,7 @@
 //!   receiver's overload answers are tested in `failpoints` and `outage`.
 
 mod manifest;
-mod proxy;
+pub mod proxy;
 
 mod fsync_order;
 pub(crate) mod full_disk;

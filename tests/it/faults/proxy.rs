@@ -155,6 +155,9 @@ pub struct Stats {
     upstream: Mutex<BTreeMap<(&'static str, u16), u64>>,
     /// Request heads whose receiver status was not the expected one, for reports.
     notes: Mutex<Vec<String>>,
+    /// Requests whose line starts with the first string and contains the
+    /// second lose their reply, as many times as the count says.
+    lose_next: Mutex<Option<(String, String, u32)>>,
 }
 
 /// A copy of the counters.
@@ -253,6 +256,14 @@ impl FaultProxy {
     /// The URL an agent uploads to through the proxy.
     pub fn upload_url(&self) -> String {
         format!("http://{}/upload", self.addr)
+    }
+
+    /// The next `times` requests whose request line starts with `start`
+    /// and contains `part` lose their reply (whatever else the profile
+    /// picks), e.g. `("POST ", "uploadId=", 3)` for S3's
+    /// CompleteMultipartUpload.
+    pub fn lose_replies_to(&self, start: &str, part: &str, times: u32) {
+        *self.stats.lose_next.lock().unwrap() = Some((start.to_owned(), part.to_owned(), times));
     }
 
     pub fn requests(&self) -> u64 {
@@ -403,7 +414,23 @@ async fn serve_connection(
     while let Some(mut request) = read_request(&mut client, &mut buf).await {
         let n = stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut rng = Rng::new(seed ^ n.wrapping_mul(0xA076_1D64_78BD_642F));
-        let fault = if n < profile.fault_budget {
+        let targeted = {
+            let mut next = stats.lose_next.lock().unwrap();
+            match next.as_mut() {
+                Some((start, part, times))
+                    if *times > 0
+                        && request.line.starts_with(start.as_str())
+                        && request.line.contains(part.as_str()) =>
+                {
+                    *times -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        let fault = if targeted {
+            Fault::LoseReply
+        } else if n < profile.fault_budget {
             profile.pick(
                 &mut rng,
                 request.head.len() + request.body.len(),
@@ -487,6 +514,11 @@ async fn serve_connection(
             ));
         }
         if fault == Fault::LoseReply {
+            stats
+                .notes
+                .lock()
+                .unwrap()
+                .push(format!("lost the reply to {}", request.line));
             return;
         }
         match reply.keep_alive_head {

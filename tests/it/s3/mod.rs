@@ -8,6 +8,7 @@ mod behaviour;
 mod config_faults;
 mod kill_loop;
 mod leftovers;
+mod proxy_faults;
 mod server_restart;
 
 use std::path::{Path, PathBuf};
