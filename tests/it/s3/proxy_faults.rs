@@ -54,7 +54,7 @@ fn file(i: usize, rng: &mut Rng, seed: u64) -> (String, Vec<u8>) {
         1 | 7 => 0,
         _ => rng.below(200 << 10) as usize,
     };
-    let name = if i % 2 == 0 {
+    let name = if i.is_multiple_of(2) {
         format!("n/{i}.bin")
     } else {
         format!("ü {i}.dat")
