@@ -437,7 +437,15 @@ async fn upload(
     match header_str(&headers, protocol::UPLOAD_ID)? {
         Some(upload_id) => {
             let ext = parse_extension(&headers, upload_id, &client_name, chunk_idx)?;
-            receive_resumable(receiver, ext, chunk_idx, content_length(&headers), body).await
+            receive_resumable(
+                receiver,
+                sender,
+                ext,
+                chunk_idx,
+                content_length(&headers),
+                body,
+            )
+            .await
         }
         None => receive_v1(receiver, client_name, chunk_idx, body).await,
     }
