@@ -165,20 +165,9 @@ async fn authenticate(
     next.run(request).instrument(span).await
 }
 
-/// Serves `receiver` on `listener` until `shutdown` is cancelled, then lets
-/// in-flight requests finish for up to `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    receiver: Receiver,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    let (_keep, receivers) = tokio::sync::watch::channel(receiver);
-    serve_reloadable(listener, receivers, shutdown, grace).await
-}
-
-/// Like [`serve`], but each new connection is served by the receiver current in
-/// `receivers`, so a configuration reload (keys, path mode, limits) takes effect
+/// Serves `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish for up to `grace`. Each new connection is served by the
+/// receiver current in `receivers`, so a configuration reload (keys, path mode, limits) takes effect
 /// without closing the listener or dropping requests in flight.
 pub async fn serve_reloadable(
     listener: TcpListener,
