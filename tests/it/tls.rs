@@ -4,6 +4,7 @@
 //! reloads it, with its log in a file that the tests read.
 
 mod agent;
+mod bucket;
 mod clients;
 mod mtls;
 mod pki;
