@@ -117,6 +117,10 @@ pub struct UploadStatus {
     /// The file's path in the output directory; present only when complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actual_filename: Option<String>,
+    /// The named client (`[[server.client]]`) that started the upload;
+    /// absent for an unnamed key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 /// One whole file of a batch, as the manifest declares it: the file is its

@@ -30,6 +30,9 @@
 //!    it in an `s3s-fs` bucket on 127.0.0.1, with the agent's peak RSS, and
 //!    many 4 KiB files the same way. Baselines: `rclone copyto` of the same
 //!    file and `rclone copy` of the same files to the same server.
+//! 8. TLS: the large file from an agent daemon to `indexedcp server` over
+//!    HTTPS (`--tls-cert`, `ca_file`). Baseline: the same two processes over
+//!    plain HTTP, in the same run.
 //!
 //! Sizes come from the environment, so the suite can be smoke-tested quickly:
 //! INDEXEDCP_BENCH_MIB (1024), INDEXEDCP_BENCH_SMALL_FILES (10000),
@@ -60,6 +63,7 @@ mod receiver_alone;
 mod s3;
 mod scenarios;
 mod table;
+mod tls;
 
 use receiver_alone::receiver_alone;
 use scenarios::{
@@ -108,7 +112,7 @@ fn run_suite() -> Result<()> {
                 settings.base_dir.display()
             )
         })?;
-    let large = if [1, 2, 5, 7].iter().any(|&n| settings.wants(n)) {
+    let large = if [1, 2, 5, 7, 8].iter().any(|&n| settings.wants(n)) {
         Some(LargeFile::create(suite.path(), settings.large_mib << 20)?)
     } else {
         None
@@ -259,6 +263,20 @@ fn run_suite() -> Result<()> {
         }
     }
 
+    if let (true, Some(large)) = (settings.wants(8), &large) {
+        let name = format!("8. TLS: large file agent -> server over HTTPS ({mib} MiB)");
+        match tls::tls_vs_plain(&settings, large) {
+            Ok(result) => table.speed(
+                &name,
+                result.tls_mb_per_s,
+                "MB/s",
+                &Ok(result.baseline()),
+                0.8,
+            ),
+            Err(e) => table.push(Row::error(&name, "ratio >= 0.8", &e)),
+        }
+    }
+
     let took = started.elapsed();
     eprintln!("suite finished in {:.1} min", took.as_secs_f64() / 60.0);
     table.print();
@@ -325,9 +343,9 @@ fn parse_scenarios(list: &str) -> Result<BTreeSet<u32>> {
             n.trim()
                 .parse::<u32>()
                 .ok()
-                .filter(|n| (1..=7).contains(n))
+                .filter(|n| (1..=8).contains(n))
                 .ok_or_else(|| {
-                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 7, separated by commas")
+                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 8, separated by commas")
                 })
         })
         .collect()

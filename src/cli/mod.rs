@@ -221,8 +221,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let rt = runtime()?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                let signals =
-                    daemon::spawn_signal_handler(shutdown.clone(), None).map_err(daemon_failure)?;
+                let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+                let signals = daemon::spawn_signal_handler(shutdown.clone(), Some(reload_tx))
+                    .map_err(daemon_failure)?;
                 let (cfg, generated) = daemon::with_api_keys(cfg);
                 let options = ReceiverOptions {
                     read_timeout: args.read_timeout,
@@ -233,6 +234,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     generated.as_deref(),
                     shutdown,
                     args.shutdown_grace,
+                    reloads,
                 )
                 .await;
                 signals.abort();

@@ -185,6 +185,7 @@ fn destination(args: &UploadArgs) -> Result<Destination, Failure> {
             &args.server,
             args.endpoint.as_deref(),
             args.region.as_deref(),
+            args.tls()?,
         )
         .map(|target| Destination::Bucket(Box::new(target)));
     }

@@ -2,19 +2,66 @@
 //! changed. An invalid file changes nothing (every error is logged and the
 //! running configuration is kept). A valid one updates the log level and the
 //! receiver here; the agent applies its part itself when the new
-//! configuration reaches it.
+//! configuration reaches it. The `server` command, started with flags and no
+//! file, has only its certificate files to re-read: [`reload_certificate`].
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::notify;
 use super::roles::{RoleSet, ServerRole, bind_and_announce, open_receiver, spawn_listener};
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, ServerConfig, ServerTls};
 use crate::logging;
-use crate::server::ReceiverOptions;
+use crate::server::{Receiver, ReceiverOptions};
+
+/// SIGHUP for the `server` command: re-reads `--tls-cert`, `--tls-key` and
+/// `--tls-client-ca` from the paths it was started with, and serves new
+/// connections with them. Files that cannot be read, hold no certificate or
+/// key, or do not make a usable pair (a renewal caught half-copied) are
+/// logged and change nothing: the running certificate stays.
+pub(crate) async fn reload_certificate(
+    cfg: &mut ServerConfig,
+    options: &ReceiverOptions,
+    receivers: &watch::Sender<Receiver>,
+) {
+    let Some(tls) = &cfg.tls else {
+        tracing::info!("SIGHUP received; nothing to reload (no --tls-cert, and no config file)");
+        return;
+    };
+    notify::reloading();
+    let (cert, key) = (tls.cert.path.clone(), tls.key.path.clone());
+    let client_ca = tls.client_ca.as_ref().map(|ca| ca.path.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        ServerTls::from_files(&cert, &key, client_ca.as_deref())
+    })
+    .await;
+    match read {
+        Ok(Ok(new_tls)) if Some(&new_tls) == cfg.tls.as_ref() => {
+            tracing::info!("certificate files unchanged; nothing reloaded");
+        }
+        Ok(Ok(new_tls)) => {
+            let mut new = cfg.clone();
+            new.tls = Some(new_tls);
+            match open_receiver(&new, options).await {
+                Ok(receiver) => {
+                    receivers.send_replace(receiver);
+                    *cfg = new;
+                    tracing::info!("certificate reloaded; new connections use it");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload: certificate kept")
+                }
+            }
+        }
+        Ok(Err(e)) => tracing::error!("reload: certificate kept: {e}"),
+        Err(e) => tracing::error!(error = %e, "reload task failed; certificate kept"),
+    }
+    notify::ready();
+}
 
 /// Re-reads the config file. Invalid: every error is logged and `None` keeps the
 /// running config. Valid: the receiver and the log level are updated here, and

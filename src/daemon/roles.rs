@@ -1,6 +1,7 @@
 //! Running the roles a configuration enables: the receiver (`[server]`) and
 //! the agent (`[[spool]]` and `[[target]]`), each as a task of the daemon's
-//! role set, and the receiver alone for the `server` command. Also where the
+//! role set, and the receiver alone for the `server` command (whose SIGHUP
+//! rotates its certificate). Also where the
 //! receiver's listener is bound and announced on stdout and its keys are
 //! filled in, because the daemon and the `server` command share both.
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -53,18 +54,32 @@ pub(super) async fn start(
     Ok((server, probe))
 }
 
-/// Runs the receiver alone (the `server` command) until `shutdown`.
+/// Runs the receiver alone (the `server` command) until `shutdown`. Each
+/// message on `reloads` (a SIGHUP) re-reads its certificate files, as the
+/// daemon's reload does, since a renewal replaces them in place.
 pub(crate) async fn run_receiver(
     cfg: &ServerConfig,
     options: &ReceiverOptions,
     generated_key: Option<&str>,
     shutdown: CancellationToken,
     grace: Duration,
+    mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), DaemonError> {
     let receiver = open_receiver(cfg, options).await?;
     let listener = bind_and_announce(cfg, generated_key).await?;
+    let (receivers, rx) = watch::channel(receiver);
     notify::ready();
-    server::serve(listener, receiver, shutdown, grace).await;
+    let serving = server::serve_reloadable(listener, rx, shutdown, grace);
+    tokio::pin!(serving);
+    let mut cfg = cfg.clone();
+    loop {
+        tokio::select! {
+            () = &mut serving => break,
+            Some(()) = reloads.recv() => {
+                super::reload::reload_certificate(&mut cfg, options, &receivers).await;
+            }
+        }
+    }
     tracing::info!("receiver stopped");
     Ok(())
 }

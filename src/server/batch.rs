@@ -86,6 +86,7 @@ pub(super) async fn receive_batch(
         .await;
     let intake = BatchIntake {
         receiver: receiver.clone(),
+        named_client: sender.client.clone(),
         entries,
         plans: Vec::new(),
         current: None,
@@ -122,6 +123,8 @@ enum BatchPlan {
 /// renamed together. The locks of every file are held until it is finished.
 struct BatchIntake {
     receiver: Receiver,
+    /// The named client sending the batch, recorded with its new uploads.
+    named_client: Option<String>,
     entries: Vec<(BatchEntry, FileMeta)>,
     /// One per file already read, in manifest order.
     plans: Vec<BatchPlan>,
@@ -277,7 +280,8 @@ impl body::Intake for BatchIntake {
             return Err(e);
         }
         let plans = std::mem::take(&mut self.plans);
-        self.receiver.settle_batch(&self.entries, plans)
+        self.receiver
+            .settle_batch(&self.entries, plans, self.named_client.as_deref())
     }
 }
 
@@ -288,6 +292,7 @@ impl Receiver {
         &self,
         entries: &[(BatchEntry, FileMeta)],
         plans: Vec<BatchPlan>,
+        named_client: Option<&str>,
     ) -> Result<Vec<BatchResult>, ApiError> {
         let mut results: Vec<Option<Result<(String, bool), ApiError>>> = Vec::new();
         let mut known = vec![false; plans.len()];
@@ -305,7 +310,7 @@ impl Receiver {
                 BatchPlan::Refused(e) => results.push(Some(Err(e))),
             }
         }
-        for (i, outcome) in self.finalize_batch(entries, fresh) {
+        for (i, outcome) in self.finalize_batch(entries, fresh, named_client) {
             results[i] = Some(outcome.map(|name| (name, false)));
         }
         // Files known before (and new ones whose name was taken) finish one by one.
@@ -364,6 +369,7 @@ impl Receiver {
         &self,
         entries: &[(BatchEntry, FileMeta)],
         fresh: Vec<(usize, Destination)>,
+        named_client: Option<&str>,
     ) -> Vec<(usize, Result<String, ApiError>)> {
         let inner = &self.inner;
         let mut settled = Vec::new();
@@ -420,7 +426,7 @@ impl Receiver {
                 (entry.upload_id.clone(), meta.clone(), chunk, dest.display())
             })
             .collect();
-        if let Err(e) = inner.state.record_finalizing(&records) {
+        if let Err(e) = inner.state.record_finalizing(&records, named_client) {
             fail_all(durable, e.into(), &mut settled);
             return settled;
         }

@@ -24,6 +24,7 @@ use super::sha256::Sha256Stream;
 use super::state::{self, FileMeta, UploadPhase};
 use super::{Receiver, blocking};
 use crate::protocol;
+use tracing::Instrument;
 
 impl Receiver {
     /// Finishes uploads interrupted between their last chunk and completion (a
@@ -38,7 +39,18 @@ impl Receiver {
             }
         };
         for upload in unfinished {
-            match self.finalize(&upload.upload_id).await {
+            // The client recorded with the upload names it in the log lines
+            // of its completion, as the request's span would have.
+            let span = match &upload.named_client {
+                Some(name) => tracing::info_span!("client", client = %name),
+                None => tracing::Span::none(),
+            };
+            let outcome = self
+                .finalize(&upload.upload_id)
+                .instrument(span.clone())
+                .await;
+            let _in_span = span.enter();
+            match outcome {
                 Ok(name) => {
                     tracing::info!(upload_id = %upload.upload_id, file = %name, "recovered upload completed")
                 }

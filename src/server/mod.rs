@@ -69,7 +69,7 @@ use paths::{Destination, InvalidName};
 use state::UploadState;
 
 pub use errors::ServerError;
-pub use serve::{bind, serve, serve_reloadable};
+pub use serve::{bind, serve_reloadable};
 
 /// How long a client may take to send its request headers, and to send each
 /// piece of a body, before the connection is closed.

@@ -74,6 +74,7 @@ pub(super) async fn upload_status(
         received_chunks: received,
         complete,
         actual_filename: if complete { upload.actual_name } else { None },
+        client: upload.named_client,
     })
     .into_response())
 }
@@ -83,6 +84,7 @@ pub(super) async fn upload_status(
 /// recorded; the chunk that completes the set completes the upload.
 pub(super) async fn receive_resumable(
     receiver: Receiver,
+    sender: Authorized,
     ext: Extension,
     chunk_idx: u64,
     declared_len: Option<u64>,
@@ -114,7 +116,7 @@ pub(super) async fn receive_resumable(
         if state.upload(&id)?.is_none() {
             this.check_room(meta.file_size)?;
         }
-        Ok::<_, ApiError>(state.get_or_create_upload(&id, &meta)?)
+        Ok::<_, ApiError>(state.get_or_create_upload(&id, &meta, sender.client.as_deref())?)
     })
     .await?;
     if upload.meta != ext.meta {

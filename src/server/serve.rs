@@ -165,20 +165,9 @@ async fn authenticate(
     next.run(request).instrument(span).await
 }
 
-/// Serves `receiver` on `listener` until `shutdown` is cancelled, then lets
-/// in-flight requests finish for up to `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    receiver: Receiver,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    let (_keep, receivers) = tokio::sync::watch::channel(receiver);
-    serve_reloadable(listener, receivers, shutdown, grace).await
-}
-
-/// Like [`serve`], but each new connection is served by the receiver current in
-/// `receivers`, so a configuration reload (keys, path mode, limits) takes effect
+/// Serves `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish for up to `grace`. Each new connection is served by the
+/// receiver current in `receivers`, so a configuration reload (keys, path mode, limits) takes effect
 /// without closing the listener or dropping requests in flight.
 pub async fn serve_reloadable(
     listener: TcpListener,
@@ -437,7 +426,15 @@ async fn upload(
     match header_str(&headers, protocol::UPLOAD_ID)? {
         Some(upload_id) => {
             let ext = parse_extension(&headers, upload_id, &client_name, chunk_idx)?;
-            receive_resumable(receiver, ext, chunk_idx, content_length(&headers), body).await
+            receive_resumable(
+                receiver,
+                sender,
+                ext,
+                chunk_idx,
+                content_length(&headers),
+                body,
+            )
+            .await
         }
         None => receive_v1(receiver, client_name, chunk_idx, body).await,
     }

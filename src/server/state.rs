@@ -68,6 +68,12 @@ CREATE TABLE v1_sessions (
 );
 ";
 
+/// Migration 3: the named client (`[[server.client]]`) that created each
+/// upload, `NULL` for an unnamed key and for uploads recorded before the
+/// column existed. (`client_name` is the file name the client gave, as the
+/// original protocol calls it.)
+const SCHEMA_V3: &str = "ALTER TABLE uploads ADD COLUMN named_client TEXT;";
+
 pub(super) use crate::clock::now_secs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +117,8 @@ pub(super) struct Upload {
     pub(super) meta: FileMeta,
     pub(super) phase: UploadPhase,
     pub(super) actual_name: Option<String>,
+    /// The named client that created the upload; `None` for an unnamed key.
+    pub(super) named_client: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +151,7 @@ impl UploadState {
                 source,
             }
         })?;
-        sqlite::migrate(&pool, &[SCHEMA_V1, tus::SCHEMA_V2])?;
+        sqlite::migrate(&pool, &[SCHEMA_V1, tus::SCHEMA_V2, SCHEMA_V3])?;
         Ok(UploadState { pool })
     }
 
@@ -151,7 +159,7 @@ impl UploadState {
         let conn = self.pool.get()?;
         Ok(conn
             .prepare_cached(
-                "SELECT client_name, file_size, chunk_count, file_sha256, state, actual_name
+                "SELECT client_name, file_size, chunk_count, file_sha256, state, actual_name, named_client
                  FROM uploads WHERE upload_id = ?1",
             )?
             .query_row(params![upload_id], |r| {
@@ -165,22 +173,29 @@ impl UploadState {
                     },
                     phase: UploadPhase::parse(&r.get::<_, String>(4)?),
                     actual_name: r.get(5)?,
+                    named_client: r.get(6)?,
                 })
             })
             .optional()?)
     }
 
-    /// Returns the upload, creating it with `meta` if it does not exist yet.
-    /// Not synced, like the chunk records that follow it: an upload lost to a
+    /// Returns the upload, creating it with `meta` and the named client that
+    /// sent it if it does not exist yet (an existing upload keeps the client
+    /// that created it). Not synced, like the chunk records that follow it: an upload lost to a
     /// power cut is unknown to the client's `GET`, and it starts again.
-    pub(super) fn get_or_create_upload(&self, upload_id: &str, meta: &FileMeta) -> Result<Upload> {
+    pub(super) fn get_or_create_upload(
+        &self,
+        upload_id: &str,
+        meta: &FileMeta,
+        named_client: Option<&str>,
+    ) -> Result<Upload> {
         let mut conn = self.pool.get()?;
         let now = now_secs();
         sqlite::unsynced(&mut conn, |conn| {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO uploads
-                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'receiving', ?6, ?6)",
+                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at, named_client)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'receiving', ?6, ?6, ?7)",
             )?
             .execute(params![
                 upload_id,
@@ -188,7 +203,8 @@ impl UploadState {
                 meta.file_size as i64,
                 meta.chunk_count as i64,
                 meta.file_sha256,
-                now
+                now,
+                named_client
             ])
         })?;
         drop(conn);
@@ -312,10 +328,13 @@ impl UploadState {
     /// Records whole files received in one piece (a batch): each upload with
     /// its only chunk and its chosen final name, in phase finalizing, all in
     /// one synced commit. The files' bytes must be durable already. An upload
-    /// that exists (receiving, without chunks) takes the new record.
+    /// that exists (receiving, without chunks) takes the new record, but
+    /// keeps the named client that created it; a new one is recorded as
+    /// `named_client`'s, the sender of the batch.
     pub(super) fn record_finalizing(
         &self,
         files: &[(String, FileMeta, ChunkRecord, String)],
+        named_client: Option<&str>,
     ) -> Result<()> {
         let mut conn = self.pool.get()?;
         let now = now_secs();
@@ -323,8 +342,8 @@ impl UploadState {
         {
             let mut upload = tx.prepare_cached(
                 "INSERT INTO uploads
-                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, actual_name, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'finalizing', ?6, ?7, ?7)
+                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, actual_name, created_at, updated_at, named_client)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'finalizing', ?6, ?7, ?7, ?8)
                  ON CONFLICT (upload_id) DO UPDATE SET state = 'finalizing', actual_name = ?6, updated_at = ?7",
             )?;
             let mut chunk = tx.prepare_cached(
@@ -339,7 +358,8 @@ impl UploadState {
                     meta.chunk_count as i64,
                     meta.file_sha256,
                     final_name,
-                    now
+                    now,
+                    named_client
                 ])?;
                 chunk.execute(params![
                     upload_id,
@@ -484,13 +504,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = UploadState::open(&dir.path().join("s.db")).unwrap();
         let up = state
-            .get_or_create_upload("id-0123456789abcdef", &meta())
+            .get_or_create_upload("id-0123456789abcdef", &meta(), Some("lab-3"))
             .unwrap();
         assert_eq!(up.phase, UploadPhase::Receiving);
         let again = state
-            .get_or_create_upload("id-0123456789abcdef", &meta())
+            .get_or_create_upload("id-0123456789abcdef", &meta(), Some("lab-3"))
             .unwrap();
         assert_eq!(again.meta, meta());
+        assert_eq!(again.named_client.as_deref(), Some("lab-3"));
         let c0 = ChunkRecord {
             chunk_idx: 0,
             offset: 0,
@@ -525,10 +546,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = UploadState::open(&dir.path().join("s.db")).unwrap();
         state
-            .get_or_create_upload("receiving-000000001", &meta())
+            .get_or_create_upload("receiving-000000001", &meta(), None)
             .unwrap();
         state
-            .get_or_create_upload("finalizing-00000001", &meta())
+            .get_or_create_upload("finalizing-00000001", &meta(), None)
             .unwrap();
         state
             .set_phase("finalizing-00000001", UploadPhase::Finalizing, Some("x"))
@@ -537,5 +558,59 @@ mod tests {
         assert_eq!(stale, vec!["receiving-000000001".to_string()]);
         assert_eq!(forgotten, 1);
         assert!(state.upload("finalizing-00000001").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_state_file_from_before_the_named_client_column_keeps_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        // The state file as the receiver wrote it before migration 3.
+        {
+            let pool = sqlite::open_pool(&path, Duration::from_secs(10)).unwrap();
+            sqlite::migrate(&pool, &[SCHEMA_V1, tus::SCHEMA_V2]).unwrap();
+            pool.get()
+                .unwrap()
+                .execute(
+                    "INSERT INTO uploads (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at)
+                     VALUES ('old-0123456789abcdef', 'a.txt', 10, 2, ?1, 'receiving', 1, 1)",
+                    params!["00".repeat(32)],
+                )
+                .unwrap();
+        }
+        let state = UploadState::open(&path).unwrap();
+        let old = state.upload("old-0123456789abcdef").unwrap().unwrap();
+        assert_eq!(old.meta, meta());
+        assert_eq!(old.named_client, None);
+        let new = state
+            .get_or_create_upload("new-0123456789abcdef", &meta(), Some("clinic-12"))
+            .unwrap();
+        assert_eq!(new.named_client.as_deref(), Some("clinic-12"));
+        // A batch records the client of the files it creates, and leaves the
+        // client of an upload that exists already as it was.
+        let chunk = ChunkRecord {
+            chunk_idx: 0,
+            offset: 0,
+            length: 10,
+            sha256: "aa".into(),
+        };
+        state
+            .record_finalizing(
+                &[
+                    (
+                        "new-0123456789abcdef".into(),
+                        meta(),
+                        chunk.clone(),
+                        "a.txt".into(),
+                    ),
+                    ("bat-0123456789abcdef".into(), meta(), chunk, "b.txt".into()),
+                ],
+                Some("lab-3"),
+            )
+            .unwrap();
+        let kept = state.upload("new-0123456789abcdef").unwrap().unwrap();
+        assert_eq!(kept.named_client.as_deref(), Some("clinic-12"));
+        let batch = state.upload("bat-0123456789abcdef").unwrap().unwrap();
+        assert_eq!(batch.named_client.as_deref(), Some("lab-3"));
+        assert_eq!(state.integrity_check().unwrap(), "ok");
     }
 }

@@ -4,6 +4,7 @@
 //! reloads it, with its log in a file that the tests read.
 
 mod agent;
+mod bucket;
 mod clients;
 mod mtls;
 mod pki;
@@ -33,17 +34,35 @@ impl TlsReceiver {
     /// Starts a receiver whose `[server]` section is the defaults plus `extra`
     /// (TOML lines such as `tls_cert = "..."`), writing into `dir/out`.
     pub fn start(dir: &Path, extra: &str) -> TlsReceiver {
+        TlsReceiver::start_with(dir, "", extra, &[])
+    }
+
+    /// [`TlsReceiver::start`] with `daemon_extra` lines in `[daemon]` and
+    /// `env` set for the process; its log is appended to, so that a
+    /// restart in the same `dir` keeps what the previous run wrote.
+    pub fn start_with(
+        dir: &Path,
+        daemon_extra: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> TlsReceiver {
         let config = dir.join("receiver.toml");
         let out = dir.join("out");
         std::fs::create_dir_all(dir).unwrap();
-        TlsReceiver::write_config(dir, extra);
+        TlsReceiver::write_config_with(dir, daemon_extra, extra);
         let log = dir.join("receiver.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let mut child = indexedcp()
             .args(["daemon", "--config"])
             .arg(&config)
             .env("INDEXEDCP_LOG_LEVEL", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log_file)
             .spawn()
             .expect("start indexedcp daemon");
         let stdout = child.stdout.take().unwrap();
@@ -75,8 +94,13 @@ impl TlsReceiver {
 
     /// (Re)writes the configuration; [`TlsReceiver::reload`] applies it.
     pub fn write_config(dir: &Path, extra: &str) {
+        TlsReceiver::write_config_with(dir, "", extra)
+    }
+
+    /// [`TlsReceiver::write_config`] with `daemon_extra` lines in `[daemon]`.
+    pub fn write_config_with(dir: &Path, daemon_extra: &str, extra: &str) {
         let text = format!(
-            "[daemon]\nstate_dir = {state:?}\nshutdown_grace = \"30s\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\
+            "[daemon]\nstate_dir = {state:?}\nshutdown_grace = \"30s\"\n{daemon_extra}\n[server]\nlisten = \"127.0.0.1:0\"\n\
              output_dir = {out:?}\napi_keys = [\"{KEY}\"]\nmax_chunk_bytes = \"256MiB\"\n{extra}\n",
             state = dir.join("state").display().to_string(),
             out = dir.join("out").display().to_string(),

@@ -19,7 +19,7 @@ use crate::client::{
     ChunkStatus, ClientError, DEFAULT_CHUNK_SIZE, DEFAULT_TARGET, FailedFile, ProgressCallback,
     ProgressEvent,
 };
-use crate::config::{S3Target, TargetConfig, TargetKind};
+use crate::config::{S3Target, TargetConfig, TargetKind, TargetTls};
 
 use super::Failure;
 
@@ -33,12 +33,34 @@ pub(super) struct Bucket {
 /// The target the one-shot command sends to: `url` (`s3://BUCKET/prefix/`)
 /// with the endpoint and region given, credentials from the environment
 /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, else the standard AWS
-/// chain), and every other setting at its default.
+/// chain), the CAs of `--cacert` trusted for an `https://` endpoint, and
+/// every other setting at its default. `--cert`/`--key` are refused: the
+/// S3 client (object_store's `ClientOptions`) has no setting for a client
+/// certificate, and ignoring them would send without the identity asked for.
 pub(super) fn target(
     url: &str,
     endpoint: Option<&str>,
     region: Option<&str>,
+    tls: TargetTls,
 ) -> Result<TargetConfig, Failure> {
+    if tls.client_cert.is_some() {
+        return Err(Failure::usage(format!(
+            "--cert and --key are not supported for s3:// destinations ({url}): the S3 client \
+             cannot present a client certificate; leave them out, or send to an indexedcp receiver"
+        )));
+    }
+    if tls.ca_file.is_some()
+        && !endpoint.is_some_and(|e| e.to_ascii_lowercase().starts_with("https://"))
+    {
+        return Err(Failure::usage(format!(
+            "--cacert is used only with an https:// --endpoint, and {}; \
+             give the bucket's https:// endpoint or leave --cacert out",
+            match endpoint {
+                Some(e) => format!("--endpoint is {e:?}"),
+                None => "no --endpoint was given (AWS itself needs no extra CA)".to_owned(),
+            }
+        )));
+    }
     let mut s3 = S3Target::new(url).map_err(|e| Failure::usage(format!("--server {e}")))?;
     if let Some(endpoint) = endpoint {
         let parsed = reqwest::Url::parse(endpoint).ok().filter(|u| {
@@ -56,6 +78,7 @@ pub(super) fn target(
     let mut target = TargetConfig::new(DEFAULT_TARGET, url);
     target.chunk_size = DEFAULT_CHUNK_SIZE;
     target.kind = TargetKind::S3(s3);
+    target.tls = tls;
     Ok(target)
 }
 

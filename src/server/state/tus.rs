@@ -49,6 +49,8 @@ pub(in crate::server) struct TusUpload {
 /// What a client declared when it created a tus upload.
 pub(in crate::server) struct NewTusUpload<'a> {
     pub(in crate::server) client_name: &'a str,
+    /// The named client creating the upload; `None` for an unnamed key.
+    pub(in crate::server) named_client: Option<&'a str>,
     pub(in crate::server) length: Option<u64>,
     pub(in crate::server) metadata: &'a str,
     pub(in crate::server) declared_sha256: Option<&'a str>,
@@ -65,15 +67,16 @@ impl UploadState {
             let tx = conn.transaction()?;
             tx.prepare_cached(
                 "INSERT INTO uploads
-                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, '', 'receiving', ?5, ?5)",
+                     (upload_id, client_name, file_size, chunk_count, file_sha256, state, created_at, updated_at, named_client)
+                 VALUES (?1, ?2, ?3, ?4, '', 'receiving', ?5, ?5, ?6)",
             )?
             .execute(params![
                 upload_id,
                 new.client_name,
                 new.length.unwrap_or(0) as i64,
                 OPEN_CHUNK_COUNT as i64,
-                now
+                now,
+                new.named_client
             ])?;
             tx.prepare_cached(
                 "INSERT INTO tus_uploads (upload_id, upload_length, upload_offset, metadata, declared_sha256)
@@ -197,6 +200,7 @@ mod tests {
                 id,
                 &NewTusUpload {
                     client_name: "a.bin",
+                    named_client: None,
                     length: None,
                     metadata: "filename YS5iaW4=",
                     declared_sha256: None,

@@ -180,7 +180,7 @@ async fn options(State(receiver): State<Receiver>) -> Response {
 /// is the upload's first bytes (creation-with-upload).
 async fn create(
     State(receiver): State<Receiver>,
-    _: Authorized,
+    sender: Authorized,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, TusError> {
@@ -234,6 +234,7 @@ async fn create(
     let upload_id = protocol::new_upload_id();
     let this = receiver.clone();
     let (id, declared_sha256) = (upload_id.clone(), metadata.sha256.clone());
+    let named_client = sender.client.clone();
     blocking(move || {
         let size = length.unwrap_or(0);
         this.check_room(size).map_err(|e| match e {
@@ -246,6 +247,7 @@ async fn create(
             &id,
             &NewTusUpload {
                 client_name: &client_name,
+                named_client: named_client.as_deref(),
                 length,
                 metadata: &raw_metadata,
                 declared_sha256: declared_sha256.as_deref(),

@@ -1,8 +1,9 @@
 //! Named clients: each file lands in its client's folder (`by-client`), the
 //! client is named in the receiver's log, a removed client is refused after
 //! SIGHUP while its files stay, a certificate with another subject is
-//! refused, and a run of bad keys from one address is answered 429 with a
-//! handful of log lines while good clients keep working.
+//! refused, a run of bad keys from one address is answered 429 with a
+//! handful of log lines while good clients keep working, and the receiver's
+//! state records which client started each upload.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -195,4 +196,137 @@ async fn named_clients_by_client_layout_revocation_and_brute_force() {
         (1..=8).contains(&lines),
         "{lines} log lines for 1,000 bad keys:\n{log}"
     );
+}
+
+/// The named client is part of each upload's record in the receiver's
+/// state: `GET /upload/<id>` names it (an unnamed key's upload names none),
+/// and an upload completed by recovery after a crash is logged with its
+/// client, which no request of the new process could have told. The
+/// per-client request counter of `/metrics` counts the client's requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_named_client_is_recorded_with_each_upload_and_outlives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let rdir = dir.path().join("r");
+    let metrics_port = free_port();
+    let daemon_extra = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n");
+    let lab_section = format!(
+        "[[server.client]]\nname = \"lab-3\"\napi_key_sha256 = \"{}\"\n",
+        sha256_of("lab-3-key")
+    );
+    let start =
+        |env: &[(&str, &str)]| TlsReceiver::start_with(&rdir, &daemon_extra, &lab_section, env);
+    let mut receiver = start(&[]);
+    let http = reqwest::Client::new();
+    let lab_auth = ("Authorization", "Bearer lab-3-key".to_string());
+    let data = pseudo_random(3000, 12);
+    let chunk = |index| ResumableChunk {
+        upload_id: "lab3-upload-0000000001",
+        name: "sample.bin",
+        file: &data,
+        chunk_size: 2000,
+        index,
+    };
+    let upload_url = format!("{}/upload", receiver.url);
+    let sent = chunk(0)
+        .request_with(&http, &upload_url, std::slice::from_ref(&lab_auth))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status().as_u16(), 200);
+    let status = |url: String, key: &'static str| {
+        let http = http.clone();
+        async move { json(http.get(url).bearer_auth(key).send().await.unwrap()).await }
+    };
+    let (code, reply) = status(
+        format!("{}/upload/lab3-upload-0000000001", receiver.url),
+        "lab-3-key",
+    )
+    .await;
+    assert_eq!(code, 200, "{reply}");
+    assert_eq!(reply["client"], "lab-3", "{reply}");
+    assert_eq!(reply["receivedChunks"], serde_json::json!([0]), "{reply}");
+
+    // An unnamed key's upload has no client.
+    let unnamed = ResumableChunk {
+        upload_id: "anon-upload-0000000001",
+        name: "anon.bin",
+        file: b"from an unnamed key",
+        chunk_size: 1000,
+        index: 0,
+    };
+    let sent = unnamed.request(&http, &upload_url).send().await.unwrap();
+    assert_eq!(sent.status().as_u16(), 200);
+    let (code, reply) = status(
+        format!("{}/upload/anon-upload-0000000001", receiver.url),
+        KEY,
+    )
+    .await;
+    assert_eq!(code, 200, "{reply}");
+    assert_eq!(reply["complete"], true, "{reply}");
+    assert!(reply.get("client").is_none(), "{reply}");
+
+    // The lab's two requests (a chunk and a status), none of the unnamed key's.
+    let metrics = http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "indexedcp_receiver_client_requests_total{client=\"lab-3\"} 2"),
+        "{metrics}"
+    );
+
+    // The last chunk kills the receiver between recording the final name and
+    // the rename; the restarted receiver completes the upload on its own and
+    // says whose it was.
+    receiver.child.kill().unwrap();
+    receiver.child.wait().unwrap();
+    let crashing = start(&[("INDEXEDCP_FAILPOINTS", "server-before-rename")]);
+    let upload_url = format!("{}/upload", crashing.url);
+    let sent = chunk(1)
+        .request_with(&http, &upload_url, std::slice::from_ref(&lab_auth))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the receiver answered: {sent:?}");
+    let mut crashing = crashing;
+    let exit = crashing.child.wait().unwrap();
+    assert!(!exit.success(), "{exit}");
+    receiver = start(&[]);
+    let mut recovered = String::new();
+    wait_until(
+        "the recovery's log line",
+        Duration::from_millis(20),
+        Duration::from_secs(20),
+        || {
+            recovered = receiver
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("recovered upload completed"))
+                .collect();
+            Ok(!recovered.is_empty())
+        },
+    )
+    .unwrap();
+    assert!(
+        recovered.contains("client=lab-3") && recovered.contains("lab3-upload-0000000001"),
+        "{recovered}"
+    );
+    assert_eq!(std::fs::read(rdir.join("out/sample.bin")).unwrap(), data);
+    let (code, reply) = status(
+        format!("{}/upload/lab3-upload-0000000001", receiver.url),
+        "lab-3-key",
+    )
+    .await;
+    assert_eq!(code, 200, "{reply}");
+    assert_eq!(
+        (&reply["complete"], &reply["client"]),
+        (&serde_json::json!(true), &serde_json::json!("lab-3")),
+        "{reply}"
+    );
+    drop(crashing);
 }

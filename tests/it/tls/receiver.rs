@@ -1,5 +1,6 @@
 //! The receiver over HTTPS: every client delivers byte-identical files,
 //! plain HTTP and TLS 1.1 are refused, and SIGHUP rotates the certificate
+//! (of the daemon, and of `indexedcp server` started with flags only)
 //! without breaking an upload in flight.
 
 use std::collections::BTreeMap;
@@ -229,4 +230,107 @@ async fn sighup_rotates_the_certificate_during_a_large_upload() {
     assert!(status.success(), "the upload in flight failed: {status}");
     let got = std::fs::read(receiver.out.join("big.bin")).unwrap();
     assert!(got == data, "big.bin differs after the rotation");
+}
+
+/// `indexedcp server --tls-cert --tls-key`, without a config file: SIGHUP
+/// re-reads the same files. A broken renewal (a key that is not the
+/// certificate's) is logged and the running certificate stays; a good one
+/// is served to the next connection, and uploads keep working.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_command_started_with_flags_rotates_its_certificate_on_sighup() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(&dir.path().join("pki"), "test-ca");
+    let live = ca.server("live", 1);
+    let renewed = ca.server("renewed", 2);
+    let out = dir.path().join("out");
+    let log = dir.path().join("server.log");
+    let mut child = indexedcp()
+        .args(["server", "--port", "0", "-k", KEY, "--output-dir"])
+        .arg(&out)
+        .arg("--tls-cert")
+        .arg(&live.cert)
+        .arg("--tls-key")
+        .arg(&live.key)
+        .env("INDEXEDCP_LOG_LEVEL", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start indexedcp server");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(url) = line.strip_prefix("Server listening on ") {
+                    break url.trim().to_owned();
+                }
+            }
+            _ => panic!(
+                "no listening line; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(served_serial(port), "serial=01");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let hup = |expect: &str| {
+        let before = log_text().len();
+        unsafe_kill(child.id(), super::SIGHUP);
+        let mut new = String::new();
+        wait_until(
+            "the reload's log line",
+            Duration::from_millis(20),
+            Duration::from_secs(20),
+            || {
+                new = log_text()[before..].to_owned();
+                Ok(new.contains(expect))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}; log since the SIGHUP:\n{new}"));
+        new
+    };
+
+    // A broken renewal: the new certificate with the old key.
+    std::fs::copy(&renewed.cert, &live.cert).unwrap();
+    let new = hup("certificate kept");
+    assert!(new.contains("do not make a usable certificate"), "{new}");
+    assert_eq!(served_serial(port), "serial=01");
+
+    install(&renewed, &live);
+    hup("certificate reloaded");
+    assert_eq!(served_serial(port), "serial=02");
+    // The same files again: nothing to do.
+    hup("certificate files unchanged");
+
+    let curl = run(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--cacert",
+            &ca.ca_pem.display().to_string(),
+            "-H",
+            &format!("Authorization: Bearer {KEY}"),
+            "-H",
+            "X-File-Name: after.txt",
+            "--data-binary",
+            "after the rotation",
+            &format!("https://localhost:{port}/upload"),
+        ],
+    );
+    assert!(
+        curl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    assert_eq!(
+        std::fs::read(out.join("after.txt")).unwrap(),
+        b"after the rotation"
+    );
+    assert_eq!(
+        signal_and_wait(&mut child, 15, Duration::from_secs(20)).code(),
+        Some(0)
+    );
 }

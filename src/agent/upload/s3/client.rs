@@ -52,6 +52,19 @@ pub(super) fn build(config: &TargetConfig, s3: &S3Target) -> Result<AmazonS3, Up
             }
         }
     }
+    // The CAs of `ca_file` (the one-shot command's `--cacert`) are trusted
+    // besides the system's, for an endpoint with a private CA.
+    if let Some(ca) = &config.tls.ca_file {
+        let certificates = object_store::Certificate::from_pem_bundle(&ca.pem).map_err(|e| {
+            UploadError::Request {
+                what: format!("to target {:?}", config.name),
+                message: format!("cannot use the CAs of {}: {e}", ca.path.display()),
+            }
+        })?;
+        for certificate in certificates {
+            options = options.with_root_certificate(certificate);
+        }
+    }
     if let Some(region) = &s3.region {
         builder = builder.with_region(region);
     } else if std::env::var_os("AWS_REGION").is_none()
