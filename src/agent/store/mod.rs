@@ -325,7 +325,7 @@ impl Store {
     /// Opens (creating and migrating) the buffer at `path`. A file that is
     /// damaged where opening reads it (its header, its schema), or that is
     /// not a database, gives [`StoreError::Corrupt`]; damage elsewhere shows
-    /// when a statement meets it, or in [`Store::quick_check`].
+    /// when a statement meets it, or in `Store::quick_check`.
     pub fn open(path: &Path) -> Result<Store> {
         let lock = corrupt::BufferLock::shared(path)?;
         corrupt::probe(path)?;
