@@ -68,7 +68,8 @@
 //! entry point are public; the others are internal, and
 //! `cargo doc --document-private-items --open` shows their docs too.
 //!
-//! - `cli` (`args`, `oneshot` with `oneshot::bucket` for `s3://`, `status`):
+//! - `cli` (`args`, `oneshot` with `oneshot::bucket` for `s3://`, `status`,
+//!   `doctor`):
 //!   clap types, dispatch, and the one
 //!   place where errors become exit codes (sysexits).
 //! - `daemon` (`roles`, `reload`, `notify`, `metrics`): the supervisor.
@@ -82,9 +83,10 @@
 //!   - `agent::ingest`: streams a complete file into the store, checks it did
 //!     not change while read, disposes of the source after the synced commit.
 //!     Knows no HTTP.
-//!   - `agent::store` (`schema`, `ingest`, `queue`, `admin`): the buffer. All
-//!     the agent's SQL, migrations, the r2d2 pool; blocking methods that know
-//!     nothing of tokio, HTTP or the config file.
+//!   - `agent::store` (`schema`, `ingest`, `queue`, `admin`, `corrupt`,
+//!     `doctor`): the buffer. All the agent's SQL, migrations, the r2d2 pool;
+//!     blocking methods that know nothing of tokio, HTTP or the config file;
+//!     noticing damage (`corrupt`) and salvaging a damaged buffer (`doctor`).
 //!   - `agent::upload`: the uploader (`uploader`, `file`, `batch`, `once`,
 //!     `target`), the retry schedule (`backoff`), retry-or-park (`error`), and
 //!     the `Delivery` trait with one folder per
@@ -120,6 +122,7 @@
 //! | the reload diff | `daemon::reload` (file, log level, receiver), `agent` (spools, targets) |
 //! | sd_notify (READY, RELOADING, STATUS, WATCHDOG) | `daemon::notify` |
 //! | exit codes | `cli` |
+//! | a damaged buffer: noticing it, stopping ingest, `indexedcp doctor` | `agent::store::corrupt`, `agent` (stop or exit), `agent::store::doctor` |
 //!
 //! # Invariants
 //!

@@ -27,10 +27,10 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SpoolConfig, TargetConfig};
+use crate::config::{Config, OnBufferCorrupt, SpoolConfig, TargetConfig};
 use ingest::{IngestError, IngestOutcome};
 use spool::{Candidate, SpoolHandle};
-use store::{Store, StoreError};
+use store::{CorruptionFlag, Store, StoreError};
 use upload::{Backoff, NoObserver, TargetRuntime, UploaderShared};
 
 /// How long confirmed files stay listed in the buffer (with their server name).
@@ -86,6 +86,11 @@ pub enum AgentError {
         "the agent's {task} stopped unexpectedly ({reason}); stopping so that the daemon is restarted"
     )]
     LoopDied { task: String, reason: String },
+    /// A statement met damage in the buffer while the agent ran, and
+    /// `daemon.on_buffer_corrupt` is `exit`. The message names the file and
+    /// says to run `indexedcp doctor`.
+    #[error("{message}")]
+    BufferCorrupt { message: String },
 }
 
 /// A spool being watched, with the token that stops just this watcher.
@@ -132,6 +137,15 @@ pub(crate) struct Agent {
     /// this a failure that passes (too many open files, a busy buffer) would
     /// leave the file in the spool until a restart.
     retries: HashMap<SpoolFile, IngestRetry>,
+    /// What to do once the buffer is found damaged (`daemon.on_buffer_corrupt`).
+    on_corrupt: OnBufferCorrupt,
+    /// The damage seen in the buffer, if any; set by the store's listener.
+    corruption: CorruptionFlag,
+    /// Woken when the store meets damage.
+    corruption_seen: Arc<Notify>,
+    /// Ingest stopped for good because the buffer is damaged: new files
+    /// stay in the spool untouched.
+    ingest_stopped: bool,
 }
 
 /// What the supervisor can read about a running agent (for sd_notify).
@@ -140,6 +154,8 @@ pub(crate) struct AgentProbe {
     pub(crate) store: Store,
     pub(crate) shared: Arc<UploaderShared>,
     ingest_heartbeat: Arc<AtomicI64>,
+    /// Damage seen in the buffer, for sd_notify and the metrics.
+    pub(crate) corruption: CorruptionFlag,
 }
 
 impl AgentProbe {
@@ -169,13 +185,53 @@ impl Agent {
                 path: state_dir.clone(),
                 source,
             })?;
-            Ok::<_, AgentError>(Store::open(&state_dir.join("buffer.db"))?)
+            let path = state_dir.join("buffer.db");
+            let store = Store::open(&path).inspect_err(|e| {
+                if e.is_corrupt() {
+                    store::write_notice(&path, &e.to_string());
+                }
+            })?;
+            let started = std::time::Instant::now();
+            let checked = store.quick_check();
+            tracing::info!(
+                buffer = %path.display(),
+                millis = started.elapsed().as_millis() as u64,
+                ok = checked.is_ok(),
+                "buffer checked (quick_check)"
+            );
+            Ok::<_, AgentError>((store, checked))
         })
         .await
         .map_err(|e| AgentError::StateDir {
             path: config.daemon.state_dir.clone(),
             source: std::io::Error::other(e),
         })??;
+        let (store, checked) = store;
+        let corruption = CorruptionFlag::default();
+        match checked {
+            Ok(()) => store::clear_notice(store.path()),
+            Err(e) if e.is_corrupt() => {
+                store::write_notice(store.path(), &e.to_string());
+                if config.daemon.on_buffer_corrupt == OnBufferCorrupt::Exit {
+                    tracing::error!(error = %e, "the buffer is damaged; not starting (daemon.on_buffer_corrupt = \"exit\"); new files wait in the spool");
+                    return Err(e.into());
+                }
+                corruption.set(&e.to_string());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let corruption_seen = Arc::new(Notify::new());
+        {
+            let (flag, seen, path) = (
+                corruption.clone(),
+                corruption_seen.clone(),
+                store.path().to_owned(),
+            );
+            store::on_corruption(move |detail| {
+                flag.set(&store::corrupt_message(&path, detail));
+                seen.notify_one();
+            });
+        }
 
         let targets = build_targets(&config.targets, &[])?;
         let (tx, candidates) = mpsc::channel(CANDIDATE_QUEUE);
@@ -192,6 +248,10 @@ impl Agent {
             grace: config.daemon.shutdown_grace,
             shutdown,
             retries: HashMap::new(),
+            on_corrupt: config.daemon.on_buffer_corrupt,
+            ingest_stopped: corruption.get().is_some(),
+            corruption,
+            corruption_seen,
         };
         for spool_cfg in &config.spools {
             agent.start_spool(spool_cfg.clone())?;
@@ -204,6 +264,7 @@ impl Agent {
             store: self.store.clone(),
             shared: self.shared.clone(),
             ingest_heartbeat: self.ingest_heartbeat.clone(),
+            corruption: self.corruption.clone(),
         }
     }
 
@@ -366,11 +427,20 @@ impl Agent {
         let mut last_forget = std::time::Instant::now() - Duration::from_secs(3600);
         let mut uploader_done = false;
         let mut died = None;
+        if let Some(damage) = self.corruption.get() {
+            tracing::error!(error = %damage, "ingest stopped (daemon.on_buffer_corrupt = \"stop-ingest\"): new files wait in the spool; files in the buffer are still sent");
+        }
         loop {
             self.beat();
             let next_retry = self.next_retry();
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                () = self.corruption_seen.notified(), if !self.ingest_stopped => {
+                    if let Some(e) = self.buffer_damaged() {
+                        died = Some(e);
+                        break;
+                    }
+                }
                 ended = &mut uploader => {
                     uploader_done = true;
                     // On shutdown the uploader may end before this loop sees
@@ -409,7 +479,7 @@ impl Agent {
                 }
                 () = sleep_until_some(next_retry) => self.offer_due_retries(),
                 _ = housekeeping.tick() => {
-                    if paused && self.buffer_has_room().await {
+                    if paused && !self.ingest_stopped && self.buffer_has_room().await {
                         paused = false;
                         tracing::info!("buffer below max_buffer_bytes again; resuming ingest");
                         self.spools.iter().for_each(|s| s.handle.rescan());
@@ -420,7 +490,7 @@ impl Agent {
                     }
                 }
                 Some(candidate) = self.candidates.recv() => {
-                    if paused {
+                    if paused || self.ingest_stopped {
                         continue; // It stays in the spool; the rescan on resume offers it again.
                     }
                     // Files that arrived together are buffered together: one
@@ -438,7 +508,9 @@ impl Agent {
             }
         }
         if let Some(e) = &died {
-            tracing::error!(error = %e, "agent loop died; stopping the agent");
+            if !matches!(e, AgentError::BufferCorrupt { .. }) {
+                tracing::error!(error = %e, "agent loop died; stopping the agent");
+            }
             self.shutdown.cancel();
         }
         // Dropping the receiver stops watchers blocked on a full queue.
@@ -449,6 +521,26 @@ impl Agent {
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("agent stopped");
         died.map_or(Ok(()), Err)
+    }
+
+    /// The store met damage: ingest stops for good, the notice for
+    /// `status` is written, and with `on_buffer_corrupt = "exit"` the error
+    /// that stops the daemon is returned.
+    fn buffer_damaged(&mut self) -> Option<AgentError> {
+        self.ingest_stopped = true;
+        let message = self.corruption.get().unwrap_or_default();
+        let (path, notice) = (self.store.path().to_owned(), message.clone());
+        tokio::task::spawn_blocking(move || store::write_notice(&path, &notice));
+        match self.on_corrupt {
+            OnBufferCorrupt::Exit => {
+                tracing::error!(error = %message, "ingest stopped, new files wait in the spool; stopping the daemon (daemon.on_buffer_corrupt = \"exit\")");
+                Some(AgentError::BufferCorrupt { message })
+            }
+            OnBufferCorrupt::StopIngest => {
+                tracing::error!(error = %message, "ingest stopped (daemon.on_buffer_corrupt = \"stop-ingest\"): new files wait in the spool; files in the buffer are still sent");
+                None
+            }
+        }
     }
 
     /// Records that the ingest loop is alive, for the systemd watchdog.

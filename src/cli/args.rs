@@ -60,6 +60,11 @@ pub(crate) enum Command {
     /// Delete a file and its buffered data from the buffer.
     #[command(after_help = "Example:\n  indexedcp purge 42 --yes")]
     Purge(PurgeArgs),
+    /// Check the buffer for damage; if damaged, set it aside and keep every intact file.
+    #[command(
+        after_help = "Examples:\n  indexedcp doctor --config /etc/indexedcp/indexedcp.toml\n  indexedcp doctor --storage ~/.indexcp/db/client.db\n\nRuns SQLite's integrity_check. A damaged buffer is renamed to buffer.db.damaged-<unix time>,\nand every waiting file whose chunks all read back and match their SHA-256 is copied into a fresh buffer.db.\nStop the daemon first: doctor refuses while another process has the buffer open.\nExit status: 0 sound, or every waiting file saved; 65 when a waiting file was lost; 75 when the buffer is in use."
+    )]
+    Doctor(DoctorArgs),
     /// Validate a configuration file and print the effective configuration.
     #[command(
         after_help = "Example:\n  indexedcp check-config --config /etc/indexedcp/indexedcp.toml"
@@ -193,6 +198,15 @@ pub(crate) struct PurgeArgs {
     pub(crate) yes: bool,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct DoctorArgs {
+    #[command(flatten)]
+    pub(crate) buffer: BufferArg,
+    /// Machine-readable output: the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
 impl BufferArg {
     /// The buffer file: `--storage`, else the config's state directory (an
     /// explicit `--config`, or the default config file when it exists), else the
@@ -241,7 +255,14 @@ impl BufferArg {
                 ),
             });
         }
-        Store::open(&path).map_err(|e| Failure::io(e.to_string()))
+        Store::open(&path).map_err(|e| Failure {
+            code: if e.is_corrupt() {
+                exit::BUFFER_CORRUPT
+            } else {
+                exit::IO_ERR
+            },
+            message: e.to_string(),
+        })
     }
 }
 

@@ -34,8 +34,17 @@
 //! written; 78 the receiver refused the key or URL (401, 403, 404, 405); 130
 //! interrupted (the rest stays buffered).
 //!
+//! The daemon exits 65 when its buffer is damaged (SQLite reports
+//! `SQLITE_CORRUPT` or `SQLITE_NOTADB`, at start or later) unless
+//! `daemon.on_buffer_corrupt = "stop-ingest"`; `status` exits 65 when the
+//! buffer is known to be damaged. `doctor` exits 0 when the buffer was sound
+//! or every waiting file was saved, 65 when a waiting file was lost, 75
+//! (EX_TEMPFAIL) when another process has the buffer open, 74 when it cannot
+//! write the fresh buffer.
+//!
 
 mod args;
+mod doctor;
 mod oneshot;
 mod status;
 
@@ -57,7 +66,13 @@ pub(crate) mod exit {
     pub(crate) const UNAVAILABLE: i32 = 69;
     pub(crate) const SOFTWARE: i32 = 70;
     pub(crate) const IO_ERR: i32 = 74;
+    /// Try again later (EX_TEMPFAIL): `doctor` found the buffer in use.
+    pub(crate) const TEMP_FAIL: i32 = 75;
     pub(crate) const CONFIG: i32 = 78;
+    /// The agent's buffer is damaged (EX_DATAERR): `daemon` stops with it
+    /// (unless `daemon.on_buffer_corrupt = "stop-ingest"`), `status` reports
+    /// it, and `doctor` returns it when a waiting file could not be saved.
+    pub(crate) const BUFFER_CORRUPT: i32 = DATA_ERR;
     /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
     pub(crate) const INTERRUPTED: i32 = 130;
 }
@@ -144,9 +159,13 @@ fn die_quietly_on_broken_pipe() {
 
 /// The exit code for a daemon or receiver that stopped or could not start:
 /// the configuration has to change (78), the machine refused a resource (74),
-/// or a task panicked or one of the agent's loops died, which is a bug (70).
+/// the agent's buffer is damaged (65, `exit::BUFFER_CORRUPT`: run
+/// `indexedcp doctor`), or a task panicked or one of the agent's loops died,
+/// which is a bug (70).
 fn daemon_failure(error: DaemonError) -> Failure {
     let code = match &error {
+        DaemonError::Agent(AgentError::BufferCorrupt { .. }) => exit::BUFFER_CORRUPT,
+        DaemonError::Agent(AgentError::Store(e)) if e.is_corrupt() => exit::BUFFER_CORRUPT,
         DaemonError::NoRole { .. } => exit::CONFIG,
         DaemonError::Agent(AgentError::Target { .. }) => exit::CONFIG,
         DaemonError::Agent(
@@ -208,6 +227,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status(args) => status::status(args),
         Command::Retry(args) => status::retry(args),
         Command::Purge(args) => status::purge(args),
+        Command::Doctor(args) => doctor::doctor(args),
         Command::Daemon(arg) => {
             let config = load_config(&arg.config)?;
             logging::init(Some(&config.daemon.log_level), config.daemon.log_format);

@@ -6,13 +6,17 @@
 //! the part size that turns a large file's acknowledged chunks into parts
 //! sent; the one-shot commands' buffer has no fixed target, so it shows
 //! neither.
+//!
+//! A damaged buffer is reported first, whether the daemon left its notice
+//! (`buffer.db.corrupt`) or a query here meets the damage: "buffer corrupt",
+//! the file, and `indexedcp doctor` as the way out, with exit code 65.
 
 use std::collections::HashMap;
 
 use super::args::{PurgeArgs, RetryArgs, StatusArgs};
 use super::{Failure, exit};
 use crate::agent::spool::escape_name;
-use crate::agent::store::{ChunkMeta, FileRecord, FileState, Store};
+use crate::agent::store::{self, ChunkMeta, FileRecord, FileState, Store, StoreError};
 use crate::config::{Config, TargetKind};
 
 /// What the configuration says of one target, for `status`.
@@ -81,9 +85,7 @@ fn multipart_progress(
             continue;
         };
         if file.size > part_size {
-            let chunks = store
-                .chunks(file.id)
-                .map_err(|e| Failure::io(e.to_string()))?;
+            let chunks = store.chunks(file.id).map_err(|e| store_failure(store, e))?;
             parts.insert(file.id, parts_sent(&chunks, part_size));
         }
     }
@@ -92,8 +94,9 @@ fn multipart_progress(
 
 /// `indexedcp status`: the buffer's files as a table, or as JSON.
 pub(super) fn status(args: StatusArgs) -> Result<(), Failure> {
+    let notice = store::read_notice(&args.buffer.path()?);
     let store = args.buffer.open()?;
-    let files = store.list().map_err(|e| Failure::io(e.to_string()))?;
+    let files = store.list().map_err(|e| store_failure(&store, e))?;
     let config = if args.buffer.storage.is_some() {
         None
     } else {
@@ -104,9 +107,31 @@ pub(super) fn status(args: StatusArgs) -> Result<(), Failure> {
     if args.json {
         println!("{}", status_json(&files, &targets, &parts));
     } else {
+        if let Some(notice) = &notice {
+            println!("{}\n", escape_name(notice));
+        }
         print!("{}", status_table(&files, &targets, &parts));
     }
-    Ok(())
+    match notice {
+        Some(notice) => Err(Failure {
+            code: exit::BUFFER_CORRUPT,
+            message: notice,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A store error met while reading the buffer: damage gets the corrupt
+/// message and exit code, anything else is an I/O failure.
+fn store_failure(store: &Store, error: StoreError) -> Failure {
+    if error.is_corrupt() {
+        Failure {
+            code: exit::BUFFER_CORRUPT,
+            message: store::corrupt_message(store.path(), &error.to_string()),
+        }
+    } else {
+        Failure::io(error.to_string())
+    }
 }
 
 /// The JSON form: the file records, each with its target's kind when the

@@ -248,6 +248,12 @@ impl Checker<'_> {
                     })
                 },
             ),
+            on_buffer_corrupt: self.field(
+                raw.on_buffer_corrupt,
+                "daemon.on_buffer_corrupt",
+                defaults.on_buffer_corrupt,
+                |action| action.parse(),
+            ),
         }
     }
 

@@ -35,6 +35,8 @@ pub const MAX_BUFFER_BYTES: u64 = 10 * GIB;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// `daemon.metrics_listen`: metrics are off unless an address is given.
 pub const METRICS_LISTEN: Option<SocketAddr> = None;
+/// `daemon.on_buffer_corrupt`: a damaged buffer stops the daemon.
+pub const ON_BUFFER_CORRUPT: super::types::OnBufferCorrupt = super::types::OnBufferCorrupt::Exit;
 
 // [[target]]
 

@@ -38,6 +38,7 @@ impl Config {
         if let Some(addr) = daemon.metrics_listen {
             out.string("metrics_listen", &addr.to_string());
         }
+        out.string("on_buffer_corrupt", daemon.on_buffer_corrupt.as_str());
 
         for target in &self.targets {
             out.section("[[target]]");

@@ -30,6 +30,7 @@ pub use defaults::{API_KEY_ENV, CONFIG_PATH as DEFAULT_CONFIG_PATH};
 pub use diagnostics::{ConfigError, Problem};
 pub use s3::{OnConflict, S3Target, TargetKind, parse_s3_url};
 pub use tls::{PemFile, ServerTls, TargetTls};
+pub use types::OnBufferCorrupt;
 pub use types::{
     Config, DaemonConfig, Disposition, LogFormat, PathMode, ServerConfig, SpoolConfig, TargetConfig,
 };

@@ -36,6 +36,7 @@ pub(super) struct RawDaemon {
     pub(super) max_buffer_bytes: Field<Value>,
     pub(super) shutdown_grace: Field<Value>,
     pub(super) metrics_listen: Field<String>,
+    pub(super) on_buffer_corrupt: Field<String>,
 }
 
 /// One `[[target]]`.

@@ -60,6 +60,8 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// Where Prometheus metrics are served (`/metrics`); `None` = off.
     pub metrics_listen: Option<SocketAddr>,
+    /// What the daemon does when its buffer turns out to be damaged.
+    pub on_buffer_corrupt: OnBufferCorrupt,
 }
 
 impl Default for DaemonConfig {
@@ -72,6 +74,43 @@ impl Default for DaemonConfig {
             max_buffer_bytes: defaults::MAX_BUFFER_BYTES,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             metrics_listen: defaults::METRICS_LISTEN,
+            on_buffer_corrupt: defaults::ON_BUFFER_CORRUPT,
+        }
+    }
+}
+
+/// `daemon.on_buffer_corrupt`: what the daemon does once SQLite reports
+/// its buffer damaged (at start or later). Either way ingest stops, so
+/// that no source is deleted after being written into a damaged file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBufferCorrupt {
+    /// Stop with exit code 65, so that the operator runs `indexedcp doctor`.
+    Exit,
+    /// Keep running without ingesting: the uploader goes on sending what
+    /// it can read, `status` and sd_notify say the buffer is corrupt.
+    StopIngest,
+}
+
+impl OnBufferCorrupt {
+    /// The value as written in the file: `exit` or `stop-ingest`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exit => "exit",
+            Self::StopIngest => "stop-ingest",
+        }
+    }
+}
+
+impl FromStr for OnBufferCorrupt {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exit" => Ok(Self::Exit),
+            "stop-ingest" => Ok(Self::StopIngest),
+            _ => Err(format!(
+                "unknown action {s:?}: use \"exit\" or \"stop-ingest\""
+            )),
         }
     }
 }

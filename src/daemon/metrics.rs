@@ -1,6 +1,7 @@
 //! The daemon's metrics listener: `GET /metrics` in the Prometheus text
 //! format, the process-wide counters of [`crate::metrics`] plus per-target
-//! queue gauges read from the agent's buffer when the agent role runs.
+//! queue gauges read from the agent's buffer when the agent role runs, and
+//! `indexedcp_buffer_corrupt` (1 once the buffer was found damaged).
 
 use std::net::SocketAddr;
 
@@ -40,13 +41,16 @@ async fn serve(
         axum::routing::get(move || {
             let probe = probe.clone();
             async move {
+                let corrupt = probe.as_ref().map(|p| p.corruption.get().is_some());
                 let queues = match probe {
-                    Some(probe) => tokio::task::spawn_blocking(move || probe.store.target_queues())
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or_default(),
-                    None => Vec::new(),
+                    Some(probe) if corrupt != Some(true) => {
+                        tokio::task::spawn_blocking(move || probe.store.target_queues())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or_default()
+                    }
+                    _ => Vec::new(),
                 };
                 let now = crate::clock::now_ms();
                 let gauges: Vec<QueueGauge> = queues
@@ -66,7 +70,7 @@ async fn serve(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4",
                     )],
-                    metrics::render(&gauges),
+                    metrics::render(&gauges) + &corrupt_gauge(corrupt),
                 )
             }
         }),
@@ -74,4 +78,19 @@ async fn serve(
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
+}
+
+/// The `indexedcp_buffer_corrupt` gauge, when the agent role runs: 1 once a
+/// statement met damage in the buffer (or its check at start found some),
+/// which stops ingest until `indexedcp doctor` repaired it.
+fn corrupt_gauge(corrupt: Option<bool>) -> String {
+    match corrupt {
+        Some(corrupt) => format!(
+            "# HELP indexedcp_buffer_corrupt 1 when the agent's buffer is damaged: ingest is stopped; run indexedcp doctor.\n\
+             # TYPE indexedcp_buffer_corrupt gauge\n\
+             indexedcp_buffer_corrupt {}\n",
+            u8::from(corrupt)
+        ),
+        None => String::new(),
+    }
 }

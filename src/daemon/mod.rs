@@ -115,7 +115,9 @@ pub(crate) async fn run(path: &Path, config: Config) -> Result<(), DaemonError> 
     let (config_tx, config_rx) = watch::channel(config.clone());
     let mut roles = roles::RoleSet::new();
 
-    let (mut server, probe) = roles::start(path, &config, config_rx, &mut roles, &shutdown).await?;
+    let (mut server, probe) = roles::start(path, &config, config_rx, &mut roles, &shutdown)
+        .await
+        .inspect_err(|e| notify::status(&e.to_string()))?;
     notify::ready();
     tracing::info!(config = %path.display(), "indexedcp daemon running");
     if let Some(addr) = config.daemon.metrics_listen {
@@ -143,6 +145,7 @@ pub(crate) async fn run(path: &Path, config: Config) -> Result<(), DaemonError> 
                 if let Err(failure) = outcome {
                     // One role failing stops the others: the service manager restarts us.
                     tracing::error!(error = %failure, "stopping");
+                    notify::status(&failure.to_string());
                     shutdown.cancel();
                     result = Err(failure);
                 }

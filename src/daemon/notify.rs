@@ -1,6 +1,9 @@
 //! What the daemon tells systemd (`sd_notify`): READY once the roles run,
 //! RELOADING around a SIGHUP, STOPPING on the first stop signal, a STATUS line
 //! with the agent's queue, and WATCHDOG pings while the agent's ingest and uploader loops are alive.
+//! A damaged buffer replaces the queue in the STATUS line with
+//! "buffer corrupt", the file and what to do, and a daemon that stops on an
+//! error leaves that error as its last STATUS.
 //! Every message is best effort: without a notify socket they go nowhere,
 //! and a daemon started by hand must run the same.
 
@@ -21,6 +24,11 @@ pub(super) fn reloading() {
     let mut reloading = vec![NotifyState::Reloading];
     reloading.extend(NotifyState::monotonic_usec_now().ok());
     let _ = sd_notify::notify(false, &reloading);
+}
+
+/// STATUS=: a line of our own, such as the error the daemon stops with.
+pub(super) fn status(line: &str) {
+    let _ = sd_notify::notify(false, &[NotifyState::Status(line)]);
 }
 
 /// STOPPING=1: the first stop signal arrived.
@@ -51,7 +59,11 @@ pub(super) async fn report_status(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        if let Some(probe) = &probe {
+        if let Some(damage) = probe.as_ref().and_then(|p| p.corruption.get()) {
+            // The queue's figures would come from the damaged file: the
+            // damage is what the operator needs to read.
+            status(&damage);
+        } else if let Some(probe) = &probe {
             let store = probe.store.clone();
             let counts = tokio::task::spawn_blocking(move || {
                 Ok::<_, agent::store::StoreError>((

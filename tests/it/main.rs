@@ -11,6 +11,7 @@ mod agent;
 mod broken_pipe;
 mod cli_oneshot;
 mod config_errors;
+mod corruption;
 mod failpoints;
 mod faults;
 mod library;

@@ -19,10 +19,16 @@ use crate::clock::now_ms;
 use crate::sqlite::{self, Pool};
 
 mod admin;
+mod corrupt;
+mod doctor;
 mod ingest;
 mod queue;
 mod schema;
 
+pub(crate) use corrupt::{CorruptionFlag, on_corruption};
+pub(crate) use corrupt::{clear_notice, write_notice};
+pub use corrupt::{corrupt_message, read_notice};
+pub use doctor::{DoctorReport, doctor};
 pub use ingest::{ChunkSink, IngestDecision};
 
 /// Why an operation on the buffer failed.
@@ -42,10 +48,39 @@ pub enum StoreError {
     /// No connection could be taken from the pool: SQLite could not open one,
     /// or none became free within the pool's timeout.
     #[error("buffer database: {0}")]
-    Pool(#[from] r2d2::Error),
+    Pool(r2d2::Error),
     /// An SQLite statement failed (a full disk among other causes).
     #[error("buffer database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
+    /// The buffer's file is damaged (`SQLITE_CORRUPT`), or is not an SQLite
+    /// database (`SQLITE_NOTADB`), as found when it was opened or checked.
+    #[error("{}", corrupt::corrupt_message(std::path::Path::new(path), detail))]
+    Corrupt {
+        /// The database file.
+        path: String,
+        /// What SQLite found.
+        detail: String,
+    },
+    /// Another process holds the buffer's lock (`<buffer>.lock`).
+    #[error("the buffer {path} is in use by {by}")]
+    InUse {
+        /// The database file.
+        path: String,
+        /// Who holds it, and what to do.
+        by: &'static str,
+    },
+    /// A file next to the buffer (its lock, a salvaged copy) could not be
+    /// created, renamed or synced.
+    #[error("{about} {path}: {source}")]
+    Io {
+        /// What was being done.
+        about: &'static str,
+        /// The file it was done to.
+        path: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The buffer's schema could not be brought up to this build's: the
     /// migration failed, or a newer build wrote the buffer.
     #[error("buffer database: {0}")]
@@ -56,7 +91,43 @@ pub enum StoreError {
     NoSuchFile(i64),
 }
 
+// Every SQLite error of the store passes here, so this is where damage met
+// by any statement is noticed (see `corrupt`).
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        if corrupt::is_corruption(&error) {
+            corrupt::report(&error.to_string());
+        }
+        StoreError::Sql(error)
+    }
+}
+
+impl From<r2d2::Error> for StoreError {
+    fn from(error: r2d2::Error) -> StoreError {
+        let text = error.to_string();
+        if corrupt::is_corruption_text(&text) {
+            corrupt::report(&text);
+        }
+        StoreError::Pool(error)
+    }
+}
+
 impl StoreError {
+    /// Whether the error means that the buffer's file is damaged or is not
+    /// a database: ingest must stop, and `indexedcp doctor` is the way out.
+    pub fn is_corrupt(&self) -> bool {
+        match self {
+            StoreError::Corrupt { .. } => true,
+            StoreError::Sql(e) => corrupt::is_corruption(e),
+            StoreError::Migrate(sqlite::MigrateError::Sql(e)) => corrupt::is_corruption(e),
+            StoreError::Pool(e) | StoreError::Migrate(sqlite::MigrateError::Pool(e)) => {
+                corrupt::is_corruption_text(&e.to_string())
+            }
+            StoreError::Open { source, .. } => corrupt::is_corruption_text(&source.to_string()),
+            _ => false,
+        }
+    }
+
     /// Whether the error means the disk holding the buffer is full.
     pub(crate) fn is_disk_full(&self) -> bool {
         matches!(self, StoreError::Sql(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull)
@@ -246,21 +317,47 @@ const BLOB_PAGE_SIZE: u32 = 65536;
 pub struct Store {
     pool: Pool,
     path: std::path::PathBuf,
+    /// Held while any clone lives: keeps `indexedcp doctor` away.
+    _lock: Option<std::sync::Arc<corrupt::BufferLock>>,
 }
 
 impl Store {
-    /// Opens (creating and migrating) the buffer at `path`.
+    /// Opens (creating and migrating) the buffer at `path`. A file that is
+    /// damaged where opening reads it (its header, its schema), or that is
+    /// not a database, gives [`StoreError::Corrupt`]; damage elsewhere shows
+    /// when a statement meets it, or in `Store::quick_check`.
     pub fn open(path: &Path) -> Result<Store> {
+        let lock = corrupt::BufferLock::shared(path)?;
+        corrupt::probe(path)?;
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: path.display().to_string(),
+            detail,
+        };
         let pool =
             sqlite::open_pool_with(path, Duration::from_secs(60), Some(BLOB_PAGE_SIZE), false)
-                .map_err(|source| StoreError::Open {
-                    path: path.display().to_string(),
-                    source,
+                .map_err(|source| {
+                    let text = source.to_string();
+                    if corrupt::is_corruption_text(&text) {
+                        corrupt(text)
+                    } else {
+                        StoreError::Open {
+                            path: path.display().to_string(),
+                            source,
+                        }
+                    }
                 })?;
-        sqlite::migrate(&pool, schema::MIGRATIONS)?;
+        sqlite::migrate(&pool, schema::MIGRATIONS).map_err(|e| {
+            let e = StoreError::from(e);
+            if e.is_corrupt() {
+                corrupt(e.to_string())
+            } else {
+                e
+            }
+        })?;
         Ok(Store {
             pool,
             path: path.to_owned(),
+            _lock: lock.map(std::sync::Arc::new),
         })
     }
 
