@@ -30,6 +30,9 @@
 //!    it in an `s3s-fs` bucket on 127.0.0.1, with the agent's peak RSS, and
 //!    many 4 KiB files the same way. Baselines: `rclone copyto` of the same
 //!    file and `rclone copy` of the same files to the same server.
+//! 9. tus: the large file sent by tus-js-client (Node) to the receiver's tus
+//!    endpoint, with the receiver's peak RSS. Baseline: the same client, chunk
+//!    size and file to @tus/server with @tus/file-store.
 //!
 //! Sizes come from the environment, so the suite can be smoke-tested quickly:
 //! INDEXEDCP_BENCH_MIB (1024), INDEXEDCP_BENCH_SMALL_FILES (10000),
@@ -60,6 +63,7 @@ mod receiver_alone;
 mod s3;
 mod scenarios;
 mod table;
+mod tus;
 
 use receiver_alone::receiver_alone;
 use scenarios::{
@@ -108,7 +112,7 @@ fn run_suite() -> Result<()> {
                 settings.base_dir.display()
             )
         })?;
-    let large = if [1, 2, 5, 7].iter().any(|&n| settings.wants(n)) {
+    let large = if [1, 2, 5, 7, 9].iter().any(|&n| settings.wants(n)) {
         Some(LargeFile::create(suite.path(), settings.large_mib << 20)?)
     } else {
         None
@@ -258,6 +262,20 @@ fn run_suite() -> Result<()> {
             Err(e) => table.push(Row::error(&name, "-", &e)),
         }
     }
+    if let (true, Some(large)) = (settings.wants(9), &large) {
+        let name = format!("9. tus: tus-js-client to the receiver ({mib} MiB)");
+        let rss = "9. peak RSS, receiver, during 9 (tus)";
+        match tus::tus_js_client(&settings, large) {
+            Ok(result) => {
+                table.speed(&name, result.mb_per_s, "MB/s", &Ok(result.tus_server), 1.0);
+                table.push(Row::at_most(rss, result.peak_rss_mib, "MiB", 64.0, 1));
+            }
+            Err(e) => {
+                table.push(Row::error(&name, "ratio >= 1.0", &e));
+                table.push(Row::error(rss, "<= 64 MiB", &e));
+            }
+        }
+    }
 
     let took = started.elapsed();
     eprintln!("suite finished in {:.1} min", took.as_secs_f64() / 60.0);
@@ -325,9 +343,9 @@ fn parse_scenarios(list: &str) -> Result<BTreeSet<u32>> {
             n.trim()
                 .parse::<u32>()
                 .ok()
-                .filter(|n| (1..=7).contains(n))
+                .filter(|n| (1..=9).contains(n))
                 .ok_or_else(|| {
-                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 7, separated by commas")
+                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 9, separated by commas")
                 })
         })
         .collect()
