@@ -33,6 +33,9 @@
 //! 8. TLS: the large file from an agent daemon to `indexedcp server` over
 //!    HTTPS (`--tls-cert`, `ca_file`). Baseline: the same two processes over
 //!    plain HTTP, in the same run.
+//! 9. tus: the large file sent by tus-js-client (Node) to the receiver's tus
+//!    endpoint, with the receiver's peak RSS. Baseline: the same client, chunk
+//!    size and file to @tus/server with @tus/file-store.
 //!
 //! Sizes come from the environment, so the suite can be smoke-tested quickly:
 //! INDEXEDCP_BENCH_MIB (1024), INDEXEDCP_BENCH_SMALL_FILES (10000),
@@ -64,6 +67,7 @@ mod s3;
 mod scenarios;
 mod table;
 mod tls;
+mod tus;
 
 use receiver_alone::receiver_alone;
 use scenarios::{
@@ -112,7 +116,7 @@ fn run_suite() -> Result<()> {
                 settings.base_dir.display()
             )
         })?;
-    let large = if [1, 2, 5, 7, 8].iter().any(|&n| settings.wants(n)) {
+    let large = if [1, 2, 5, 7, 8, 9].iter().any(|&n| settings.wants(n)) {
         Some(LargeFile::create(suite.path(), settings.large_mib << 20)?)
     } else {
         None
@@ -262,6 +266,20 @@ fn run_suite() -> Result<()> {
             Err(e) => table.push(Row::error(&name, "-", &e)),
         }
     }
+    if let (true, Some(large)) = (settings.wants(9), &large) {
+        let name = format!("9. tus: tus-js-client to the receiver ({mib} MiB)");
+        let rss = "9. peak RSS, receiver, during 9 (tus)";
+        match tus::tus_js_client(&settings, large) {
+            Ok(result) => {
+                table.speed(&name, result.mb_per_s, "MB/s", &Ok(result.tus_server), 1.0);
+                table.push(Row::at_most(rss, result.peak_rss_mib, "MiB", 64.0, 1));
+            }
+            Err(e) => {
+                table.push(Row::error(&name, "ratio >= 1.0", &e));
+                table.push(Row::error(rss, "<= 64 MiB", &e));
+            }
+        }
+    }
 
     if let (true, Some(large)) = (settings.wants(8), &large) {
         let name = format!("8. TLS: large file agent -> server over HTTPS ({mib} MiB)");
@@ -343,9 +361,9 @@ fn parse_scenarios(list: &str) -> Result<BTreeSet<u32>> {
             n.trim()
                 .parse::<u32>()
                 .ok()
-                .filter(|n| (1..=8).contains(n))
+                .filter(|n| (1..=9).contains(n))
                 .ok_or_else(|| {
-                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 8, separated by commas")
+                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 9, separated by commas")
                 })
         })
         .collect()

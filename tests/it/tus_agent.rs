@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::fixtures::{Daemon, drop_file, sha256_hex, status_json, unsafe_kill};
-use crate::support::{eventually, free_port, poll_every, pseudo_random, wait_until};
+use crate::support::{eventually, free_port, indexedcp, poll_every, pseudo_random, wait_until};
 
 /// The token the test server wants as `Authorization: Bearer`.
 pub const TOKEN: &str = "tus-token-0123456789";
@@ -534,4 +534,232 @@ async fn an_offset_inside_a_chunk_resumes_with_the_chunks_tail() {
     // Known from the one HEAD after the restart: no PATCH was refused.
     assert_eq!(server.patch_offsets(409), Vec::<u64>::new());
     assert_eq!(server.requests("HEAD"), 1);
+}
+
+/// `indexedcp purge` of a file whose upload is unfinished deletes that
+/// upload on the server (termination, which @tus/server announces); a
+/// delivered file's upload stays, since the server keeps the file in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_deletes_an_unfinished_upload_on_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = TusServer::start(&dir.path().join("tus")).await else {
+        return;
+    };
+    let (spool, staging) = (dir.path().join("spool"), dir.path().join("staging"));
+    std::fs::create_dir_all(&staging).unwrap();
+    let config = tus_config(dir.path(), &server.url(), &spool, TOKEN, "");
+    let done = pseudo_random(1000, 1);
+    drop_file(&staging, &spool, "done.txt", &done);
+    let mut daemon = Daemon::start(&config);
+    let expected = BTreeMap::from([("done.txt".to_owned(), vec![done.clone()])]);
+    eventually(
+        Duration::from_secs(30),
+        "the first file on the server",
+        async || {
+            let confirmed = status_json(&config)
+                .first()
+                .is_some_and(|f| f["state"] == "confirmed");
+            (confirmed && server.completed() == expected).then_some(())
+        },
+    )
+    .await;
+    daemon.kill();
+
+    // A second file: the agent dies after the server took its first chunk.
+    let data = pseudo_random(5 * (64 << 10) + 123, 3);
+    drop_file(&staging, &spool, "cut.bin", &data);
+    let failpoint = indexedcp::failpoint::UPLOAD_AFTER_ACK;
+    let mut daemon = Daemon::start_with_env(&config, &[(indexedcp::failpoint::ENV, failpoint)]);
+    wait_until(
+        "the agent to crash after a chunk",
+        Duration::from_millis(20),
+        Duration::from_secs(30),
+        || Ok(daemon.child.try_wait()?.is_some()),
+    )
+    .unwrap();
+    let cut = server
+        .uploads()
+        .into_iter()
+        .find(|u| u.filename.as_deref() == Some("cut.bin"))
+        .expect("the unfinished upload on the server");
+    assert!(!cut.complete());
+    let cut_url = format!("{}{}", server.url(), cut.id);
+    let client = reqwest::Client::new();
+    let head = async |url: &str| {
+        client
+            .head(url)
+            .bearer_auth(TOKEN)
+            .header("Tus-Resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(head(&cut_url).await, 200);
+
+    for file in status_json(&config) {
+        let id = file["id"].to_string();
+        let output = indexedcp()
+            .args(["purge", &id, "--yes", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "purge {id}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.stderr.is_empty(),
+            "purge {id} warned: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(status_json(&config).is_empty());
+    assert!(
+        [404, 410].contains(&head(&cut_url).await),
+        "the purged file's upload is still on the server"
+    );
+    assert!(!server.store.join(&cut.id).exists());
+    assert_eq!(server.requests("DELETE"), 1);
+    // The delivered file is still there.
+    assert_eq!(server.completed(), expected);
+}
+
+/// A PATCH answered 409 (another client moved the upload's offset since
+/// the agent last heard from the server) is followed by a HEAD, and the
+/// agent goes on from the server's offset: here from inside a chunk. A
+/// proxy between agent and server holds the agent's third PATCH while the
+/// other client writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conflict_continues_from_the_servers_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = TusServer::start(&dir.path().join("tus")).await else {
+        return;
+    };
+    let proxy = HoldingProxy::start(server.port, 3).await;
+    let (spool, staging) = (dir.path().join("spool"), dir.path().join("staging"));
+    std::fs::create_dir_all(&staging).unwrap();
+    let url = format!("http://127.0.0.1:{}/files/", proxy.port);
+    let config = tus_config(dir.path(), &url, &spool, TOKEN, "");
+    let data = pseudo_random(5 * (64 << 10) + 123, 11);
+    drop_file(&staging, &spool, "moved.bin", &data);
+    let _daemon = Daemon::start(&config);
+    let mut held = proxy.held;
+    let path = tokio::time::timeout(Duration::from_secs(60), held.recv())
+        .await
+        .expect("the agent's third PATCH never came")
+        .unwrap();
+    // Two chunks are in; the other client sends the third and 700 bytes
+    // of the fourth, straight to the server.
+    let upload_url = format!("http://127.0.0.1:{}{path}", server.port);
+    let (from, to) = (2 * (64 << 10), 3 * (64 << 10) + 700);
+    let response = reqwest::Client::new()
+        .patch(&upload_url)
+        .bearer_auth(TOKEN)
+        .header("Tus-Resumable", "1.0.0")
+        .header("Upload-Offset", from)
+        .header("Content-Type", "application/offset+octet-stream")
+        .body(data[from..to].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    proxy.release.send(()).unwrap();
+
+    let expected = BTreeMap::from([("moved.bin".to_owned(), vec![data.clone()])]);
+    eventually(
+        Duration::from_secs(30),
+        "the file on the server",
+        async || (server.completed() == expected).then_some(()),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the buffer to confirm it",
+        async || (status_json(&config).first()?["state"] == "confirmed").then_some(()),
+    )
+    .await;
+    assert_eq!(server.uploads().len(), 1);
+    assert_eq!(server.requests("POST"), 1);
+    // The held PATCH was refused; the agent asked, then sent the fourth
+    // chunk's tail and the rest.
+    assert_eq!(server.patch_offsets(409), [from as u64]);
+    assert_eq!(server.requests("HEAD"), 1);
+    assert_eq!(
+        server.patch_offsets(204),
+        [
+            0,
+            64 << 10,
+            from as u64,
+            to as u64,
+            4 * (64 << 10),
+            5 * (64 << 10)
+        ]
+    );
+}
+
+/// A TCP proxy to 127.0.0.1:`port` that holds the `nth` request starting
+/// with `PATCH ` (the agent sends one request at a time, so each begins a
+/// read) until `release` fires, after sending its path on `held`.
+struct HoldingProxy {
+    port: u16,
+    held: tokio::sync::mpsc::UnboundedReceiver<String>,
+    release: tokio::sync::watch::Sender<()>,
+}
+
+impl HoldingProxy {
+    async fn start(upstream: u16, nth: usize) -> HoldingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (held_tx, held) = tokio::sync::mpsc::unbounded_channel();
+        let (release, released) = tokio::sync::watch::channel(());
+        let patches = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                let (held_tx, patches) = (held_tx.clone(), patches.clone());
+                let mut released = released.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if buf[..n].starts_with(b"PATCH ")
+                            && patches.fetch_add(1, Ordering::SeqCst) + 1 == nth
+                        {
+                            let line = String::from_utf8_lossy(&buf[..n.min(200)]).into_owned();
+                            let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                            let _ = held_tx.send(path);
+                            let _ = released.changed().await;
+                        }
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_write.shutdown().await;
+                });
+            }
+        });
+        HoldingProxy {
+            port,
+            held,
+            release,
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The agent with a tus target, SIGKILLed at random moments while it
-//! uploads (12 times; 30 with `INDEXEDCP_LONG_FAULTS=1`), and the tus server
+//! uploads (30 times; 60 with `INDEXEDCP_LONG_FAULTS=1`), and the tus server
 //! SIGKILLed and restarted once in the middle: every source file must be
 //! among the server's completed uploads exactly once, byte-identical. Kills
 //! land inside PATCHes too, so the server often holds part of a chunk when
@@ -19,7 +19,7 @@ use crate::support::{eventually, poll_every, pseudo_random};
 async fn agent_sigkilled_during_tus_uploads_and_server_restarted_once() {
     let started = Instant::now();
     let seed = seed(0x7D5_A6E7);
-    let kills: usize = if long_run() { 30 } else { 12 };
+    let kills: usize = if long_run() { 60 } else { 30 };
     let fx = Fixture::new();
     let Some(mut server) = TusServer::start(&fx.root.join("tus")).await else {
         return;
@@ -28,13 +28,14 @@ async fn agent_sigkilled_during_tus_uploads_and_server_restarted_once() {
     println!("tus kill loop: seed {seed:#x} (INDEXEDCP_FAULT_SEED replays), {kills} kills");
 
     // One batch of files per life of the agent: a large file of many chunks
-    // (so that a kill finds an upload under way) and a few small ones,
+    // (so that a kill finds an upload under way, yet small enough that 30
+    // lives stay quick) and a few small ones,
     // some empty, with names that need metadata encoding.
     let mut rng = Rng::new(seed);
     let mut batches: Vec<BTreeMap<String, Vec<u8>>> = Vec::new();
     for life in 0..kills + 1 {
         let mut batch = BTreeMap::new();
-        let big = rng.range(2 << 20, 5 << 20) as usize;
+        let big = rng.range(1 << 20, 3 << 20) as usize;
         batch.insert(
             format!("big-{life}.bin"),
             pseudo_random(big, seed ^ life as u64),

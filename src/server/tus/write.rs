@@ -12,6 +12,12 @@
 //! with HEAD after any crash) never counts a byte that could be lost. Bytes
 //! of a body cut off are kept too, as tus asks, unless the client sent an
 //! `Upload-Checksum`, which only the whole body can match.
+//!
+//! While a body arrives, every few MiB written are handed to the kernel's
+//! writeback at once: tus clients send large PATCHes (tus-js-client's
+//! `chunkSize`, often tens of MiB), and a sync that found them all dirty
+//! would keep the client waiting for the whole chunk's disk write after it
+//! sent the last byte, instead of overlapping the two.
 
 use std::fs::File;
 use std::io;
@@ -30,6 +36,9 @@ use crate::server::hashes::{self, Claim, Known};
 use crate::server::sha256::Sha256Stream;
 use crate::server::state::{ChunkRecord, OPEN_CHUNK_COUNT, TusUpload, UploadPhase};
 use crate::server::{Receiver, blocking};
+
+/// Bytes written between two hand-overs to the kernel's writeback.
+const WRITEBACK_STEP: u64 = 4 << 20;
 
 /// How far a PATCH got.
 pub(super) struct Written {
@@ -106,6 +115,7 @@ pub(super) async fn write_patch(
         sha1: matches!(checksum, Some(Checksum::Sha1(_))).then(sha1::Sha1::new),
         checksum,
         length: 0,
+        written_back: 0,
         error: None,
         lock,
     };
@@ -153,6 +163,8 @@ struct PatchIntake {
     sha1: Option<sha1::Sha1>,
     checksum: Option<Checksum>,
     length: u64,
+    /// How much of `length` was handed to the kernel's writeback.
+    written_back: u64,
     error: Option<io::Error>,
     lock: OwnedMutexGuard<()>,
 }
@@ -179,6 +191,14 @@ impl Intake for PatchIntake {
             sha1.update(&bytes);
         }
         self.length += bytes.len() as u64;
+        if self.length - self.written_back >= WRITEBACK_STEP {
+            body::start_writeback(
+                &self.file,
+                self.offset + self.written_back,
+                self.length - self.written_back,
+            );
+            self.written_back = self.length;
+        }
         true
     }
 

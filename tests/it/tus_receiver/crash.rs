@@ -1,13 +1,18 @@
 //! SIGKILL of the receiver in the middle of tus uploads: after each restart
 //! HEAD gives an offset no lower than the bytes acknowledged (and no higher
 //! than the bytes sent), nothing is under a final name before the upload is
-//! complete, and a real client resumes to a byte-identical file.
+//! complete, and a real client resumes to a byte-identical file. A receiver
+//! that dies after the last bytes are recorded and before (or right after)
+//! the rename into place completes the upload when it starts again: the
+//! file is there once, byte-identical, and HEAD says the upload is complete.
 
 use std::time::Duration;
 
+use indexedcp::failpoint;
+
 use super::{create, metadata, node_modules, offset, patch, require, tus};
 use crate::fixtures::{KEY, Server};
-use crate::support::{pseudo_random, visible_files};
+use crate::support::{eventually, pseudo_random, visible_files, wait_until};
 
 const SIZE: usize = 6 << 20;
 const PIECE: usize = 512 << 10;
@@ -115,6 +120,81 @@ async fn sigkill_during_patches_loses_no_acknowledged_byte() {
     let got = visible_files(&out);
     assert_eq!(got.len(), 1, "{:?}", got.keys());
     assert!(got["killed.bin"] == data, "the resumed file differs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tus_upload_interrupted_around_its_rename_is_completed_at_restart() {
+    for point in [
+        failpoint::SERVER_BEFORE_RENAME,
+        failpoint::SERVER_AFTER_RENAME,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let args: Vec<String> = [
+            "server",
+            "--port",
+            "0",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "-k",
+            KEY,
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut server =
+            Server::spawn_with_env(args.clone(), &out, &[(failpoint::ENV, point)]).await;
+        let client = reqwest::Client::new();
+        let data = pseudo_random(3 * PIECE + 17, 7);
+        let len = data.len() as u64;
+        let url = create(
+            &client,
+            &server.url,
+            len,
+            &metadata(&[("filename", b"last.bin")]),
+        )
+        .await;
+        let path = url.trim_start_matches(&server.url).to_owned();
+        let (status, at) = patch(&client, &url, 0, data[..PIECE].to_vec()).await;
+        assert_eq!((status, at), (204, Some(PIECE as u64)), "{point}");
+        // The last PATCH: its bytes are recorded, then the receiver aborts at
+        // the failpoint and the client gets no reply.
+        let last = tus(&client, "PATCH", &url)
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", PIECE.to_string())
+            .body(data[PIECE..].to_vec())
+            .send()
+            .await;
+        assert!(last.is_err(), "{point}: the PATCH was answered: {last:?}");
+        wait_until(
+            "the receiver to crash at its failpoint",
+            Duration::from_millis(20),
+            Duration::from_secs(30),
+            || Ok(server.child.try_wait()?.is_some()),
+        )
+        .unwrap();
+
+        server = Server::spawn(args, &out).await;
+        // Completed at start-up, without a request.
+        let got = eventually(Duration::from_secs(20), "the file in place", async || {
+            let files = visible_files(&out);
+            (!files.is_empty()).then_some(files)
+        })
+        .await;
+        assert_eq!(got.len(), 1, "{point}: {:?}", got.keys());
+        assert!(
+            got["last.bin"] == data,
+            "{point}: the completed file differs"
+        );
+        // The client's HEAD learns that it is done, and nothing is renamed twice.
+        let url = format!("{}{path}", server.url);
+        assert_eq!(offset(&client, &url).await, (200, Some(len)), "{point}");
+        let r = tus(&client, "HEAD", &url).send().await.unwrap();
+        assert_eq!(r.headers()["upload-length"], len.to_string().as_str());
+        let (status, _) = patch(&client, &url, len, Vec::new()).await;
+        assert_eq!(status, 204, "{point}: an empty PATCH at the end");
+        assert_eq!(visible_files(&out).len(), 1, "{point}: completed twice");
+        server.kill();
+    }
 }
 
 const RESUME_JS: &str = r#"

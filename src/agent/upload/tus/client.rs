@@ -1,4 +1,5 @@
-//! The tus 1.0.0 requests of the `tus` kind (OPTIONS, POST, HEAD, PATCH),
+//! The tus 1.0.0 requests of the `tus` kind (OPTIONS, POST, HEAD, PATCH,
+//! DELETE),
 //! what a server announces, the `Upload-Metadata` a file is created with,
 //! and the translation of replies into [`UploadError`]s, whose `retry`
 //! decides what happens next.
@@ -39,6 +40,9 @@ pub(super) struct Capabilities {
     /// The creation-defer-length extension: an upload can be created before
     /// its length is told.
     pub(super) defer_length: bool,
+    /// The termination extension: an upload that will not be finished can
+    /// be deleted, rather than left to the server's expiry.
+    pub(super) termination: bool,
 }
 
 /// What a HEAD of an upload showed.
@@ -251,6 +255,24 @@ impl Client {
     }
 }
 
+impl Client {
+    /// DELETE (termination): the server forgets the upload and its bytes.
+    /// An upload it no longer knows (404, 410) is as good as deleted.
+    pub(super) async fn delete(&self, url: &str) -> Result<(), UploadError> {
+        let response = self
+            .http
+            .delete(url)
+            .send()
+            .await
+            .map_err(|e| transport(url, &e))?;
+        match response.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(()),
+            _ => Err(refusal(url, response).await),
+        }
+    }
+}
+
 /// What the headers of an OPTIONS reply announce.
 fn capabilities(headers: &HeaderMap) -> Capabilities {
     let list = |name: &str| -> Vec<String> {
@@ -267,6 +289,7 @@ fn capabilities(headers: &HeaderMap) -> Capabilities {
         checksum_sha256: extensions.iter().any(|e| e == "checksum")
             && list(TUS_CHECKSUM_ALGORITHM).iter().any(|a| a == "sha256"),
         defer_length: extensions.iter().any(|e| e == "creation-defer-length"),
+        termination: extensions.iter().any(|e| e == "termination"),
     }
 }
 

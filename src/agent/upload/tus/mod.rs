@@ -36,8 +36,11 @@
 //!
 //! Not used, on purpose: `creation-with-upload` would send bytes before the
 //! upload's URL is recorded, so a crash right after could leave a second
-//! complete copy. A purged file's incomplete upload is left to the server's
-//! expiration.
+//! complete copy.
+//!
+//! Purging a file (`indexedcp purge`) deletes its upload on the server
+//! (the termination extension) when the server announces that extension;
+//! otherwise the incomplete upload is left to the server's expiration.
 
 mod client;
 
@@ -365,6 +368,30 @@ impl Delivery for Tus {
             url: url.to_owned(),
             message: format!("no progress after {MAX_ROUNDS} PATCH requests"),
         })
+    }
+
+    /// Deletes the file's unfinished upload, where the server has
+    /// termination. A delivered file's upload is left alone: a tus server
+    /// may serve the finished file from it, and termination would delete
+    /// it. So is one the server holds complete although the buffer has not
+    /// recorded it yet (a crash before the confirmation).
+    async fn abort(&self, file: &FileRecord, state: Option<&str>) -> Result<(), UploadError> {
+        let Some(state) = self.state(state) else {
+            return Ok(());
+        };
+        self.forget_hint(&state.url);
+        if file.state == crate::agent::store::FileState::Confirmed {
+            return Ok(());
+        }
+        if !self.capabilities().await?.termination {
+            tracing::info!(file = %file.remote_name, url = %state.url, "the server has no termination extension: its expiry removes the upload");
+            return Ok(());
+        }
+        match self.client.head(&state.url).await? {
+            None => Ok(()),
+            Some(progress) if is_complete(file, &progress) => Ok(()),
+            Some(_) => self.client.delete(&state.url).await,
+        }
     }
 
     async fn finish(
