@@ -258,6 +258,7 @@ impl Store {
                     source,
                 })?;
         sqlite::migrate(&pool, schema::MIGRATIONS)?;
+        schema::enable_incremental_vacuum(&*pool.get()?)?;
         Ok(Store {
             pool,
             path: path.to_owned(),
