@@ -88,6 +88,13 @@ pub(super) fn start_daemon(
 /// Starts `indexedcp server` on a free port writing into the run's output
 /// directory; returns it and its port.
 pub(super) fn start_receiver(run: &RunDir) -> Result<(Running, u16)> {
+    start_receiver_with(run, 64 << 20)
+}
+
+/// [`start_receiver`] taking chunks of up to `max_chunk_bytes` (curl's
+/// baseline sends a whole file as one chunk).
+pub(super) fn start_receiver_with(run: &RunDir, max_chunk_bytes: u64) -> Result<(Running, u16)> {
+    let max_chunk = max_chunk_bytes.to_string();
     let args = [
         "server",
         "--port",
@@ -96,6 +103,8 @@ pub(super) fn start_receiver(run: &RunDir) -> Result<(Running, u16)> {
         utf8(&run.out)?,
         "-k",
         KEY,
+        "--max-chunk-bytes",
+        &max_chunk,
     ];
     let receiver = Running::start("receiver", &run.root, &args)?;
     let url = receiver.server_url()?;
@@ -211,6 +220,12 @@ impl Running {
             .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map(|kib| kib / 1024.0)
             .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))
+    }
+
+    /// Bytes the process caused to be written to storage so far
+    /// (`/proc/PID/io` write_bytes, counted when pages are dirtied).
+    pub(super) fn write_bytes(&self) -> Result<u64> {
+        super::large::proc_io(self.child.id(), "write_bytes")
     }
 
     /// CPU time (user + system) the process has used so far.

@@ -1,6 +1,6 @@
-//! Scenarios 1 to 5: a large file end to end (curl baseline), ingest alone
-//! (sha256sum baseline), many small files, the latency of one small file, and
-//! the memory rows measured alongside; plus the large file they share.
+//! Scenarios 2 to 5: ingest alone (dd baseline), many small files, the
+//! latency of one small file, and the memory rows measured alongside; plus the
+//! large file they share with scenario 1 (`large`) and curl's upload.
 
 use std::fs::File;
 use std::io::Write;
@@ -21,57 +21,6 @@ use super::{KEY, MIB, Settings};
 
 const SMALL_FILE_BYTES: usize = 4096;
 const QUEUED_FILE_BYTES: usize = 1024;
-
-pub(super) struct EndToEnd {
-    pub(super) mb_per_s: f64,
-    pub(super) curl: Baseline,
-    pub(super) peak_rss_mib: f64,
-}
-
-pub(super) fn end_to_end(settings: &Settings, large: &LargeFile) -> Result<EndToEnd> {
-    let curl = program_available("curl");
-    let runs = settings.repeat("1. large file end to end", || {
-        let run = RunDir::create(settings)?;
-        let port = free_port();
-        // Larger than the file, for curl's single v1 request.
-        let max_chunk = large.size + MIB;
-        let mut daemon = start_daemon(&run, "daemon", port, Some((port, Some(max_chunk))))?;
-        let elapsed = large.drop_and_wait(&run, &mut daemon)?;
-        let peak_rss = daemon.peak_rss_mib()?;
-        eprintln!(
-            "  daemon: {:.1} MB/s in {:.2} s, peak RSS {peak_rss:.1} MiB",
-            mb_per_s(large.size, elapsed),
-            elapsed.as_secs_f64()
-        );
-        let curl_mb_per_s = match &curl {
-            Ok(()) => {
-                let url = format!("http://127.0.0.1:{port}/upload");
-                let elapsed = curl_upload(&url, &large.path, "curl-large.bin")?;
-                let received = file_len(&run.out.join("curl-large.bin"));
-                ensure!(
-                    received == Some(large.size),
-                    "curl's upload left {received:?} bytes in the output, not {}",
-                    large.size
-                );
-                let speed = mb_per_s(large.size, elapsed);
-                eprintln!("  curl: {speed:.1} MB/s in {:.2} s", elapsed.as_secs_f64());
-                Some(speed)
-            }
-            Err(_) => None,
-        };
-        daemon.stop();
-        Ok((mb_per_s(large.size, elapsed), curl_mb_per_s, peak_rss))
-    })?;
-    let curl = curl.map(|()| Named {
-        label: "curl, one v1 request",
-        value: median(runs.iter().filter_map(|r| r.1).collect()),
-    });
-    Ok(EndToEnd {
-        mb_per_s: median_of(&runs, |r| r.0),
-        curl,
-        peak_rss_mib: median_of(&runs, |r| r.2),
-    })
-}
 
 /// Sends `file` as one v1 request (chunk 0, no resumable headers) and returns
 /// curl's wall time.
@@ -108,13 +57,29 @@ pub(super) fn curl_upload(url: &str, file: &Path, name: &str) -> Result<Duration
 
 pub(super) struct IngestAlone {
     pub(super) mb_per_s: f64,
-    pub(super) sha256sum: Baseline,
+    pub(super) dd: Baseline,
 }
 
+/// The agent buffering the file (receiver down) until the source leaves the
+/// spool, against `dd ... conv=fdatasync` copying it on the same disk: the
+/// least a buffer that holds a durable copy before the source goes must do.
+/// The two alternate which goes first, each after a `sync`.
 pub(super) fn ingest_alone(settings: &Settings, large: &LargeFile) -> Result<IngestAlone> {
-    let sha256sum = program_available("sha256sum");
+    let dd = program_available("dd");
+    // The file's hash, to check what the buffer recorded (not timed).
+    let expected_sha = program_available("sha256sum")
+        .ok()
+        .map(|()| sha256sum_of(&large.path).map(|(sha, _)| sha))
+        .transpose()?;
+    let mut run_no = 0;
     let runs = settings.repeat("2. ingest alone", || {
+        run_no += 1;
         let run = RunDir::create(settings)?;
+        let dd_first = run_no % 2 == 0;
+        let mut baseline = None;
+        if dd_first && dd.is_ok() {
+            baseline = Some(dd_step(&run, large)?);
+        }
         // Nothing listens on the target's port: the agent buffers and waits.
         let mut agent = start_daemon(&run, "agent", free_port(), None)?;
         let dropped = large.drop_into_spool(&run)?;
@@ -131,34 +96,61 @@ pub(super) fn ingest_alone(settings: &Settings, large: &LargeFile) -> Result<Ing
         let elapsed = committed - dropped;
         agent.stop();
         let buffered_sha = buffered_sha256(&run, large.size)?;
+        if let Some(sha) = &expected_sha {
+            ensure!(
+                *sha == buffered_sha,
+                "the buffer recorded sha256 {buffered_sha}, sha256sum says {sha}"
+            );
+        }
         let speed = mb_per_s(large.size, elapsed);
         eprintln!(
             "  ingest: {speed:.1} MB/s in {:.2} s",
             elapsed.as_secs_f64()
         );
-        let baseline = match &sha256sum {
-            Ok(()) => {
-                let (sha, elapsed) = sha256sum_of(&large.path)?;
-                ensure!(
-                    sha == buffered_sha,
-                    "the buffer recorded sha256 {buffered_sha}, sha256sum says {sha}"
-                );
-                let speed = mb_per_s(large.size, elapsed);
-                eprintln!("  sha256sum: {speed:.1} MB/s");
-                Some(speed)
-            }
-            Err(_) => None,
-        };
+        if !dd_first && dd.is_ok() {
+            baseline = Some(dd_step(&run, large)?);
+        }
         Ok((speed, baseline))
     })?;
-    let sha256sum = sha256sum.map(|()| Named {
-        label: "sha256sum",
+    let dd = dd.map(|()| Named {
+        label: "dd bs=1M conv=fdatasync",
         value: median(runs.iter().filter_map(|r| r.1).collect()),
     });
     Ok(IngestAlone {
         mb_per_s: median_of(&runs, |r| r.0),
-        sha256sum,
+        dd,
     })
+}
+
+/// `dd if=FILE of=COPY bs=1M conv=fdatasync` into the run's folder, after a
+/// `sync`; MB/s. The copy is removed again.
+fn dd_step(run: &RunDir, large: &LargeFile) -> Result<f64> {
+    let copy = run.root.join("dd-copy.bin");
+    rustix::fs::sync();
+    let started = Instant::now();
+    let output = Command::new("dd")
+        .arg(format!("if={}", large.path.display()))
+        .arg(format!("of={}", copy.display()))
+        .args(["bs=1M", "conv=fdatasync"])
+        .output()
+        .context("cannot run dd")?;
+    let elapsed = started.elapsed();
+    ensure!(
+        output.status.success(),
+        "dd failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    ensure!(
+        file_len(&copy) == Some(large.size),
+        "dd left {:?} bytes, not {}",
+        file_len(&copy),
+        large.size
+    );
+    std::fs::remove_file(&copy)?;
+    let speed = mb_per_s(large.size, elapsed);
+    eprintln!("  dd: {speed:.1} MB/s");
+    Ok(speed)
 }
 
 /// Checks with `indexedcp status --json` that the buffer holds exactly one
@@ -385,10 +377,10 @@ pub(super) struct LargeFile {
 }
 
 impl LargeFile {
-    /// Writes `size` random bytes once, on the disk the runs use.
-    pub(super) fn create(dir: &Path, size: u64) -> Result<LargeFile> {
+    /// Writes `size` random bytes once as `name`, on the disk the runs use.
+    pub(super) fn create(dir: &Path, name: &str, size: u64) -> Result<LargeFile> {
         let started = Instant::now();
-        let path = dir.join("large.bin");
+        let path = dir.join(name);
         let file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut prng = Rng::new(1);
@@ -408,7 +400,7 @@ impl LargeFile {
         );
         Ok(LargeFile {
             path,
-            name: "large.bin".into(),
+            name: name.into(),
             size,
         })
     }

@@ -38,7 +38,7 @@ impl Row {
         }
     }
 
-    /// A figure that must stay below (`ms`) or at most (`MiB`) `target`.
+    /// A figure that must stay below (`ms`) or at most (`MiB`, `x`) `target`.
     pub(super) fn at_most(
         scenario: &str,
         value: f64,
@@ -93,7 +93,7 @@ impl Row {
 }
 
 pub(super) fn pass_fail(ok: bool) -> &'static str {
-    if ok { "PASS" } else { "FAIL" }
+    if ok { "PASS" } else { "MISS" }
 }
 
 /// A baseline speed, or why there is none.

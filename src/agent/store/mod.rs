@@ -354,6 +354,7 @@ impl Store {
                 e
             }
         })?;
+        schema::enable_incremental_vacuum(&*pool.get()?)?;
         Ok(Store {
             pool,
             path: path.to_owned(),

@@ -329,6 +329,7 @@ impl Store {
                     data.execute(params![file_id])?;
                 }
             }
+            super::schema::release_free_pages(&tx)?;
             tx.commit()
         })?;
         drop(conn);

@@ -86,6 +86,67 @@ ALTER TABLE chunks ADD COLUMN ack TEXT;
 /// to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
+/// Turns on `auto_vacuum = INCREMENTAL` for a buffer that holds no file yet
+/// (a new one, or an old one that is empty), so that delivered chunks can be
+/// given back to the file system ([`release_free_pages`]). SQLite changes the
+/// mode of a database that has tables only with a `VACUUM`, which rewrites
+/// the whole file: it is done only while that is cheap (no files, a few
+/// pages) and never waits for another process's lock; a buffer that does not
+/// qualify keeps its mode and is converted at a later start once empty.
+pub(super) fn enable_incremental_vacuum(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    let (files, pages): (i64, i64) = conn.query_row(
+        "SELECT (SELECT count(*) FROM files), (SELECT page_count FROM pragma_page_count())",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if files > 0 || pages > CONVERT_MAX_PAGES {
+        return Ok(());
+    }
+    conn.busy_timeout(std::time::Duration::ZERO)?;
+    let converted = conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;");
+    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    match converted {
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// `PRAGMA auto_vacuum` of a buffer that can give its free pages back.
+const INCREMENTAL: i64 = 2;
+
+/// An empty buffer of up to this many pages (4 MiB at 64 KiB) is converted
+/// to incremental vacuum at open.
+const CONVERT_MAX_PAGES: i64 = 64;
+
+/// Gives the buffer's free pages back to the file system when no chunk data
+/// is left in it, inside the caller's transaction (the one that deleted the
+/// last chunks). Besides shrinking the file, this keeps most bytes from being
+/// written twice: a file's pages sit in the WAL until it is delivered, and a
+/// checkpoint skips the WAL's frames of pages beyond the end of the
+/// database, so pages cut off before the checkpoint are never copied into
+/// it. With chunk data of other files left, free pages stay for new chunks
+/// (moving those files' pages to fill the holes would write them again).
+pub(super) fn release_free_pages(tx: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let data_left: bool =
+        tx.query_row("SELECT EXISTS (SELECT 1 FROM chunk_data)", [], |r| r.get(0))?;
+    if !data_left {
+        // Returns a row per page freed; a buffer without incremental vacuum
+        // (not converted yet) returns none and keeps its free pages.
+        let mut vacuum = tx.prepare_cached("PRAGMA incremental_vacuum")?;
+        let mut rows = vacuum.query([])?;
+        while rows.next()?.is_some() {}
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +177,77 @@ mod tests {
         assert_eq!(store.file(1).unwrap().delivery_state, None);
         store.confirm(1, Some("a"), Durability::Unsynced).unwrap();
         assert!(store.chunk_data(1, 0).unwrap().is_empty());
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_delivered_file_gives_its_pages_back_and_old_buffers_are_converted_once_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        // A buffer made by the schema before incremental vacuum, holding a file.
+        {
+            let pool =
+                sqlite::open_pool_with(&path, Duration::from_secs(5), Some(65536), false).unwrap();
+            sqlite::migrate(&pool, MIGRATIONS).unwrap();
+            pool.get().unwrap().execute_batch(
+                "INSERT INTO files (id, spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count,
+                     upload_id, src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
+                 VALUES (1, 's', 'a', 'a', 't', 4, 'x', 4, 1, 'upload-a-0123456789', '/s/a', 1, 1, 4, 1, 'queued', 0, 0);
+                 INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (1, 0, 0, 4, 'y');
+                 INSERT INTO chunk_data (file_id, idx, data) VALUES (1, 0, x'07070707');",
+            )
+            .unwrap();
+        }
+        let id = 1;
+        let mode = |path: &std::path::Path| -> i64 {
+            rusqlite::Connection::open(path)
+                .unwrap()
+                .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+                .unwrap()
+        };
+        // Converting it would mean rewriting its data: it keeps its mode and
+        // its file, and still delivers.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(mode(&path), 0);
+        assert_eq!(store.chunk_data(id, 0).unwrap(), [7; 4]);
+        store.confirm(id, Some("a"), Durability::Synced).unwrap();
+        store.forget_confirmed_before(i64::MAX).unwrap();
+        drop(store);
+        // Empty now: the next open converts it.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(mode(&path), INCREMENTAL);
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+
+        // A large file's pages go back to the file system once it is
+        // delivered (and the WAL is emptied).
+        let db_size = || std::fs::metadata(&path).unwrap().len();
+        let empty = db_size();
+        let mut big = crate::agent::store::testing::new_file("big", 2);
+        big.chunk_size = 1 << 20;
+        let data = vec![9u8; 8 << 20];
+        let id = store
+            .ingest(&big, |sink| -> crate::agent::store::Result<_> {
+                for chunk in data.chunks(1 << 20) {
+                    sink.push(chunk, "00")?;
+                }
+                Ok(crate::agent::store::IngestDecision::Commit {
+                    sha256: "ff".into(),
+                })
+            })
+            .unwrap()
+            .unwrap();
+        store.truncate_wal();
+        assert!(
+            db_size() >= empty + (8 << 20),
+            "the file is in the database"
+        );
+        store.confirm(id, Some("big"), Durability::Synced).unwrap();
+        store.truncate_wal();
+        assert!(
+            db_size() < empty + (1 << 20),
+            "the buffer holds {} bytes after delivery, {empty} before",
+            db_size()
+        );
         assert_eq!(store.integrity_check().unwrap(), "ok");
     }
 }
