@@ -29,6 +29,9 @@ pub struct IndexedCp {
     /// The batch route was refused (a receiver or proxy that predates it):
     /// batches stay off for this client, whatever later replies announce.
     batch_refused: AtomicBool,
+    /// The client certificate settings, for asking a receiver that hung up
+    /// why (see `probe`).
+    tls: TargetTls,
 }
 
 impl IndexedCp {
@@ -55,6 +58,7 @@ impl IndexedCp {
             resumable: AtomicU8::new(RESUMABLE_UNKNOWN),
             batch: AtomicUsize::new(0),
             batch_refused: AtomicBool::new(false),
+            tls: target.tls.clone(),
         })
     }
 
@@ -100,8 +104,26 @@ impl IndexedCp {
         }
     }
 
-    fn transport(&self, e: reqwest::Error) -> UploadError {
-        if let Some(reason) = certificate_problem(&e) {
+    /// `result`, with a failed request's error made an [`UploadError`].
+    async fn checked<T>(&self, result: Result<T, reqwest::Error>) -> Result<T, UploadError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.transport(e).await),
+        }
+    }
+
+    async fn transport(&self, e: reqwest::Error) -> UploadError {
+        // A receiver that refused our client certificate may have hung up
+        // before its reason reached the HTTP client: ask it again, once,
+        // when the failure says nothing (not a timeout, not a refused
+        // connection, which a down receiver gives).
+        let unexplained = !e.is_timeout() && !e.is_connect() && certificate_problem(&e).is_none();
+        let probed = if unexplained && self.url.starts_with("https://") {
+            super::probe::refusal_reason(&self.url, &self.tls).await
+        } else {
+            None
+        };
+        if let Some(reason) = certificate_problem(&e).or(probed) {
             let host = reqwest::Url::parse(&self.url)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
@@ -177,7 +199,7 @@ impl IndexedCp {
             .authorize(self.http.post(&self.url))
             .headers(headers)
             .body(data);
-        let response = request.send().await.map_err(|e| self.transport(e))?;
+        let response = self.checked(request.send().await).await?;
         self.reply::<ChunkReply>(response).await
     }
 
@@ -196,7 +218,7 @@ impl IndexedCp {
             return Err(self.refusal(response).await);
         }
         self.note_resumable(response.headers());
-        let text = response.text().await.map_err(|e| self.transport(e))?;
+        let text = self.checked(response.text().await).await?;
         serde_json::from_str::<T>(&text).map_err(|e| UploadError::Protocol {
             url: self.url.clone(),
             message: format!("{e} in {:?}", text.chars().take(200).collect::<String>()),
@@ -211,14 +233,14 @@ impl IndexedCp {
         body: Vec<u8>,
     ) -> Result<BatchReply, UploadError> {
         let url = self.below("batch");
-        let response = self
+        let sent = self
             .authorize(self.http.post(&url))
             .header(protocol::MANIFEST_LENGTH, manifest_len)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(body)
             .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+            .await;
+        let response = self.checked(sent).await?;
         self.reply::<BatchReply>(response).await
     }
 
@@ -243,15 +265,12 @@ impl IndexedCp {
     /// `GET /upload/<id>`: what the receiver has of an upload (`None`: nothing).
     pub async fn status(&self, upload_id: &str) -> Result<Option<UploadStatus>, UploadError> {
         let url = self.below(upload_id);
-        let response = self
-            .authorize(self.http.get(&url))
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+        let sent = self.authorize(self.http.get(&url)).send().await;
+        let response = self.checked(sent).await?;
         match response.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => {
-                let text = response.text().await.map_err(|e| self.transport(e))?;
+                let text = self.checked(response.text().await).await?;
                 serde_json::from_str(&text)
                     .map(Some)
                     .map_err(|e| UploadError::Protocol {

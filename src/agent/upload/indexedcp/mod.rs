@@ -12,6 +12,7 @@
 //! synced before the next chunk leaves.
 
 mod client;
+mod probe;
 
 pub use client::IndexedCp;
 
