@@ -570,7 +570,7 @@ mod tests {
         })
     }
 
-    // Found by the batch_manifest fuzz target: sizes that add up past 64 bits
+    // Found while writing the batch_manifest fuzz invariant: sizes that add up past 64 bits
     // saturated to u64::MAX and so fit a limit of u64::MAX.
     #[test]
     fn sizes_that_overflow_together_are_too_large_for_any_limit() {
