@@ -108,6 +108,9 @@
 //! - [`protocol`]: header names, JSON shapes and the wire spec. No I/O.
 //! - Shared and flat: `sqlite` (pool settings, migrations), `metrics`,
 //!   [`logging`], `clock`, [`failpoint`] (crash points for the fault tests).
+//! - `fuzzing` (public but hidden, not API): the parsers that take untrusted
+//!   input, with their invariants, for the fuzz targets in tests/fuzz and the
+//!   property tests.
 //!
 //! # Where things live
 //!
@@ -150,6 +153,8 @@ mod clock;
 pub mod config;
 pub(crate) mod daemon;
 pub mod failpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub(crate) mod metrics;
 pub mod protocol;

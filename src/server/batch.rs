@@ -63,7 +63,7 @@ pub(super) async fn receive_batch(
             protocol::MAX_MANIFEST_BYTES
         )));
     }
-    let limit = manifest_len + receiver.inner.max_chunk_bytes;
+    let limit = manifest_len.saturating_add(receiver.inner.max_chunk_bytes);
     let Some(body) = within_declared_limit(&headers, body, limit).await else {
         return Err(too_large_batch(receiver.inner.max_chunk_bytes));
     };
@@ -472,7 +472,10 @@ impl Receiver {
 /// Parses a batch manifest and checks it as a whole: entry count, upload ids
 /// (valid and distinct), hashes and total size. Returns each entry with its
 /// file's metadata.
-fn parse_manifest(raw: &[u8], max_bytes: u64) -> Result<Vec<(BatchEntry, FileMeta)>, ApiError> {
+pub(super) fn parse_manifest(
+    raw: &[u8],
+    max_bytes: u64,
+) -> Result<Vec<(BatchEntry, FileMeta)>, ApiError> {
     let manifest: BatchManifest = serde_json::from_slice(raw).map_err(|e| {
         ApiError::BadRequest(format!(
             "the batch manifest is not valid JSON of the form {{\"files\": [{{\"uploadId\", \"fileName\", \"size\", \"sha256\"}}]}}: {e}"
@@ -485,12 +488,12 @@ fn parse_manifest(raw: &[u8], max_bytes: u64) -> Result<Vec<(BatchEntry, FileMet
             protocol::MAX_BATCH_FILES
         )));
     }
-    let total: u64 = manifest
+    // Sizes whose sum does not fit 64 bits are too large whatever the limit.
+    let total = manifest
         .files
         .iter()
-        .map(|f| f.size)
-        .fold(0, u64::saturating_add);
-    if total > max_bytes {
+        .try_fold(0u64, |sum, f| sum.checked_add(f.size));
+    if total.is_none_or(|total| total > max_bytes) {
         return Err(too_large_batch(max_bytes));
     }
     let mut seen = std::collections::HashSet::new();
@@ -557,5 +560,32 @@ fn batch_result(upload_id: &str, result: Option<Result<(String, bool), ApiError>
             error: Some("Internal error".to_owned()),
             message: Some("the receiver did not settle this file; ask GET /upload/<id>".to_owned()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: char, size: u64) -> serde_json::Value {
+        serde_json::json!({
+            "uploadId": id.to_string().repeat(16),
+            "fileName": "a.bin",
+            "size": size,
+            "sha256": "0".repeat(64),
+        })
+    }
+
+    // Found while writing the batch_manifest fuzz invariant: sizes that add up past 64 bits
+    // saturated to u64::MAX and so fit a limit of u64::MAX.
+    #[test]
+    fn sizes_that_overflow_together_are_too_large_for_any_limit() {
+        let raw = serde_json::json!({ "files": [entry('a', u64::MAX), entry('b', 1)] });
+        let raw = serde_json::to_vec(&raw).unwrap();
+        let error = parse_manifest(&raw, u64::MAX).unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+        let raw = serde_json::json!({ "files": [entry('a', u64::MAX - 1), entry('b', 1)] });
+        let entries = parse_manifest(&serde_json::to_vec(&raw).unwrap(), u64::MAX).unwrap();
+        assert_eq!(entries.len(), 2);
     }
 }

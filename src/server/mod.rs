@@ -44,6 +44,8 @@ mod batch;
 mod body;
 mod errors;
 mod finalize;
+#[doc(hidden)]
+pub(crate) mod fuzzing;
 mod hashes;
 mod headers;
 mod locks;

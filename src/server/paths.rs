@@ -142,6 +142,7 @@ fn sanitize(client_name: &str, reserved: Option<&str>) -> Result<Destination, In
         || client_name.contains("..")
         || client_name.starts_with('/')
         || has_drive_letter(client_name)
+        || has_drive_letter(cleaned)
     {
         return Err(invalid(
             "Filename must not contain path separators or traversal sequences",
@@ -175,7 +176,9 @@ fn allow_paths(client_name: &str, reserved: Option<&str>) -> Result<Destination,
         .split(['/', '\\'])
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
-    if parts.contains(&"..") {
+    // A drive letter may also come first only once `.` components collapse
+    // (`.\./C:/x`).
+    if parts.contains(&"..") || parts.first().is_some_and(|first| has_drive_letter(first)) {
         return Err(invalid(
             "Filename must not contain traversal sequences or absolute paths",
         ));
@@ -648,6 +651,17 @@ mod tests {
             assert!(dest(PathMode::AllowPaths, bad).is_err(), "{bad:?} accepted");
         }
         assert!(dest(PathMode::AllowPaths, "sub/.indexedcp").is_ok());
+    }
+
+    // Found by the path_modes fuzz target: a drive letter behind `.`
+    // components that collapse, or behind the `./` that is stripped.
+    #[test]
+    fn a_drive_letter_behind_dot_components_is_refused() {
+        for name in [".\\./C://", "./C:/x", "././C:x", ".//C:"] {
+            assert!(dest(PathMode::AllowPaths, name).is_err(), "{name:?}");
+        }
+        assert!(dest(PathMode::Sanitize, "./C:x").is_err());
+        assert_eq!(dest(PathMode::AllowPaths, "./a/C:x").unwrap(), "a/C:x");
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod metrics;
 mod mounted_over;
 mod outage;
 mod packaging;
+mod properties;
 mod receiver_batch;
 mod receiver_compat;
 mod receiver_input;

@@ -12,10 +12,15 @@ fn available(program: &str, args: &[&str]) -> bool {
 
 #[test]
 fn the_deb_installs_the_binary_units_and_conffile() {
-    if !available("cargo", &["deb", "--version"]) || !available("dpkg-deb", &["--version"]) {
-        eprintln!(
-            "skipped: cargo-deb or dpkg-deb not installed (cargo install cargo-deb --locked)"
-        );
+    if !crate::support::require(
+        available("cargo", &["deb", "--version"]),
+        "cargo-deb",
+        "cargo install cargo-deb --locked",
+    ) || !crate::support::require(
+        available("dpkg-deb", &["--version"]),
+        "dpkg-deb",
+        "apt-get install dpkg",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

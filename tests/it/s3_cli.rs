@@ -47,17 +47,7 @@ async fn peer(kind: Kind) -> Option<Peer> {
         Kind::S3sFs => "s3s-fs",
         Kind::Moto => "moto_server",
     };
-    let installed = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{program} is not installed; .ci/run installs it"
-        );
-        eprintln!("skipping: {program} is not installed (see .ci/run)");
+    if !crate::support::require_tool(program, "an S3 server for the tests") {
         return None;
     }
     Some(Peer::start(kind).await)

@@ -104,13 +104,11 @@ pub fn tuspy_installed() -> bool {
 }
 
 /// `false` (with a note) when a client is missing; a failure under `CI=true`.
+#[track_caller]
 pub fn require(present: bool, what: &str) -> bool {
-    if !present {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{what} is not installed; .ci/run installs it"
-        );
-        eprintln!("skipped: {what} is not installed (.ci/run installs it)");
-    }
-    present
+    crate::support::require(
+        present,
+        what,
+        "npm install --prefix target/tus-node tus-js-client@4, pip install tuspy",
+    )
 }

@@ -292,3 +292,42 @@ pub fn tree_diff(expected: &BTreeMap<String, Vec<u8>>, got: &BTreeMap<String, Ve
         expected.len()
     )
 }
+
+/// Whether `program` is on the `PATH` (as `sh -c 'command -v program'` finds
+/// it).
+pub fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The one place a test decides what to do when a tool it runs is missing:
+/// `true` when `present`; otherwise, under `CI=true` (where `.ci/run` has
+/// installed every such tool) a failure naming `what` and how to install
+/// it, and on a developer's machine `false` after saying on stderr, past the
+/// harness's output capture, that the test is skipped and why.
+#[track_caller]
+pub fn require(present: bool, what: &str, hint: &str) -> bool {
+    if present {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{what} is not installed ({hint}); .ci/run installs it, and under CI=true a test \
+         never skips for a missing tool"
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: {what} is not installed ({hint}; .ci/run installs it)"
+    );
+    false
+}
+
+/// [`require`] for a program looked up on the `PATH`.
+#[track_caller]
+pub fn require_tool(program: &str, hint: &str) -> bool {
+    require(on_path(program), program, hint)
+}

@@ -19,6 +19,8 @@
 //! headers of replies, and OPTIONS answers with the server's capabilities
 //! without a key (a browser's preflight carries none).
 
+#[doc(hidden)]
+pub(super) mod fuzzing;
 mod headers;
 mod write;
 

@@ -413,8 +413,7 @@ fn check_receiver(calls: &[Call], out: &Path) -> (usize, usize, Vec<String>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn scenario_8_sources_and_replies_wait_for_fsync() {
     let started = Instant::now();
-    if !strace_available() {
-        println!("scenario 8: SKIPPED: strace is not installed (apt-get install -y strace)");
+    if !crate::support::require(strace_available(), "strace", "apt-get install strace") {
         return;
     }
     let fx = Fixture::new();

@@ -12,7 +12,7 @@ mod proxy_faults;
 mod server_restart;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,25 +49,13 @@ impl Drop for Peer {
     }
 }
 
-fn installed(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The peers to run a test against: both where installed. Under `CI=true` a
 /// missing one fails the test.
 pub async fn peers() -> Vec<Peer> {
     let mut peers = Vec::new();
     for (kind, program) in [(Kind::S3sFs, "s3s-fs"), (Kind::Moto, "moto_server")] {
-        if !installed(program) {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{program} is not installed; .ci/run installs it"
-            );
-            eprintln!("skipping the {kind:?} half: {program} is not installed (see .ci/run)");
+        let hint = format!("the {kind:?} half of the S3 tests");
+        if !crate::support::require_tool(program, &hint) {
             continue;
         }
         peers.push(Peer::start(kind).await);
