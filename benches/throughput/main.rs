@@ -43,11 +43,16 @@
 //! 9. tus: the large file sent by tus-js-client (Node) to the receiver's tus
 //!    endpoint, with the receiver's peak RSS. Baseline: the same client, chunk
 //!    size and file to @tus/server with @tus/file-store.
+//! 10. A fleet: one receiver and INDEXEDCP_BENCH_FLEET_AGENTS (100) agent
+//!     daemons, each its own process, sending INDEXEDCP_BENCH_FLEET_FILES (20)
+//!     files each at once; the receiver's peak RSS, which must not grow with
+//!     the number of clients, and files per second.
 //!
 //! Sizes come from the environment, so the suite can be smoke-tested quickly:
 //! INDEXEDCP_BENCH_MIB (1024), INDEXEDCP_BENCH_SMALL_FILES (10000),
 //! INDEXEDCP_BENCH_QUEUED_FILES (100000), INDEXEDCP_BENCH_LATENCY_DROPS (200),
-//! INDEXEDCP_BENCH_S3_FILES (1000), INDEXEDCP_BENCH_ONLY (scenario numbers, e.g. "1,4"; default all) and
+//! INDEXEDCP_BENCH_S3_FILES (1000), INDEXEDCP_BENCH_FLEET_AGENTS (100),
+//! INDEXEDCP_BENCH_FLEET_FILES (20), INDEXEDCP_BENCH_ONLY (scenario numbers, e.g. "1,4"; default all) and
 //! INDEXEDCP_BENCH_DIR (where the temp folders go; default the system temp
 //! dir). The daemons run with their default settings except for paths, ports
 //! and keys, and log at their default level into files that are summarised on
@@ -68,6 +73,7 @@ use anyhow::{Context, Result, anyhow};
 #[allow(dead_code)]
 mod support;
 
+mod fleet;
 mod large;
 mod processes;
 mod receiver_alone;
@@ -296,6 +302,30 @@ fn run_suite() -> Result<()> {
         }
     }
 
+    if settings.wants(10) {
+        let agents = settings.fleet_agents;
+        let name = format!("10. peak RSS, receiver, {agents} agent processes at once");
+        match fleet::fleet(&settings) {
+            Ok(result) => {
+                table.push(Row::at_most(
+                    &name,
+                    result.receiver_peak_rss_mib,
+                    "MiB",
+                    64.0,
+                    1,
+                ));
+                table.push(Row::report(
+                    &format!(
+                        "10. {} agents, {} files end to end",
+                        result.agents, result.files
+                    ),
+                    format!("{:.0} files/s", result.files_per_s),
+                ));
+            }
+            Err(e) => table.push(Row::error(&name, "<= 64 MiB", &e)),
+        }
+    }
+
     let took = started.elapsed();
     eprintln!("suite finished in {:.1} min", took.as_secs_f64() / 60.0);
     table.print();
@@ -379,6 +409,8 @@ struct Settings {
     queued_files: usize,
     latency_drops: usize,
     s3_files: usize,
+    fleet_agents: usize,
+    fleet_files: usize,
     /// Scenario numbers to run; `None` runs them all.
     only: Option<BTreeSet<u32>>,
     base_dir: PathBuf,
@@ -397,6 +429,8 @@ impl Settings {
             queued_files: env_number("INDEXEDCP_BENCH_QUEUED_FILES", 100_000)?,
             latency_drops: env_number("INDEXEDCP_BENCH_LATENCY_DROPS", 200)?,
             s3_files: env_number("INDEXEDCP_BENCH_S3_FILES", 1000)?,
+            fleet_agents: env_number("INDEXEDCP_BENCH_FLEET_AGENTS", 100)?,
+            fleet_files: env_number("INDEXEDCP_BENCH_FLEET_FILES", 20)?,
             only,
             base_dir: std::env::var_os("INDEXEDCP_BENCH_DIR")
                 .map(PathBuf::from)
@@ -428,9 +462,9 @@ fn parse_scenarios(list: &str) -> Result<BTreeSet<u32>> {
             n.trim()
                 .parse::<u32>()
                 .ok()
-                .filter(|n| (1..=9).contains(n))
+                .filter(|n| (1..=10).contains(n))
                 .ok_or_else(|| {
-                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 9, separated by commas")
+                    anyhow!("INDEXEDCP_BENCH_ONLY={list}: expected scenario numbers 1 to 10, separated by commas")
                 })
         })
         .collect()
