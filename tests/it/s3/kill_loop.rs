@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{BUCKET, Peer, agent_config};
+use super::{Peer, agent_config};
 use crate::faults::{AgentProc, Fixture, Rng, buffer_counts, long_run, seed, spawn_dropper};
 use crate::support::{poll_every, pseudo_random};
 
@@ -140,23 +140,8 @@ async fn kill_loop(peer: &Peer) {
         buffer_counts(&fx.buffer_db())
     );
     let drain = drained.elapsed();
-    let corrupted: Vec<&String> = expected
-        .iter()
-        .filter(|(key, data)| objects.get(*key) != Some(data))
-        .map(|(key, _)| key)
-        .collect();
-    assert!(corrupted.is_empty(), "{case}: corrupted {corrupted:?}");
-    assert_eq!(objects.len(), expected.len(), "{case}: extra objects");
-    if let Some(root) = &peer.root {
-        for (key, data) in &expected {
-            let on_disk = std::fs::read(root.join(BUCKET).join(key)).unwrap();
-            assert!(&on_disk == data, "{case}: {key} differs on disk");
-        }
-    }
-    let open = peer.open_uploads().await;
-    if peer.lists_uploads() {
-        assert_eq!(open, [], "{case}: multipart uploads left open");
-    } else {
+    let open = super::assert_exactly(peer, &objects, &expected, &case).await;
+    if !peer.lists_uploads() {
         // An empty key is an upload s3s-fs did not finish creating (the
         // agent was killed during the request).
         for (key, _) in &open {

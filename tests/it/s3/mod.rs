@@ -265,6 +265,35 @@ impl Peer {
     }
 }
 
+/// Checks that the bucket's `objects` are exactly `expected`, byte for byte
+/// (also as files on s3s-fs's disk), and, on a server that lists them, that
+/// no multipart upload is left open; returns the open uploads.
+pub async fn assert_exactly(
+    peer: &Peer,
+    objects: &std::collections::BTreeMap<String, Vec<u8>>,
+    expected: &std::collections::BTreeMap<String, Vec<u8>>,
+    case: &str,
+) -> Vec<(String, String)> {
+    let corrupted: Vec<&String> = expected
+        .iter()
+        .filter(|(key, data)| objects.get(*key) != Some(data))
+        .map(|(key, _)| key)
+        .collect();
+    assert!(corrupted.is_empty(), "{case}: corrupted {corrupted:?}");
+    assert_eq!(objects.len(), expected.len(), "{case}: extra objects");
+    if let Some(root) = &peer.root {
+        for (key, data) in expected {
+            let on_disk = std::fs::read(root.join(BUCKET).join(key)).unwrap();
+            assert!(&on_disk == data, "{case}: {key} differs on disk");
+        }
+    }
+    let open = peer.open_uploads().await;
+    if peer.lists_uploads() {
+        assert_eq!(open, [], "{case}: multipart uploads left open");
+    }
+    open
+}
+
 /// An agent config for `target` (from [`Peer::target`]) with one spool.
 pub fn agent_config(dir: &Path, spool: &Path, target: &str) -> PathBuf {
     let path = dir.join("agent.toml");

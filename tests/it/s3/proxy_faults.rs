@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{BUCKET, Kind, Peer, agent_config};
+use super::{Kind, Peer, agent_config};
 use crate::faults::proxy::{FaultProxy, Profile};
 use crate::faults::{AgentProc, Fixture, Rng, buffer_counts, long_run, seed};
 use crate::fixtures::drop_file;
@@ -150,23 +150,7 @@ async fn through_the_proxy(peer: &Peer) {
         fx.log_tails(30)
     );
     let drain = drained.elapsed();
-    let corrupted: Vec<&String> = expected
-        .iter()
-        .filter(|(key, data)| objects.get(*key) != Some(data))
-        .map(|(key, _)| key)
-        .collect();
-    assert!(corrupted.is_empty(), "{case}: corrupted {corrupted:?}");
-    assert_eq!(objects.len(), expected.len(), "{case}: extra objects");
-    if let Some(root) = &peer.root {
-        for (key, data) in &expected {
-            let on_disk = std::fs::read(root.join(BUCKET).join(key)).unwrap();
-            assert!(&on_disk == data, "{case}: {key} differs on disk");
-        }
-    }
-    let open = peer.open_uploads().await;
-    if peer.lists_uploads() {
-        assert_eq!(open, [], "{case}: multipart uploads left open");
-    }
+    let open = super::assert_exactly(peer, &objects, &expected, &case).await;
     let snapshot = proxy.snapshot();
     println!(
         "s3 fault proxy, {case}: {} files ({} bytes), {snapshot}: lost 0, duplicated 0, corrupted 0, open uploads left {}; dropping {:.1}s, draining {:.1}s",
