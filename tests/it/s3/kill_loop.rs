@@ -120,17 +120,8 @@ async fn kill_loop(peer: &Peer) {
     dropper.join().unwrap();
 
     let drained = Instant::now();
-    let arrived = poll_every(
-        Duration::from_millis(200),
-        Duration::from_secs(300),
-        async || {
-            (peer.objects().await.keys().eq(expected.keys())
-                && buffer_counts(&fx.buffer_db())
-                    .is_some_and(|(queued, failed, _)| queued == 0 && failed == 0))
-            .then_some(())
-        },
-    )
-    .await;
+    let arrived =
+        super::wait_drained(peer, &expected, &fx.buffer_db(), Duration::from_secs(300)).await;
     let objects = peer.objects().await;
     assert!(
         arrived.is_some(),

@@ -265,6 +265,24 @@ impl Peer {
     }
 }
 
+/// Waits (up to `timeout`) until the bucket holds exactly `expected`'s keys
+/// and the agent's buffer at `buffer_db` has nothing queued or parked;
+/// `None` when it did not happen in time.
+pub async fn wait_drained(
+    peer: &Peer,
+    expected: &std::collections::BTreeMap<String, Vec<u8>>,
+    buffer_db: &Path,
+    timeout: Duration,
+) -> Option<()> {
+    poll_every(Duration::from_millis(200), timeout, async || {
+        (peer.objects().await.keys().eq(expected.keys())
+            && crate::faults::buffer_counts(buffer_db)
+                .is_some_and(|(queued, failed, _)| queued == 0 && failed == 0))
+        .then_some(())
+    })
+    .await
+}
+
 /// Checks that the bucket's `objects` are exactly `expected`, byte for byte
 /// (also as files on s3s-fs's disk), and, on a server that lists them, that
 /// no multipart upload is left open; returns the open uploads.

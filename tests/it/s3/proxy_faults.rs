@@ -128,17 +128,8 @@ async fn through_the_proxy(peer: &Peer) {
     let dropping = started.elapsed();
 
     let drained = Instant::now();
-    let arrived = poll_every(
-        Duration::from_millis(200),
-        Duration::from_secs(240),
-        async || {
-            (peer.objects().await.keys().eq(expected.keys())
-                && buffer_counts(&fx.buffer_db())
-                    .is_some_and(|(queued, failed, _)| queued == 0 && failed == 0))
-            .then_some(())
-        },
-    )
-    .await;
+    let arrived =
+        super::wait_drained(peer, &expected, &fx.buffer_db(), Duration::from_secs(240)).await;
     let objects = peer.objects().await;
     assert!(
         arrived.is_some(),

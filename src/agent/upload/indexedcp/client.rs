@@ -117,13 +117,15 @@ impl IndexedCp {
         // before its reason reached the HTTP client: ask it again, once,
         // when the failure says nothing (not a timeout, not a refused
         // connection, which a down receiver gives).
-        let unexplained = !e.is_timeout() && !e.is_connect() && certificate_problem(&e).is_none();
-        let probed = if unexplained && self.url.starts_with("https://") {
-            super::probe::refusal_reason(&self.url, &self.tls).await
-        } else {
-            None
-        };
-        if let Some(reason) = certificate_problem(&e).or(probed) {
+        let mut reason = certificate_problem(&e);
+        if reason.is_none()
+            && !e.is_timeout()
+            && !e.is_connect()
+            && self.url.starts_with("https://")
+        {
+            reason = super::probe::refusal_reason(&self.url, &self.tls).await;
+        }
+        if let Some(reason) = reason {
             let host = reqwest::Url::parse(&self.url)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
