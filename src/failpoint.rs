@@ -26,6 +26,9 @@ pub const COMPILED: bool = cfg!(feature = "failpoints");
 
 /// Ingest: the buffered copy is committed, the source not yet disposed of.
 pub const INGEST_AFTER_COMMIT: &str = "ingest-after-commit";
+/// Ingest: a large file streamed into the buffer is read whole, its chunks
+/// but the last committed (and perhaps sent), the file not yet sealed.
+pub const INGEST_BEFORE_SEAL: &str = "ingest-before-seal";
 /// Ingest: the source is disposed of, nothing else recorded yet.
 pub const INGEST_AFTER_DISPOSE: &str = "ingest-after-dispose";
 /// Upload: the receiver acknowledged a chunk, the store does not know yet.
@@ -38,8 +41,9 @@ pub const SERVER_BEFORE_RENAME: &str = "server-before-rename";
 pub const SERVER_AFTER_RENAME: &str = "server-after-rename";
 
 /// Every crash point between two durable steps, for tests that try them all.
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     INGEST_AFTER_COMMIT,
+    INGEST_BEFORE_SEAL,
     INGEST_AFTER_DISPOSE,
     UPLOAD_AFTER_ACK,
     UPLOAD_AFTER_COMPLETE,

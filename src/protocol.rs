@@ -25,6 +25,10 @@ pub const CHUNK_COUNT: &str = "x-chunk-count";
 pub const FILE_SHA256: &str = "x-file-sha256";
 /// Reply header by which a receiver announces the resumable extension.
 pub const RESUMABLE: &str = "x-indexedcp-resumable";
+/// Reply header by which a receiver announces that resumable chunks may leave
+/// out [`FILE_SHA256`] until the file's hash is known: a client may send a
+/// file's first chunks while it is still reading the rest.
+pub const STREAMING: &str = "x-indexedcp-streaming";
 
 // Batch extension: whole small files, many per request (`POST <url>/batch`).
 /// Reply header by which a receiver announces batches: the most files it takes

@@ -163,21 +163,32 @@ struct Prepared {
 }
 
 /// Buffers several candidates in one transaction (one sync for all of them),
-/// then disposes of each one kept. Returns an outcome per offer, in order. An
-/// error of the whole batch (the store failed) keeps none of them: they stay
-/// in the spool.
+/// then disposes of each one kept; then streams in each large one
+/// ([`STREAM_MIN_CHUNKS`] chunks or more) in commits of its own, calling
+/// `committed` after each, and disposes of it once it is sealed. Returns an
+/// outcome per offer, in order. An error of the batch (the store failed)
+/// keeps none of its files: they stay in the spool.
 pub fn ingest_candidates(
     store: &Store,
     offers: &[Offer],
     max_buffer_bytes: u64,
+    committed: &dyn Fn(),
 ) -> Result<Vec<Result<IngestOutcome, IngestError>>, IngestError> {
     let mut outcomes: Vec<Option<Result<IngestOutcome, IngestError>>> =
         offers.iter().map(|_| None).collect();
     let mut buffered = store.buffered_bytes()?;
     let mut free = store.free_bytes();
-    let mut prepared = Vec::new();
+    let (mut prepared, mut streamed) = (Vec::new(), Vec::new());
     for (at, offer) in offers.iter().enumerate() {
         match prepare(store, offer, max_buffer_bytes, &mut buffered, &mut free) {
+            Ok(Ok((file, new_file, expected))) if chunk_count(&new_file) >= STREAM_MIN_CHUNKS => {
+                streamed.push(Prepared {
+                    at,
+                    file,
+                    new_file,
+                    expected,
+                })
+            }
             Ok(Ok((file, new_file, expected))) => prepared.push(Prepared {
                 at,
                 file,
@@ -216,24 +227,49 @@ pub fn ingest_candidates(
     if !kept.is_empty() {
         crate::failpoint::hit(crate::failpoint::INGEST_AFTER_COMMIT);
     }
-    for (at, file_id) in kept {
+    let dispose_kept = |at: usize, file_id: i64| {
         let (candidate, spool) = (&offers[at].candidate, &offers[at].spool);
         let expected = candidate.identity;
-        outcomes[at] = Some(
-            dispose(
-                &candidate.path,
-                &candidate.relative,
-                expected,
-                &spool.disposition,
-            )
-            .map(|()| {
-                crate::failpoint::hit(crate::failpoint::INGEST_AFTER_DISPOSE);
-                IngestOutcome::Buffered {
-                    file_id,
-                    bytes: expected.size,
-                }
-            }),
-        );
+        dispose(
+            &candidate.path,
+            &candidate.relative,
+            expected,
+            &spool.disposition,
+        )
+        .map(|()| {
+            crate::failpoint::hit(crate::failpoint::INGEST_AFTER_DISPOSE);
+            IngestOutcome::Buffered {
+                file_id,
+                bytes: expected.size,
+            }
+        })
+    };
+    for (at, file_id) in kept {
+        outcomes[at] = Some(dispose_kept(at, file_id));
+    }
+    for p in &streamed {
+        let path = &offers[p.at].candidate.path;
+        let added =
+            store.ingest_streaming(&p.new_file, chunk_count(&p.new_file), committed, |sink| {
+                fill_chunks(
+                    sink,
+                    &p.new_file,
+                    &p.file,
+                    path,
+                    p.expected,
+                    PathCheck::NoFollow,
+                )
+            });
+        outcomes[p.at] = Some(match added {
+            Ok(Some(file_id)) => {
+                crate::failpoint::hit(crate::failpoint::INGEST_AFTER_COMMIT);
+                dispose_kept(p.at, file_id)
+            }
+            Ok(None) => Ok(IngestOutcome::Changed),
+            // This file stays in the spool and is offered again; the store
+            // error is reported with it.
+            Err(e) => Err(e),
+        });
     }
     Ok(outcomes
         .into_iter()
@@ -434,6 +470,18 @@ fn fill_chunks(
             sha256: hex::encode(whole),
         })
     })
+}
+
+/// Files of at least this many chunks are streamed into the buffer
+/// ([`Store::ingest_streaming`]): a target that takes chunks before the
+/// file's hash starts sending them while the rest is read. Smaller files
+/// share one transaction (and one sync) with the others offered together.
+pub const STREAM_MIN_CHUNKS: u64 = 4;
+
+/// How many chunks `file` is cut into: at least one (an empty file is one
+/// empty chunk).
+fn chunk_count(file: &NewFile) -> u64 {
+    file.identity.size.div_ceil(file.chunk_size.max(1)).max(1)
 }
 
 /// Chunks read ahead of the whole-file hash: memory is bounded by this many

@@ -199,6 +199,16 @@ impl Agent {
                 ok = checked.is_ok(),
                 "buffer checked (quick_check)"
             );
+            // Large files whose streaming-in a stop interrupted: their
+            // sources are still in the spools and are buffered again (under
+            // a new upload id; a receiver expires what it got of the old).
+            if checked.is_ok() {
+                match store.forget_unfinished() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(files = n, "removed files whose buffering was interrupted; they are buffered again from their spools"),
+                    Err(e) => tracing::warn!(error = %e, "could not remove files whose buffering was interrupted"),
+                }
+            }
             Ok::<_, AgentError>((store, checked))
         })
         .await
@@ -671,8 +681,14 @@ impl Agent {
             })
             .collect();
         // The offers go to the blocking task and come back with their outcomes.
+        // A large file's first commit wakes the uploader, which may send it
+        // while the rest is read (the file's own upload then follows its
+        // commits through the store).
+        let wake = self.wake.clone();
         let result = tokio::task::spawn_blocking(move || {
-            ingest::ingest_candidates(&store, &offers, max).map(|outcomes| (offers, outcomes))
+            let committed = || wake.notify_one();
+            ingest::ingest_candidates(&store, &offers, max, &committed)
+                .map(|outcomes| (offers, outcomes))
         })
         .await;
         let (offers, outcomes) = match result {

@@ -127,7 +127,8 @@ impl Inner {
         let store = self.store()?;
         let _one_at_a_time = self.round_lock.lock().await;
         let s = store.clone();
-        let files = blocking(move || s.due_files(DEFAULT_TARGET, due_at, &[], usize::MAX)).await?;
+        let files =
+            blocking(move || s.due_files(DEFAULT_TARGET, due_at, &[], usize::MAX, false)).await?;
         if files.is_empty() {
             return Ok(round_of(Vec::new()));
         }

@@ -224,6 +224,13 @@ impl Receiver {
     /// hash to the declared SHA-256; on a mismatch the staging data is discarded.
     fn verify_staged(&self, upload_id: &str, meta: &FileMeta) -> Result<(), ApiError> {
         let inner = &self.inner;
+        // Callers complete only uploads whose hash is known; this keeps one
+        // that is not from being discarded as damaged.
+        if meta.file_sha256.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "upload {upload_id} has every chunk but no X-File-Sha256 yet; send any chunk again with it"
+            )));
+        }
         let chunks = inner.state.chunks(upload_id)?;
         let mut expected_offset = 0u64;
         let mut tiled = chunks.len() as u64 == meta.chunk_count;

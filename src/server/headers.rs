@@ -66,7 +66,12 @@ pub(super) fn parse_extension(
             .ok_or_else(|| ApiError::BadRequest(format!("header {name} must be 64 hex digits")))
     };
     let chunk_sha256 = sha("X-Chunk-Sha256", required(headers, protocol::CHUNK_SHA256)?)?;
-    let file_sha256 = sha("X-File-Sha256", required(headers, protocol::FILE_SHA256)?)?;
+    // Left out while the client does not know the file's hash yet (it is
+    // still reading the file): the upload completes once a chunk brings it.
+    let file_sha256 = match header_str(headers, protocol::FILE_SHA256)? {
+        Some(value) => sha("X-File-Sha256", value)?,
+        None => String::new(),
+    };
     if chunk_count == 0 {
         return Err(ApiError::BadRequest(
             "header X-Chunk-Count must be at least 1 (an empty file is one empty chunk)".to_owned(),

@@ -53,7 +53,11 @@ pub(super) async fn upload_status(
     let mut received: Vec<u64> = chunks.iter().map(|c| c.chunk_idx).collect();
     // Everything arrived but completion was interrupted: finish it now, so the
     // client sees the true state instead of re-sending.
-    if upload.phase != UploadPhase::Complete && received.len() as u64 == upload.meta.chunk_count
+    // (Not before the file's hash is known: a chunk sent again with it
+    // completes the upload.)
+    if upload.phase != UploadPhase::Complete
+        && received.len() as u64 == upload.meta.chunk_count
+        && !upload.meta.file_sha256.is_empty()
         || upload.phase == UploadPhase::Finalizing
     {
         match receiver.finalize(&upload_id).await {
@@ -119,8 +123,22 @@ pub(super) async fn receive_resumable(
         Ok::<_, ApiError>(state.get_or_create_upload(&id, &meta, sender.client.as_deref())?)
     })
     .await?;
-    if upload.meta != ext.meta {
+    if !upload.meta.admits(&ext.meta) {
         return Err(upload_id_in_use(&ext.upload_id, &upload.meta));
+    }
+    // The first chunk that brings the file's hash to an upload created
+    // without it records it; the upload completes only once it is known.
+    let mut sha_known = !upload.meta.file_sha256.is_empty();
+    if !sha_known && !ext.meta.file_sha256.is_empty() {
+        let state = inner.state.clone();
+        let (id, sha) = (ext.upload_id.clone(), ext.meta.file_sha256.clone());
+        let recorded = blocking(move || state.learn_file_sha256(&id, &sha)).await?;
+        if recorded != ext.meta.file_sha256 {
+            let mut meta = upload.meta.clone();
+            meta.file_sha256 = recorded;
+            return Err(upload_id_in_use(&ext.upload_id, &meta));
+        }
+        sha_known = true;
     }
     let reply = |message: &str, duplicate: bool, actual: Option<String>, received: Option<u64>| {
         let complete = actual.is_some();
@@ -264,7 +282,15 @@ pub(super) async fn receive_resumable(
     };
     drop(chunk_guard);
 
-    if received == ext.meta.chunk_count {
+    // Another chunk may have brought the file's hash meanwhile.
+    if received == ext.meta.chunk_count && !sha_known {
+        let state = inner.state.clone();
+        let id = ext.upload_id.clone();
+        sha_known = blocking(move || state.upload(&id))
+            .await?
+            .is_some_and(|u| !u.meta.file_sha256.is_empty());
+    }
+    if received == ext.meta.chunk_count && sha_known {
         let name = receiver.finalize(&ext.upload_id).await?;
         return Ok(reply(
             "Upload complete",

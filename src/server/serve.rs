@@ -383,10 +383,11 @@ async fn cors(request: Request, next: Next) -> Response {
     );
     h.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("X-IndexedCP-Resumable, X-IndexedCP-Batch"),
+        HeaderValue::from_static("X-IndexedCP-Resumable, X-IndexedCP-Batch, X-IndexedCP-Streaming"),
     );
     if upload_route {
         h.insert(protocol::RESUMABLE, HeaderValue::from_static("1"));
+        h.insert(protocol::STREAMING, HeaderValue::from_static("1"));
         h.insert(
             protocol::BATCH,
             HeaderValue::from(protocol::MAX_BATCH_FILES),

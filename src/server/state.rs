@@ -111,6 +111,21 @@ pub(super) struct FileMeta {
     pub(super) file_sha256: String,
 }
 
+impl FileMeta {
+    /// Whether a chunk that declares `other` belongs to the upload created
+    /// with `self`: the same file, and the same SHA-256 where both know it
+    /// (a chunk sent while its client was still reading the file carries
+    /// none, see [`protocol::STREAMING`](crate::protocol::STREAMING)).
+    pub(super) fn admits(&self, other: &FileMeta) -> bool {
+        self.client_name == other.client_name
+            && self.file_size == other.file_size
+            && self.chunk_count == other.chunk_count
+            && (self.file_sha256 == other.file_sha256
+                || self.file_sha256.is_empty()
+                || other.file_sha256.is_empty())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct Upload {
     pub(super) upload_id: String,
@@ -298,6 +313,24 @@ impl UploadState {
     /// to redo it after a power cut.
     ///
     /// [`Receiver::recover`]: crate::server::Receiver::recover
+    /// Records the whole file's SHA-256 of an upload created without it, and
+    /// returns the one recorded: the first chunk to bring it decides, and a
+    /// later different one is the caller's conflict. Unsynced, like the
+    /// chunks: a record lost to a power cut is brought again by the chunk
+    /// the client sends last.
+    pub(super) fn learn_file_sha256(&self, upload_id: &str, sha256: &str) -> Result<String> {
+        let mut conn = self.pool.get()?;
+        sqlite::unsynced(&mut conn, |conn| {
+            conn.prepare_cached(
+                "UPDATE uploads SET file_sha256 = ?2 WHERE upload_id = ?1 AND file_sha256 = ''",
+            )?
+            .execute(params![upload_id, sha256])?;
+            conn.prepare_cached("SELECT file_sha256 FROM uploads WHERE upload_id = ?1")?
+                .query_row(params![upload_id], |r| r.get(0))
+        })
+        .map_err(Into::into)
+    }
+
     pub(super) fn complete(&self, upload_id: &str, actual_name: &str) -> Result<()> {
         self.complete_many(&[(upload_id.to_owned(), actual_name.to_owned())])
     }

@@ -297,6 +297,9 @@ async fn an_unavailable_then_unreachable_receiver_gets_everything_on_the_retry_s
 struct V1Receiver {
     files: Mutex<BTreeMap<String, Vec<u8>>>,
     order: Mutex<BTreeMap<String, Vec<u64>>>,
+    /// Chunks that came without `X-File-Sha256`: a receiver that did not
+    /// announce streaming must get none.
+    without_file_hash: Mutex<u64>,
 }
 
 async fn v1_upload(
@@ -313,6 +316,9 @@ async fn v1_upload(
             axum::Json(serde_json::json!({"error": "Invalid or missing API key"})),
         )
             .into_response();
+    }
+    if !headers.contains_key("x-file-sha256") {
+        *state.without_file_hash.lock().unwrap() += 1;
     }
     let name = String::from_utf8(headers["x-file-name"].as_bytes().to_vec()).unwrap();
     let index: u64 = headers["x-chunk-index"].to_str().unwrap().parse().unwrap();
@@ -370,6 +376,9 @@ async fn a_v1_only_receiver_gets_identical_files_with_chunks_in_order() {
         let expected: Vec<u64> = (0..files[name].len().div_ceil(64 * 1024).max(1) as u64).collect();
         assert_eq!(order, &expected, "{name}: chunks out of order or repeated");
     }
+    // Files of 4 chunks and more were streamed into the buffer, yet none
+    // left before it was sealed: every chunk carried the file's hash.
+    assert_eq!(*state.without_file_hash.lock().unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

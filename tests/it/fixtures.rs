@@ -172,6 +172,18 @@ impl ResumableChunk<'_> {
         self.request_with(client, url, &[])
     }
 
+    /// The request without `X-File-Sha256`, as a client sends the chunks of
+    /// a file it is still reading to a receiver that announced streaming.
+    pub fn request_without_file_hash(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self.request(client, url).build().unwrap();
+        request.headers_mut().remove("x-file-sha256");
+        reqwest::RequestBuilder::from_parts(client.clone(), request)
+    }
+
     /// The request with some headers replaced by `overrides`.
     pub fn request_with(
         &self,

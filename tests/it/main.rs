@@ -34,6 +34,7 @@ mod reload;
 mod s3;
 mod s3_cli;
 mod spool_guards;
+mod streaming;
 mod supervision;
 mod systemd_units;
 mod tls;

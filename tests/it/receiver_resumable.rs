@@ -359,3 +359,99 @@ async fn concurrent_chunks_of_one_file() {
     .await;
     assert_eq!(visible_files(&out).len(), 1);
 }
+
+#[tokio::test]
+async fn chunks_may_come_before_the_file_hash_and_the_upload_completes_once_it_is_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let url = server.upload_url();
+    let client = reqwest::Client::new();
+    let file = pseudo_random(3 * CHUNK + 100, 5);
+    let id = "streaming-0123456789abcdef";
+    let reply = |r: reqwest::Response| async move {
+        assert_eq!(
+            r.headers()
+                .get("x-indexedcp-streaming")
+                .map(|v| v.to_str().unwrap()),
+            Some("1")
+        );
+        json(r).await
+    };
+    // Every chunk without the file's hash: all recorded, not complete.
+    for index in 0..4 {
+        let c = chunk(id, "streamed.bin", &file, index);
+        let (status, body) = reply(
+            c.request_without_file_hash(&client, &url)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["complete"], false, "{body}");
+    }
+    assert!(!dir.path().join("streamed.bin").exists());
+    let status = client
+        .get(format!("{url}/{id}"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    let (code, body) = json(status).await;
+    assert_eq!(code, 200);
+    assert_eq!(body["complete"], false, "{body}");
+    assert_eq!(body["receivedChunks"], serde_json::json!([0, 1, 2, 3]));
+
+    // The last chunk again, with the file's hash: recorded, and the upload
+    // completes in the same request.
+    let last = chunk(id, "streamed.bin", &file, 3);
+    let (code, body) = send(&client, &url, &last).await;
+    assert_eq!(
+        (code, &body["complete"]),
+        (200, &serde_json::json!(true)),
+        "{body}"
+    );
+    assert_eq!(body["duplicate"], true, "{body}");
+    assert_eq!(
+        std::fs::read(dir.path().join("streamed.bin")).unwrap(),
+        file
+    );
+    let other = "ab".repeat(32);
+    let response = last
+        .request_with(&client, &url, &[("X-File-Sha256", other)])
+        .send()
+        .await
+        .unwrap();
+    // Another file under the same id: a conflict, and the file stays.
+    assert_eq!(response.status().as_u16(), 409);
+    assert_eq!(
+        std::fs::read(dir.path().join("streamed.bin")).unwrap(),
+        file
+    );
+
+    // A second upload: the hash comes with its first chunk, a different one
+    // with a later chunk is a conflict, and the right one completes it.
+    let id2 = "streaming-second-0123456789";
+    let first = chunk(id2, "second.bin", &file, 0);
+    let (code, _) = send(&client, &url, &first).await;
+    assert_eq!(code, 200);
+    let wrong = chunk(id2, "second.bin", &file, 1)
+        .request_with(&client, &url, &[("X-File-Sha256", "cd".repeat(32))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 409);
+    for index in 1..4 {
+        let c = chunk(id2, "second.bin", &file, index);
+        let (code, body) = json(
+            c.request_without_file_hash(&client, &url)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["complete"], index == 3, "{body}");
+    }
+    assert_eq!(std::fs::read(dir.path().join("second.bin")).unwrap(), file);
+}

@@ -115,10 +115,15 @@ mod tests {
         assert_eq!(store.file(a).unwrap().server_name.as_deref(), Some("a"));
         assert_eq!(store.buffered_bytes().unwrap(), 10);
         store.park(b, "400 Invalid filename").unwrap();
-        assert!(store.due_files("t", i64::MAX, &[], 10).unwrap().is_empty());
+        assert!(
+            store
+                .due_files("t", i64::MAX, &[], 10, false)
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(store.counts().unwrap(), (0, 1, 1));
         assert_eq!(store.retry(None).unwrap(), 1);
-        assert_eq!(store.due_files("t", 0, &[], 10).unwrap().len(), 1);
+        assert_eq!(store.due_files("t", 0, &[], 10, false).unwrap().len(), 1);
         assert!(store.purge(b).unwrap());
         assert!(!store.purge(b).unwrap());
         assert_eq!(store.forget_confirmed_before(now_ms() + 1).unwrap(), 1);

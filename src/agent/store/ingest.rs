@@ -14,7 +14,26 @@ pub struct ChunkSink<'a> {
     file_id: i64,
     next_idx: u64,
     offset: u64,
+    /// Set when the file is streamed ([`Store::ingest_streaming`]).
+    streaming: Option<Streaming<'a>>,
 }
+
+/// The intermediate commits of a file streamed into the buffer.
+struct Streaming<'a> {
+    /// The file's chunk count: the last chunk is never in an intermediate
+    /// commit, so the uploader cannot finish the file before it is sealed.
+    chunk_count: u64,
+    /// Chunk bytes pushed since the last commit.
+    since: u64,
+    /// Called after each commit.
+    committed: &'a dyn Fn(),
+}
+
+/// Chunk bytes of a streamed file per intermediate commit. Each commit also
+/// writes the few b-tree pages it touched to the WAL again, so commits are
+/// not per chunk; the first commit comes after the first chunk, so that
+/// sending starts at once.
+const STREAM_COMMIT_BYTES: u64 = 8 << 20;
 
 impl ChunkSink<'_> {
     /// How many chunks were pushed so far.
@@ -24,6 +43,15 @@ impl ChunkSink<'_> {
 
     /// Appends the next chunk, with its SHA-256 as hex.
     pub(crate) fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
+        if let Some(streaming) = &self.streaming
+            && self.next_idx + 1 == streaming.chunk_count
+        {
+            // The last chunk opens the sealing transaction, which is synced
+            // (SQLite changes that only between transactions).
+            self.conn
+                .execute_batch("COMMIT; PRAGMA synchronous = FULL; BEGIN IMMEDIATE")?;
+            (streaming.committed)();
+        }
         self.conn.prepare_cached(
             "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
@@ -33,6 +61,21 @@ impl ChunkSink<'_> {
             .execute(params![self.file_id, self.next_idx as i64, data])?;
         self.next_idx += 1;
         self.offset += data.len() as u64;
+        if let Some(streaming) = &mut self.streaming {
+            streaming.since += data.len() as u64;
+            let first = self.next_idx == 1;
+            if self.next_idx < streaming.chunk_count
+                && (first || streaming.since >= STREAM_COMMIT_BYTES)
+            {
+                // Unsynced (the connection runs with synchronous = NORMAL
+                // until the file is sealed): the source stays in the spool
+                // until the sealing commit, which is synced and makes these
+                // durable with it.
+                self.conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
+                streaming.since = 0;
+                (streaming.committed)();
+            }
+        }
         Ok(())
     }
 }
@@ -84,6 +127,7 @@ impl IngestBatch<'_> {
             file_id,
             next_idx: 0,
             offset: 0,
+            streaming: None,
         };
         // A file that failed or changed leaves nothing behind; the rest of the
         // batch stays. (Not a savepoint: that would copy every page it touches.)
@@ -109,32 +153,44 @@ impl IngestBatch<'_> {
             })
             .map_err(StoreError::from)?;
         if file.remember_kept {
-            self.tx
-                .prepare_cached("INSERT OR REPLACE INTO kept_sources (spool, rel_path, src_dev, src_ino, src_size, src_mtime_ns)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)").map_err(StoreError::from)?.execute(params![
-                        file.spool,
-                        file.rel_path,
-                        file.identity.dev as i64,
-                        file.identity.ino as i64,
-                        file.identity.size as i64,
-                        file.identity.mtime_ns
-                    ])
-                .map_err(StoreError::from)?;
+            remember_kept(&self.tx, file).map_err(StoreError::from)?;
         }
         Ok(Some(file_id))
     }
 
     /// Removes what was written of file `file_id` in this batch.
     fn forget(&self, file_id: i64) -> Result<()> {
-        for sql in [
-            "DELETE FROM chunk_data WHERE file_id = ?1",
-            "DELETE FROM chunks WHERE file_id = ?1",
-            "DELETE FROM files WHERE id = ?1",
-        ] {
-            self.tx.prepare_cached(sql)?.execute(params![file_id])?;
-        }
-        Ok(())
+        forget_file(&self.tx, file_id)
     }
+}
+
+/// Records a kept source's identity, so that it is never buffered again.
+fn remember_kept(conn: &rusqlite::Connection, file: &NewFile) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO kept_sources (spool, rel_path, src_dev, src_ino, src_size, src_mtime_ns)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        file.spool,
+        file.rel_path,
+        file.identity.dev as i64,
+        file.identity.ino as i64,
+        file.identity.size as i64,
+        file.identity.mtime_ns
+    ])
+}
+
+/// Deletes file `file_id` with its chunks (in the caller's transaction, if any).
+fn forget_file(conn: &rusqlite::Connection, file_id: i64) -> Result<()> {
+    for sql in [
+        "DELETE FROM chunk_data WHERE file_id = ?1",
+        "DELETE FROM chunks WHERE file_id = ?1",
+        "DELETE FROM chunk_errors WHERE file_id = ?1",
+        "DELETE FROM files WHERE id = ?1",
+    ] {
+        conn.prepare_cached(sql)?.execute(params![file_id])?;
+    }
+    Ok(())
 }
 
 /// What the ingest callback decided after reading the whole source.
@@ -148,10 +204,11 @@ pub enum IngestDecision {
 impl Store {
     /// The id of a buffered file with this source identity in this spool, if any:
     /// the source was buffered before and only its disposal may be missing.
+    /// A file still being streamed in does not count: its source is needed.
     pub(crate) fn find_by_source(&self, spool: &str, id: SourceIdentity) -> Result<Option<i64>> {
         let conn = self.pool.get()?;
         Ok(conn
-            .prepare_cached("SELECT id FROM files WHERE spool = ?1 AND src_dev = ?2 AND src_ino = ?3 AND src_size = ?4 AND src_mtime_ns = ?5")?.query_row(params![spool, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
+            .prepare_cached("SELECT id FROM files WHERE spool = ?1 AND src_dev = ?2 AND src_ino = ?3 AND src_size = ?4 AND src_mtime_ns = ?5 AND sha256 != ''")?.query_row(params![spool, id.dev as i64, id.ino as i64, id.size as i64, id.mtime_ns],
                 |r| r.get(0))
             .optional()?)
     }
@@ -180,6 +237,127 @@ impl Store {
         let added = self.ingest_batch(|batch| batch.add(file, fill))?;
         self.trim_wal();
         Ok(added)
+    }
+
+    /// Buffers one large file in commits of its own while it is read, so that
+    /// a delivery that can send a file before its hash is known starts at
+    /// once. The file's row is created first, with its size and its
+    /// `chunk_count` (which `fill` must push exactly) and an empty SHA-256,
+    /// which marks it as still being buffered; chunks are committed
+    /// unsynced every few MiB, `committed` being called after each commit;
+    /// the last chunk and the SHA-256 come in the final commit, which is
+    /// synced. Returns the file's id, or `None` when `fill` aborted: then,
+    /// as on an error, what was committed of the file is deleted again (or,
+    /// if even that fails, at the next start: [`Store::forget_unfinished`]).
+    pub(crate) fn ingest_streaming<E>(
+        &self,
+        file: &NewFile,
+        chunk_count: u64,
+        committed: &dyn Fn(),
+        fill: impl FnOnce(&mut ChunkSink<'_>) -> std::result::Result<IngestDecision, E>,
+    ) -> std::result::Result<Option<i64>, E>
+    where
+        E: From<StoreError>,
+    {
+        let committed = || {
+            self.commits.send_modify(|n| *n = n.wrapping_add(1));
+            committed();
+        };
+        let conn = self.pool.get().map_err(StoreError::from)?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
+            .map_err(StoreError::from)?;
+        let mut file_id = None;
+        let outcome = (|| -> std::result::Result<Option<i64>, E> {
+            let now = now_ms();
+            conn.prepare_cached(
+                "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
+                                    src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'queued', ?14, ?14)",
+            )
+            .and_then(|mut insert| {
+                insert.execute(params![
+                    file.spool,
+                    file.rel_path,
+                    file.remote_name,
+                    file.target,
+                    file.identity.size as i64,
+                    file.chunk_size as i64,
+                    chunk_count as i64,
+                    file.upload_id,
+                    file.src_path,
+                    file.identity.dev as i64,
+                    file.identity.ino as i64,
+                    file.identity.size as i64,
+                    file.identity.mtime_ns,
+                    now
+                ])
+            })
+            .map_err(StoreError::from)?;
+            let id = conn.last_insert_rowid();
+            file_id = Some(id);
+            let mut sink = ChunkSink {
+                conn: &conn,
+                file_id: id,
+                next_idx: 0,
+                offset: 0,
+                streaming: Some(Streaming {
+                    chunk_count,
+                    since: 0,
+                    committed: &committed,
+                }),
+            };
+            let sha256 = match fill(&mut sink)? {
+                IngestDecision::Commit { sha256 } => sha256,
+                IngestDecision::Abort => return Ok(None),
+            };
+            if sink.next_idx != chunk_count || sink.offset != file.identity.size {
+                return Ok(None);
+            }
+            crate::failpoint::hit(crate::failpoint::INGEST_BEFORE_SEAL);
+            conn.prepare_cached("UPDATE files SET sha256 = ?2 WHERE id = ?1")
+                .and_then(|mut update| update.execute(params![id, sha256]))
+                .map_err(StoreError::from)?;
+            if file.remember_kept {
+                remember_kept(&conn, file).map_err(StoreError::from)?;
+            }
+            // The sealing commit is synced (see `ChunkSink::push`): the
+            // source may go right after it.
+            conn.execute_batch("COMMIT").map_err(StoreError::from)?;
+            Ok(Some(id))
+        })();
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let _ = conn.execute_batch("PRAGMA synchronous = FULL");
+        if !matches!(outcome, Ok(Some(_)))
+            && let Some(id) = file_id
+        {
+            let forgotten = forget_file(&conn, id);
+            if let Err(e) = forgotten {
+                tracing::warn!(file_id = id, error = %e, "could not remove a file whose buffering stopped half-way; it is removed at the next start");
+            }
+        }
+        committed();
+        outcome
+    }
+
+    /// Removes files whose buffering a stop interrupted half-way (streamed
+    /// files never sealed), with their chunks: their sources are still in
+    /// their spools, and are buffered again. Returns how many. Only for the
+    /// process that streams files in (the daemon), at its start.
+    pub(crate) fn forget_unfinished(&self) -> Result<usize> {
+        let mut conn = self.pool.get()?;
+        let tx = conn.transaction()?;
+        let ids: Vec<i64> = tx
+            .prepare("SELECT id FROM files WHERE state = 'queued' AND sha256 = ''")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for id in &ids {
+            forget_file(&tx, *id)?;
+        }
+        super::schema::release_free_pages(&tx)?;
+        tx.commit()?;
+        Ok(ids.len())
     }
 
     /// Buffers several files in one transaction, so that one sync covers them
@@ -262,6 +440,79 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn a_streamed_file_is_visible_chunk_by_chunk_and_sealed_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let mut file = new_file("big", 7);
+        file.identity.size = 10;
+        let commits = std::cell::Cell::new(0);
+        let committed = || commits.set(commits.get() + 1);
+        // Seen from another connection while the file is read: after the
+        // first chunk's commit the file is due to a target that streams
+        // (only), without a hash, and without its last chunk.
+        let id = store
+            .ingest_streaming(&file, 3, &committed, |sink| -> Result<IngestDecision> {
+                sink.push(b"0123", "c0")?;
+                let due = store.due_files("t", i64::MAX, &[], 10, true)?;
+                assert_eq!(due.len(), 1);
+                assert!(due[0].is_buffering());
+                assert_eq!((due[0].size, due[0].chunk_count), (10, 3));
+                assert!(store.due_files("t", i64::MAX, &[], 10, false)?.is_empty());
+                sink.push(b"4567", "c1")?;
+                sink.push(b"89", "c2")?;
+                let seen = store.chunks(due[0].id)?.len();
+                assert_eq!(seen, 2, "every chunk but the last is seen");
+                // Not a source to dispose of yet.
+                assert_eq!(store.find_by_source("/spool", file.identity)?, None);
+                Ok(IngestDecision::Commit {
+                    sha256: "ff".into(),
+                })
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            commits.get(),
+            3,
+            "after the first chunk, before the last, the seal"
+        );
+        let rec = store.file(id).unwrap();
+        assert!(!rec.is_buffering());
+        assert_eq!((rec.sha256.as_str(), rec.chunk_count), ("ff", 3));
+        assert_eq!(store.chunk_data(id, 2).unwrap(), b"89");
+        assert_eq!(
+            store.find_by_source("/spool", file.identity).unwrap(),
+            Some(id)
+        );
+        assert_eq!(store.forget_unfinished().unwrap(), 0);
+
+        // A file whose reading is abandoned leaves nothing; nor does one a
+        // stop interrupted, once the next start tidies up.
+        let mut changed = new_file("changed", 8);
+        changed.identity.size = 10;
+        let kept = store
+            .ingest_streaming(&changed, 3, &|| {}, |sink| -> Result<IngestDecision> {
+                sink.push(b"0123", "c0")?;
+                Ok(IngestDecision::Abort)
+            })
+            .unwrap();
+        assert_eq!(kept, None);
+        assert_eq!(store.list().unwrap().len(), 1);
+        {
+            let conn = store.pool.get().unwrap();
+            conn.execute_batch(
+                "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
+                                    src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
+                 VALUES ('/spool', 'cut', 'cut', 't', 10, '', 4, 3, 'upload-cut-0123456789', '/spool/cut', 1, 9, 10, 5, 'queued', 0, 0);
+                 INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (last_insert_rowid(), 0, 0, 4, 'c0');",
+            )
+            .unwrap();
+        }
+        assert_eq!(store.forget_unfinished().unwrap(), 1);
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(store.integrity_check().unwrap(), "ok");
     }
 
     #[test]

@@ -211,7 +211,8 @@ pub struct FileRecord {
     /// The file's size in bytes.
     pub size: u64,
     /// The SHA-256 of the whole file, 64 lowercase hex digits (sent as
-    /// `X-File-Sha256`).
+    /// `X-File-Sha256`); empty while the file is still being buffered
+    /// ([`FileRecord::is_buffering`]).
     pub sha256: String,
     /// How many chunks the file was cut into, with the target's chunk size at
     /// the time it was buffered; at least 1 (an empty file is one empty chunk).
@@ -244,6 +245,16 @@ pub struct FileRecord {
     /// The delivery's resume state for this file, if it recorded one.
     #[serde(skip)]
     pub delivery_state: Option<String>,
+}
+
+impl FileRecord {
+    /// Whether the file is still being read into the buffer: a large file
+    /// may be sent while it is, to a receiver that takes chunks before the
+    /// file's hash; its size and chunk count are known, its hash is not, and
+    /// its last chunk comes with the (synced) commit that seals it.
+    pub fn is_buffering(&self) -> bool {
+        self.state == FileState::Queued && self.sha256.is_empty()
+    }
 }
 
 /// A chunk's metadata (without its bytes).
@@ -319,6 +330,9 @@ pub struct Store {
     path: std::path::PathBuf,
     /// Held while any clone lives: keeps `indexedcp doctor` away.
     _lock: Option<std::sync::Arc<corrupt::BufferLock>>,
+    /// Counts the commits of files being streamed in
+    /// ([`Store::ingest_streaming`]), for uploads that wait for their chunks.
+    commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Store {
@@ -359,7 +373,14 @@ impl Store {
             pool,
             path: path.to_owned(),
             _lock: lock.map(std::sync::Arc::new),
+            commits: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         })
+    }
+
+    /// Changes with every commit of a file being streamed in (its chunks,
+    /// its sealing, its removal), in this process.
+    pub(crate) fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     /// Bytes the buffer can still grow by: free space for an unprivileged

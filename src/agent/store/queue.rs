@@ -75,14 +75,17 @@ impl Store {
     }
 
     /// Queued files of `target` due at `now` (every pending chunk's next attempt
-    /// has come), oldest
-    /// first, skipping `busy` ids, at most `limit`.
+    /// has come), oldest first, skipping `busy` ids, at most `limit`. Files
+    /// still being buffered ([`FileRecord::is_buffering`]) count only with
+    /// `buffering` (the target can send a file before its hash is known), and
+    /// once their first chunk is in.
     pub(crate) fn due_files(
         &self,
         target: &str,
         now: i64,
         busy: &[i64],
         limit: usize,
+        buffering: bool,
     ) -> Result<Vec<FileRecord>> {
         let conn = self.pool.get()?;
         // Walks the queue in id order and stops at the first `limit` due files
@@ -90,14 +93,16 @@ impl Store {
         let mut stmt = conn.prepare_cached(
             "SELECT f.id FROM files f
              WHERE f.state = 'queued' AND f.target = ?1
+               AND (f.sha256 != '' OR (?4 AND EXISTS (SELECT 1 FROM chunks c WHERE c.file_id = f.id)))
                AND coalesce((SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id AND c.state = 'pending'),
                             (SELECT max(next_attempt) FROM chunks c WHERE c.file_id = f.id), 0) <= ?2
              ORDER BY f.id LIMIT ?3",
         )?;
         let ids = stmt
-            .query_map(params![target, now, (limit + busy.len()) as i64], |r| {
-                r.get::<_, i64>(0)
-            })?
+            .query_map(
+                params![target, now, (limit + busy.len()) as i64, buffering],
+                |r| r.get::<_, i64>(0),
+            )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         drop(stmt);
         drop(conn);
@@ -131,11 +136,17 @@ impl Store {
     /// A file's chunks in index order, without their bytes
     /// ([`Store::chunk_data`] reads those); empty for an unknown id.
     pub fn chunks(&self, file_id: i64) -> Result<Vec<ChunkMeta>> {
+        self.chunks_from(file_id, 0)
+    }
+
+    /// [`Store::chunks`] from index `from` on: the chunks of a file being
+    /// streamed in that were committed since its upload last looked.
+    pub(crate) fn chunks_from(&self, file_id: i64, from: u64) -> Result<Vec<ChunkMeta>> {
         let conn = self.pool.get()?;
-        let mut stmt = conn.prepare(
-            "SELECT idx, byte_offset, length, sha256, state, retry_count, ack FROM chunks WHERE file_id = ?1 ORDER BY idx",
+        let mut stmt = conn.prepare_cached(
+            "SELECT idx, byte_offset, length, sha256, state, retry_count, ack FROM chunks WHERE file_id = ?1 AND idx >= ?2 ORDER BY idx",
         )?;
-        let rows = stmt.query_map(params![file_id], |r| {
+        let rows = stmt.query_map(params![file_id, from as i64], |r| {
             Ok(ChunkMeta {
                 idx: r.get::<_, i64>(0)? as u64,
                 offset: r.get::<_, i64>(1)? as u64,
@@ -363,8 +374,16 @@ mod tests {
             errors.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
             ["error 3", "error 4", "error 5", "error 6", "error 7"]
         );
-        assert!(store.due_files("t", 6_999, &[], 10).unwrap().is_empty());
-        assert_eq!(store.due_files("t", 7_000, &[], 10).unwrap().len(), 1);
+        assert!(
+            store
+                .due_files("t", 6_999, &[], 10, false)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.due_files("t", 7_000, &[], 10, false).unwrap().len(),
+            1
+        );
         assert_eq!(store.next_due("t").unwrap(), Some(7_000));
         let rec = store.file(id).unwrap();
         assert_eq!(
@@ -388,8 +407,16 @@ mod tests {
         store
             .record_failure(id, 2, "finish refused", 5_000)
             .unwrap();
-        assert!(store.due_files("t", 4_999, &[], 10).unwrap().is_empty());
-        assert_eq!(store.due_files("t", 5_000, &[], 10).unwrap().len(), 1);
+        assert!(
+            store
+                .due_files("t", 4_999, &[], 10, false)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.due_files("t", 5_000, &[], 10, false).unwrap().len(),
+            1
+        );
         assert_eq!(store.next_due("t").unwrap(), Some(5_000));
     }
 

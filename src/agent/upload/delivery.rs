@@ -159,6 +159,22 @@ pub trait Delivery: Send + Sync {
         None
     }
 
+    /// Whether the peer takes a file's pieces before the file's hash is
+    /// known, so that a large file is sent while it is still being buffered
+    /// ([`FileRecord::is_buffering`]): `None` until the kind knows (see
+    /// [`Delivery::learn_streaming`]). A kind that says yes must never let
+    /// the peer finish a file before the uploader hands it the file's hash
+    /// (which comes with the last chunk, after the file is sealed).
+    fn streams(&self) -> Option<bool> {
+        Some(false)
+    }
+
+    /// Finds out [`Delivery::streams`] when it is `None`, before the first
+    /// piece of a file still being buffered is sent.
+    async fn learn_streaming(&self) -> Result<bool, UploadError> {
+        Ok(self.streams() == Some(true))
+    }
+
     /// Prepares a file's upload before its first piece when the kind must
     /// create it on the peer first. The text returned is the file's resume
     /// state: the uploader records it before any piece is sent. `state` is

@@ -49,10 +49,27 @@ pub async fn upload_file(
     observer: &dyn UploadObserver,
 ) -> Result<FileOutcome, UploadError> {
     let delivery = target.delivery.as_ref();
+    // Subscribed before the chunks are read, so that no commit of a file
+    // still being buffered is missed.
+    let mut commits = store.watch_commits();
     let s = store.clone();
     let id = file.id;
     let mut chunks = blocking(move || s.chunks(id)).await?;
+    if chunks.is_empty() {
+        // Its buffering stopped meanwhile and it was removed: it is
+        // buffered again from its source.
+        return Ok(FileOutcome::RetryLater);
+    }
     let mut state = file.delivery_state.clone();
+    let mut buffering = file.is_buffering();
+    if buffering {
+        match delivery.learn_streaming().await {
+            Ok(true) => {}
+            // The uploader no longer offers it until it is sealed.
+            Ok(false) => return Ok(FileOutcome::RetryLater),
+            Err(e) => return fail(store, target, file, &chunks[0], e, observer).await,
+        }
+    }
 
     // A file with progress: ask the peer what arrived, so that nothing is
     // sent twice and a lost completion is recognised.
@@ -114,18 +131,27 @@ pub async fn upload_file(
     }
     let state = state.as_deref();
 
+    // The chunks read so far end before this index.
+    let mut seen = chunks.last().map_or(0, |c| c.idx + 1);
     let all = pieces(chunks, delivery.min_piece_bytes());
     let mut acks: Vec<(Piece, Option<String>)> = Vec::with_capacity(all.len());
-    let mut pending = Vec::new();
+    let mut pending = std::collections::VecDeque::new();
     for piece in all {
         if piece.chunks.iter().all(|c| c.uploaded) {
             let ack = piece.chunks[0].ack.clone();
             acks.push((piece, ack));
         } else {
-            pending.push(piece);
+            pending.push_back(piece);
         }
     }
-    let send = |piece: Piece| {
+    // The record the pieces are sent with: while the file is buffered it
+    // has no SHA-256, and gets it once sealed, before its last chunk goes.
+    let mut current = std::sync::Arc::new(file.clone());
+    // Acknowledgements of a file still being buffered are recorded once it
+    // is sealed, in one commit: the ingest holds the buffer's write lock
+    // meanwhile, and a stop before sealing removes the file anyway.
+    let mut held_acks: Vec<u64> = Vec::new();
+    let send = |piece: Piece, file: std::sync::Arc<FileRecord>| {
         let s = store.clone();
         async move {
             let _in_flight = target.reserve(piece.length()).await;
@@ -144,20 +170,59 @@ pub async fn upload_file(
             })
             .await?;
             let started = std::time::Instant::now();
-            let sent = delivery.send(file, state, &piece, data).await;
+            let sent = delivery.send(&file, state, &piece, data).await;
             crate::metrics::observe_upload_latency(started.elapsed());
             Ok::<_, UploadError>((piece, sent))
         }
     };
-    let mut pending = pending.into_iter();
     let mut sends = futures::stream::FuturesUnordered::new();
     loop {
         while sends.len() < delivery.window().max(1) {
-            let Some(piece) = pending.next() else { break };
-            sends.push(send(piece));
+            let Some(piece) = pending.pop_front() else {
+                break;
+            };
+            sends.push(send(piece, current.clone()));
         }
-        let Some(done) = sends.next().await else {
+        if sends.is_empty() && !buffering {
             break;
+        }
+        let done = tokio::select! {
+            Some(done) = sends.next(), if !sends.is_empty() => done,
+            // More chunks, or the seal (a missed wake-up costs a second).
+            _ = tokio::time::timeout(std::time::Duration::from_secs(1), commits.changed()), if buffering => {
+                let s = store.clone();
+                let from = seen;
+                let (record, mut more) = blocking(move || {
+                    // Chunks first: a record found sealed means every chunk
+                    // is in, and the rest is read again below.
+                    let more = s.chunks_from(id, from)?;
+                    Ok((s.file(id), more))
+                })
+                .await?;
+                let record = match record {
+                    Ok(record) => record,
+                    // Its buffering stopped (the source changed or could
+                    // not be read): it is buffered again from the spool.
+                    Err(StoreError::NoSuchFile(_)) => return Ok(FileOutcome::RetryLater),
+                    Err(e) => return Err(e.into()),
+                };
+                if !record.is_buffering() {
+                    buffering = false;
+                    let s = store.clone();
+                    let from = more.last().map_or(seen, |c| c.idx + 1);
+                    more.extend(blocking(move || s.chunks_from(id, from)).await?);
+                    current = std::sync::Arc::new(record);
+                    if !held_acks.is_empty() {
+                        let s = store.clone();
+                        let durability = delivery.durability();
+                        let idxs = std::mem::take(&mut held_acks);
+                        blocking(move || s.mark_uploaded(id, &idxs, None, durability)).await?;
+                    }
+                }
+                seen = more.last().map_or(seen, |c| c.idx + 1);
+                pending.extend(pieces(more, delivery.min_piece_bytes()));
+                continue;
+            }
         };
         let (piece, sent) = done?;
         match sent {
@@ -176,6 +241,11 @@ pub async fn upload_file(
                         // The confirmation covers the piece.
                         acknowledged(file, &piece, last_idx, observer);
                         return confirm(store, target, file, server_name, observer).await;
+                    }
+                    Sent::Acknowledged { ack } if buffering && ack.is_none() => {
+                        held_acks.extend(piece.idxs());
+                        acknowledged(file, &piece, last_idx, observer);
+                        acks.push((piece, ack));
                     }
                     Sent::Acknowledged { ack } => {
                         let s = store.clone();

@@ -105,12 +105,15 @@ pub async fn run_uploader(
             // With batches, one slot may take many small files.
             let batch_limit = target.delivery.batches().map_or(1, |b| b.max_files());
             let wanted = room.saturating_mul(batch_limit.clamp(1, BATCH_FILES));
+            // Files still being buffered go to a target that takes them
+            // (or may: the first such file's attempt finds out).
+            let buffering = target.delivery.streams() != Some(false);
             let found = tokio::task::spawn_blocking(move || {
                 if room == 0 {
                     // A finished upload wakes the loop.
                     return Ok((Vec::new(), None));
                 }
-                let due = s.due_files(&n, crate::clock::now_ms(), &taken, wanted)?;
+                let due = s.due_files(&n, crate::clock::now_ms(), &taken, wanted, buffering)?;
                 // With every slot filled, a finished upload wakes the loop;
                 // otherwise it sleeps until the next file is due.
                 let next = if due.len() < wanted {

@@ -149,7 +149,8 @@ impl Bucket {
     ) -> Result<(HashMap<String, String>, Vec<FailedFile>), ClientError> {
         let store = self.store.clone();
         let files =
-            blocking(move || store.due_files(DEFAULT_TARGET, i64::MAX, &[], usize::MAX)).await?;
+            blocking(move || store.due_files(DEFAULT_TARGET, i64::MAX, &[], usize::MAX, false))
+                .await?;
         let observer = Progress {
             callback: self
                 .progress

@@ -1,5 +1,5 @@
 //! The HTTP requests of the IndexedCP protocol, and what the receiver's
-//! replies announce about it (the resumable extension, batches).
+//! replies announce about it (the resumable extension, batches, streaming).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -24,6 +24,9 @@ pub struct IndexedCp {
     pub(super) url: String,
     api_key: Option<String>,
     resumable: AtomicU8,
+    /// Whether the receiver takes chunks before the file's hash
+    /// ([`protocol::STREAMING`]), with the same three values.
+    streaming: AtomicU8,
     /// The most files the receiver takes in one batch; 0 when it announced none.
     batch: AtomicUsize,
     /// The batch route was refused (a receiver or proxy that predates it):
@@ -56,6 +59,7 @@ impl IndexedCp {
             url: target.url.clone(),
             api_key,
             resumable: AtomicU8::new(RESUMABLE_UNKNOWN),
+            streaming: AtomicU8::new(RESUMABLE_UNKNOWN),
             batch: AtomicUsize::new(0),
             batch_refused: AtomicBool::new(false),
             tls: target.tls.clone(),
@@ -69,6 +73,38 @@ impl IndexedCp {
             RESUMABLE_NO => Some(false),
             _ => None,
         }
+    }
+
+    /// Whether the receiver takes chunks before the file's hash is known
+    /// (`None`: not yet known).
+    pub fn streaming(&self) -> Option<bool> {
+        match self.streaming.load(Ordering::Relaxed) {
+            RESUMABLE_YES => Some(true),
+            RESUMABLE_NO => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Asks the receiver what it speaks without sending a file: a CORS
+    /// preflight (`OPTIONS`, no key needed) gets the same announcements as
+    /// any reply under the upload route. A reply without them says the
+    /// receiver does not stream, unless it is a 5xx (a proxy in front of a
+    /// receiver that is away), which is an error to retry.
+    pub(super) async fn ask_capabilities(&self) -> Result<(), UploadError> {
+        let sent = self
+            .http
+            .request(reqwest::Method::OPTIONS, &self.url)
+            .send()
+            .await;
+        let response = self.checked(sent).await?;
+        if response.headers().contains_key(protocol::RESUMABLE) {
+            self.note_resumable(response.headers());
+        } else if response.status().is_server_error() {
+            return Err(self.refusal(response).await);
+        } else {
+            self.streaming.store(RESUMABLE_NO, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The most files the receiver takes in one batch request (`POST
@@ -87,6 +123,14 @@ impl IndexedCp {
             .is_some_and(|v| v.as_bytes() == b"1");
         self.resumable.store(
             if yes { RESUMABLE_YES } else { RESUMABLE_NO },
+            Ordering::Relaxed,
+        );
+        let streams = yes
+            && headers
+                .get(protocol::STREAMING)
+                .is_some_and(|v| v.as_bytes() == b"1");
+        self.streaming.store(
+            if streams { RESUMABLE_YES } else { RESUMABLE_NO },
             Ordering::Relaxed,
         );
         let batch = headers
@@ -196,7 +240,11 @@ impl IndexedCp {
         put(protocol::CHUNK_SHA256, chunk.sha256.clone());
         put(protocol::FILE_SIZE, file.size.to_string());
         put(protocol::CHUNK_COUNT, file.chunk_count.to_string());
-        put(protocol::FILE_SHA256, file.sha256.clone());
+        // Unknown while the file is still being buffered: only sent that
+        // way to a receiver that announced streaming (see `upload::file`).
+        if !file.sha256.is_empty() {
+            put(protocol::FILE_SHA256, file.sha256.clone());
+        }
         let request = self
             .authorize(self.http.post(&self.url))
             .headers(headers)

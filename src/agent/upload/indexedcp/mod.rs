@@ -69,6 +69,17 @@ impl Delivery for IndexedCp {
         Some(self)
     }
 
+    fn streams(&self) -> Option<bool> {
+        self.streaming()
+    }
+
+    async fn learn_streaming(&self) -> Result<bool, UploadError> {
+        if self.streaming().is_none() {
+            self.ask_capabilities().await?;
+        }
+        Ok(self.streaming() == Some(true))
+    }
+
     async fn resume(&self, file: &FileRecord, _state: Option<&str>) -> Result<Resume, UploadError> {
         if self.resumable() == Some(false) {
             return Ok(Resume::Unknown);
