@@ -46,6 +46,13 @@
 //!   to `move_to`, or `keep`). A file that changes while it is read is rolled back
 //!   and taken again once it settles. A crash between commit and disposal never
 //!   buffers the same file twice (its device, inode, size and mtime are recorded).
+//!   A file of four chunks or more is **streamed in** instead: its chunks are
+//!   committed (unsynced) every 8 MiB as they are read, so that a receiver that
+//!   announces streaming gets them at once, without the file's hash; the last
+//!   chunk and the hash come with the synced commit that seals the file, and
+//!   only then is the source disposed of and the last chunk sent. A stop before
+//!   the seal leaves the source in the spool; the next start removes the
+//!   unsealed file and buffers it again.
 //!   With `max_buffer_bytes` reached (or the buffer's disk full), ingest pauses:
 //!   files wait in the spool, and ingest resumes as uploads free space.
 //! - The **uploader** wakes every `check_interval` and right after each ingest,

@@ -44,12 +44,17 @@ pub fn open_pool_with(
         }
         let _ = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0));
     }
+    // temp_store = MEMORY: statement journals and sorts stay in memory.
+    // They are small, but on disk they are written in whole pages (64 KiB
+    // for the agent's buffer) to files deleted right after: for 1,000
+    // small files that was 51 MiB written for 4 MiB delivered.
     let manager = SqliteConnectionManager::file(path).with_init(move |conn| {
         conn.execute_batch(&format!(
             "PRAGMA busy_timeout = {busy_ms};
              PRAGMA synchronous = FULL;
              PRAGMA foreign_keys = ON;
              PRAGMA journal_size_limit = 67108864;
+             PRAGMA temp_store = MEMORY;
              PRAGMA wal_autocheckpoint = {auto_checkpoint_pages};"
         ))?;
         // Every statement on a hot path is prepared once per connection.

@@ -24,6 +24,12 @@
 //! disposes. Ingest never records anything unsynced, since a source may be
 //! gone right after its commit.
 //!
+//! A file of [`STREAM_MIN_CHUNKS`] chunks or more is streamed in on its own
+//! instead ([`Store::ingest_streaming`]), after the batch: its chunks are
+//! committed unsynced as they are read, so that its upload can start, and the
+//! synced commit that seals it (its last chunk and its SHA-256) comes before
+//! its source is disposed of, exactly as for a batch.
+//!
 //! [`ingest_path`] buffers one named file in a transaction of its own and
 //! never touches the source. Every function here blocks; the daemon runs them
 //! off the async executor. Nothing here knows about HTTP.

@@ -36,11 +36,14 @@ impl Store {
 
     /// Deletes a file and its data from the buffer. Returns whether it existed.
     pub fn purge(&self, file_id: i64) -> Result<bool> {
-        let conn = self.pool.get()?;
-        Ok(conn
+        let mut conn = self.pool.get()?;
+        let existed = conn
             .prepare_cached("DELETE FROM files WHERE id = ?1")?
             .execute(params![file_id])?
-            > 0)
+            > 0;
+        // The last file's pages go back to the file system, as on delivery.
+        super::schema::release_free_pages(&mut conn)?;
+        Ok(existed)
     }
 
     /// Forgets confirmed files confirmed before `cutoff` (ms). Returns how many.

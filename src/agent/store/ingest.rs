@@ -355,8 +355,8 @@ impl Store {
         for id in &ids {
             forget_file(&tx, *id)?;
         }
-        super::schema::release_free_pages(&tx)?;
         tx.commit()?;
+        super::schema::release_free_pages(&mut conn)?;
         Ok(ids.len())
     }
 

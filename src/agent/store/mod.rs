@@ -5,7 +5,9 @@
 //! All SQL lives here. Every method blocks: callers run them off the async
 //! executor (`spawn_blocking`). This module knows nothing of tokio, HTTP or the
 //! config file. The commit that makes a file durable runs with
-//! `synchronous = FULL` because the source is deleted right after it; progress
+//! `synchronous = FULL` because the source is deleted right after it (a large
+//! file streamed in is committed unsynced chunk by chunk, and only its sealing
+//! commit is synced: [`Store::ingest_streaming`]); progress
 //! with a resumable receiver may be recorded without a sync ([`Durability`]).
 //! The buffer uses 64 KiB pages and checkpoints its WAL itself
 //! ([`Store::trim_wal`]), after files are confirmed rather than while they are

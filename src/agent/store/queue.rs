@@ -340,9 +340,9 @@ impl Store {
                     data.execute(params![file_id])?;
                 }
             }
-            super::schema::release_free_pages(&tx)?;
             tx.commit()
         })?;
+        super::schema::release_free_pages(&mut conn)?;
         drop(conn);
         // A large file's pages are still in the WAL (ingest does not
         // checkpoint): now they are copied and the WAL emptied.
