@@ -317,9 +317,17 @@ impl Durability {
 }
 
 /// A commit that left the WAL at least this large is followed by a WAL
-/// checkpoint that truncates it, so that a file's bytes are not held twice on
-/// disk for long; small commits share one checkpoint.
-const WAL_TRUNCATE_AFTER: u64 = 4 << 20;
+/// checkpoint that truncates it, so that the WAL stays bounded while files
+/// are buffered; otherwise the WAL is checkpointed once the buffer holds no
+/// chunk data ([`Store::trim_wal`]). Until then a checkpoint would copy the
+/// pages of files not yet delivered into the database, writing them a second
+/// time, while a delivered file's pages are cut off the database first and
+/// never copied.
+const WAL_TRUNCATE_AFTER: u64 = 64 << 20;
+
+/// Free space on the buffer's disk below which the WAL is checkpointed after
+/// every commit that trims it: its space is needed more than its savings.
+const DISK_TIGHT: u64 = 16 << 20;
 
 /// Page size of a new buffer: chunks are BLOBs of up to several MiB.
 const BLOB_PAGE_SIZE: u32 = 65536;
@@ -425,16 +433,30 @@ impl Store {
         Ok(n as u64)
     }
 
-    /// [`Store::truncate_wal`] once the WAL has grown past
-    /// 4 MiB (`WAL_TRUNCATE_AFTER`), so that small commits share one checkpoint; at
-    /// once when the disk is nearly full, where the WAL's space is needed.
-    /// (Commits never checkpoint by themselves: the buffer is opened without
-    /// SQLite's automatic checkpoints.)
+    /// [`Store::truncate_wal`] once the buffer holds no chunk data (the
+    /// checkpoint then copies only bookkeeping), or once the WAL has grown
+    /// past 64 MiB (`WAL_TRUNCATE_AFTER`); at once when the disk is nearly
+    /// full, where the WAL's space is needed. (Commits never checkpoint by
+    /// themselves: the buffer is opened without SQLite's automatic
+    /// checkpoints.)
     pub(crate) fn trim_wal(&self) {
         let wal = self.wal_size();
-        if wal >= WAL_TRUNCATE_AFTER || (wal > 0 && self.disk_is_tight()) {
+        if wal == 0 {
+            return;
+        }
+        if wal >= WAL_TRUNCATE_AFTER || self.disk_is_tight() || !self.holds_chunk_data() {
             self.truncate_wal();
         }
+    }
+
+    /// Whether any file's chunk bytes are in the buffer (true when unsure).
+    fn holds_chunk_data(&self) -> bool {
+        let Ok(conn) = self.pool.get() else {
+            return true;
+        };
+        conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM chunk_data)")
+            .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+            .unwrap_or(true)
     }
 
     /// [`Store::truncate_wal`] only when the disk is nearly full. After a
@@ -454,8 +476,7 @@ impl Store {
     }
 
     fn disk_is_tight(&self) -> bool {
-        self.free_disk_bytes()
-            .is_some_and(|free| free < 4 * WAL_TRUNCATE_AFTER)
+        self.free_disk_bytes().is_some_and(|free| free < DISK_TIGHT)
     }
 
     /// Copies the WAL into the database and truncates it, so that a file's
