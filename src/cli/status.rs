@@ -350,7 +350,13 @@ fn status_table(
             out,
             "{:>5}  {:<9}  {:>12}  {:>4}/{:<4}  {:>7}  {:<9}  {}",
             f.id,
-            f.state,
+            // A large file still being read into the buffer (its first
+            // chunks may be on their way already).
+            if f.is_buffering() {
+                "buffering"
+            } else {
+                f.state.as_str()
+            },
             f.size,
             f.chunks_uploaded,
             f.chunk_count,

@@ -295,6 +295,7 @@ impl Store {
             .map_err(StoreError::from)?;
             let id = conn.last_insert_rowid();
             file_id = Some(id);
+            self.set_ingesting(id, true);
             let mut sink = ChunkSink {
                 conn: &conn,
                 file_id: id,
@@ -329,6 +330,9 @@ impl Store {
             let _ = conn.execute_batch("ROLLBACK");
         }
         let _ = conn.execute_batch("PRAGMA synchronous = FULL");
+        if let Some(id) = file_id {
+            self.set_ingesting(id, false);
+        }
         if !matches!(outcome, Ok(Some(_)))
             && let Some(id) = file_id
         {
@@ -510,6 +514,14 @@ mod tests {
             )
             .unwrap();
         }
+        // Left over, not being streamed in by anyone: no upload waits for it.
+        assert!(
+            store
+                .due_files("t", i64::MAX, &[], 10, true)
+                .unwrap()
+                .iter()
+                .all(|f| !f.is_buffering())
+        );
         assert_eq!(store.forget_unfinished().unwrap(), 1);
         assert_eq!(store.list().unwrap().len(), 1);
         assert_eq!(store.integrity_check().unwrap(), "ok");

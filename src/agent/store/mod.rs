@@ -343,6 +343,11 @@ pub struct Store {
     /// Counts the commits of files being streamed in
     /// ([`Store::ingest_streaming`]), for uploads that wait for their chunks.
     commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Files this process is streaming in right now. A file still being
+    /// buffered that is not among them is left over from a streaming-in
+    /// that stopped and could not be removed (a full disk): no upload waits
+    /// for its chunks; the next start removes it.
+    ingesting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
 }
 
 impl Store {
@@ -384,7 +389,28 @@ impl Store {
             path: path.to_owned(),
             _lock: lock.map(std::sync::Arc::new),
             commits: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            ingesting: Default::default(),
         })
+    }
+
+    /// Whether this process is streaming file `id` in right now.
+    pub(crate) fn is_ingesting(&self, id: i64) -> bool {
+        self.ingesting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&id)
+    }
+
+    fn set_ingesting(&self, id: i64, now: bool) {
+        let mut ids = self
+            .ingesting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if now {
+            ids.insert(id);
+        } else {
+            ids.remove(&id);
+        }
     }
 
     /// Changes with every commit of a file being streamed in (its chunks,

@@ -117,7 +117,12 @@ impl Store {
         }
         // One query for all of them (ids as a JSON array), in id order.
         let ids = serde_json::to_string(&wanted).expect("ids serialise");
-        self.file_records("WHERE f.id IN (SELECT value FROM json_each(?1))", &[&ids])
+        let mut records =
+            self.file_records("WHERE f.id IN (SELECT value FROM json_each(?1))", &[&ids])?;
+        // A file left unsealed by a streaming-in that stopped is not
+        // waited for (see `Store::is_ingesting`).
+        records.retain(|f| !f.is_buffering() || self.is_ingesting(f.id));
+        Ok(records)
     }
 
     /// The earliest moment (ms) any queued file of `target` becomes due.

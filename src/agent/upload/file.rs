@@ -206,6 +206,10 @@ pub async fn upload_file(
                     Err(StoreError::NoSuchFile(_)) => return Ok(FileOutcome::RetryLater),
                     Err(e) => return Err(e.into()),
                 };
+                // Stopped without being removed (see `Store::is_ingesting`).
+                if record.is_buffering() && !store.is_ingesting(id) {
+                    return Ok(FileOutcome::RetryLater);
+                }
                 if !record.is_buffering() {
                     buffering = false;
                     let s = store.clone();
