@@ -27,6 +27,8 @@ struct Streaming<'a> {
     since: u64,
     /// Called after each commit.
     committed: &'a dyn Fn(),
+    /// Called between a commit and the next transaction.
+    between: &'a dyn Fn(),
 }
 
 /// Chunk bytes of a streamed file per intermediate commit. Each commit also
@@ -49,7 +51,9 @@ impl ChunkSink<'_> {
             // The last chunk opens the sealing transaction, which is synced
             // (SQLite changes that only between transactions).
             self.conn
-                .execute_batch("COMMIT; PRAGMA synchronous = FULL; BEGIN IMMEDIATE")?;
+                .execute_batch("COMMIT; PRAGMA synchronous = FULL")?;
+            (streaming.between)();
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
             (streaming.committed)();
         }
         self.conn.prepare_cached(
@@ -71,7 +75,9 @@ impl ChunkSink<'_> {
                 // until the file is sealed): the source stays in the spool
                 // until the sealing commit, which is synced and makes these
                 // durable with it.
-                self.conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
+                self.conn.execute_batch("COMMIT")?;
+                (streaming.between)();
+                self.conn.execute_batch("BEGIN IMMEDIATE")?;
                 streaming.since = 0;
                 (streaming.committed)();
             }
@@ -263,6 +269,7 @@ impl Store {
             self.commits.send_modify(|n| *n = n.wrapping_add(1));
             committed();
         };
+        self.let_writers_in();
         let conn = self.pool.get().map_err(StoreError::from)?;
         conn.execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
             .map_err(StoreError::from)?;
@@ -305,6 +312,7 @@ impl Store {
                     chunk_count,
                     since: 0,
                     committed: &committed,
+                    between: &|| self.let_writers_in(),
                 }),
             };
             let sha256 = match fill(&mut sink)? {
@@ -376,6 +384,7 @@ impl Store {
     where
         E: From<StoreError>,
     {
+        self.let_writers_in();
         let value = {
             let mut conn = self.pool.get().map_err(StoreError::from)?;
             let tx = conn
@@ -525,6 +534,50 @@ mod tests {
         assert_eq!(store.forget_unfinished().unwrap(), 1);
         assert_eq!(store.list().unwrap().len(), 1);
         assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn an_uploader_write_does_not_wait_for_a_large_file_to_be_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let other = ingest(&store, &new_file("small", 1), b"abc");
+        let mut big = new_file("big", 2);
+        big.chunk_size = 1 << 20;
+        big.identity.size = 40 << 20;
+        let chunk = vec![5u8; 1 << 20];
+        let written_at = std::sync::atomic::AtomicU64::new(u64::MAX);
+        std::thread::scope(|scope| {
+            store
+                .ingest_streaming(&big, 40, &|| {}, |sink| -> Result<IngestDecision> {
+                    for idx in 0..40u64 {
+                        sink.push(&chunk, "00")?;
+                        if idx == 2 {
+                            // An upload records its resume state meanwhile
+                            // (the write lock is the ingest's right now).
+                            let (store, written_at) = (&store, &written_at);
+                            scope.spawn(move || {
+                                store.set_delivery_state(other, Some("upload-1")).unwrap();
+                                let done = store.chunks_from(2, 0).unwrap().len() as u64;
+                                written_at.store(done, std::sync::atomic::Ordering::SeqCst);
+                            });
+                        }
+                    }
+                    Ok(IngestDecision::Commit {
+                        sha256: "ff".into(),
+                    })
+                })
+                .unwrap()
+                .unwrap();
+        });
+        let at = written_at.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            at < 39,
+            "the uploader's write went through when {at} of 40 chunks were committed; it should not wait for the seal"
+        );
+        assert_eq!(
+            store.file(other).unwrap().delivery_state.as_deref(),
+            Some("upload-1")
+        );
     }
 
     #[test]

@@ -348,6 +348,22 @@ pub struct Store {
     /// that stopped and could not be removed (a full disk): no upload waits
     /// for its chunks; the next start removes it.
     ingesting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+    /// Uploader writes waiting for (or holding) the buffer's write lock: a
+    /// file being streamed in lets them go first at its next commit
+    /// ([`Store::ingest_streaming`]), since SQLite's busy handler, which
+    /// sleeps between tries, would otherwise miss the moment between two
+    /// commits for the whole file (an S3 upload id created and then not
+    /// recorded for seconds, among others).
+    waiting_writers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one uploader write in [`Store::waiting_writers`] while it lives.
+pub(crate) struct WriterWaiting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for WriterWaiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Store {
@@ -390,7 +406,29 @@ impl Store {
             _lock: lock.map(std::sync::Arc::new),
             commits: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
             ingesting: Default::default(),
+            waiting_writers: Default::default(),
         })
+    }
+
+    /// Marks an uploader write as waiting until the guard is dropped.
+    pub(crate) fn writer_waiting(&self) -> WriterWaiting {
+        self.waiting_writers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        WriterWaiting(self.waiting_writers.clone())
+    }
+
+    /// Between two commits of a file being streamed in: lets uploader
+    /// writes that wait for the write lock have it first, for up to 250 ms.
+    pub(crate) fn let_writers_in(&self) {
+        let until = std::time::Instant::now() + Duration::from_millis(250);
+        while self
+            .waiting_writers
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Whether this process is streaming file `id` in right now.

@@ -185,6 +185,8 @@ impl Store {
         ack: Option<&str>,
         durability: Durability,
     ) -> Result<()> {
+        // Ingest pauses at its next commit until this write is done.
+        let _turn = self.writer_waiting();
         let mut conn = self.pool.get()?;
         durability.run(&mut conn, |conn| {
             let tx = conn.transaction()?;
@@ -218,6 +220,8 @@ impl Store {
     /// Puts every chunk of a file back to pending (the receiver lost the
     /// upload, or is about to say again what it holds).
     pub(crate) fn reset_chunks(&self, file_id: i64) -> Result<()> {
+        // Ingest pauses at its next commit until this write is done.
+        let _turn = self.writer_waiting();
         let conn = self.pool.get()?;
         conn.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
             .execute(params![file_id])?;
@@ -227,6 +231,8 @@ impl Store {
     /// Forgets a file's upload on the peer: every chunk pending again and no
     /// resume state, so the next attempt starts a new upload.
     pub(crate) fn forget_upload(&self, file_id: i64) -> Result<()> {
+        // Ingest pauses at its next commit until this write is done.
+        let _turn = self.writer_waiting();
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
         tx.prepare_cached("UPDATE chunks SET state = 'pending', ack = NULL WHERE file_id = ?1")?
@@ -240,6 +246,8 @@ impl Store {
     /// Records a file's resume state (synced: the delivery depends on it
     /// from the next request on).
     pub(crate) fn set_delivery_state(&self, file_id: i64, state: Option<&str>) -> Result<()> {
+        // Ingest pauses at its next commit until this write is done.
+        let _turn = self.writer_waiting();
         let conn = self.pool.get()?;
         conn.prepare_cached("UPDATE files SET delivery_state = ?2, updated_at = ?3 WHERE id = ?1")?
             .execute(params![file_id, state, now_ms()])?;
@@ -256,6 +264,8 @@ impl Store {
         error: &str,
         next_attempt: i64,
     ) -> Result<u64> {
+        // Ingest pauses at its next commit until this write is done.
+        let _turn = self.writer_waiting();
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
         let now = now_ms();
@@ -293,6 +303,8 @@ impl Store {
     /// Parks a file as failed with the reason; it stays until an operator retries
     /// or purges it.
     pub(crate) fn park(&self, file_id: i64, reason: &str) -> Result<()> {
+        // Ingest pauses at its next commit until this write is done.
+        let _turn = self.writer_waiting();
         let conn = self.pool.get()?;
         conn.prepare_cached(
             "UPDATE files SET state = 'failed', failure = ?2, updated_at = ?3 WHERE id = ?1",
@@ -330,6 +342,8 @@ impl Store {
     }
 
     fn confirm_once(&self, files: &[(i64, Option<String>)], durability: Durability) -> Result<()> {
+        // Ingest pauses at its next commit until this write is done.
+        let _turn = self.writer_waiting();
         let mut conn = self.pool.get()?;
         durability.run(&mut conn, |conn| {
             let tx = conn.transaction()?;
