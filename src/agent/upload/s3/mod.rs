@@ -15,8 +15,11 @@
 //! Every object carries the file's SHA-256 as metadata, so an object already
 //! at the key (a PUT or CompleteMultipartUpload whose reply was lost, or a
 //! NoSuchUpload after a completion that did happen) is recognised by a HEAD
-//! showing our size and SHA-256 and counted as confirmed, never written
-//! twice; an object with other bytes is handled by `on_conflict`, and renamed
+//! showing our size and SHA-256, and an ETag that fits the bytes sent (the
+//! MD5 of a single object, the MD5 of the recorded parts' MD5s of a
+//! multipart one), and counted as confirmed, never written twice (with an
+//! ETag that does not fit, it is written again, or deleted and uploaded
+//! again); an object with other bytes is handled by `on_conflict`, and renamed
 //! keys are derived from the file's ingest time so that every retry tries the
 //! same ones. An upload the store forgot, or one whose parts no longer fit
 //! the settings, is aborted and started again from its recorded key.
@@ -523,26 +526,23 @@ impl Delivery for S3 {
         ))
     }
 
-    async fn resume(&self, file: &FileRecord, state: Option<&str>) -> Result<Resume, UploadError> {
-        let key = match state {
-            Some(state) => {
-                let state = State::parse(&self.url, state)?;
-                if state.part_size != self.part_size {
-                    if let Some(id) = &state.multipart {
-                        self.abort_upload(&state.key, id).await?;
-                    }
-                    return Ok(Resume::Forgotten);
+    /// Never `Complete` on the strength of a HEAD alone: our size and
+    /// SHA-256 metadata are on an object whose body changed on the way too
+    /// (moto keeps such a body), and only the bytes at hand can tell. A small
+    /// file's PUT finds the object and checks its ETag against the bytes; a
+    /// multipart upload's completion, asked again, checks the object's ETag
+    /// against the recorded parts'.
+    async fn resume(&self, _file: &FileRecord, state: Option<&str>) -> Result<Resume, UploadError> {
+        if let Some(state) = state {
+            let state = State::parse(&self.url, state)?;
+            if state.part_size != self.part_size {
+                if let Some(id) = &state.multipart {
+                    self.abort_upload(&state.key, id).await?;
                 }
-                state.key
+                return Ok(Resume::Forgotten);
             }
-            None => object_key(&self.prefix, file)?,
-        };
-        Ok(match head(&self.store, &self.url, &key).await? {
-            Some(found) if found.is(file) => Resume::Complete {
-                server_name: Some(key),
-            },
-            _ => Resume::Unknown,
-        })
+        }
+        Ok(Resume::Unknown)
     }
 
     async fn send(
