@@ -10,7 +10,12 @@
 //! CreateMultipartUpload's answer and the synced commit); those are counted
 //! and printed for s3s-fs, and must be zero on moto, which lists them: there
 //! the agent finds and aborts them, and the run prints how many (about as
-//! many as s3s-fs keeps, with the same seed).
+//! many as s3s-fs keeps, with the same seed). The run also prints how many
+//! uploads were created (from the agent's debug log): one per multipart file
+//! is the ideal. The window is long, and hit again after each restart, while
+//! an ingest transaction holds the buffer's write lock (several files of
+//! tens of MiB in one transaction, seconds on a loaded machine): the id
+//! waits for the lock to be recorded, and the kill comes first.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
