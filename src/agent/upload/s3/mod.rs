@@ -37,7 +37,7 @@ mod client;
 mod uploads;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use object_store::aws::AmazonS3;
 use object_store::multipart::{MultipartStore, PartId};
@@ -59,6 +59,15 @@ use client::{
 /// Parts of one file in flight at once, as far as the byte budget allows.
 const PART_WINDOW: usize = 4;
 
+/// What the store's ETags have shown themselves to be, in [`S3::etags`].
+const ETAGS_UNKNOWN: u8 = 0;
+const ETAGS_MD5: u8 = 1;
+const ETAGS_OTHER: u8 = 2;
+
+/// ETags that were no MD5 of the bytes sent, with none that was, after which
+/// a store is taken to give other ETags (SSE-KMS encryption does).
+const UNMATCHED_ETAGS: u32 = 3;
+
 /// How many renamed keys `on_conflict = "rename"` tries before giving up.
 const MAX_RENAMES: u32 = 100;
 
@@ -70,6 +79,13 @@ pub struct S3 {
     http: reqwest::Client,
     /// Whether the store's lack of ListMultipartUploads was logged.
     said_no_listing: AtomicBool,
+    /// Whether the store's ETags are the MD5 of the bytes it keeps (one ETag
+    /// that was settles it), or something else (SSE-KMS): only the former
+    /// tell a body changed on the way.
+    etags: AtomicU8,
+    /// ETags that were not the MD5 of the bytes sent while `etags` is
+    /// unknown.
+    unmatched: AtomicU32,
     /// `s3://bucket/prefix/`, for messages.
     url: String,
     prefix: String,
@@ -118,11 +134,60 @@ impl S3 {
                     message: format!("cannot set up the http client: {e}"),
                 })?,
             said_no_listing: AtomicBool::new(false),
+            etags: AtomicU8::new(ETAGS_UNKNOWN),
+            unmatched: AtomicU32::new(0),
             url: format!("s3://{}/{}", s3.bucket, s3.prefix),
             prefix: s3.prefix.clone(),
             part_size: s3.part_size,
             on_conflict: s3.on_conflict,
         })
+    }
+
+    /// Whether `e_tag`, the store's answer to bytes whose MD5 is `md5`,
+    /// shows that it keeps other bytes. A store whose ETags were never the
+    /// MD5 of what was sent, [`UNMATCHED_ETAGS`] times in a row, gives ETags
+    /// of another kind (SSE-KMS): from then on they tell nothing, and it is
+    /// logged once.
+    fn changed_on_the_way(&self, e_tag: Option<&str>, md5: &str) -> bool {
+        if !e_tag_differs(e_tag, md5) {
+            // `e_tag_differs` against an empty MD5 is true of every plain
+            // MD5: this one is ours.
+            if e_tag_differs(e_tag, "") {
+                self.etags.store(ETAGS_MD5, Ordering::Relaxed);
+            }
+            return false;
+        }
+        match self.etags.load(Ordering::Relaxed) {
+            ETAGS_MD5 => true,
+            ETAGS_OTHER => false,
+            _ => {
+                if self.unmatched.fetch_add(1, Ordering::Relaxed) + 1 < UNMATCHED_ETAGS {
+                    return true;
+                }
+                if self
+                    .etags
+                    .compare_exchange(
+                        ETAGS_UNKNOWN,
+                        ETAGS_OTHER,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
+                    tracing::info!(target = %self.url, "the store's ETags are not the MD5 of the bytes sent (an encrypted bucket?): they cannot tell a body changed on the way, only the store's own checksum check can");
+                }
+                false
+            }
+        }
+    }
+
+    /// The ETag the object completed from `parts` must have, when the
+    /// store's ETags are known to be MD5s.
+    fn expected_multipart_e_tag(&self, parts: &[PartId]) -> Option<String> {
+        if self.etags.load(Ordering::Relaxed) != ETAGS_MD5 {
+            return None;
+        }
+        multipart_e_tag(parts.iter().map(|p| part_e_tag(&p.content_id)))
     }
 
     fn is_large(&self, file: &FileRecord) -> bool {
@@ -204,7 +269,7 @@ impl S3 {
                 .put_opts(&path, payload.clone(), options.clone())
                 .await
             {
-                Ok(put) if e_tag_differs(put.e_tag.as_deref(), &md5) => {
+                Ok(put) if self.changed_on_the_way(put.e_tag.as_deref(), &md5) => {
                     return self.rewrite(file, &key, &payload, &md5).await;
                 }
                 Ok(_) => {
@@ -221,7 +286,7 @@ impl S3 {
             // lost, or another object.
             match head(&self.store, &self.url, &key).await? {
                 Some(found) if found.is(file) => {
-                    if e_tag_differs(found.e_tag.as_deref(), &md5) {
+                    if self.changed_on_the_way(found.e_tag.as_deref(), &md5) {
                         return self.rewrite(file, &key, &payload, &md5).await;
                     }
                     return Ok(complete(key));
@@ -238,7 +303,7 @@ impl S3 {
                             .put_opts(&path, payload.clone(), options)
                             .await
                             .map_err(|e| upload_error(&self.url, &e))?;
-                        if e_tag_differs(put.e_tag.as_deref(), &md5) {
+                        if self.changed_on_the_way(put.e_tag.as_deref(), &md5) {
                             return self.rewrite(file, &key, &payload, &md5).await;
                         }
                         self.verify(file, &key).await?;
@@ -275,7 +340,7 @@ impl S3 {
                 .put_opts(&location(key), payload.clone(), options)
                 .await
                 .map_err(|e| upload_error(&self.url, &e))?;
-            if !e_tag_differs(put.e_tag.as_deref(), md5) {
+            if !self.changed_on_the_way(put.e_tag.as_deref(), md5) {
                 self.verify(file, key).await?;
                 return Ok(complete(key.to_owned()));
             }
@@ -584,7 +649,7 @@ impl Delivery for S3 {
             // changed on the way; its ETag, the MD5 of what it kept, tells.
             // The part is not recorded, so the next attempt sends it again
             // under the same number, which replaces it.
-            Ok(part) if e_tag_differs(Some(part_e_tag(&part.content_id)), &md5) => {
+            Ok(part) if self.changed_on_the_way(Some(part_e_tag(&part.content_id)), &md5) => {
                 Err(UploadError::Protocol {
                     url: self.url.clone(),
                     message: format!(
@@ -633,7 +698,7 @@ impl Delivery for S3 {
                 _ => return Err(self.restart(&state, "a part's ETag was not recorded").await),
             }
         }
-        let expected = multipart_e_tag(parts.iter().map(|p| part_e_tag(&p.content_id)));
+        let expected = self.expected_multipart_e_tag(&parts);
         let key = location(&state.key);
         match self.store.complete_multipart(&key, id, parts).await {
             Ok(done) => match &expected {
@@ -686,6 +751,44 @@ impl Delivery for S3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn s3() -> S3 {
+        let mut s3 = S3Target::new("s3://bucket/in/").unwrap();
+        s3.endpoint = Some("http://127.0.0.1:9".into());
+        s3.region = Some("us-east-1".into());
+        S3::new(&TargetConfig::new("t", "s3://bucket/in/"), &s3).unwrap()
+    }
+
+    #[test]
+    fn an_e_tag_tells_a_changed_body_only_once_the_store_has_shown_md5_e_tags() {
+        let md5 = md5_hex(b"part");
+        let other = md5_hex(b"other");
+        // Unknown yet: a mismatch is a changed body, up to the limit; then
+        // the store is taken to give other ETags, and they tell nothing.
+        let kms = s3();
+        for _ in 1..UNMATCHED_ETAGS {
+            assert!(kms.changed_on_the_way(Some(&other), &md5));
+        }
+        assert!(!kms.changed_on_the_way(Some(&other), &md5));
+        assert!(!kms.changed_on_the_way(Some(&other), &md5));
+        assert_eq!(kms.expected_multipart_e_tag(&[]), None);
+        // One ETag that is the MD5 settles it: every mismatch after that is
+        // a changed body, however many.
+        let plain = s3();
+        assert!(!plain.changed_on_the_way(Some(&format!("\"{md5}\"")), &md5));
+        for _ in 0..2 * UNMATCHED_ETAGS {
+            assert!(plain.changed_on_the_way(Some(&other), &md5));
+        }
+        // An ETag of no MD5 shape says nothing either way.
+        assert!(!plain.changed_on_the_way(Some("\"abc-2\""), &md5));
+        let part = PartId {
+            content_id: format!("<PartMetadata><e_tag>\"{md5}\"</e_tag></PartMetadata>"),
+        };
+        assert_eq!(
+            plain.expected_multipart_e_tag(std::slice::from_ref(&part)),
+            multipart_e_tag([md5.as_str()])
+        );
+    }
 
     #[test]
     fn a_key_stem_is_what_its_renamed_candidates_start_with() {
