@@ -10,7 +10,12 @@
 //! CreateMultipartUpload's answer and the synced commit); those are counted
 //! and printed for s3s-fs, and must be zero on moto, which lists them: there
 //! the agent finds and aborts them, and the run prints how many (about as
-//! many as s3s-fs keeps, with the same seed).
+//! many as s3s-fs keeps, with the same seed). The run also prints how many
+//! uploads were created (from the agent's debug log): one per multipart file
+//! is the ideal. The window is long, and hit again after each restart, while
+//! an ingest transaction holds the buffer's write lock (several files of
+//! tens of MiB in one transaction, seconds on a loaded machine): the id
+//! waits for the lock to be recorded, and the kill comes first.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -82,7 +87,8 @@ async fn kill_loop(peer: &Peer) {
     let (min_life, max_life) = (100, 800);
     let dropping = Duration::from_millis(kills * (min_life + max_life) / 2) / 2;
     let dropper = spawn_dropper(&fx, &files, dropping, seed ^ 0xD809);
-    let mut agent = AgentProc::start(&fx, &config);
+    let mut agent =
+        AgentProc::start_with_level(&fx, &config, "info,indexedcp::agent::upload::s3=debug");
     let mut during_multipart = 0;
     for kill in 0..kills {
         // Two kills in three wait for a multipart upload under way (its id
@@ -143,8 +149,9 @@ async fn kill_loop(peer: &Peer) {
         }
     }
     let leftovers_aborted = fx.log_count("agent", "aborted a multipart upload left open");
+    let creates = fx.log_count("agent", "multipart upload created");
     println!(
-        "s3 kill loop, {case}: {kills} kills ({during_multipart} with a multipart upload open), {n_files} files ({bytes} bytes): lost 0, duplicated 0, corrupted 0, open uploads left {} {open:?}, leftovers the agent aborted {leftovers_aborted}; killing {:.1}s, draining {:.1}s, total {:.1}s",
+        "s3 kill loop, {case}: {kills} kills ({during_multipart} with a multipart upload open), {n_files} files ({bytes} bytes): lost 0, duplicated 0, corrupted 0, open uploads left {} {open:?}, multipart uploads created {creates}, leftovers the agent aborted {leftovers_aborted}; killing {:.1}s, draining {:.1}s, total {:.1}s",
         open.len(),
         killing.as_secs_f64(),
         drain.as_secs_f64(),

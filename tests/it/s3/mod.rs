@@ -46,6 +46,14 @@ pub struct Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         self.kill();
+        if std::env::var_os("INDEXEDCP_FAULTS_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+            eprintln!(
+                "s3: {:?}'s directory (server.log) kept at {}",
+                self.kind,
+                dir.keep().display()
+            );
+        }
     }
 }
 

@@ -129,6 +129,7 @@ fn header_safe(text: &str) -> String {
 pub(super) struct Head {
     pub(super) size: u64,
     pub(super) sha256: Option<String>,
+    pub(super) e_tag: Option<String>,
 }
 
 impl Head {
@@ -155,6 +156,7 @@ pub(super) async fn head(
                 .attributes
                 .get(&Attribute::Metadata(SHA256_METADATA.into()))
                 .map(|v| v.to_string()),
+            e_tag: result.meta.e_tag,
         })),
         Err(object_store::Error::NotFound { source, .. })
             if !chain_text(source.as_ref()).contains("NoSuchBucket") =>
@@ -163,6 +165,67 @@ pub(super) async fn head(
         }
         Err(e) => Err(upload_error(url, &e)),
     }
+}
+
+/// The MD5 of `data` as lowercase hex, as S3 gives a plain ETag.
+pub(super) fn md5_hex(data: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    hex::encode(Md5::digest(data))
+}
+
+/// Whether an ETag shows that the store holds other bytes than those whose
+/// MD5 is `md5`. Only a plain MD5 (32 hex digits, quoted or not) tells: a
+/// multipart object's ETag (`…-N`) or one of an encrypted object is no MD5
+/// of the bytes, and says nothing either way.
+pub(super) fn e_tag_differs(e_tag: Option<&str>, md5: &str) -> bool {
+    let Some(e_tag) = e_tag else { return false };
+    let e_tag = bare_e_tag(e_tag);
+    e_tag.len() == 32 && e_tag.bytes().all(|b| b.is_ascii_hexdigit()) && e_tag != md5
+}
+
+/// An ETag without its quotes (plain or as XML escapes them), lowercase.
+fn bare_e_tag(e_tag: &str) -> String {
+    e_tag
+        .replace("&quot;", "\"")
+        .trim()
+        .trim_matches('"')
+        .to_ascii_lowercase()
+}
+
+/// The ETag S3 gives the object completed from parts with these ETags: the
+/// MD5 of their MD5s, then `-` and how many. `None` when a part's ETag is no
+/// plain MD5 (an encrypted upload), which leaves nothing to compare.
+pub(super) fn multipart_e_tag<'a>(parts: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    use md5::{Digest, Md5};
+    let mut md5s = Md5::new();
+    let mut n = 0;
+    for part in parts {
+        let bare = bare_e_tag(part);
+        let digest = hex::decode(&bare).ok().filter(|d| d.len() == 16)?;
+        md5s.update(&digest);
+        n += 1;
+    }
+    Some(format!("{}-{n}", hex::encode(md5s.finalize())))
+}
+
+/// Whether an object's ETag is not `expected` (both as [`bare_e_tag`]
+/// gives them). A missing ETag says nothing.
+pub(super) fn e_tag_is_not(e_tag: Option<&str>, expected: &str) -> bool {
+    e_tag.is_some_and(|e_tag| bare_e_tag(e_tag) != bare_e_tag(expected))
+}
+
+/// The ETag in a part's id: with checksums on, the crate keeps the part's
+/// ETag and checksums together as `<PartMetadata><e_tag>…</e_tag>…` (the
+/// element named after its field; `<ETag>` is accepted too).
+pub(super) fn part_e_tag(content_id: &str) -> &str {
+    for name in ["e_tag", "ETag"] {
+        let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+        if let Some(start) = content_id.find(&open) {
+            let rest = &content_id[start + open.len()..];
+            return rest.find(&close).map_or(rest, |end| &rest[..end]);
+        }
+    }
+    content_id
 }
 
 /// The crate's path for a key, unchanged. `Path::from` would percent-encode
@@ -302,6 +365,56 @@ mod tests {
         for key in ["in/日本/2", "in/dir 0/ünï-4.dat", "in/100%#[x].txt"] {
             assert_eq!(location(key).as_ref(), key);
         }
+    }
+
+    #[test]
+    fn only_a_plain_md5_e_tag_can_differ() {
+        let md5 = md5_hex(b"abc");
+        assert_eq!(md5, "900150983cd24fb0d6963f7d28e17f72");
+        assert!(!e_tag_differs(Some(&format!("\"{md5}\"")), &md5));
+        assert!(!e_tag_differs(Some(&md5.to_uppercase()), &md5));
+        assert!(e_tag_differs(
+            Some("\"900150983cd24fb0d6963f7d28e17f73\""),
+            &md5
+        ));
+        assert!(e_tag_differs(
+            Some("&quot;900150983cd24fb0d6963f7d28e17f73&quot;"),
+            &md5
+        ));
+        assert!(!e_tag_differs(
+            Some("\"900150983cd24fb0d6963f7d28e17f73-2\""),
+            &md5
+        ));
+        assert!(!e_tag_differs(Some("opaque"), &md5));
+        assert!(!e_tag_differs(None, &md5));
+        assert_eq!(
+            part_e_tag(
+                "<PartMetadata><ETag>\"abc\"</ETag><ChecksumSHA256>x</ChecksumSHA256></PartMetadata>"
+            ),
+            "\"abc\""
+        );
+        assert_eq!(
+            part_e_tag("<PartMetadata><e_tag>\"abc\"</e_tag></PartMetadata>"),
+            "\"abc\""
+        );
+        assert_eq!(part_e_tag("\"abc\""), "\"abc\"");
+    }
+
+    #[test]
+    fn a_multipart_e_tag_is_the_md5_of_the_parts_md5s() {
+        let (a, b) = (md5_hex(b"a"), md5_hex(b"b"));
+        let mut both = hex::decode(&a).unwrap();
+        both.extend(hex::decode(&b).unwrap());
+        let expected = format!("{}-2", md5_hex(&both));
+        let quoted = [format!("\"{a}\""), format!("&quot;{b}&quot;")];
+        assert_eq!(
+            multipart_e_tag(quoted.iter().map(String::as_str)).as_deref(),
+            Some(expected.as_str())
+        );
+        assert_eq!(multipart_e_tag([a.as_str(), "opaque"]), None);
+        assert!(!e_tag_is_not(Some(&format!("\"{expected}\"")), &expected));
+        assert!(e_tag_is_not(Some("\"x-2\""), &expected));
+        assert!(!e_tag_is_not(None, &expected));
     }
 
     #[test]

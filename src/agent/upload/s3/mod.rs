@@ -1,7 +1,10 @@
 //! The `s3` kind: each file goes straight into an S3 or S3-compatible
 //! bucket, under the target's prefix and the file's remote name, through the
 //! `object_store` crate (it signs the requests; `x-amz-checksum-sha256` lets
-//! the store verify each request's bytes). A file up to `part_size` is one
+//! the store verify each request's bytes; a store that does not, like moto,
+//! is caught by its ETag, which must be the MD5 of the bytes sent: a part
+//! whose ETag is not is sent again before it is recorded, and a single
+//! object whose ETag is not is written again). A file up to `part_size` is one
 //! PUT; a larger one is a multipart upload whose parts are runs of buffer
 //! chunks, several in flight at once within the target's byte budget.
 //!
@@ -12,8 +15,11 @@
 //! Every object carries the file's SHA-256 as metadata, so an object already
 //! at the key (a PUT or CompleteMultipartUpload whose reply was lost, or a
 //! NoSuchUpload after a completion that did happen) is recognised by a HEAD
-//! showing our size and SHA-256 and counted as confirmed, never written
-//! twice; an object with other bytes is handled by `on_conflict`, and renamed
+//! showing our size and SHA-256, and an ETag that fits the bytes sent (the
+//! MD5 of a single object, the MD5 of the recorded parts' MD5s of a
+//! multipart one), and counted as confirmed, never written twice (with an
+//! ETag that does not fit, it is written again, or deleted and uploaded
+//! again); an object with other bytes is handled by `on_conflict`, and renamed
 //! keys are derived from the file's ingest time so that every retry tries the
 //! same ones. An upload the store forgot, or one whose parts no longer fit
 //! the settings, is aborted and started again from its recorded key.
@@ -31,11 +37,13 @@ mod client;
 mod uploads;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use object_store::aws::AmazonS3;
 use object_store::multipart::{MultipartStore, PartId};
-use object_store::{ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::store::FileRecord;
@@ -43,10 +51,22 @@ use crate::config::{OnConflict, S3Target, TargetConfig};
 
 use super::delivery::{Delivery, Finished, Piece, Resume, Sent};
 use super::error::UploadError;
-use client::{Head, attributes, head, location, object_key, renamed_key, upload_error};
+use client::{
+    Head, attributes, e_tag_differs, e_tag_is_not, head, location, md5_hex, multipart_e_tag,
+    object_key, part_e_tag, renamed_key, upload_error,
+};
 
 /// Parts of one file in flight at once, as far as the byte budget allows.
 const PART_WINDOW: usize = 4;
+
+/// What the store's ETags have shown themselves to be, in [`S3::etags`].
+const ETAGS_UNKNOWN: u8 = 0;
+const ETAGS_MD5: u8 = 1;
+const ETAGS_OTHER: u8 = 2;
+
+/// ETags that were no MD5 of the bytes sent, with none that was, after which
+/// a store is taken to give other ETags (SSE-KMS encryption does).
+const UNMATCHED_ETAGS: u32 = 3;
 
 /// How many renamed keys `on_conflict = "rename"` tries before giving up.
 const MAX_RENAMES: u32 = 100;
@@ -59,6 +79,13 @@ pub struct S3 {
     http: reqwest::Client,
     /// Whether the store's lack of ListMultipartUploads was logged.
     said_no_listing: AtomicBool,
+    /// Whether the store's ETags are the MD5 of the bytes it keeps (one ETag
+    /// that was settles it), or something else (SSE-KMS): only the former
+    /// tell a body changed on the way.
+    etags: AtomicU8,
+    /// ETags that were not the MD5 of the bytes sent while `etags` is
+    /// unknown.
+    unmatched: AtomicU32,
     /// `s3://bucket/prefix/`, for messages.
     url: String,
     prefix: String,
@@ -107,11 +134,60 @@ impl S3 {
                     message: format!("cannot set up the http client: {e}"),
                 })?,
             said_no_listing: AtomicBool::new(false),
+            etags: AtomicU8::new(ETAGS_UNKNOWN),
+            unmatched: AtomicU32::new(0),
             url: format!("s3://{}/{}", s3.bucket, s3.prefix),
             prefix: s3.prefix.clone(),
             part_size: s3.part_size,
             on_conflict: s3.on_conflict,
         })
+    }
+
+    /// Whether `e_tag`, the store's answer to bytes whose MD5 is `md5`,
+    /// shows that it keeps other bytes. A store whose ETags were never the
+    /// MD5 of what was sent, [`UNMATCHED_ETAGS`] times in a row, gives ETags
+    /// of another kind (SSE-KMS): from then on they tell nothing, and it is
+    /// logged once.
+    fn changed_on_the_way(&self, e_tag: Option<&str>, md5: &str) -> bool {
+        if !e_tag_differs(e_tag, md5) {
+            // `e_tag_differs` against an empty MD5 is true of every plain
+            // MD5: this one is ours.
+            if e_tag_differs(e_tag, "") {
+                self.etags.store(ETAGS_MD5, Ordering::Relaxed);
+            }
+            return false;
+        }
+        match self.etags.load(Ordering::Relaxed) {
+            ETAGS_MD5 => true,
+            ETAGS_OTHER => false,
+            _ => {
+                if self.unmatched.fetch_add(1, Ordering::Relaxed) + 1 < UNMATCHED_ETAGS {
+                    return true;
+                }
+                if self
+                    .etags
+                    .compare_exchange(
+                        ETAGS_UNKNOWN,
+                        ETAGS_OTHER,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
+                    tracing::info!(target = %self.url, "the store's ETags are not the MD5 of the bytes sent (an encrypted bucket?): they cannot tell a body changed on the way, only the store's own checksum check can");
+                }
+                false
+            }
+        }
+    }
+
+    /// The ETag the object completed from `parts` must have, when the
+    /// store's ETags are known to be MD5s.
+    fn expected_multipart_e_tag(&self, parts: &[PartId]) -> Option<String> {
+        if self.etags.load(Ordering::Relaxed) != ETAGS_MD5 {
+            return None;
+        }
+        multipart_e_tag(parts.iter().map(|p| part_e_tag(&p.content_id)))
     }
 
     fn is_large(&self, file: &FileRecord) -> bool {
@@ -172,9 +248,13 @@ impl S3 {
     }
 
     /// A small file: one PUT that never replaces an object (unless
-    /// `on_conflict = "overwrite"`), trying renamed keys when told to.
+    /// `on_conflict = "overwrite"`), trying renamed keys when told to. An
+    /// object that is ours (our size and SHA-256 metadata) but whose ETag is
+    /// not the MD5 of the file holds a body changed on the way to a store
+    /// that does not check checksums: it is written again.
     async fn put_small(&self, file: &FileRecord, data: Vec<u8>) -> Result<Sent, UploadError> {
         let base = object_key(&self.prefix, file)?;
+        let (data, md5) = md5_off_executor(data).await?;
         let payload = PutPayload::from(data);
         let mut key = base.clone();
         for attempt in 1..=MAX_RENAMES {
@@ -189,6 +269,9 @@ impl S3 {
                 .put_opts(&path, payload.clone(), options.clone())
                 .await
             {
+                Ok(put) if self.changed_on_the_way(put.e_tag.as_deref(), &md5) => {
+                    return self.rewrite(file, &key, &payload, &md5).await;
+                }
                 Ok(_) => {
                     self.verify(file, &key).await?;
                     return Ok(complete(key));
@@ -202,7 +285,12 @@ impl S3 {
             // Something is there: our own earlier write whose reply was
             // lost, or another object.
             match head(&self.store, &self.url, &key).await? {
-                Some(found) if found.is(file) => return Ok(complete(key)),
+                Some(found) if found.is(file) => {
+                    if self.changed_on_the_way(found.e_tag.as_deref(), &md5) {
+                        return self.rewrite(file, &key, &payload, &md5).await;
+                    }
+                    return Ok(complete(key));
+                }
                 // Gone again since: try the same key once more.
                 None => continue,
                 Some(_) => match self.on_conflict {
@@ -210,10 +298,14 @@ impl S3 {
                     OnConflict::Rename => key = renamed_key(&base, file.created_at, attempt),
                     OnConflict::Overwrite => {
                         options.mode = PutMode::Overwrite;
-                        self.store
+                        let put = self
+                            .store
                             .put_opts(&path, payload.clone(), options)
                             .await
                             .map_err(|e| upload_error(&self.url, &e))?;
+                        if self.changed_on_the_way(put.e_tag.as_deref(), &md5) {
+                            return self.rewrite(file, &key, &payload, &md5).await;
+                        }
                         self.verify(file, &key).await?;
                         return Ok(complete(key));
                     }
@@ -221,6 +313,44 @@ impl S3 {
             }
         }
         Err(self.too_many_renames(file))
+    }
+
+    /// Writes our object at `key` again, over a copy of it whose bytes
+    /// changed on the way (its ETag is not the MD5 of the file). The object
+    /// is ours to replace: it carries our size and SHA-256 metadata. A few
+    /// tries; when every one arrives changed, the attempt fails and the next
+    /// one finds the damaged copy the same way.
+    async fn rewrite(
+        &self,
+        file: &FileRecord,
+        key: &str,
+        payload: &PutPayload,
+        md5: &str,
+    ) -> Result<Sent, UploadError> {
+        const TRIES: usize = 3;
+        for _ in 0..TRIES {
+            tracing::info!(file = %file.remote_name, %key, "the store holds other bytes than were sent (its ETag is not their MD5): writing the object again");
+            let options = PutOptions {
+                mode: PutMode::Overwrite,
+                attributes: attributes(file),
+                ..PutOptions::default()
+            };
+            let put = self
+                .store
+                .put_opts(&location(key), payload.clone(), options)
+                .await
+                .map_err(|e| upload_error(&self.url, &e))?;
+            if !self.changed_on_the_way(put.e_tag.as_deref(), md5) {
+                self.verify(file, key).await?;
+                return Ok(complete(key.to_owned()));
+            }
+        }
+        Err(UploadError::Protocol {
+            url: self.url.clone(),
+            message: format!(
+                "{key:?} arrived with other bytes than were sent {TRIES} times in a row (its ETag is not their MD5 {md5})"
+            ),
+        })
     }
 
     /// Aborts a multipart upload, ignoring one the store no longer knows.
@@ -302,6 +432,32 @@ impl S3 {
         }
     }
 
+    /// Deletes the object just completed at `key` from other bytes than our
+    /// parts (its ETag is not the one our parts' MD5s give: the completion
+    /// request, which carries no checksum, changed on the way and named
+    /// other parts). It carries our size and SHA-256 metadata, so left there
+    /// it would pass for the file; the upload starts again.
+    async fn discard(&self, key: &str, found: Option<&str>, expected: &str) -> UploadError {
+        const TRIES: usize = 3;
+        let mut last = None;
+        for _ in 0..TRIES {
+            match self.store.delete(&location(key)).await {
+                Ok(()) => {
+                    return UploadError::Forgotten {
+                        url: self.url.clone(),
+                        message: format!(
+                            "the store completed {key:?} from other parts than were sent (ETag {}, expected {expected}); deleted it",
+                            found.unwrap_or("")
+                        ),
+                    };
+                }
+                Err(e) => last = Some(upload_error(&self.url, &e)),
+            }
+        }
+        tracing::error!(%key, found = found.unwrap_or(""), %expected, "an object completed from other parts than were sent could not be deleted: it passes for the file; delete it by hand");
+        last.expect("at least one try")
+    }
+
     /// After the store answered NoSuchUpload: the upload was completed (our
     /// object is there) or forgotten.
     async fn completed_or_forgotten(
@@ -309,10 +465,26 @@ impl S3 {
         file: &FileRecord,
         key: &str,
     ) -> Result<Finished, UploadError> {
+        self.completed_as(file, key, None).await
+    }
+
+    /// [`Self::completed_or_forgotten`], where the object completed from our
+    /// parts must have the ETag `expected`, when known.
+    async fn completed_as(
+        &self,
+        file: &FileRecord,
+        key: &str,
+        expected: Option<&str>,
+    ) -> Result<Finished, UploadError> {
         match head(&self.store, &self.url, key).await? {
-            Some(found) if found.is(file) => Ok(Finished::Complete {
-                server_name: Some(key.to_owned()),
-            }),
+            Some(found) if found.is(file) => match expected {
+                Some(expected) if e_tag_is_not(found.e_tag.as_deref(), expected) => {
+                    Err(self.discard(key, found.e_tag.as_deref(), expected).await)
+                }
+                _ => Ok(Finished::Complete {
+                    server_name: Some(key.to_owned()),
+                }),
+            },
             _ => Err(UploadError::Forgotten {
                 url: self.url.clone(),
                 message: format!("the store no longer knows the multipart upload of {key:?}"),
@@ -329,6 +501,20 @@ fn key_stem(key: &str) -> &str {
         Some(dot) if dot > 0 => &key[..name_at + dot],
         _ => key,
     }
+}
+
+/// The MD5 of `data` (hex), computed on the blocking pool: a part is
+/// megabytes.
+async fn md5_off_executor(data: Vec<u8>) -> Result<(Vec<u8>, String), UploadError> {
+    tokio::task::spawn_blocking(move || {
+        let md5 = md5_hex(&data);
+        (data, md5)
+    })
+    .await
+    .map_err(|e| UploadError::Protocol {
+        url: String::new(),
+        message: format!("hashing a part failed: {e}"),
+    })
 }
 
 fn complete(key: String) -> Sent {
@@ -390,6 +576,7 @@ impl Delivery for S3 {
                     .create_multipart_opts(&location(&key), options)
                     .await
                     .map_err(|e| upload_error(&self.url, &e))?;
+                tracing::debug!(file = %file.remote_name, %key, upload_id = %id, "multipart upload created");
                 (key, Some(id))
             }
         };
@@ -404,26 +591,23 @@ impl Delivery for S3 {
         ))
     }
 
-    async fn resume(&self, file: &FileRecord, state: Option<&str>) -> Result<Resume, UploadError> {
-        let key = match state {
-            Some(state) => {
-                let state = State::parse(&self.url, state)?;
-                if state.part_size != self.part_size {
-                    if let Some(id) = &state.multipart {
-                        self.abort_upload(&state.key, id).await?;
-                    }
-                    return Ok(Resume::Forgotten);
+    /// Never `Complete` on the strength of a HEAD alone: our size and
+    /// SHA-256 metadata are on an object whose body changed on the way too
+    /// (moto keeps such a body), and only the bytes at hand can tell. A small
+    /// file's PUT finds the object and checks its ETag against the bytes; a
+    /// multipart upload's completion, asked again, checks the object's ETag
+    /// against the recorded parts'.
+    async fn resume(&self, _file: &FileRecord, state: Option<&str>) -> Result<Resume, UploadError> {
+        if let Some(state) = state {
+            let state = State::parse(&self.url, state)?;
+            if state.part_size != self.part_size {
+                if let Some(id) = &state.multipart {
+                    self.abort_upload(&state.key, id).await?;
                 }
-                state.key
+                return Ok(Resume::Forgotten);
             }
-            None => object_key(&self.prefix, file)?,
-        };
-        Ok(match head(&self.store, &self.url, &key).await? {
-            Some(found) if found.is(file) => Resume::Complete {
-                server_name: Some(key),
-            },
-            _ => Resume::Unknown,
-        })
+        }
+        Ok(Resume::Unknown)
     }
 
     async fn send(
@@ -450,6 +634,7 @@ impl Delivery for S3 {
                 }),
             };
         };
+        let (data, md5) = md5_off_executor(data).await?;
         let part = self
             .store
             .put_part(
@@ -460,6 +645,21 @@ impl Delivery for S3 {
             )
             .await;
         match part {
+            // A store that does not check checksums (moto) keeps a body
+            // changed on the way; its ETag, the MD5 of what it kept, tells.
+            // The part is not recorded, so the next attempt sends it again
+            // under the same number, which replaces it.
+            Ok(part) if self.changed_on_the_way(Some(part_e_tag(&part.content_id)), &md5) => {
+                Err(UploadError::Protocol {
+                    url: self.url.clone(),
+                    message: format!(
+                        "part {} of {:?} arrived with other bytes than were sent (ETag {}, not their MD5 {md5}); sending it again",
+                        piece.index + 1,
+                        state.key,
+                        part_e_tag(&part.content_id)
+                    ),
+                })
+            }
             Ok(part) => Ok(Sent::Acknowledged {
                 ack: Some(part.content_id),
             }),
@@ -498,18 +698,25 @@ impl Delivery for S3 {
                 _ => return Err(self.restart(&state, "a part's ETag was not recorded").await),
             }
         }
+        let expected = self.expected_multipart_e_tag(&parts);
         let key = location(&state.key);
         match self.store.complete_multipart(&key, id, parts).await {
-            Ok(_) => {
-                self.verify(file, &state.key).await?;
-                Ok(Finished::Complete {
-                    server_name: Some(state.key),
-                })
-            }
+            Ok(done) => match &expected {
+                Some(expected) if e_tag_is_not(done.e_tag.as_deref(), expected) => Err(self
+                    .discard(&state.key, done.e_tag.as_deref(), expected)
+                    .await),
+                _ => {
+                    self.verify(file, &state.key).await?;
+                    Ok(Finished::Complete {
+                        server_name: Some(state.key),
+                    })
+                }
+            },
             // A completion whose reply was lost answers NoSuchUpload when
             // asked again: the object tells.
             Err(object_store::Error::NotFound { .. }) => {
-                self.completed_or_forgotten(file, &state.key).await
+                self.completed_as(file, &state.key, expected.as_deref())
+                    .await
             }
             Err(e) => match upload_error(&self.url, &e) {
                 UploadError::Status { error, .. } if error.starts_with("InvalidPart") => Err(self
@@ -517,7 +724,8 @@ impl Delivery for S3 {
                     .await),
                 _ => {
                     self.upload_refused(&state.key, &e).await?;
-                    self.completed_or_forgotten(file, &state.key).await
+                    self.completed_as(file, &state.key, expected.as_deref())
+                        .await
                 }
             },
         }
@@ -543,6 +751,44 @@ impl Delivery for S3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn s3() -> S3 {
+        let mut s3 = S3Target::new("s3://bucket/in/").unwrap();
+        s3.endpoint = Some("http://127.0.0.1:9".into());
+        s3.region = Some("us-east-1".into());
+        S3::new(&TargetConfig::new("t", "s3://bucket/in/"), &s3).unwrap()
+    }
+
+    #[test]
+    fn an_e_tag_tells_a_changed_body_only_once_the_store_has_shown_md5_e_tags() {
+        let md5 = md5_hex(b"part");
+        let other = md5_hex(b"other");
+        // Unknown yet: a mismatch is a changed body, up to the limit; then
+        // the store is taken to give other ETags, and they tell nothing.
+        let kms = s3();
+        for _ in 1..UNMATCHED_ETAGS {
+            assert!(kms.changed_on_the_way(Some(&other), &md5));
+        }
+        assert!(!kms.changed_on_the_way(Some(&other), &md5));
+        assert!(!kms.changed_on_the_way(Some(&other), &md5));
+        assert_eq!(kms.expected_multipart_e_tag(&[]), None);
+        // One ETag that is the MD5 settles it: every mismatch after that is
+        // a changed body, however many.
+        let plain = s3();
+        assert!(!plain.changed_on_the_way(Some(&format!("\"{md5}\"")), &md5));
+        for _ in 0..2 * UNMATCHED_ETAGS {
+            assert!(plain.changed_on_the_way(Some(&other), &md5));
+        }
+        // An ETag of no MD5 shape says nothing either way.
+        assert!(!plain.changed_on_the_way(Some("\"abc-2\""), &md5));
+        let part = PartId {
+            content_id: format!("<PartMetadata><e_tag>\"{md5}\"</e_tag></PartMetadata>"),
+        };
+        assert_eq!(
+            plain.expected_multipart_e_tag(std::slice::from_ref(&part)),
+            multipart_e_tag([md5.as_str()])
+        );
+    }
 
     #[test]
     fn a_key_stem_is_what_its_renamed_candidates_start_with() {
