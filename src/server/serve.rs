@@ -182,6 +182,7 @@ pub async fn serve_reloadable(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut current = receivers.borrow_and_update().clone();
+            super::tus::recover(&current).await;
             current.recover().await;
             loop {
                 current.expire().await;
@@ -195,6 +196,7 @@ pub async fn serve_reloadable(
                             break;
                         }
                         current = receivers.borrow_and_update().clone();
+                        super::tus::recover(&current).await;
                         current.recover().await;
                     }
                 }
