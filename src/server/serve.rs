@@ -330,7 +330,10 @@ impl Connection {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(self.read_timeout)
-            .keep_alive(true);
+            .keep_alive(true)
+            // What a connection reads at once, and keeps between requests:
+            // see `body` for why 64 KiB.
+            .max_buf_size(super::body::READ_BUFFER);
         let peer = self.peer;
         let service = tower::ServiceExt::map_request(
             self.router,
