@@ -40,6 +40,10 @@ pub const SERVER_BEFORE_RENAME: &str = "server-before-rename";
 /// Receiver: the file is renamed into place, its completion not yet recorded.
 pub const SERVER_AFTER_RENAME: &str = "server-after-rename";
 
+/// Receiver: a tus upload's last bytes are recorded, the upload is not yet
+/// sealed for completion (not in [`ALL`]: only tus uploads reach it).
+pub const SERVER_TUS_AFTER_LAST_RECORD: &str = "server-tus-after-last-record";
+
 /// Every crash point between two durable steps, for tests that try them all.
 pub const ALL: [&str; 7] = [
     INGEST_AFTER_COMMIT,

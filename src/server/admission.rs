@@ -5,11 +5,17 @@
 //! every slot taken the receiver stops accepting, so further clients wait in
 //! the kernel's listen backlog (their connect succeeds, their request is read
 //! once a slot frees up) rather than being accepted and closed. A connection
-//! costs a socket, and while it uploads an open file and about 1 MiB of queued
-//! body (see `body`): so `max_connections` bounds both the descriptors and the
-//! memory that clients can take, whatever their number. At start the receiver
-//! raises its soft descriptor limit, as far as the hard limit allows, to what
-//! `max_connections` needs, and says so when it cannot.
+//! costs a socket, and while it uploads an open file; in memory, hyper's read
+//! buffer (at most `body::READ_BUFFER`, kept between requests), the one frame
+//! hyper reads ahead of the handler (as much again) and its own state (a few
+//! KiB): [`MEMORY_PER_CONNECTION`] at most, whatever it sends. Body bytes
+//! beyond that come from one budget shared by every request of the process
+//! (`body::BODY_FRAMES` frames, 16 MiB), not from the connection. So the receiver's
+//! memory is bounded by its base (about 20 MiB), that budget and
+//! `max_connections` x [`MEMORY_PER_CONNECTION`], whatever the number of
+//! clients. At start the receiver raises its soft descriptor limit, as far as
+//! the hard limit allows, to what `max_connections` needs, and says so when it
+//! cannot.
 //!
 //! When accepting fails anyway (descriptors used up by something else), the
 //! failure is logged once per [`ACCEPT_WARNING_INTERVAL`] with the count of
@@ -26,6 +32,11 @@ const DESCRIPTORS_PER_CONNECTION: u64 = 2;
 /// directories, files being verified or renamed, the log, the listener.
 const DESCRIPTORS_RESERVED: u64 = 128;
 
+/// The most memory one connection holds of its own (see the module doc):
+/// two read buffers and its state. With the default `max_connections` (400)
+/// that is about 53 MiB.
+pub(super) const MEMORY_PER_CONNECTION: usize = 2 * super::body::READ_BUFFER + (8 << 10);
+
 pub(super) const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The connection slots of one listener; their number follows reloads.
@@ -37,6 +48,12 @@ pub(super) struct Slots {
 impl Slots {
     pub(super) fn new(size: usize) -> Slots {
         raise_descriptor_limit(size);
+        tracing::debug!(
+            max_connections = size,
+            connections_kib = (size * MEMORY_PER_CONNECTION) >> 10,
+            bodies_kib = (super::body::BODY_FRAMES * super::body::READ_BUFFER) >> 10,
+            "memory the connections and the request bodies may hold at most"
+        );
         Slots {
             semaphore: Arc::new(Semaphore::new(size)),
             size,

@@ -4,10 +4,21 @@
 //! writer is busy with this body, the queued frames go, together with the
 //! body's [`Intake`] (the open file, the hasher, whatever the caller holds),
 //! to one of at most [`WRITERS`] writer threads, and come back when written.
-//! So neither hashing nor file I/O runs on the executor, at most a few frames
-//! per request are held at once whatever the chunk size, and a client that
+//! So neither hashing nor file I/O runs on the executor, and a client that
 //! sends slowly costs a queued frame, not a thread: a thousand slow uploads
 //! hold no thread at all between their frames.
+//!
+//! The memory of the bodies in flight is one budget for the whole process,
+//! not a share per request: every frame takes one of [`BODY_FRAMES`] grants
+//! before it is read from the connection and gives it back once written, so
+//! the frames held (queued, or at a writer) never pass `BODY_FRAMES` x
+//! [`READ_BUFFER`] bytes (16 MiB) whatever the number of connections, while
+//! a single fast upload may hold [`QUEUE_FRAMES`] frames (1 MiB) queued
+//! and as much again being written. A request waits for a grant only while
+//! its writer is busy or nothing of it is queued: queued frames never wait
+//! for a grant to be written, so grants always come back. What a connection
+//! costs besides (hyper's read buffer, at most [`READ_BUFFER`] plus the one
+//! frame hyper reads ahead, and its own state) is in `admission`.
 //!
 //! An intake is always finished ([`Intake::finish`]) on a writer thread after
 //! its last write, even when the request is dropped (its client gone): the
@@ -25,16 +36,42 @@ use std::time::Duration;
 use super::hashes::Claim;
 use super::sha256::Sha256Stream;
 use axum::body::{Body, Bytes};
+use futures::FutureExt;
 use http_body_util::BodyExt;
-use tokio::sync::{Semaphore, oneshot};
+use hyper::body::Frame;
+use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 use tokio::time::Instant;
 
-/// Frames queued between the network and the writers, per request, and the
-/// bytes after which no more are read: a frame is at most hyper's read buffer
-/// (about 400 KiB), so a request holds about 1 MiB of body at most, queued or
-/// being written.
+/// The most hyper reads from a connection at once, and so the largest frame
+/// of a body (hyper's `max_buf_size`; its default is about 400 KiB). hyper
+/// keeps its last buffer between requests, so this is what an idle or slow
+/// connection pins: with hyper's default, 100 agents (about 400 connections)
+/// took the receiver to 136-143 MiB; with 64 KiB to 69-70 MiB (with 32 KiB
+/// to 62 MiB, but then hyper closed some keep-alive connections while a
+/// resumable client was sending its next chunk, which the resumable tests
+/// caught). A single upload still moves large batches to its writer (see
+/// [`HANDOFF_BYTES`]), which is what small reads cost before.
+pub(super) const READ_BUFFER: usize = 64 << 10;
+
+/// Frames of request bodies held at once by the whole process, queued or
+/// being written: with [`READ_BUFFER`] frames, 16 MiB. A frame may pin a
+/// whole read buffer of hyper however small it is, so each counts as one.
+pub(super) const BODY_FRAMES: usize = 256;
+
+static BODY_GRANTS: Semaphore = Semaphore::const_new(BODY_FRAMES);
+
+/// Frames and bytes queued between the network and the writers, per request,
+/// after which no more are read until the writer is back: a single upload
+/// holds at most about twice this (queued, and being written). The bytes
+/// bound only a prefix of bytes read before the body's frames.
 const QUEUE_FRAMES: usize = 16;
-const QUEUE_BYTES: usize = 256 << 10;
+const QUEUE_BYTES: usize = 1 << 20;
+
+/// Queued bytes that go to a writer at once even while more are ready to be
+/// read: below it, frames go only when no more are ready (the client is
+/// slower than the writer) or the body ended. Each hand-off wakes a thread,
+/// and one per 64 KiB frame cost a fast tus upload a quarter of its speed.
+const HANDOFF_BYTES: usize = 512 << 10;
 
 /// Writer threads busy at once, for every receiver of the process. Writes go
 /// to the page cache and hashing runs at about 2 GB/s per core, so a few
@@ -213,6 +250,33 @@ fn writer_failed() -> BodyError {
     BodyError::Io(io::Error::other("a writer thread of the receiver failed"))
 }
 
+/// Frames read and not yet handed to a writer, with the grants they hold.
+#[derive(Default)]
+struct Queue {
+    frames: Vec<Bytes>,
+    grants: Vec<SemaphorePermit<'static>>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn push(&mut self, frame: Bytes, grant: Option<SemaphorePermit<'static>>) {
+        self.bytes += frame.len();
+        self.frames.push(frame);
+        self.grants.extend(grant);
+    }
+
+    fn has_room(&self) -> bool {
+        self.frames.len() < QUEUE_FRAMES && self.bytes < QUEUE_BYTES
+    }
+}
+
+/// What woke a body's loop.
+enum Event<I> {
+    Written(Result<(I, bool), oneshot::error::RecvError>),
+    Granted(SemaphorePermit<'static>),
+    Frame(Result<Option<Result<Frame<Bytes>, axum::Error>>, tokio::time::error::Elapsed>),
+}
+
 /// Hands `prefix` (bytes already read) and then the frames of `body` (at most
 /// `limit` bytes, each frame within `idle`) to `intake` on the writer threads,
 /// then finishes it there. An error reading the body wins over what `intake`
@@ -225,40 +289,70 @@ pub(super) async fn stream_body<I: Intake>(
     intake: I,
 ) -> Result<I::Output, BodyError> {
     let mut parked = Parked(Some(intake));
-    let mut queued: Vec<Bytes> = Vec::new();
-    let mut queued_bytes = 0usize;
+    let mut queue = Queue::default();
     if !prefix.is_empty() {
-        queued_bytes = prefix.len();
-        queued.push(prefix);
+        // Already read (and bounded by its reader): it takes no grant.
+        queue.push(prefix, None);
     }
     let mut writing: Option<oneshot::Receiver<(I, bool)>> = None;
     let mut wants_more = true;
     // Set once the body ended (`Ok`) or reading it failed.
     let mut read: Option<Result<(), BodyError>> = None;
+    // The grant for the next frame, taken before it is read.
+    let mut grant: Option<SemaphorePermit<'static>> = None;
     let mut total = 0u64;
     let mut deadline = Instant::now() + idle;
     loop {
-        if writing.is_none() && wants_more && !queued.is_empty() {
-            let Some(mut intake) = parked.0.take() else {
-                unreachable!("the intake is parked while no writer has it");
-            };
-            let frames = std::mem::take(&mut queued);
-            queued_bytes = 0;
-            writing = Some(on_writer(
-                move || {
-                    let more = frames.into_iter().all(|frame| intake.take(frame));
-                    (intake, more)
-                },
-                |(intake, _)| drop(intake.finish(false)),
-            ));
+        let mut event = None;
+        if writing.is_none() && wants_more && !queue.frames.is_empty() {
+            // A small batch waits for frames that are already there, so that
+            // a fast client's frames go to the writer together; it goes at
+            // once when none is ready or no grant is free.
+            if read.is_none() && queue.has_room() && queue.bytes < HANDOFF_BYTES {
+                if grant.is_none() {
+                    grant = BODY_GRANTS.try_acquire().ok();
+                }
+                if grant.is_some() {
+                    event = body.frame().now_or_never().map(|f| Event::Frame(Ok(f)));
+                }
+            }
+            if event.is_none() {
+                let Some(mut intake) = parked.0.take() else {
+                    unreachable!("the intake is parked while no writer has it");
+                };
+                let Queue { frames, grants, .. } = std::mem::take(&mut queue);
+                writing = Some(on_writer(
+                    move || {
+                        let more = frames.into_iter().all(|frame| intake.take(frame));
+                        // The frames are written (or dropped): their memory
+                        // is free for other requests.
+                        drop(grants);
+                        (intake, more)
+                    },
+                    |(intake, _)| drop(intake.finish(false)),
+                ));
+            }
         }
-        if writing.is_none() && read.is_some() {
+        if event.is_none() && writing.is_none() && read.is_some() {
             break;
         }
         // While the queue is full, nothing is read: the client waits on TCP.
-        let room = read.is_none() && queued.len() < QUEUE_FRAMES && queued_bytes < QUEUE_BYTES;
-        tokio::select! {
-            written = async { writing.as_mut().expect("enabled only while writing").await }, if writing.is_some() => {
+        let room = read.is_none() && queue.has_room();
+        let event = match event {
+            Some(event) => event,
+            None => tokio::select! {
+                written = async { writing.as_mut().expect("enabled only while writing").await }, if writing.is_some() => Event::Written(written),
+                granted = BODY_GRANTS.acquire(), if room && grant.is_none() => {
+                    let Ok(granted) = granted else {
+                        unreachable!("the body grants are never closed");
+                    };
+                    Event::Granted(granted)
+                }
+                frame = tokio::time::timeout_at(deadline, body.frame()), if room && grant.is_some() => Event::Frame(frame),
+            },
+        };
+        match event {
+            Event::Written(written) => {
                 writing = None;
                 let (intake, more) = written.map_err(|_| writer_failed())?;
                 parked.0 = Some(intake);
@@ -269,14 +363,19 @@ pub(super) async fn stream_body<I: Intake>(
                     // Reading a little more lets the client see that reply
                     // rather than a reset.
                     wants_more = false;
-                    queued.clear();
+                    queue = Queue::default();
                     if read.is_none() {
                         drain(std::mem::replace(&mut body, Body::empty())).await;
                         read = Some(Ok(()));
                     }
                 }
             }
-            frame = tokio::time::timeout_at(deadline, body.frame()), if room => {
+            Event::Granted(granted) => {
+                grant = Some(granted);
+                // Nor is time spent waiting for memory.
+                deadline = Instant::now() + idle;
+            }
+            Event::Frame(frame) => {
                 match frame {
                     Err(_) => read = Some(Err(BodyError::Timeout(idle))),
                     Ok(None) => read = Some(Ok(())),
@@ -289,18 +388,18 @@ pub(super) async fn stream_body<I: Intake>(
                                 read = Some(Err(BodyError::TooLong { limit }));
                             } else if wants_more && !data.is_empty() {
                                 deadline = Instant::now() + idle;
-                                queued_bytes += data.len();
-                                queued.push(data);
+                                queue.push(data, grant.take());
                             }
                         }
                     }
                 }
                 if matches!(read, Some(Err(_))) {
-                    queued.clear();
+                    queue = Queue::default();
                 }
             }
         }
     }
+    drop(grant);
     let read = read.unwrap_or(Ok(()));
     let clean = read.is_ok();
     let Some(intake) = parked.0.take() else {
@@ -386,4 +485,52 @@ pub(super) fn is_disk_full(e: &io::Error) -> bool {
         Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
             || code == rustix::io::Errno::DQUOT.raw_os_error()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts what it is given.
+    struct Count(u64);
+
+    impl Intake for Count {
+        type Output = u64;
+        fn take(&mut self, bytes: Bytes) -> bool {
+            self.0 += bytes.len() as u64;
+            true
+        }
+        fn finish(self, _clean: bool) -> u64 {
+            self.0
+        }
+    }
+
+    /// Far more bodies at once than the process-wide budget has frames for:
+    /// each waits its turn for grants and none is stuck, because frames
+    /// already read never wait for a grant to be written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bodies_beyond_the_budget_all_arrive_whole() {
+        const BODIES: usize = 3 * BODY_FRAMES;
+        const FRAMES: usize = 8;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..BODIES {
+            let frames =
+                (0..FRAMES).map(|_| Ok::<_, io::Error>(Bytes::from(vec![7u8; READ_BUFFER])));
+            let body = Body::from_stream(futures::stream::iter(frames));
+            tasks.spawn(stream_body(
+                body,
+                Bytes::new(),
+                u64::MAX,
+                Duration::from_secs(60),
+                Count(0),
+            ));
+        }
+        let all = tokio::time::timeout(Duration::from_secs(120), tasks.join_all())
+            .await
+            .expect("bodies were still waiting for the budget after two minutes");
+        assert_eq!(all.len(), BODIES);
+        for got in all {
+            assert_eq!(got.unwrap(), (FRAMES * READ_BUFFER) as u64);
+        }
+    }
 }

@@ -182,6 +182,7 @@ pub async fn serve_reloadable(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut current = receivers.borrow_and_update().clone();
+            super::tus::recover(&current).await;
             current.recover().await;
             loop {
                 current.expire().await;
@@ -195,6 +196,7 @@ pub async fn serve_reloadable(
                             break;
                         }
                         current = receivers.borrow_and_update().clone();
+                        super::tus::recover(&current).await;
                         current.recover().await;
                     }
                 }
@@ -328,7 +330,10 @@ impl Connection {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(self.read_timeout)
-            .keep_alive(true);
+            .keep_alive(true)
+            // What a connection reads at once, and keeps between requests:
+            // see `body` for why 64 KiB.
+            .max_buf_size(super::body::READ_BUFFER);
         let peer = self.peer;
         let service = tower::ServiceExt::map_request(
             self.router,

@@ -162,6 +162,21 @@ impl UploadState {
         Ok(())
     }
 
+    /// Tus uploads whose bytes are all recorded but which were not sealed for
+    /// completion (the receiver stopped in between): start-up completes them.
+    pub(in crate::server) fn unsealed_tus(&self) -> Result<Vec<String>> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare(
+            "SELECT u.upload_id FROM uploads u JOIN tus_uploads t ON t.upload_id = u.upload_id
+             WHERE u.state = 'receiving' AND u.chunk_count = ?1
+               AND t.upload_length IS NOT NULL AND t.upload_offset = t.upload_length",
+        )?;
+        let ids = stmt
+            .query_map(params![OPEN_CHUNK_COUNT as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(ids)
+    }
+
     /// All bytes are in: records the number of chunks and the SHA-256 the file
     /// must have, after which the upload completes like a resumable one (and
     /// recovery completes it after a crash).

@@ -74,6 +74,34 @@ pub(super) fn routes(receiver: &Receiver) -> Router<Receiver> {
         .layer(middleware::from_fn(cors))
 }
 
+/// Completes the tus uploads whose bytes were all recorded when the receiver
+/// stopped, before it sealed them for completion: the file is renamed into
+/// place at start-up, as every other upload interrupted at the end, rather
+/// than when the client next asks with HEAD (a client whose last PATCH got
+/// no reply may never ask). Runs before the recovery of sealed uploads.
+pub(super) async fn recover(receiver: &Receiver) {
+    let state = receiver.inner.state.clone();
+    let ids = match blocking(move || state.unsealed_tus()).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::error!(error = %e.message(), "cannot list the tus uploads left complete but unsealed");
+            return;
+        }
+    };
+    for upload_id in ids {
+        // The lock of its PATCHes: a HEAD that completes it too waits.
+        let _lock = receiver.inner.locks.lock(format!("{upload_id}#0")).await;
+        match write::complete(receiver, &upload_id).await {
+            Ok(name) => {
+                tracing::info!(upload_id = %upload_id, file = %name, "recovered tus upload completed")
+            }
+            Err(e) => {
+                tracing::warn!(upload_id = %upload_id, error = %e.message, "recovered tus upload could not be completed")
+            }
+        }
+    }
+}
+
 /// A refused tus request: its status and a message in plain text, which tus
 /// clients show in their errors.
 #[derive(Debug)]

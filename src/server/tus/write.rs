@@ -107,6 +107,7 @@ pub(super) async fn write_patch(
         upload_id: upload_id.to_owned(),
         chunk_idx: upload.chunks,
         offset,
+        upload_length: upload.length,
         claim: inner
             .hashes
             .claim(upload_id, upload.chunks, offset, OPEN_CHUNK_COUNT),
@@ -157,6 +158,8 @@ struct PatchIntake {
     upload_id: String,
     chunk_idx: u64,
     offset: u64,
+    /// The upload's length, when known: the PATCH that reaches it is the last.
+    upload_length: Option<u64>,
     claim: Option<Claim>,
     file: File,
     chunk_sha256: Sha256Stream,
@@ -253,6 +256,9 @@ impl Intake for PatchIntake {
             inner
                 .hashes
                 .extend(id, claim, record.length, &record.sha256);
+        }
+        if self.upload_length == Some(record.offset + record.length) {
+            crate::failpoint::hit(crate::failpoint::SERVER_TUS_AFTER_LAST_RECORD);
         }
         tracing::debug!(
             upload_id = id,

@@ -2,9 +2,10 @@
 //! HEAD gives an offset no lower than the bytes acknowledged (and no higher
 //! than the bytes sent), nothing is under a final name before the upload is
 //! complete, and a real client resumes to a byte-identical file. A receiver
-//! that dies after the last bytes are recorded and before (or right after)
-//! the rename into place completes the upload when it starts again: the
-//! file is there once, byte-identical, and HEAD says the upload is complete.
+//! that dies after the last bytes are recorded (before the upload is sealed
+//! for completion, or before or right after the rename into place)
+//! completes the upload when it starts again, without any request: the file
+//! is there once, byte-identical, and HEAD says the upload is complete.
 
 use std::time::Duration;
 
@@ -125,6 +126,7 @@ async fn sigkill_during_patches_loses_no_acknowledged_byte() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tus_upload_interrupted_around_its_rename_is_completed_at_restart() {
     for point in [
+        failpoint::SERVER_TUS_AFTER_LAST_RECORD,
         failpoint::SERVER_BEFORE_RENAME,
         failpoint::SERVER_AFTER_RENAME,
     ] {
@@ -172,6 +174,12 @@ async fn a_tus_upload_interrupted_around_its_rename_is_completed_at_restart() {
             || Ok(server.child.try_wait()?.is_some()),
         )
         .unwrap();
+        if point != failpoint::SERVER_AFTER_RENAME {
+            assert!(
+                visible_files(&out).is_empty(),
+                "{point}: a file under its final name before the rename"
+            );
+        }
 
         server = Server::spawn(args, &out).await;
         // Completed at start-up, without a request.
