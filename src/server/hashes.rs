@@ -126,6 +126,21 @@ impl Claim {
             None => chunk.update(bytes),
         }
     }
+
+    /// Whether the chunk is the whole file, so that the chunk's own hash is
+    /// the file's and must be worked out ([`Claim::update`]).
+    pub(super) fn is_whole(&self) -> bool {
+        self.hasher.is_none()
+    }
+
+    /// Feeds the chunk's bytes to the file's hash only, for a writer that
+    /// needs no hash of the chunk itself (a tus PATCH without
+    /// `Upload-Checksum: sha256`); not for a claim that [`Claim::is_whole`].
+    pub(super) fn update_file(&mut self, bytes: &[u8]) {
+        if let Some(file) = &mut self.hasher {
+            file.update(bytes);
+        }
+    }
 }
 
 /// What is known of a file's hash when its upload completes.

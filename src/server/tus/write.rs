@@ -102,15 +102,22 @@ pub(super) async fn write_patch(
             .open(staging_path)
     })
     .await?;
+    let claim = inner
+        .hashes
+        .claim(upload_id, upload.chunks, offset, OPEN_CHUNK_COUNT);
+    // The PATCH's own SHA-256 is only worked out when the client asks for
+    // it to be checked, or when it is the file's: a quarter of the
+    // receiver's CPU went to hashing every byte twice.
+    let chunk_hash = matches!(checksum, Some(Checksum::Sha256(_)))
+        || claim.as_ref().is_some_and(Claim::is_whole);
     let intake = PatchIntake {
         receiver: receiver.clone(),
         upload_id: upload_id.to_owned(),
         chunk_idx: upload.chunks,
         offset,
         upload_length: upload.length,
-        claim: inner
-            .hashes
-            .claim(upload_id, upload.chunks, offset, OPEN_CHUNK_COUNT),
+        claim,
+        chunk_hash,
         file,
         chunk_sha256: Sha256Stream::new(),
         sha1: matches!(checksum, Some(Checksum::Sha1(_))).then(sha1::Sha1::new),
@@ -161,6 +168,9 @@ struct PatchIntake {
     /// The upload's length, when known: the PATCH that reaches it is the last.
     upload_length: Option<u64>,
     claim: Option<Claim>,
+    /// Whether the PATCH's own SHA-256 is needed (see `patch`); when not,
+    /// its record carries none.
+    chunk_hash: bool,
     file: File,
     chunk_sha256: Sha256Stream,
     sha1: Option<sha1::Sha1>,
@@ -186,9 +196,11 @@ impl Intake for PatchIntake {
             self.error = Some(e);
             return false;
         }
-        match &mut self.claim {
-            Some(claim) => claim.update(&mut self.chunk_sha256, &bytes),
-            None => self.chunk_sha256.update(&bytes),
+        match (&mut self.claim, self.chunk_hash) {
+            (Some(claim), true) => claim.update(&mut self.chunk_sha256, &bytes),
+            (Some(claim), false) => claim.update_file(&bytes),
+            (None, true) => self.chunk_sha256.update(&bytes),
+            (None, false) => {}
         }
         if let Some(sha1) = &mut self.sha1 {
             sha1.update(&bytes);
@@ -214,7 +226,11 @@ impl Intake for PatchIntake {
             spoil();
             return Err(e.into());
         }
-        let chunk_sha256 = self.chunk_sha256.finalize_hex();
+        let chunk_sha256 = if self.chunk_hash {
+            self.chunk_sha256.finalize_hex()
+        } else {
+            String::new()
+        };
         let checksum_ok = self.checksum.as_ref().map(|expected| match expected {
             Checksum::Sha256(digest) => hex::encode(digest) == chunk_sha256,
             Checksum::Sha1(digest) => self
