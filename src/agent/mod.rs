@@ -620,6 +620,21 @@ impl Agent {
         let has_room = move || {
             // A WAL left large by a failed write holds space the database could use.
             store.trim_wal();
+            // A file whose streaming-in a full disk cut short, and which
+            // could not be removed then, holds room until it is.
+            match store.forget_unfinished() {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(
+                        files = n,
+                        "removed files whose buffering a full disk stopped half-way; they are buffered again from their spools"
+                    );
+                    store.trim_wal();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not yet remove a file whose buffering stopped half-way")
+                }
+            }
             let disk_ok = store
                 .free_bytes()
                 .is_none_or(|free| free > 2 * ingest::DISK_RESERVE);

@@ -353,17 +353,24 @@ impl Store {
         outcome
     }
 
-    /// Removes files whose buffering a stop interrupted half-way (streamed
-    /// files never sealed), with their chunks: their sources are still in
-    /// their spools, and are buffered again. Returns how many. Only for the
-    /// process that streams files in (the daemon), at its start.
+    /// Removes files whose buffering stopped half-way (streamed files never
+    /// sealed, other than those this process is streaming in right now),
+    /// with their chunks: their sources are still in their spools, and are
+    /// buffered again. Returns how many. For the process that streams files
+    /// in (the daemon): at its start, after a stop; and while ingest waits
+    /// for room, after a full disk kept an ingest from cleaning up (such a
+    /// file's bytes count against the buffer's limits until removed).
     pub(crate) fn forget_unfinished(&self) -> Result<usize> {
         let mut conn = self.pool.get()?;
         let tx = conn.transaction()?;
-        let ids: Vec<i64> = tx
-            .prepare("SELECT id FROM files WHERE state = 'queued' AND sha256 = ''")?
+        let mut ids: Vec<i64> = tx
+            .prepare_cached("SELECT id FROM files WHERE state = 'queued' AND sha256 = ''")?
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
+        ids.retain(|id| !self.is_ingesting(*id));
+        if ids.is_empty() {
+            return Ok(0);
+        }
         for id in &ids {
             forget_file(&tx, *id)?;
         }

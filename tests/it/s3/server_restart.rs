@@ -78,7 +78,16 @@ async fn a_restart_of_the_s3_server_during_uploads_delivers_everything_once() {
         },
     )
     .await;
-    assert_eq!(peer.open_uploads().await, [], "multipart uploads left open");
+    // An upload without a key is one s3s-fs did not finish creating when
+    // it was stopped (it writes the id, then the metadata naming the key):
+    // its creation was never answered, so no client could know or abort it.
+    let open: Vec<_> = peer
+        .open_uploads()
+        .await
+        .into_iter()
+        .filter(|(key, _)| !key.is_empty() || peer.lists_uploads())
+        .collect();
+    assert_eq!(open, [], "multipart uploads left open");
     assert_eq!(peer.objects().await.len(), expected.len());
     println!(
         "s3 server restart: {} files ({} bytes), server down {:.1}s, all delivered once in {:.1}s",
