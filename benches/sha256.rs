@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 // Cargo builds bench targets with `cfg(test)`, so the module's unit tests
 // are compiled here too; without the test harness their `#[test]` functions
 // are dropped and the helpers they share would warn as unused.
-#[path = "../src/server/sha256.rs"]
+#[path = "../src/sha256.rs"]
 #[allow(dead_code, unused_imports)]
 mod sha256;
 

@@ -166,4 +166,5 @@ pub mod logging;
 pub(crate) mod metrics;
 pub mod protocol;
 pub(crate) mod server;
+mod sha256;
 pub(crate) mod sqlite;

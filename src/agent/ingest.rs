@@ -10,7 +10,7 @@
 //! spool; and the file, opened without following symlinks, must still be the
 //! regular file with the identity the watcher announced. Every file that
 //! passes is then streamed into one store transaction (SHA-256 per chunk and
-//! for the whole file, a few chunks of memory at a time), whose commit is
+//! for the whole file in one pass, one chunk of memory at a time), whose commit is
 //! synced (`synchronous = FULL`): one sync covers the whole batch. A file that
 //! could not be read, or whose size, mtime or inode changed while it was read,
 //! leaves nothing in that transaction while the rest of the batch is kept; a
@@ -38,9 +38,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+
+use crate::sha256::{Sha256Stream, update_both};
 
 use crate::agent::spool::{Candidate, SourceIdentity};
 use crate::agent::store::{
@@ -408,8 +409,10 @@ fn stream_into_store(
 }
 
 /// Pushes the open `file` into `sink` as `new_file`'s chunks: SHA-256 per
-/// chunk and for the whole file, a few chunks of memory at a time. Decides to
-/// abort when the file was not exactly `expected` before and after reading.
+/// chunk and for the whole file, worked out in one pass over each chunk
+/// (interleaved where the CPU has the SHA extensions), with one chunk's
+/// buffer reused throughout. Decides to abort when the file was not exactly
+/// `expected` before and after reading.
 fn fill_chunks(
     sink: &mut ChunkSink<'_>,
     new_file: &NewFile,
@@ -423,58 +426,40 @@ fn fill_chunks(
         source,
     };
     let chunk_size = new_file.chunk_size as usize;
-    // The whole-file hash runs on its own thread, beside the chunk hashes and
-    // the SQLite writes; at most WHOLE_HASH_QUEUE chunks wait for it.
-    let (to_whole, chunks) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(WHOLE_HASH_QUEUE);
-    std::thread::scope(|scope| {
-        let whole = scope.spawn(move || {
-            let mut whole = Sha256::new();
-            for chunk in chunks {
-                whole.update(&chunk[..]);
-            }
-            whole.finalize()
-        });
-        // Reads exactly the announced size (an empty file is one empty chunk, so
-        // that it is delivered too); a file that grew or shrank meanwhile fails
-        // the identity check below.
-        let mut reader = file;
-        let mut total = 0u64;
-        loop {
-            let want = (expected.size - total).min(chunk_size as u64) as usize;
-            let mut buf = vec![0u8; want];
-            let n = fill(&mut reader, &mut buf).map_err(read_err)?;
-            buf.truncate(n);
-            let chunk = Arc::new(buf);
-            // Only fails if the hashing thread panicked, which join reports.
-            let _ = to_whole.send(chunk.clone());
-            sink.push(&chunk, &hex::encode(Sha256::digest(&chunk[..])))?;
-            total += n as u64;
-            if n < want || total == expected.size {
-                break;
-            }
+    let mut whole = Sha256Stream::new();
+    let mut buf = vec![0u8; (expected.size.min(chunk_size as u64)) as usize];
+    // Reads exactly the announced size (an empty file is one empty chunk, so
+    // that it is delivered too); a file that grew or shrank meanwhile fails
+    // the identity check below.
+    let mut reader = file;
+    let mut total = 0u64;
+    loop {
+        let want = (expected.size - total).min(chunk_size as u64) as usize;
+        let n = fill(&mut reader, &mut buf[..want]).map_err(read_err)?;
+        let chunk = &buf[..n];
+        let mut hash = Sha256Stream::new();
+        update_both(&mut hash, &mut whole, chunk);
+        sink.push(chunk, &hash.finalize_hex())?;
+        total += n as u64;
+        if n < want || total == expected.size {
+            break;
         }
-        drop(to_whole);
-        let whole = whole
-            .join()
-            .map_err(|_| read_err(io::Error::other("the hashing thread panicked")))?;
-        // The file must be exactly what was announced, before and after reading:
-        // same size and mtime through the open handle, same inode at the path.
-        let after = file.metadata().map_err(read_err)?;
-        let at_path = match path_check {
-            PathCheck::NoFollow => std::fs::symlink_metadata(path),
-            PathCheck::Follow => std::fs::metadata(path),
-        }
-        .ok()
-        .map(|m| SourceIdentity::of(&m));
-        if SourceIdentity::of(&after) != expected
-            || at_path != Some(expected)
-            || total != expected.size
-        {
-            return Ok(IngestDecision::Abort);
-        }
-        Ok(IngestDecision::Commit {
-            sha256: hex::encode(whole),
-        })
+    }
+    // The file must be exactly what was announced, before and after reading:
+    // same size and mtime through the open handle, same inode at the path.
+    let after = file.metadata().map_err(read_err)?;
+    let at_path = match path_check {
+        PathCheck::NoFollow => std::fs::symlink_metadata(path),
+        PathCheck::Follow => std::fs::metadata(path),
+    }
+    .ok()
+    .map(|m| SourceIdentity::of(&m));
+    if SourceIdentity::of(&after) != expected || at_path != Some(expected) || total != expected.size
+    {
+        return Ok(IngestDecision::Abort);
+    }
+    Ok(IngestDecision::Commit {
+        sha256: whole.finalize_hex(),
     })
 }
 
@@ -489,10 +474,6 @@ pub const STREAM_MIN_CHUNKS: u64 = 4;
 fn chunk_count(file: &NewFile) -> u64 {
     file.identity.size.div_ceil(file.chunk_size.max(1)).max(1)
 }
-
-/// Chunks read ahead of the whole-file hash: memory is bounded by this many
-/// chunks plus the one being written.
-const WHOLE_HASH_QUEUE: usize = 2;
 
 /// The `spool` key of files buffered by [`ingest_path`] (the one-shot commands
 /// and the library's `Client::add_file`); a spool path is always absolute, so

@@ -34,7 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use super::hashes::Claim;
-use super::sha256::Sha256Stream;
+use crate::sha256::Sha256Stream;
 use axum::body::{Body, Bytes};
 use futures::FutureExt;
 use http_body_util::BodyExt;

@@ -20,10 +20,10 @@ use std::io;
 use super::errors::{ApiError, no_free_name, open_error};
 use super::hashes;
 use super::paths::{self, Destination};
-use super::sha256::Sha256Stream;
 use super::state::{self, FileMeta, UploadPhase};
 use super::{Receiver, blocking};
 use crate::protocol;
+use crate::sha256::Sha256Stream;
 use tracing::Instrument;
 
 impl Receiver {

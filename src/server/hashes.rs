@@ -32,7 +32,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
-use super::sha256::{Sha256Stream, update_both};
+use crate::sha256::{Sha256Stream, update_both};
 
 /// Uploads followed at once; more are read back at completion as before. An
 /// entry is a hasher's state (about 100 bytes) and its upload id.

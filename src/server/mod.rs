@@ -52,7 +52,6 @@ mod locks;
 mod paths;
 mod resumable;
 mod serve;
-mod sha256;
 mod state;
 mod tls;
 mod tus;

@@ -33,9 +33,9 @@ use super::headers::Checksum;
 use crate::server::body::{self, BodyError, Intake};
 use crate::server::errors::{ApiError, body_error};
 use crate::server::hashes::{self, Claim, Known};
-use crate::server::sha256::Sha256Stream;
 use crate::server::state::{ChunkRecord, OPEN_CHUNK_COUNT, TusUpload, UploadPhase};
 use crate::server::{Receiver, blocking};
+use crate::sha256::Sha256Stream;
 
 /// Bytes written between two hand-overs to the kernel's writeback.
 const WRITEBACK_STEP: u64 = 4 << 20;

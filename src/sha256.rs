@@ -1,7 +1,8 @@
-//! SHA-256 as the receiver streams it: a hasher that can take the same bytes
-//! into two hashes in one pass. A chunk that extends its upload's hashed
-//! prefix feeds its chunk hash (X-Chunk-Sha256) and the file's hash
-//! (X-File-Sha256) with the same bytes; with the x86 SHA extensions the two
+//! SHA-256 as chunks stream through: a hasher that can take the same bytes
+//! into two hashes in one pass. On the receiver, a chunk that extends its
+//! upload's hashed prefix feeds its chunk hash (X-Chunk-Sha256) and the
+//! file's hash (X-File-Sha256) with the same bytes; the agent's ingest does
+//! the same for each chunk it reads; with the x86 SHA extensions the two
 //! compressions share each block's message schedule and run interleaved, which
 //! hides most of the latency of `sha256rnds2` (one stream alone waits on it):
 //! about 1.5 times the speed of hashing the bytes twice.
@@ -22,7 +23,7 @@ const H0: [u32; 8] = [
 
 /// A SHA-256 being computed.
 #[derive(Clone)]
-pub(super) struct Sha256Stream {
+pub(crate) struct Sha256Stream {
     state: [u32; 8],
     /// The bytes after the last whole block.
     partial: [u8; BLOCK],
@@ -43,11 +44,11 @@ impl Default for Sha256Stream {
 }
 
 impl Sha256Stream {
-    pub(super) fn new() -> Sha256Stream {
+    pub(crate) fn new() -> Sha256Stream {
         Sha256Stream::default()
     }
 
-    pub(super) fn update(&mut self, mut data: &[u8]) {
+    pub(crate) fn update(&mut self, mut data: &[u8]) {
         self.total += data.len() as u64;
         if self.partial_len > 0 {
             let take = (BLOCK - self.partial_len).min(data.len());
@@ -68,11 +69,11 @@ impl Sha256Stream {
     }
 
     /// The digest, in lower-case hex as the protocol carries it.
-    pub(super) fn finalize_hex(self) -> String {
+    pub(crate) fn finalize_hex(self) -> String {
         hex::encode(self.finalize())
     }
 
-    pub(super) fn finalize(mut self) -> [u8; 32] {
+    pub(crate) fn finalize(mut self) -> [u8; 32] {
         let bit_len = self.total.wrapping_mul(8);
         let mut tail = [0u8; 2 * BLOCK];
         tail[..self.partial_len].copy_from_slice(&self.partial[..self.partial_len]);
@@ -94,7 +95,7 @@ impl Sha256Stream {
 /// a block (always, for two hashes that started together, or a chunk at an
 /// offset that is a multiple of 64), their whole blocks are compressed
 /// together.
-pub(super) fn update_both(a: &mut Sha256Stream, b: &mut Sha256Stream, data: &[u8]) {
+pub(crate) fn update_both(a: &mut Sha256Stream, b: &mut Sha256Stream, data: &[u8]) {
     if a.partial_len != b.partial_len || !pair_available() {
         a.update(data);
         b.update(data);
