@@ -228,6 +228,29 @@ proptest! {
     }
 
     #[test]
+    fn resumable_headers_without_the_file_hash_are_accepted_for_streaming(
+        id in upload_id(),
+        count in 1u64..1_000,
+        chunk in sha_hex(),
+    ) {
+        let pairs: Vec<(String, Vec<u8>)> = [
+            ("x-file-name", "stream.bin".to_owned()),
+            ("x-upload-id", id),
+            ("x-chunk-index", "0".to_owned()),
+            ("x-chunk-offset", "0".to_owned()),
+            ("x-file-size", (count * 1024).to_string()),
+            ("x-chunk-count", count.to_string()),
+            ("x-chunk-sha256", chunk),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v.into_bytes()))
+        .collect();
+        let chunk = fuzzing::check_upload_headers(&pairs).unwrap().unwrap();
+        prop_assert_eq!(chunk.file_sha256, "");
+        prop_assert_eq!(chunk.count, count);
+    }
+
+    #[test]
     fn manifests_are_checked_as_a_whole(
         raw in prop_oneof![
             prop::collection::vec(any::<u8>(), 0..64),
