@@ -27,6 +27,9 @@ pub struct IndexedCp {
     /// Whether the receiver takes chunks before the file's hash
     /// ([`protocol::STREAMING`]), with the same three values.
     streaming: AtomicU8,
+    /// Held while asking the receiver what it speaks (`ask_capabilities`),
+    /// so that files that start together ask once.
+    asking: tokio::sync::Mutex<()>,
     /// The most files the receiver takes in one batch; 0 when it announced none.
     batch: AtomicUsize,
     /// The batch route was refused (a receiver or proxy that predates it):
@@ -60,6 +63,7 @@ impl IndexedCp {
             api_key,
             resumable: AtomicU8::new(RESUMABLE_UNKNOWN),
             streaming: AtomicU8::new(RESUMABLE_UNKNOWN),
+            asking: tokio::sync::Mutex::new(()),
             batch: AtomicUsize::new(0),
             batch_refused: AtomicBool::new(false),
             tls: target.tls.clone(),
@@ -91,6 +95,11 @@ impl IndexedCp {
     /// receiver does not stream, unless it is a 5xx (a proxy in front of a
     /// receiver that is away), which is an error to retry.
     pub(super) async fn ask_capabilities(&self) -> Result<(), UploadError> {
+        let _asking = self.asking.lock().await;
+        // Another file asked while this one waited: its answer will do.
+        if self.streaming().is_some() {
+            return Ok(());
+        }
         let sent = self
             .http
             .request(reqwest::Method::OPTIONS, &self.url)
