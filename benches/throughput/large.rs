@@ -17,7 +17,7 @@ use super::processes::{
     start_receiver_with, write_files,
 };
 use super::scenarios::{LargeFile, curl_upload};
-use super::support::wait_until;
+use super::support::{largest_file_len, wait_until};
 use super::table::{Baseline, Named, mb_per_s, median, median_of};
 use super::{MIB, Settings};
 
@@ -149,7 +149,7 @@ fn agent_step(
         large.timeout(),
         || {
             receiver.ensure_alive()?;
-            if first.is_none() && staged_bytes(&staging) >= first_chunk {
+            if first.is_none() && largest_file_len(&staging) >= first_chunk {
                 first = Some(Instant::now());
             }
             peak = peak.max(buffer_size(&run.state));
@@ -251,19 +251,6 @@ fn buffer_size(state: &Path) -> u64 {
         .iter()
         .filter_map(|name| file_len(&state.join(name)))
         .sum()
-}
-
-/// The largest staging file of the receiver, in bytes (0 if none).
-fn staged_bytes(staging: &Path) -> u64 {
-    std::fs::read_dir(staging)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
 }
 
 /// Reads a `/proc/PID/io` field of `pid`.

@@ -61,7 +61,7 @@ fn over_tls(settings: &Settings, large: &LargeFile) -> Result<f64> {
         "--tls-key",
         &key,
     ];
-    let mut receiver = Running::start("receiver", &run.root, &args)?;
+    let receiver = Running::start("receiver", &run.root, &args)?;
     let url = receiver.server_url()?;
     let port = url
         .rsplit(':')
@@ -76,37 +76,39 @@ fn over_tls(settings: &Settings, large: &LargeFile) -> Result<f64> {
         spool = utf8(&run.spool)?,
     );
     std::fs::write(&run.config, config)?;
-    let mut agent = Running::start(
+    let agent = Running::start(
         "agent",
         &run.root,
         &["daemon", "--config", utf8(&run.config)?],
     )?;
-    let elapsed = large.drop_and_wait(&run, &mut receiver)?;
-    agent.ensure_alive()?;
-    let (agent_cpu, receiver_cpu) = (agent.cpu_seconds()?, receiver.cpu_seconds()?);
-    agent.stop();
-    receiver.stop();
-    let speed = mb_per_s(large.size, elapsed);
-    eprintln!(
-        "  TLS: {speed:.1} MB/s in {:.2} s; CPU agent {agent_cpu:.1} s, receiver {receiver_cpu:.1} s",
-        elapsed.as_secs_f64()
-    );
-    Ok(speed)
+    deliver("TLS", &run, large, agent, receiver)
 }
 
 /// The same without TLS.
 fn plain(settings: &Settings, large: &LargeFile) -> Result<f64> {
     let run = RunDir::create(settings)?;
-    let (mut receiver, port) = start_receiver(&run)?;
-    let mut agent = start_daemon(&run, "agent", port, None)?;
-    let elapsed = large.drop_and_wait(&run, &mut receiver)?;
+    let (receiver, port) = start_receiver(&run)?;
+    let agent = start_daemon(&run, "agent", port, None)?;
+    deliver("plain", &run, large, agent, receiver)
+}
+
+/// Drops the file into the running agent's spool, waits for it at the
+/// receiver and stops both; MB/s, printed with both processes' CPU time.
+fn deliver(
+    label: &str,
+    run: &RunDir,
+    large: &LargeFile,
+    mut agent: Running,
+    mut receiver: Running,
+) -> Result<f64> {
+    let elapsed = large.drop_and_wait(run, &mut receiver)?;
     agent.ensure_alive()?;
     let (agent_cpu, receiver_cpu) = (agent.cpu_seconds()?, receiver.cpu_seconds()?);
     agent.stop();
     receiver.stop();
     let speed = mb_per_s(large.size, elapsed);
     eprintln!(
-        "  plain: {speed:.1} MB/s in {:.2} s; CPU agent {agent_cpu:.1} s, receiver {receiver_cpu:.1} s",
+        "  {label}: {speed:.1} MB/s in {:.2} s; CPU agent {agent_cpu:.1} s, receiver {receiver_cpu:.1} s",
         elapsed.as_secs_f64()
     );
     Ok(speed)

@@ -7,24 +7,10 @@
 //! file's hash, after buffering (`agent::a_v1_only_receiver_...`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use crate::fixtures::*;
 use crate::support::*;
-
-/// The largest staging file of the receiver, in bytes.
-fn staged_bytes(out: &Path) -> u64 {
-    std::fs::read_dir(out.join(".indexedcp/staging"))
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_file_reaches_the_receiver_before_its_source_leaves_the_spool() {
@@ -55,7 +41,7 @@ async fn a_large_file_reaches_the_receiver_before_its_source_leaves_the_spool() 
         Duration::from_millis(1),
         Duration::from_secs(120),
         || {
-            let staged = staged_bytes(&out);
+            let staged = largest_file_len(&out.join(".indexedcp/staging"));
             if source.exists() {
                 early = early.max(staged);
             }

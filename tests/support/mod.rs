@@ -264,6 +264,20 @@ pub fn files_below(dir: &Path) -> Vec<String> {
     files
 }
 
+/// The length of the largest file directly in `dir` (0 if none, or no
+/// `dir`): how far a receiver's staging folder got with an upload.
+pub fn largest_file_len(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
 /// How `got` differs from `expected` (at most ten names of each kind), for a
 /// failure message; empty when they are equal.
 pub fn tree_diff(expected: &BTreeMap<String, Vec<u8>>, got: &BTreeMap<String, Vec<u8>>) -> String {

@@ -103,31 +103,8 @@ impl IngestBatch<'_> {
     where
         E: From<StoreError>,
     {
-        let now = now_ms();
-        self.tx
-            .prepare_cached(
-                "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
-                                    src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 0, '', ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, 'queued', ?12, ?12)",
-            )
-            .and_then(|mut insert| {
-                insert.execute(params![
-                    file.spool,
-                    file.rel_path,
-                    file.remote_name,
-                    file.target,
-                    file.chunk_size as i64,
-                    file.upload_id,
-                    file.src_path,
-                    file.identity.dev as i64,
-                    file.identity.ino as i64,
-                    file.identity.size as i64,
-                    file.identity.mtime_ns,
-                    now
-                ])
-            })
-            .map_err(StoreError::from)?;
-        let file_id = self.tx.last_insert_rowid();
+        // Size and chunk count come with the decision below.
+        let file_id = insert_file(&self.tx, file, 0, 0).map_err(StoreError::from)?;
         let mut sink = ChunkSink {
             conn: &self.tx,
             file_id,
@@ -168,6 +145,39 @@ impl IngestBatch<'_> {
     fn forget(&self, file_id: i64) -> Result<()> {
         forget_file(&self.tx, file_id)
     }
+}
+
+/// Inserts `file`'s row, queued, with `size` and `chunk_count` and no
+/// SHA-256 yet (which marks a file still being buffered); returns its id.
+fn insert_file(
+    conn: &rusqlite::Connection,
+    file: &NewFile,
+    size: u64,
+    chunk_count: u64,
+) -> rusqlite::Result<i64> {
+    let now = now_ms();
+    conn.prepare_cached(
+        "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
+                            src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'queued', ?14, ?14)",
+    )?
+    .execute(params![
+        file.spool,
+        file.rel_path,
+        file.remote_name,
+        file.target,
+        size as i64,
+        file.chunk_size as i64,
+        chunk_count as i64,
+        file.upload_id,
+        file.src_path,
+        file.identity.dev as i64,
+        file.identity.ino as i64,
+        file.identity.size as i64,
+        file.identity.mtime_ns,
+        now
+    ])?;
+    Ok(conn.last_insert_rowid())
 }
 
 /// Records a kept source's identity, so that it is never buffered again.
@@ -275,32 +285,8 @@ impl Store {
             .map_err(StoreError::from)?;
         let mut file_id = None;
         let outcome = (|| -> std::result::Result<Option<i64>, E> {
-            let now = now_ms();
-            conn.prepare_cached(
-                "INSERT INTO files (spool, rel_path, remote_name, target, size, sha256, chunk_size, chunk_count, upload_id,
-                                    src_path, src_dev, src_ino, src_size, src_mtime_ns, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'queued', ?14, ?14)",
-            )
-            .and_then(|mut insert| {
-                insert.execute(params![
-                    file.spool,
-                    file.rel_path,
-                    file.remote_name,
-                    file.target,
-                    file.identity.size as i64,
-                    file.chunk_size as i64,
-                    chunk_count as i64,
-                    file.upload_id,
-                    file.src_path,
-                    file.identity.dev as i64,
-                    file.identity.ino as i64,
-                    file.identity.size as i64,
-                    file.identity.mtime_ns,
-                    now
-                ])
-            })
-            .map_err(StoreError::from)?;
-            let id = conn.last_insert_rowid();
+            let id = insert_file(&conn, file, file.identity.size, chunk_count)
+                .map_err(StoreError::from)?;
             file_id = Some(id);
             self.set_ingesting(id, true);
             let mut sink = ChunkSink {
