@@ -101,7 +101,7 @@ pub const INCOMPLETE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// uploads, an open file (two descriptors), so 400 of them with the
 /// receiver's own files stay under the common limit of 1,024 descriptors.
 /// In memory a connection holds at most 136 KiB of its own (53 MiB for 400);
-/// request bodies share one budget of 16 MiB for the whole receiver.
+/// request bodies share one budget of 8 MiB for the whole receiver.
 pub const MAX_CONNECTIONS: usize = 400;
 /// `server.tus_path`: the tus endpoint is on unless set to "".
 pub const TUS_PATH: &str = "/files/";

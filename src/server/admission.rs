@@ -10,7 +10,7 @@
 //! hyper reads ahead of the handler (as much again) and its own state (a few
 //! KiB): [`MEMORY_PER_CONNECTION`] at most, whatever it sends. Body bytes
 //! beyond that come from one budget shared by every request of the process
-//! (`body::BODY_FRAMES` frames, 16 MiB), not from the connection. So the receiver's
+//! (`body::BODY_FRAMES` frames, 8 MiB), not from the connection. So the receiver's
 //! memory is bounded by its base (about 20 MiB), that budget and
 //! `max_connections` x [`MEMORY_PER_CONNECTION`], whatever the number of
 //! clients. At start the receiver raises its soft descriptor limit, as far as

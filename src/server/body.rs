@@ -12,7 +12,7 @@
 //! not a share per request: every frame takes one of [`BODY_FRAMES`] grants
 //! before it is read from the connection and gives it back once written, so
 //! the frames held (queued, or at a writer) never pass `BODY_FRAMES` x
-//! [`READ_BUFFER`] bytes (16 MiB) whatever the number of connections, while
+//! [`READ_BUFFER`] bytes (8 MiB) whatever the number of connections, while
 //! a single fast upload may hold [`QUEUE_FRAMES`] frames (1 MiB) queued
 //! and as much again being written. A request waits for a grant only while
 //! its writer is busy or nothing of it is queued: queued frames never wait
@@ -46,17 +46,20 @@ use tokio::time::Instant;
 /// of a body (hyper's `max_buf_size`; its default is about 400 KiB). hyper
 /// keeps its last buffer between requests, so this is what an idle or slow
 /// connection pins: with hyper's default, 100 agents (about 400 connections)
-/// took the receiver to 136-143 MiB; with 64 KiB to 69-70 MiB (with 32 KiB
-/// to 62 MiB, but then hyper closed some keep-alive connections while a
+/// took the receiver to 136-143 MiB; with 64 KiB to 64-78 MiB (with 32 KiB
+/// about 8 MiB less, but then hyper closed some keep-alive connections while a
 /// resumable client was sending its next chunk, which the resumable tests
 /// caught). A single upload still moves large batches to its writer (see
 /// [`HANDOFF_BYTES`]), which is what small reads cost before.
 pub(super) const READ_BUFFER: usize = 64 << 10;
 
 /// Frames of request bodies held at once by the whole process, queued or
-/// being written: with [`READ_BUFFER`] frames, 16 MiB. A frame may pin a
+/// being written: with [`READ_BUFFER`] frames, 8 MiB. A frame may pin a
 /// whole read buffer of hyper however small it is, so each counts as one.
-pub(super) const BODY_FRAMES: usize = 256;
+/// With 256 frames, 100 agents took the receiver to 64-78 MiB; with 128 to
+/// 54-62 MiB, and 16 connections of 1 MiB chunks went as fast (bench
+/// scenarios 10 and 6): a single upload holds at most 32 of them.
+pub(super) const BODY_FRAMES: usize = 128;
 
 static BODY_GRANTS: Semaphore = Semaphore::const_new(BODY_FRAMES);
 
