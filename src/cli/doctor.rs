@@ -1,6 +1,25 @@
 //! `indexedcp doctor`: checks the buffer a config (or `--storage`) names
 //! and, when it is damaged, salvages it (the work is the store's
 //! `doctor`); this module prints the report and picks the exit code.
+//!
+//! A damaged buffer (SQLite reports `SQLITE_CORRUPT` or `SQLITE_NOTADB`, in
+//! the check the agent runs when it opens the buffer or in any later
+//! statement) stops ingest, so new files stay in the spool untouched, and
+//! says "buffer corrupt" with the file and what to do in the log, `indexedcp
+//! status` (exit 65), the sd_notify STATUS line and the
+//! `indexedcp_buffer_corrupt` gauge. The daemon then exits 65, or keeps
+//! sending what it can read with `on_buffer_corrupt = "stop-ingest"`.
+//!
+//! Stop it and run `indexedcp doctor --config FILE`: it prints SQLite's
+//! `integrity_check` findings, renames the damaged file to
+//! `buffer.db.damaged-<unix time>`, and copies every waiting file whose
+//! chunks all read back and match their SHA-256 into a fresh `buffer.db`,
+//! listing what it saved and what it lost. Exit 0, or 65 when a file was
+//! lost, or 75 while a daemon has the buffer open.
+//!
+//! The start-up check (`PRAGMA quick_check`) reads the whole file: 1 GiB of
+//! queued chunks took 0.26 s from the page cache and 1.8 s after evicting it
+//! (a shared, noisy machine).
 
 use std::fmt::Write;
 
