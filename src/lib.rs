@@ -159,6 +159,7 @@ pub mod client;
 mod clock;
 pub mod config;
 pub(crate) mod daemon;
+mod disk;
 pub mod failpoint;
 #[doc(hidden)]
 pub mod fuzzing;

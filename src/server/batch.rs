@@ -188,7 +188,7 @@ impl BatchIntake {
                         BatchPlan::Refused(refusal)
                     }
                     None => {
-                        body::start_writeback(&file, 0, 0);
+                        crate::disk::start_writeback(&file, 0, 0);
                         BatchPlan::New { dest }
                     }
                 }

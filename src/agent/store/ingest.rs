@@ -279,6 +279,21 @@ impl Store {
             self.commits.send_modify(|n| *n = n.wrapping_add(1));
             committed();
         };
+        // The unsynced commits' pages start going to disk right away, so
+        // that the sealing sync finds them (mostly) written instead of
+        // writing the whole file then, while the last chunk waits for it.
+        let wal = std::cell::OnceCell::new();
+        let between = || {
+            self.let_writers_in();
+            let wal = wal.get_or_init(|| {
+                let mut name = self.path.clone().into_os_string();
+                name.push("-wal");
+                std::fs::File::open(name).ok()
+            });
+            if let Some(wal) = wal {
+                crate::disk::start_writeback(wal, 0, 0);
+            }
+        };
         self.let_writers_in();
         let conn = self.pool.get().map_err(StoreError::from)?;
         conn.execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
@@ -298,7 +313,7 @@ impl Store {
                     chunk_count,
                     since: 0,
                     committed: &committed,
-                    between: &|| self.let_writers_in(),
+                    between: &between,
                 }),
             };
             let sha256 = match fill(&mut sink)? {

@@ -207,7 +207,7 @@ impl Intake for PatchIntake {
         }
         self.length += bytes.len() as u64;
         if self.length - self.written_back >= WRITEBACK_STEP {
-            body::start_writeback(
+            crate::disk::start_writeback(
                 &self.file,
                 self.offset + self.written_back,
                 self.length - self.written_back,
