@@ -89,6 +89,23 @@ pub fn unsynced<T>(
     Ok(value)
 }
 
+/// Runs `f` on `conn` with `foreign_keys = OFF`, restored after. The pragma
+/// takes effect only outside a transaction: `f` opens its own.
+pub fn without_foreign_keys<T>(
+    conn: &mut rusqlite::Connection,
+    f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached("PRAGMA foreign_keys = OFF")?
+        .execute([])?;
+    let result = f(conn);
+    let restored = conn
+        .prepare_cached("PRAGMA foreign_keys = ON")
+        .and_then(|mut on| on.execute([]));
+    let value = result?;
+    restored?;
+    Ok(value)
+}
+
 /// A schema newer than this build.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

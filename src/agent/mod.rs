@@ -635,9 +635,22 @@ impl Agent {
                     tracing::debug!(error = %e, "could not yet remove a file whose buffering stopped half-way")
                 }
             }
-            let disk_ok = store
-                .free_bytes()
-                .is_none_or(|free| free > 2 * ingest::DISK_RESERVE);
+            let disk_ok = || {
+                store
+                    .free_bytes()
+                    .is_none_or(|free| free > 2 * ingest::DISK_RESERVE)
+            };
+            // Delivered files' data kept for a cheaper deletion later gives
+            // way when the disk is short.
+            let disk_ok = disk_ok()
+                || match store.release_confirmed_data() {
+                    Ok(0) => false,
+                    Ok(_) => disk_ok(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not delete delivered files' data");
+                        false
+                    }
+                };
             store.buffered_bytes().map(|n| n < max && disk_ok)
         };
         matches!(tokio::task::spawn_blocking(has_room).await, Ok(Ok(true)))

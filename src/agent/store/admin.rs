@@ -114,7 +114,8 @@ mod tests {
             .mark_uploaded(a, &[0, 1, 2], None, Durability::Synced)
             .unwrap();
         store.confirm(a, Some("a"), Durability::Synced).unwrap();
-        assert!(store.chunk_data(a, 0).unwrap().is_empty());
+        // b still waits: a's rows go with the last file's (see `confirm`).
+        assert_eq!(store.chunk_data(a, 0).unwrap(), b"0123");
         assert_eq!(store.file(a).unwrap().server_name.as_deref(), Some("a"));
         assert_eq!(store.buffered_bytes().unwrap(), 10);
         store.park(b, "400 Invalid filename").unwrap();

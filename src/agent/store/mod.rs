@@ -348,6 +348,9 @@ pub struct Store {
     /// that stopped and could not be removed (a full disk): no upload waits
     /// for its chunks; the next start removes it.
     ingesting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+    /// Bytes of chunk data of confirmed files not deleted yet (see
+    /// [`Store::confirm`]), as far as this process knows.
+    confirmed_data: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Uploader writes waiting for (or holding) the buffer's write lock: a
     /// file being streamed in lets them go first at its next commit
     /// ([`Store::ingest_streaming`]), since SQLite's busy handler, which
@@ -406,6 +409,7 @@ impl Store {
             _lock: lock.map(std::sync::Arc::new),
             commits: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
             ingesting: Default::default(),
+            confirmed_data: Default::default(),
             waiting_writers: Default::default(),
         })
     }

@@ -8,6 +8,10 @@ use super::{
     ChunkMeta, Durability, ERROR_HISTORY, FileRecord, FileState, Result, Store, StoreError, now_ms,
 };
 
+/// Chunk data of confirmed files kept at most while other files wait (see
+/// [`Store::confirm`]): the buffer's file is that much larger meanwhile.
+pub(crate) const CONFIRMED_DATA_MAX: u64 = 32 << 20;
+
 impl Store {
     fn file_records(
         &self,
@@ -315,6 +319,14 @@ impl Store {
 
     /// The receiver confirmed the whole file: its data leaves the store; the
     /// record stays (with the server's name) until the retention period passes.
+    ///
+    /// The data goes at once only when no other file needs chunk data: the
+    /// whole table is emptied then, which frees its pages without writing
+    /// them. While other files wait, deleting a file's rows would rewrite
+    /// the b-tree pages that hold them (for small files, each page is shared
+    /// with the files around it), writing their bytes a second time; so the
+    /// data of confirmed files waits for that moment, up to
+    /// [`CONFIRMED_DATA_MAX`] bytes, and past that it is deleted together.
     pub(crate) fn confirm(
         &self,
         file_id: i64,
@@ -322,6 +334,27 @@ impl Store {
         durability: Durability,
     ) -> Result<()> {
         self.confirm_many(&[(file_id, server_name.map(str::to_owned))], durability)
+    }
+
+    /// Deletes the chunk data that confirmed files still have (see
+    /// [`Store::confirm`]) at once, and gives its pages back. Returns how
+    /// many chunks went.
+    pub(crate) fn release_confirmed_data(&self) -> Result<usize> {
+        let _turn = self.writer_waiting();
+        let mut conn = self.pool.get()?;
+        let deleted = conn
+            .prepare_cached(
+                "DELETE FROM chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')",
+            )?
+            .execute([])?;
+        self.confirmed_data
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        if deleted > 0 {
+            super::schema::release_free_pages(&mut conn)?;
+            drop(conn);
+            self.trim_wal();
+        }
+        Ok(deleted)
     }
 
     /// [`Store::confirm`] for several files (id, the receiver's name) in one commit.
@@ -342,25 +375,51 @@ impl Store {
     }
 
     fn confirm_once(&self, files: &[(i64, Option<String>)], durability: Durability) -> Result<()> {
+        use std::sync::atomic::Ordering;
         // Ingest pauses at its next commit until this write is done.
         let _turn = self.writer_waiting();
         let mut conn = self.pool.get()?;
-        durability.run(&mut conn, |conn| {
-            let tx = conn.transaction()?;
-            let now = now_ms();
-            {
-                let mut file = tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1")?;
-                let mut chunks =
-                    tx.prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?;
-                let mut data = tx.prepare_cached("DELETE FROM chunk_data WHERE file_id = ?1")?;
-                for (file_id, server_name) in files {
-                    file.execute(params![file_id, server_name, now])?;
-                    chunks.execute(params![file_id])?;
-                    data.execute(params![file_id])?;
+        let waiting = self.confirmed_data.load(Ordering::SeqCst);
+        // Foreign keys off for the transaction: SQLite empties a table
+        // without visiting its rows only when no foreign key applies to it.
+        // The transaction deletes no file, so no cascade is missed.
+        let left = crate::sqlite::without_foreign_keys(&mut conn, |conn| {
+            durability.run(conn, |conn| {
+                let tx = conn.transaction()?;
+                let now = now_ms();
+                let mut bytes = 0u64;
+                {
+                    let mut file = tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1 RETURNING size")?;
+                    let mut chunks = tx
+                        .prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?;
+                    for (file_id, server_name) in files {
+                        let size: Option<i64> = file
+                            .query_row(params![file_id, server_name, now], |r| r.get(0))
+                            .optional()?;
+                        bytes += size.unwrap_or(0).max(0) as u64;
+                        chunks.execute(params![file_id])?;
+                    }
                 }
-            }
-            tx.commit()
+                let others_wait: bool = tx
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM files WHERE state != 'confirmed')")?
+                    .query_row([], |r| r.get(0))?;
+                let left = if !others_wait {
+                    tx.prepare_cached("DELETE FROM chunk_data")?.execute([])?;
+                    0
+                } else if waiting + bytes > CONFIRMED_DATA_MAX {
+                    tx.prepare_cached(
+                        "DELETE FROM chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')",
+                    )?
+                    .execute([])?;
+                    0
+                } else {
+                    waiting + bytes
+                };
+                tx.commit()?;
+                Ok(left)
+            })
         })?;
+        self.confirmed_data.store(left, Ordering::SeqCst);
         super::schema::release_free_pages(&mut conn)?;
         drop(conn);
         // A large file's pages are still in the WAL (ingest does not
@@ -374,6 +433,43 @@ impl Store {
 mod tests {
     use super::*;
     use crate::agent::store::testing::{ingest, new_file};
+
+    #[test]
+    fn confirmed_data_leaves_with_the_last_waiting_file_or_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let rows = |store: &Store| -> i64 {
+            let conn = store.pool.get().unwrap();
+            conn.query_row("SELECT count(*) FROM chunk_data", [], |r| r.get(0))
+                .unwrap()
+        };
+        let a = ingest(&store, &new_file("a", 1), b"0123456789");
+        let b = ingest(&store, &new_file("b", 2), b"abcdef");
+        assert_eq!(rows(&store), 5);
+        store.confirm(a, Some("a"), Durability::Synced).unwrap();
+        assert_eq!(rows(&store), 5, "b waits: a's rows stay");
+        assert_eq!(store.chunk_data(b, 1).unwrap(), b"ef");
+        // What ingest does when the disk is short.
+        assert_eq!(store.release_confirmed_data().unwrap(), 3);
+        assert_eq!(rows(&store), 2);
+        assert_eq!(store.chunk_data(b, 1).unwrap(), b"ef");
+        store.confirm(b, Some("b"), Durability::Synced).unwrap();
+        assert_eq!(rows(&store), 0, "nothing waits: the table is emptied");
+
+        // Past the bound, confirmed files' rows go while others wait.
+        let c = ingest(&store, &new_file("c", 3), b"xyz");
+        let d = ingest(&store, &new_file("d", 4), b"uvw");
+        store
+            .confirmed_data
+            .store(CONFIRMED_DATA_MAX, std::sync::atomic::Ordering::SeqCst);
+        store.confirm(c, Some("c"), Durability::Synced).unwrap();
+        assert_eq!(rows(&store), 1);
+        assert_eq!(store.chunk_data(d, 0).unwrap(), b"uvw");
+        // Foreign keys are back on: purging cascades to the chunk rows.
+        assert!(store.purge(d).unwrap());
+        assert_eq!(rows(&store), 0);
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
 
     #[test]
     fn failures_keep_five_errors_and_schedule_the_next_attempt() {
