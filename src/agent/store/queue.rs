@@ -172,12 +172,28 @@ impl Store {
     /// A chunk's bytes; empty for an unknown chunk, and once its file is
     /// confirmed (the data leaves the buffer then).
     pub fn chunk_data(&self, file_id: i64, idx: u64) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.append_chunk_data(file_id, idx, &mut data)?;
+        Ok(data)
+    }
+
+    /// Appends chunk `idx`'s bytes to `out` (nothing if there is no such
+    /// chunk) straight from SQLite's copy of the row: a piece of several
+    /// chunks is put together without a buffer per chunk.
+    pub(crate) fn append_chunk_data(
+        &self,
+        file_id: i64,
+        idx: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let conn = self.pool.get()?;
-        Ok(conn
-            .prepare_cached("SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2")?
-            .query_row(params![file_id, idx as i64], |r| r.get::<_, Vec<u8>>(0))
-            .optional()?
-            .unwrap_or_default())
+        conn.prepare_cached("SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2")?
+            .query_row(params![file_id, idx as i64], |r| {
+                out.extend_from_slice(r.get_ref(0)?.as_blob()?);
+                Ok(())
+            })
+            .optional()?;
+        Ok(())
     }
 
     /// Marks chunks acknowledged by the receiver, with what the delivery

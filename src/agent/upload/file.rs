@@ -164,7 +164,7 @@ pub async fn upload_file(
                 }
                 let mut data = Vec::with_capacity(piece_length as usize);
                 for idx in idxs {
-                    data.extend_from_slice(&s.chunk_data(id, idx)?);
+                    s.append_chunk_data(id, idx, &mut data)?;
                 }
                 Ok(data)
             })
