@@ -349,8 +349,10 @@ pub struct Store {
     /// for its chunks; the next start removes it.
     ingesting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
     /// Bytes of chunk data of confirmed files not deleted yet (see
-    /// [`Store::confirm`]), as far as this process knows.
-    confirmed_data: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// [`Store::confirm`]), as far as this process knows (rows left by an
+    /// earlier process go with the next emptying). Held for the whole
+    /// transaction that reads and changes it.
+    confirmed_data: std::sync::Arc<std::sync::Mutex<u64>>,
     /// Uploader writes waiting for (or holding) the buffer's write lock: a
     /// file being streamed in lets them go first at its next commit
     /// ([`Store::ingest_streaming`]), since SQLite's busy handler, which

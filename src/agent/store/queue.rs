@@ -169,8 +169,8 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// A chunk's bytes; empty for an unknown chunk, and once its file is
-    /// confirmed (the data leaves the buffer then).
+    /// A chunk's bytes; empty for an unknown chunk, and once the data of
+    /// its confirmed file has left the buffer (see [`Store::confirm`]).
     pub fn chunk_data(&self, file_id: i64, idx: u64) -> Result<Vec<u8>> {
         let mut data = Vec::new();
         self.append_chunk_data(file_id, idx, &mut data)?;
@@ -357,14 +357,18 @@ impl Store {
     /// many chunks went.
     pub(crate) fn release_confirmed_data(&self) -> Result<usize> {
         let _turn = self.writer_waiting();
+        let mut kept = self
+            .confirmed_data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut conn = self.pool.get()?;
         let deleted = conn
             .prepare_cached(
                 "DELETE FROM chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')",
             )?
             .execute([])?;
-        self.confirmed_data
-            .store(0, std::sync::atomic::Ordering::SeqCst);
+        *kept = 0;
+        drop(kept);
         if deleted > 0 {
             super::schema::release_free_pages(&mut conn)?;
             drop(conn);
@@ -391,11 +395,14 @@ impl Store {
     }
 
     fn confirm_once(&self, files: &[(i64, Option<String>)], durability: Durability) -> Result<()> {
-        use std::sync::atomic::Ordering;
         // Ingest pauses at its next commit until this write is done.
         let _turn = self.writer_waiting();
+        let mut kept = self
+            .confirmed_data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let waiting = *kept;
         let mut conn = self.pool.get()?;
-        let waiting = self.confirmed_data.load(Ordering::SeqCst);
         // Foreign keys off for the transaction: SQLite empties a table
         // without visiting its rows only when no foreign key applies to it.
         // The transaction deletes no file, so no cascade is missed.
@@ -435,7 +442,8 @@ impl Store {
                 Ok(left)
             })
         })?;
-        self.confirmed_data.store(left, Ordering::SeqCst);
+        *kept = left;
+        drop(kept);
         super::schema::release_free_pages(&mut conn)?;
         drop(conn);
         // A large file's pages are still in the WAL (ingest does not
@@ -475,9 +483,7 @@ mod tests {
         // Past the bound, confirmed files' rows go while others wait.
         let c = ingest(&store, &new_file("c", 3), b"xyz");
         let d = ingest(&store, &new_file("d", 4), b"uvw");
-        store
-            .confirmed_data
-            .store(CONFIRMED_DATA_MAX, std::sync::atomic::Ordering::SeqCst);
+        *store.confirmed_data.lock().unwrap() = CONFIRMED_DATA_MAX;
         store.confirm(c, Some("c"), Durability::Synced).unwrap();
         assert_eq!(rows(&store), 1);
         assert_eq!(store.chunk_data(d, 0).unwrap(), b"uvw");
