@@ -131,6 +131,9 @@ pub enum IngestOutcome {
     AlreadyKept,
     /// The file changed or vanished while being read; it will be offered again.
     Changed,
+    /// The same file came again later in the same batch, and that offer is
+    /// the one read.
+    OfferedAgain,
     /// The buffer is above `max_buffer_bytes`; the file waits in the spool.
     BufferFull,
     /// The buffer's disk has too little room left (`free` bytes) for this file
@@ -186,7 +189,24 @@ pub fn ingest_candidates(
     let mut buffered = store.buffered_bytes()?;
     let mut free = store.free_bytes();
     let (mut prepared, mut streamed) = (Vec::new(), Vec::new());
+    // The same file may be offered twice in one batch (two events of one
+    // rename, 0.1 ms apart, were seen): only its last offer is read. The
+    // check for a source buffered already runs before the batch's
+    // transaction, so both would pass it and the file would go twice.
+    let mut later = std::collections::HashSet::new();
+    let superseded: Vec<bool> = offers
+        .iter()
+        .rev()
+        .map(|o| !later.insert((&o.candidate.spool, &o.candidate.relative)))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     for (at, offer) in offers.iter().enumerate() {
+        if superseded[at] {
+            outcomes[at] = Some(Ok(IngestOutcome::OfferedAgain));
+            continue;
+        }
         match prepare(store, offer, max_buffer_bytes, &mut buffered, &mut free) {
             Ok(Ok((file, new_file, expected))) if chunk_count(&new_file) >= STREAM_MIN_CHUNKS => {
                 streamed.push(Prepared {
@@ -751,6 +771,40 @@ mod tests {
         assert_eq!(remote_name("", "a/b.txt"), "a/b.txt");
         assert_eq!(remote_name("site1", "a/b.txt"), "site1/a/b.txt");
         assert_eq!(remote_name("site1/", "b.txt"), "site1/b.txt");
+    }
+
+    #[test]
+    fn a_file_offered_twice_in_one_batch_is_buffered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let root = dir.path().join("spool");
+        std::fs::create_dir(&root).unwrap();
+        let path = root.join("a.bin");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let offer = Offer {
+            candidate: Candidate {
+                spool: root.clone(),
+                path: path.clone(),
+                relative: "a.bin".to_owned(),
+                identity: SourceIdentity::of(&std::fs::metadata(&path).unwrap()),
+            },
+            spool: SpoolConfig::new(&root, "t"),
+            target: TargetConfig::new("t", "http://127.0.0.1:9/upload"),
+        };
+        let outcomes =
+            ingest_candidates(&store, &[offer.clone(), offer], u64::MAX, &|| {}).unwrap();
+        assert!(
+            matches!(outcomes[0], Ok(IngestOutcome::OfferedAgain)),
+            "{:?}",
+            outcomes[0]
+        );
+        assert!(
+            matches!(outcomes[1], Ok(IngestOutcome::Buffered { bytes: 10, .. })),
+            "{:?}",
+            outcomes[1]
+        );
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert!(!path.exists(), "the source is disposed of once");
     }
 
     #[test]

@@ -788,7 +788,7 @@ impl Agent {
                 tracing::info!(%spool, file, file_id, "already buffered before a restart; source disposed of now");
                 false
             }
-            Ok(IngestOutcome::AlreadyKept) => false,
+            Ok(IngestOutcome::AlreadyKept | IngestOutcome::OfferedAgain) => false,
             Ok(IngestOutcome::Changed) => {
                 tracing::debug!(%spool, file, "changed while being read; waiting for it to settle again");
                 false
