@@ -78,15 +78,12 @@ pub fn unsynced<T>(
     conn: &mut rusqlite::Connection,
     f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    conn.prepare_cached("PRAGMA synchronous = NORMAL")?
-        .execute([])?;
-    let result = f(conn);
-    let restored = conn
-        .prepare_cached("PRAGMA synchronous = FULL")
-        .and_then(|mut full| full.execute([]));
-    let value = result?;
-    restored?;
-    Ok(value)
+    with_pragma(
+        conn,
+        "PRAGMA synchronous = NORMAL",
+        "PRAGMA synchronous = FULL",
+        f,
+    )
 }
 
 /// Runs `f` on `conn` with `foreign_keys = OFF`, restored after. The pragma
@@ -95,12 +92,27 @@ pub fn without_foreign_keys<T>(
     conn: &mut rusqlite::Connection,
     f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    conn.prepare_cached("PRAGMA foreign_keys = OFF")?
-        .execute([])?;
+    with_pragma(
+        conn,
+        "PRAGMA foreign_keys = OFF",
+        "PRAGMA foreign_keys = ON",
+        f,
+    )
+}
+
+/// Runs `f` on `conn` after the pragma `set`, then runs `restore` whatever
+/// `f` returned; an error of `f` wins over one of `restore`.
+fn with_pragma<T>(
+    conn: &mut rusqlite::Connection,
+    set: &str,
+    restore: &str,
+    f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(set)?.execute([])?;
     let result = f(conn);
     let restored = conn
-        .prepare_cached("PRAGMA foreign_keys = ON")
-        .and_then(|mut on| on.execute([]));
+        .prepare_cached(restore)
+        .and_then(|mut restore| restore.execute([]));
     let value = result?;
     restored?;
     Ok(value)

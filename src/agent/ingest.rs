@@ -193,17 +193,13 @@ pub fn ingest_candidates(
     // rename, 0.1 ms apart, were seen): only its last offer is read. The
     // check for a source buffered already runs before the batch's
     // transaction, so both would pass it and the file would go twice.
-    let mut later = std::collections::HashSet::new();
-    let superseded: Vec<bool> = offers
+    let last: std::collections::HashMap<_, usize> = offers
         .iter()
-        .rev()
-        .map(|o| !later.insert((&o.candidate.spool, &o.candidate.relative)))
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
+        .enumerate()
+        .map(|(at, o)| ((&o.candidate.spool, &o.candidate.relative), at))
         .collect();
     for (at, offer) in offers.iter().enumerate() {
-        if superseded[at] {
+        if last[&(&offer.candidate.spool, &offer.candidate.relative)] != at {
             outcomes[at] = Some(Ok(IngestOutcome::OfferedAgain));
             continue;
         }

@@ -12,6 +12,10 @@ use super::{
 /// [`Store::confirm`]): the buffer's file is that much larger meanwhile.
 pub(crate) const CONFIRMED_DATA_MAX: u64 = 32 << 20;
 
+/// Deletes the chunk rows that confirmed files still have.
+const DELETE_CONFIRMED_DATA: &str =
+    "DELETE FROM chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')";
+
 impl Store {
     fn file_records(
         &self,
@@ -187,16 +191,21 @@ impl Store {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let conn = self.pool.get()?;
+        let start = out.len();
         conn.prepare_cached("SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2")?
             .query_row(params![file_id, idx as i64], |r| {
                 out.extend_from_slice(r.get_ref(0)?.as_blob()?);
                 Ok(())
             })
             .optional()?;
-        // The pages just read are not read again (a chunk is sent once), but
-        // each pooled connection would keep up to 2 MB of them: an S3 agent
-        // reading 8 MiB parts peaked at 62-63 MiB that way, 55 MiB without.
-        let _ = conn.release_memory();
+        // The overflow pages of a chunk larger than a page are not read
+        // again (a chunk is sent once), but each pooled connection would
+        // keep up to 2 MB of them: an S3 agent reading 8 MiB parts peaked at
+        // 62-63 MiB that way, 55 MiB without. A small file's chunk sits in a
+        // b-tree page that its neighbours' reads still want.
+        if out.len() - start > super::BLOB_PAGE_SIZE as usize {
+            let _ = conn.release_memory();
+        }
         Ok(())
     }
 
@@ -366,11 +375,7 @@ impl Store {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let mut conn = self.pool.get()?;
-        let deleted = conn
-            .prepare_cached(
-                "DELETE FROM chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')",
-            )?
-            .execute([])?;
+        let deleted = conn.prepare_cached(DELETE_CONFIRMED_DATA)?.execute([])?;
         *kept = 0;
         drop(kept);
         if deleted > 0 {
@@ -435,7 +440,7 @@ impl Store {
                     0
                 } else if waiting + bytes > CONFIRMED_DATA_MAX {
                     tx.prepare_cached(
-                        "DELETE FROM chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')",
+                        DELETE_CONFIRMED_DATA,
                     )?
                     .execute([])?;
                     0
