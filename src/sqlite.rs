@@ -31,8 +31,45 @@ pub fn open_pool_with(
     page_size: Option<u32>,
     auto_checkpoint: bool,
 ) -> Result<Pool, r2d2::Error> {
+    open_pool_attached(path, busy_timeout, page_size, auto_checkpoint, None)
+}
+
+/// A second database every connection of a pool attaches
+/// ([`open_pool_attached`]): its file, the schema name it is attached as,
+/// and, when it is new, its page size and the SQL that creates its tables.
+pub struct Attached<'a> {
+    pub path: &'a Path,
+    pub schema: &'static str,
+    pub page_size: u32,
+    pub create: &'static str,
+}
+
+/// [`open_pool_with`], and every connection attaches `attached`, with the
+/// same settings (WAL, synced commits). A new attached file gets its page
+/// size, incremental auto-vacuum and its tables first, from one connection
+/// alone. SQLite makes a transaction that writes both files atomic in each
+/// file, not across them: the caller orders its commits.
+pub fn open_pool_attached(
+    path: &Path,
+    busy_timeout: Duration,
+    page_size: Option<u32>,
+    auto_checkpoint: bool,
+    attached: Option<Attached<'_>>,
+) -> Result<Pool, r2d2::Error> {
     let auto_checkpoint_pages = if auto_checkpoint { 1000 } else { 0 };
     let busy_ms = busy_timeout.as_millis();
+    let attach = attached.as_ref().map(|a| (a.path.to_owned(), a.schema));
+    if let Some(a) = &attached
+        && let Ok(conn) = rusqlite::Connection::open(a.path)
+    {
+        let _ = conn.busy_timeout(busy_timeout);
+        let _ = conn.execute_batch(&format!(
+            "PRAGMA page_size = {}; PRAGMA auto_vacuum = INCREMENTAL",
+            a.page_size
+        ));
+        let _ = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0));
+        let _ = conn.execute_batch(a.create);
+    }
     // r2d2 opens its connections in parallel; switch a new file to WAL once,
     // alone, first (the mode is persistent), so they never race for the
     // exclusive lock the switch needs. A failure here resurfaces below.
@@ -57,6 +94,16 @@ pub fn open_pool_with(
              PRAGMA temp_store = MEMORY;
              PRAGMA wal_autocheckpoint = {auto_checkpoint_pages};"
         ))?;
+        if let Some((file, schema)) = &attach {
+            conn.execute(
+                &format!("ATTACH DATABASE ?1 AS {schema}"),
+                [file.to_string_lossy()],
+            )?;
+            conn.execute_batch(&format!(
+                "PRAGMA {schema}.synchronous = FULL;
+                 PRAGMA {schema}.journal_size_limit = 67108864;"
+            ))?;
+        }
         // Every statement on a hot path is prepared once per connection.
         conn.set_prepared_statement_cache_capacity(64);
         // Switching the journal mode takes an exclusive lock, which a second
@@ -78,12 +125,26 @@ pub fn unsynced<T>(
     conn: &mut rusqlite::Connection,
     f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    with_pragma(
-        conn,
-        "PRAGMA synchronous = NORMAL",
-        "PRAGMA synchronous = FULL",
-        f,
-    )
+    set_synchronous(conn, "NORMAL")?;
+    let result = f(conn);
+    let restored = set_synchronous(conn, "FULL");
+    let value = result?;
+    restored?;
+    Ok(value)
+}
+
+/// Sets `synchronous` on every database of `conn`: the pragma without a
+/// schema name only applies to `main`.
+pub fn set_synchronous(conn: &rusqlite::Connection, level: &str) -> rusqlite::Result<()> {
+    let names: Vec<String> = conn
+        .prepare_cached("SELECT name FROM pragma_database_list WHERE name != 'temp'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for name in names {
+        conn.prepare_cached(&format!("PRAGMA \"{name}\".synchronous = {level}"))?
+            .execute([])?;
+    }
+    Ok(())
 }
 
 /// Runs `f` on `conn` with `foreign_keys = OFF`, restored after. The pragma

@@ -40,7 +40,7 @@ pub(super) struct LargeEndToEnd {
     pub(super) buffer: BufferSizes,
 }
 
-/// The buffer's files (`buffer.db` and its WAL) before the drop, at their
+/// The buffer's files (`buffer.db`, `buffer-bulk.db` and their WALs) before the drop, at their
 /// largest while the file was buffered, and once the agent is idle again
 /// after delivery; medians over the runs.
 #[derive(Clone, Copy)]
@@ -245,12 +245,17 @@ fn idle_write_bytes(agent: &mut Running) -> Result<u64> {
     Ok(last)
 }
 
-/// The buffer's bytes on disk: `buffer.db` and its WAL.
+/// The buffer's bytes on disk: `buffer.db`, `buffer-bulk.db` and their WALs.
 fn buffer_size(state: &Path) -> u64 {
-    ["buffer.db", "buffer.db-wal"]
-        .iter()
-        .filter_map(|name| file_len(&state.join(name)))
-        .sum()
+    [
+        "buffer.db",
+        "buffer.db-wal",
+        "buffer-bulk.db",
+        "buffer-bulk.db-wal",
+    ]
+    .iter()
+    .filter_map(|name| file_len(&state.join(name)))
+    .sum()
 }
 
 /// Reads a `/proc/PID/io` field of `pid`.

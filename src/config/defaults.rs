@@ -21,7 +21,8 @@ pub const API_KEY_ENV: &str = "INDEXEDCP_API_KEY";
 
 // [daemon]
 
-/// `daemon.state_dir`: the buffer lives in `<state_dir>/buffer.db`.
+/// `daemon.state_dir`: the buffer lives in `<state_dir>/buffer.db` and
+/// `buffer-bulk.db`.
 pub const STATE_DIR: &str = "/var/lib/indexedcp";
 /// `daemon.log_level`.
 pub const LOG_LEVEL: &str = "info";

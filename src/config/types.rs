@@ -43,7 +43,7 @@ impl Config {
 /// `[daemon]`: process-wide settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
-    /// The buffer lives in `<state_dir>/buffer.db`.
+    /// The buffer lives in `<state_dir>/buffer.db` and `buffer-bulk.db`.
     pub state_dir: PathBuf,
     /// A level or an `EnvFilter`-style directive list; `INDEXEDCP_LOG_LEVEL` overrides it.
     pub log_level: String,

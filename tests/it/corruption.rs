@@ -175,7 +175,11 @@ async fn a_damaged_buffer_stops_the_daemon_and_doctor_saves_the_intact_files() {
     ];
     buffer_files(&config, &spool, &staging, &files).await;
     let buffer = buffer(dir.path());
+    // Files of several chunks are streamed in: their bytes are in the
+    // buffer's bulk file.
+    let bulk = dir.path().join("state/buffer-bulk.db");
     checkpoint(&buffer);
+    checkpoint(&bulk);
     let ids: BTreeMap<String, i64> = status_json(&config)
         .iter()
         .map(|f| {
@@ -185,8 +189,8 @@ async fn a_damaged_buffer_stops_the_daemon_and_doctor_saves_the_intact_files() {
             )
         })
         .collect();
-    let (page, page_size) = leaf_of_file_only(&buffer, ids["middle.bin"]);
-    damage_page(&buffer, page, page_size);
+    let (page, page_size) = leaf_of_file_only(&bulk, ids["middle.bin"]);
+    damage_page(&bulk, page, page_size);
 
     // A file arriving now must stay in the spool, untouched.
     let newcomer = pseudo_random(2 * CHUNK + 5, 4);
@@ -272,9 +276,11 @@ async fn a_damaged_buffer_stops_the_daemon_and_doctor_saves_the_intact_files() {
     let aside: Vec<String> = std::fs::read_dir(dir.path().join("state"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("buffer.db.damaged-"))
+        .filter(|name| {
+            name.starts_with("buffer.db.damaged-") || name.starts_with("buffer-bulk.db.damaged-")
+        })
         .collect();
-    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(aside.len(), 2, "{aside:?}");
 
     let status = run(&["status"], &config);
     assert_eq!(status.status.code(), Some(0), "{}", text(&status));
@@ -354,4 +360,32 @@ async fn a_buffer_cut_to_half_its_size_is_reported_as_corrupt() {
             "{args:?}: {stderr}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_file_cut_to_half_its_size_stops_the_daemon() {
+    let (dir, _out, spool, staging) = agent_dirs();
+    let down = format!("http://127.0.0.1:{}/upload", free_port());
+    let config = config(dir.path(), &down, &spool, "");
+    // Files of several chunks are streamed in: their bytes are in the bulk file.
+    let files = [
+        ("one.bin", pseudo_random(8 * CHUNK, 7)),
+        ("two.bin", pseudo_random(8 * CHUNK, 8)),
+    ];
+    buffer_files(&config, &spool, &staging, &files).await;
+    let bulk = dir.path().join("state/buffer-bulk.db");
+    checkpoint(&bulk);
+    let size = std::fs::metadata(&bulk).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bulk)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+
+    let output = run(&["daemon"], &config);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(65), "{}", text(&output));
+    assert!(stderr.contains("buffer corrupt"), "{stderr}");
+    assert!(stderr.contains("indexedcp doctor"), "{stderr}");
 }

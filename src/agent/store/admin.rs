@@ -41,6 +41,10 @@ impl Store {
             .prepare_cached("DELETE FROM files WHERE id = ?1")?
             .execute(params![file_id])?
             > 0;
+        // Its bytes in `bulk` go in a commit of their own, after the record.
+        if existed {
+            self.release_bulk(&mut conn)?;
+        }
         // The last file's pages go back to the file system, as on delivery.
         super::schema::release_free_pages(&mut conn)?;
         Ok(existed)
@@ -48,10 +52,14 @@ impl Store {
 
     /// Forgets confirmed files confirmed before `cutoff` (ms). Returns how many.
     pub(crate) fn forget_confirmed_before(&self, cutoff: i64) -> Result<usize> {
-        let conn = self.pool.get()?;
-        Ok(conn
+        let mut conn = self.pool.get()?;
+        let forgotten = conn
             .prepare_cached("DELETE FROM files WHERE state = 'confirmed' AND confirmed_at < ?1")?
-            .execute(params![cutoff])?)
+            .execute(params![cutoff])?;
+        if forgotten > 0 {
+            self.release_bulk(&mut conn)?;
+        }
+        Ok(forgotten)
     }
 
     /// Per target: queued files and bytes, failed files, and when the oldest

@@ -13,6 +13,12 @@
 //! (history without data) and remembered kept sources are copied as far as
 //! they read back. One chunk is in memory at a time.
 //!
+//! The buffer's two files are checked and set aside together; a file's
+//! bytes are read from whichever holds them (see the `store` module docs),
+//! and the fresh buffer keeps them all in `buffer.db`. Bytes in
+//! `buffer-bulk.db` with no record are not reported: a crash leaves such
+//! bytes of files already delivered or removed.
+//!
 //! Nothing else may use the buffer meanwhile: `doctor` takes the buffer's
 //! lock alone (see `corrupt::BufferLock`) and refuses while a daemon has it.
 
@@ -72,6 +78,17 @@ pub fn doctor(path: &Path) -> Result<DoctorReport> {
         .map_err(StoreError::Sql)?;
     old.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(StoreError::Sql)?;
+    let bulk = super::bulk_path(path);
+    if bulk.exists() {
+        old.execute("ATTACH DATABASE ?1 AS bulk", [bulk.to_string_lossy()])
+            .map_err(StoreError::Sql)?;
+    } else {
+        old.execute_batch(
+            "ATTACH DATABASE ':memory:' AS bulk;
+             CREATE TABLE bulk.chunk_data (file_id INTEGER, idx INTEGER, data BLOB);",
+        )
+        .map_err(StoreError::Sql)?;
+    }
     let problems = integrity_problems(&old);
     let mut report = DoctorReport {
         path: path.to_owned(),
@@ -89,6 +106,7 @@ pub fn doctor(path: &Path) -> Result<DoctorReport> {
 
     let fresh_path = with_suffix(path, ".salvage");
     remove_database(&fresh_path);
+    remove_database(&super::bulk_path(&fresh_path));
     let fresh = Store::open(&fresh_path)?;
     {
         let mut new = fresh.pool.get()?;
@@ -104,7 +122,8 @@ pub fn doctor(path: &Path) -> Result<DoctorReport> {
     let _ = std::fs::remove_file(with_suffix(&fresh_path, ".lock"));
     drop(old);
 
-    let aside = with_suffix(path, &format!(".damaged-{}", crate::clock::now_ms() / 1000));
+    let stamp = format!(".damaged-{}", crate::clock::now_ms() / 1000);
+    let aside = with_suffix(path, &stamp);
     let rename = |from: &Path, to: &Path, about: &'static str| {
         std::fs::rename(from, to).map_err(|source| StoreError::Io {
             about,
@@ -112,22 +131,32 @@ pub fn doctor(path: &Path) -> Result<DoctorReport> {
             source,
         })
     };
-    rename(path, &aside, "cannot set the damaged buffer aside")?;
-    // The damaged file's WAL goes with it (it may hold its newest pages);
-    // its shared-memory index is rebuilt by whoever opens the copy.
-    let wal = with_suffix(path, "-wal");
-    if wal.exists() {
-        rename(
-            &wal,
-            &with_suffix(&aside, "-wal"),
-            "cannot set the damaged WAL aside",
-        )?;
+    // Each damaged file's WAL goes with it (it may hold its newest pages);
+    // its shared-memory index is rebuilt by whoever opens the copy. The
+    // fresh buffer holds every byte it kept in its `buffer.db`: its bulk
+    // file is empty and is not kept (the next open creates one).
+    for (damaged, aside) in [
+        (bulk.clone(), with_suffix(&bulk, &stamp)),
+        (path.to_owned(), aside.clone()),
+    ] {
+        if damaged.exists() {
+            rename(&damaged, &aside, "cannot set the damaged buffer aside")?;
+        }
+        let wal = with_suffix(&damaged, "-wal");
+        if wal.exists() {
+            rename(
+                &wal,
+                &with_suffix(&aside, "-wal"),
+                "cannot set the damaged WAL aside",
+            )?;
+        }
+        let _ = std::fs::remove_file(with_suffix(&damaged, "-shm"));
     }
-    let _ = std::fs::remove_file(with_suffix(path, "-shm"));
     rename(&fresh_path, path, "cannot put the salvaged buffer in place")?;
     for leftover in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(with_suffix(&fresh_path, leftover));
     }
+    remove_database(&super::bulk_path(&fresh_path));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
@@ -155,7 +184,7 @@ fn file_ids(conn: &Connection) -> BTreeSet<i64> {
         "SELECT id FROM files INDEXED BY files_state",
         "SELECT id FROM files INDEXED BY files_source",
         "SELECT DISTINCT file_id FROM chunks",
-        "SELECT DISTINCT file_id FROM chunk_data",
+        "SELECT DISTINCT file_id FROM main.chunk_data",
     ] {
         let Ok(mut stmt) = conn.prepare(sql) else {
             continue;
@@ -317,7 +346,8 @@ fn copy_file(
         }
         let data: Vec<u8> = old
             .query_row(
-                "SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2",
+                "SELECT data FROM main.chunk_data WHERE file_id = ?1 AND idx = ?2
+                 UNION ALL SELECT data FROM bulk.chunk_data WHERE file_id = ?1 AND idx = ?2 LIMIT 1",
                 params![id, idx],
                 |r| r.get(0),
             )
@@ -327,7 +357,7 @@ fn copy_file(
         }
         whole.update(&data);
         bytes += data.len() as u64;
-        tx.prepare_cached("INSERT INTO chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)")
+        tx.prepare_cached("INSERT INTO main.chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)")
             .and_then(|mut s| s.execute(params![id, idx, data]))
             .map_err(|e| format!("cannot copy chunk {idx}: {e}"))?;
     }

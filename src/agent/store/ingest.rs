@@ -18,11 +18,18 @@ pub struct ChunkSink<'a> {
     streaming: Option<Streaming<'a>>,
 }
 
-/// The intermediate commits of a file streamed into the buffer.
+/// The intermediate commits of a file streamed into the buffer. Its bytes go
+/// to the `bulk` database, its chunk records to `buffer.db` in the commit
+/// after the one that holds their bytes: SQLite commits the two files one
+/// after the other, and a reader must never see a chunk whose bytes are not
+/// there yet.
 struct Streaming<'a> {
     /// The file's chunk count: the last chunk is never in an intermediate
     /// commit, so the uploader cannot finish the file before it is sealed.
     chunk_count: u64,
+    /// Chunks whose bytes are written but whose records are not: (index,
+    /// offset, length, SHA-256).
+    pending: Vec<(u64, u64, u64, String)>,
     /// Chunk bytes pushed since the last commit.
     since: u64,
     /// Called after each commit.
@@ -45,45 +52,87 @@ impl ChunkSink<'_> {
 
     /// Appends the next chunk, with its SHA-256 as hex.
     pub(crate) fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
-        if let Some(streaming) = &self.streaming
-            && self.next_idx + 1 == streaming.chunk_count
-        {
-            // The last chunk opens the sealing transaction, which is synced
-            // (SQLite changes that only between transactions).
+        let (idx, offset) = (self.next_idx, self.offset);
+        self.next_idx += 1;
+        self.offset += data.len() as u64;
+        let Some(streaming) = &mut self.streaming else {
+            insert_chunk(
+                self.conn,
+                self.file_id,
+                idx,
+                offset,
+                data.len() as u64,
+                sha256,
+            )?;
             self.conn
-                .execute_batch("COMMIT; PRAGMA synchronous = FULL")?;
+                .prepare_cached(
+                    "INSERT INTO main.chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![self.file_id, idx as i64, data])?;
+            return Ok(());
+        };
+        let last = self.next_idx == streaming.chunk_count;
+        if last {
+            // The records of the chunks so far are committed first. Then the
+            // last chunk's bytes come in a commit of their own, the first
+            // synced one: the file's bytes are all durable in `bulk` before
+            // the sealing commit (synced too) names the last chunk. SQLite
+            // changes `synchronous` only between transactions.
+            self.conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
+            for (idx, offset, length, sha256) in streaming.pending.drain(..) {
+                insert_chunk(self.conn, self.file_id, idx, offset, length, &sha256)?;
+            }
+            self.conn.execute_batch("COMMIT")?;
+            crate::sqlite::set_synchronous(self.conn, "FULL")?;
             (streaming.between)();
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
             (streaming.committed)();
         }
-        self.conn.prepare_cached(
-            "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![self.file_id, self.next_idx as i64, self.offset as i64, data.len() as i64, sha256])?;
         self.conn
-            .prepare_cached("INSERT INTO chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)")?
-            .execute(params![self.file_id, self.next_idx as i64, data])?;
-        self.next_idx += 1;
-        self.offset += data.len() as u64;
-        if let Some(streaming) = &mut self.streaming {
-            streaming.since += data.len() as u64;
-            let first = self.next_idx == 1;
-            if self.next_idx < streaming.chunk_count
-                && (first || streaming.since >= STREAM_COMMIT_BYTES)
-            {
-                // Unsynced (the connection runs with synchronous = NORMAL
-                // until the file is sealed): the source stays in the spool
-                // until the sealing commit, which is synced and makes these
-                // durable with it.
+            .prepare_cached(
+                "INSERT OR REPLACE INTO bulk.chunk_data (file_id, idx, data) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![self.file_id, idx as i64, data])?;
+        streaming
+            .pending
+            .push((idx, offset, data.len() as u64, sha256.to_owned()));
+        streaming.since += data.len() as u64;
+        let first = self.next_idx == 1;
+        if last || first || streaming.since >= STREAM_COMMIT_BYTES {
+            // Unsynced until the last chunk (the connection runs with
+            // synchronous = NORMAL until then): the source stays in the
+            // spool until the sealing commit, which makes these durable
+            // with it. The records of the chunks just committed follow in a
+            // commit of their own.
+            self.conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
+            for (idx, offset, length, sha256) in streaming.pending.drain(..) {
+                insert_chunk(self.conn, self.file_id, idx, offset, length, &sha256)?;
+            }
+            streaming.since = 0;
+            if !last {
                 self.conn.execute_batch("COMMIT")?;
                 (streaming.between)();
                 self.conn.execute_batch("BEGIN IMMEDIATE")?;
-                streaming.since = 0;
                 (streaming.committed)();
             }
         }
         Ok(())
     }
+}
+
+/// Inserts a chunk's record.
+fn insert_chunk(
+    conn: &rusqlite::Connection,
+    file_id: i64,
+    idx: u64,
+    offset: u64,
+    length: u64,
+    sha256: &str,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![file_id, idx as i64, offset as i64, length as i64, sha256])
 }
 
 /// Files being buffered in one transaction; see [`Store::ingest_batch`].
@@ -196,10 +245,13 @@ fn remember_kept(conn: &rusqlite::Connection, file: &NewFile) -> rusqlite::Resul
     ])
 }
 
-/// Deletes file `file_id` with its chunks (in the caller's transaction, if any).
+/// Deletes file `file_id` with its chunks (in the caller's transaction, if
+/// any). For a file never sealed: a crash may keep either file's part of
+/// this, and either way the file is unsealed or gone at the next start.
 fn forget_file(conn: &rusqlite::Connection, file_id: i64) -> Result<()> {
     for sql in [
-        "DELETE FROM chunk_data WHERE file_id = ?1",
+        "DELETE FROM main.chunk_data WHERE file_id = ?1",
+        "DELETE FROM bulk.chunk_data WHERE file_id = ?1",
         "DELETE FROM chunks WHERE file_id = ?1",
         "DELETE FROM chunk_errors WHERE file_id = ?1",
         "DELETE FROM files WHERE id = ?1",
@@ -286,7 +338,7 @@ impl Store {
         let between = || {
             self.let_writers_in();
             let wal = wal.get_or_init(|| {
-                let mut name = self.path.clone().into_os_string();
+                let mut name = super::bulk_path(&self.path).into_os_string();
                 name.push("-wal");
                 std::fs::File::open(name).ok()
             });
@@ -296,11 +348,16 @@ impl Store {
         };
         self.let_writers_in();
         let conn = self.pool.get().map_err(StoreError::from)?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
+        crate::sqlite::set_synchronous(&conn, "NORMAL").map_err(StoreError::from)?;
+        conn.execute_batch("BEGIN IMMEDIATE")
             .map_err(StoreError::from)?;
         let mut file_id = None;
         let outcome = (|| -> std::result::Result<Option<i64>, E> {
             let id = insert_file(&conn, file, file.identity.size, chunk_count)
+                .map_err(StoreError::from)?;
+            // Bytes a crash left under this id, if it was a removed file's.
+            conn.prepare_cached("DELETE FROM bulk.chunk_data WHERE file_id = ?1")
+                .and_then(|mut stale| stale.execute(params![id]))
                 .map_err(StoreError::from)?;
             file_id = Some(id);
             self.set_ingesting(id, true);
@@ -311,6 +368,7 @@ impl Store {
                 offset: 0,
                 streaming: Some(Streaming {
                     chunk_count,
+                    pending: Vec::new(),
                     since: 0,
                     committed: &committed,
                     between: &between,
@@ -338,7 +396,7 @@ impl Store {
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        let _ = conn.execute_batch("PRAGMA synchronous = FULL");
+        let _ = crate::sqlite::set_synchronous(&conn, "FULL");
         if let Some(id) = file_id {
             self.set_ingesting(id, false);
         }
@@ -361,22 +419,29 @@ impl Store {
     /// in (the daemon): at its start, after a stop; and while ingest waits
     /// for room, after a full disk kept an ingest from cleaning up (such a
     /// file's bytes count against the buffer's limits until removed).
+    ///
+    /// Also deletes the bytes in `bulk` that no waiting file needs: left by
+    /// a crash between the two commits that remove a file, or confirm it.
     pub(crate) fn forget_unfinished(&self) -> Result<usize> {
         let mut conn = self.pool.get()?;
-        let tx = conn.transaction()?;
+        // Immediate: holding the write lock of both files, it reads records
+        // and bytes as of the same commit.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut ids: Vec<i64> = tx
             .prepare_cached("SELECT id FROM files WHERE state = 'queued' AND sha256 = ''")?
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         ids.retain(|id| !self.is_ingesting(*id));
-        if ids.is_empty() {
-            return Ok(0);
-        }
         for id in &ids {
             forget_file(&tx, *id)?;
         }
+        let orphans = tx
+            .prepare_cached(super::DELETE_UNNEEDED_BULK)?
+            .execute([])?;
         tx.commit()?;
-        super::schema::release_free_pages(&mut conn)?;
+        if !ids.is_empty() || orphans > 0 {
+            super::schema::release_free_pages(&mut conn)?;
+        }
         Ok(ids.len())
     }
 

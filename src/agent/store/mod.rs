@@ -1,6 +1,23 @@
 //! The agent's buffer: every file waiting for (or done with) upload, its chunks
-//! as BLOBs, retry bookkeeping and the last errors, in one SQLite file
-//! (`<state_dir>/buffer.db`) behind an r2d2 pool.
+//! as BLOBs, retry bookkeeping and the last errors, in SQLite behind an r2d2
+//! pool: two files, each connection attaching the second.
+//!
+//! - `<state_dir>/buffer.db`, with 4 KiB pages: the records, and the bytes
+//!   of files buffered together in one transaction (small files).
+//! - `<state_dir>/buffer-bulk.db`, with 64 KiB pages, attached as `bulk`:
+//!   the bytes of files streamed in ([`Store::ingest_streaming`]).
+//!
+//! Every commit writes whole pages. Large pages suit chunks of a MiB (16 WAL
+//! frames each instead of 256), but a commit that changes a few records
+//! would write a 64 KiB page for each b-tree it touches; small pages keep
+//! the records and small files cheap to write.
+//!
+//! SQLite makes a commit atomic in each file, not across the two, so no
+//! commit needs both: a streamed file's bytes are committed in `bulk`
+//! before the commit in `buffer.db` that makes the file complete, and bytes
+//! leave `bulk` only after the commit that confirmed or removed their file.
+//! A crash between the two leaves bytes no file needs, deleted later
+//! ([`Store::forget_unfinished`]).
 //!
 //! All SQL lives here. Every method blocks: callers run them off the async
 //! executor (`spawn_blocking`). This module knows nothing of tokio, HTTP or the
@@ -329,8 +346,46 @@ const WAL_TRUNCATE_AFTER: u64 = 64 << 20;
 /// every commit that trims it: its space is needed more than its savings.
 const DISK_TIGHT: u64 = 16 << 20;
 
-/// Page size of a new buffer: chunks are BLOBs of up to several MiB.
+/// Page size of a new `bulk` database: chunks are BLOBs of up to several MiB.
 const BLOB_PAGE_SIZE: u32 = 65536;
+
+/// Page size of a new `buffer.db`: records, and small files' bytes.
+const RECORD_PAGE_SIZE: u32 = 4096;
+
+/// The schema name of the database of streamed files' bytes.
+pub(super) const BULK: &str = "bulk";
+
+/// The tables of a new `bulk` database. No foreign key can reach the
+/// records in the other file: rows are deleted by the store, and an
+/// insert replaces a row left by a file that no longer exists.
+const BULK_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS chunk_data (
+    file_id       INTEGER NOT NULL,
+    idx           INTEGER NOT NULL,
+    data          BLOB NOT NULL,
+    PRIMARY KEY (file_id, idx)
+);";
+
+/// Deletes the bytes in `bulk` of files that are confirmed or gone. Run in a
+/// transaction that holds the write lock (`BEGIN IMMEDIATE`), so that it
+/// sees the records as of the bytes' latest commit. The file ids come from
+/// the table's index, without reading its rows (a chunk fills pages).
+pub(super) const DELETE_UNNEEDED_BULK: &str = "DELETE FROM bulk.chunk_data WHERE file_id IN
+    (SELECT DISTINCT b.file_id FROM bulk.chunk_data b WHERE NOT EXISTS
+        (SELECT 1 FROM main.files f WHERE f.id = b.file_id AND f.state != 'confirmed'))";
+
+/// The file of the `bulk` database of the buffer at `path`: `buffer.db`
+/// gives `buffer-bulk.db`.
+pub fn bulk_path(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bulk = match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => format!("{stem}-bulk.{ext}"),
+        _ => format!("{name}-bulk"),
+    };
+    path.with_file_name(bulk)
+}
 
 /// The agent's upload buffer: a handle on its SQLite file, cheap to clone
 /// (clones share one connection pool). Every method blocks.
@@ -383,19 +438,30 @@ impl Store {
             path: path.display().to_string(),
             detail,
         };
-        let pool =
-            sqlite::open_pool_with(path, Duration::from_secs(60), Some(BLOB_PAGE_SIZE), false)
-                .map_err(|source| {
-                    let text = source.to_string();
-                    if corrupt::is_corruption_text(&text) {
-                        corrupt(text)
-                    } else {
-                        StoreError::Open {
-                            path: path.display().to_string(),
-                            source,
-                        }
-                    }
-                })?;
+        let bulk = bulk_path(path);
+        let pool = sqlite::open_pool_attached(
+            path,
+            Duration::from_secs(60),
+            Some(RECORD_PAGE_SIZE),
+            false,
+            Some(sqlite::Attached {
+                path: &bulk,
+                schema: BULK,
+                page_size: BLOB_PAGE_SIZE,
+                create: BULK_SCHEMA,
+            }),
+        )
+        .map_err(|source| {
+            let text = source.to_string();
+            if corrupt::is_corruption_text(&text) {
+                corrupt(text)
+            } else {
+                StoreError::Open {
+                    path: path.display().to_string(),
+                    source,
+                }
+            }
+        })?;
         sqlite::migrate(&pool, schema::MIGRATIONS).map_err(|e| {
             let e = StoreError::from(e);
             if e.is_corrupt() {
@@ -467,16 +533,28 @@ impl Store {
     /// writer on its file system plus the database's free pages, if known.
     pub(crate) fn free_bytes(&self) -> Option<u64> {
         let disk = self.free_disk_bytes()?;
-        // Pages freed inside the database (by confirmed files) are reused
-        // before the file grows: they count as free too.
+        // Pages freed inside the databases (by confirmed files) are reused
+        // before the files grow: they count as free too.
         let reusable = self
             .pool
             .get()
             .ok()
             .and_then(|conn| {
-                conn.prepare_cached("SELECT freelist_count * page_size FROM pragma_freelist_count(), pragma_page_size()").ok()?.query_row([],
-                    |r| r.get::<_, i64>(0))
-                .ok()
+                let mut free = 0i64;
+                for schema in ["main", BULK] {
+                    let pages: i64 = conn
+                        .prepare_cached(&format!("PRAGMA {schema}.freelist_count"))
+                        .ok()?
+                        .query_row([], |r| r.get(0))
+                        .ok()?;
+                    let size: i64 = conn
+                        .prepare_cached(&format!("PRAGMA {schema}.page_size"))
+                        .ok()?
+                        .query_row([], |r| r.get(0))
+                        .ok()?;
+                    free += pages * size;
+                }
+                Some(free)
             })
             .unwrap_or(0)
             .max(0) as u64;
@@ -524,9 +602,11 @@ impl Store {
         let Ok(conn) = self.pool.get() else {
             return true;
         };
-        conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM chunk_data)")
-            .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
-            .unwrap_or(true)
+        conn.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM main.chunk_data) OR EXISTS (SELECT 1 FROM bulk.chunk_data)",
+        )
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+        .unwrap_or(true)
     }
 
     /// [`Store::truncate_wal`] only when the disk is nearly full. After a
@@ -539,19 +619,25 @@ impl Store {
         }
     }
 
+    /// The size of both WALs.
     fn wal_size(&self) -> u64 {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        std::fs::metadata(&wal).map_or(0, |m| m.len())
+        [self.path.clone(), bulk_path(&self.path)]
+            .into_iter()
+            .map(|path| {
+                let mut wal = path.into_os_string();
+                wal.push("-wal");
+                std::fs::metadata(&wal).map_or(0, |m| m.len())
+            })
+            .sum()
     }
 
     fn disk_is_tight(&self) -> bool {
         self.free_disk_bytes().is_some_and(|free| free < DISK_TIGHT)
     }
 
-    /// Copies the WAL into the database and truncates it, so that a file's
-    /// bytes are not held twice on disk (WAL and database) once committed. Best
-    /// effort: with readers active it does what it can.
+    /// Copies the WALs into their databases and truncates them, so that a
+    /// file's bytes are not held twice on disk (WAL and database) once
+    /// committed. Best effort: with readers active it does what it can.
     pub(crate) fn truncate_wal(&self) {
         if let Ok(conn) = self.pool.get() {
             let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
@@ -588,6 +674,36 @@ pub(super) mod testing {
             },
             remember_kept: false,
         }
+    }
+
+    /// Streams `data` in as [`Store::ingest_streaming`] does, in chunks of
+    /// 4 bytes.
+    pub(super) fn ingest_streamed(store: &Store, file: &NewFile, data: &[u8]) -> i64 {
+        let mut file = file.clone();
+        file.identity.size = data.len() as u64;
+        let count = data.len().div_ceil(4).max(1) as u64;
+        store
+            .ingest_streaming(&file, count, &|| {}, |sink| -> Result<IngestDecision> {
+                for chunk in data.chunks(4) {
+                    sink.push(chunk, "00")?;
+                }
+                Ok(IngestDecision::Commit {
+                    sha256: "ff".into(),
+                })
+            })
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Chunk rows in `buffer.db` and in the bulk file.
+    pub(super) fn rows_per_file(store: &Store) -> (i64, i64) {
+        let conn = store.pool.get().unwrap();
+        conn.query_row(
+            "SELECT (SELECT count(*) FROM main.chunk_data), (SELECT count(*) FROM bulk.chunk_data)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
     }
 
     pub(super) fn ingest(store: &Store, file: &NewFile, data: &[u8]) -> i64 {

@@ -12,9 +12,9 @@ use super::{
 /// [`Store::confirm`]): the buffer's file is that much larger meanwhile.
 pub(crate) const CONFIRMED_DATA_MAX: u64 = 32 << 20;
 
-/// Deletes the chunk rows that confirmed files still have.
+/// Deletes the chunk rows in `buffer.db` that confirmed files still have.
 const DELETE_CONFIRMED_DATA: &str =
-    "DELETE FROM chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')";
+    "DELETE FROM main.chunk_data WHERE file_id IN (SELECT id FROM files WHERE state = 'confirmed')";
 
 impl Store {
     fn file_records(
@@ -192,12 +192,15 @@ impl Store {
     ) -> Result<()> {
         let conn = self.pool.get()?;
         let start = out.len();
-        conn.prepare_cached("SELECT data FROM chunk_data WHERE file_id = ?1 AND idx = ?2")?
-            .query_row(params![file_id, idx as i64], |r| {
-                out.extend_from_slice(r.get_ref(0)?.as_blob()?);
-                Ok(())
-            })
-            .optional()?;
+        conn.prepare_cached(
+            "SELECT data FROM main.chunk_data WHERE file_id = ?1 AND idx = ?2
+             UNION ALL SELECT data FROM bulk.chunk_data WHERE file_id = ?1 AND idx = ?2 LIMIT 1",
+        )?
+        .query_row(params![file_id, idx as i64], |r| {
+            out.extend_from_slice(r.get_ref(0)?.as_blob()?);
+            Ok(())
+        })
+        .optional()?;
         // The overflow pages of a chunk larger than a page are not read
         // again (a chunk is sent once), but each pooled connection would
         // keep up to 2 MB of them: an S3 agent reading 8 MiB parts peaked at
@@ -376,6 +379,7 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner());
         let mut conn = self.pool.get()?;
         let deleted = conn.prepare_cached(DELETE_CONFIRMED_DATA)?.execute([])?;
+        let deleted = deleted + self.release_bulk(&mut conn)?;
         *kept = 0;
         drop(kept);
         if deleted > 0 {
@@ -403,6 +407,37 @@ impl Store {
         }
     }
 
+    /// Deletes the bytes in `bulk` that no waiting file needs (all of them
+    /// when no file waits), in a commit after the one that confirmed or
+    /// removed their files; `buffer.db`'s WAL is synced first, so that a
+    /// power cut cannot keep the deletion and lose that earlier commit (one
+    /// made unsynced, [`Durability::Unsynced`]). Returns how many chunks
+    /// went.
+    pub(super) fn release_bulk(&self, conn: &mut rusqlite::Connection) -> Result<usize> {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        if let Ok(wal) = std::fs::File::open(&wal) {
+            wal.sync_data().map_err(|source| StoreError::Io {
+                about: "cannot sync the buffer's WAL",
+                path: self.path.display().to_string() + "-wal",
+                source,
+            })?;
+        }
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let waiting: bool = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM files WHERE state != 'confirmed')")?
+            .query_row([], |r| r.get(0))?;
+        let deleted = if waiting {
+            tx.prepare_cached(super::DELETE_UNNEEDED_BULK)?
+                .execute([])?
+        } else {
+            tx.prepare_cached("DELETE FROM bulk.chunk_data")?
+                .execute([])?
+        };
+        tx.commit()?;
+        Ok(deleted)
+    }
+
     fn confirm_once(&self, files: &[(i64, Option<String>)], durability: Durability) -> Result<()> {
         // Ingest pauses at its next commit until this write is done.
         let _turn = self.writer_waiting();
@@ -420,23 +455,31 @@ impl Store {
                 let tx = conn.transaction()?;
                 let now = now_ms();
                 let mut bytes = 0u64;
+                let mut in_bulk = false;
                 {
                     let mut file = tx.prepare_cached("UPDATE files SET state = 'confirmed', server_name = ?2, failure = NULL, confirmed_at = ?3, updated_at = ?3 WHERE id = ?1 RETURNING size")?;
                     let mut chunks = tx
                         .prepare_cached("UPDATE chunks SET state = 'confirmed' WHERE file_id = ?1")?;
+                    let mut bulk = tx.prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM bulk.chunk_data WHERE file_id = ?1)",
+                    )?;
                     for (file_id, server_name) in files {
                         let size: Option<i64> = file
                             .query_row(params![file_id, server_name, now], |r| r.get(0))
                             .optional()?;
-                        bytes += size.unwrap_or(0).max(0) as u64;
                         chunks.execute(params![file_id])?;
+                        if bulk.query_row(params![file_id], |r| r.get(0))? {
+                            in_bulk = true;
+                        } else {
+                            bytes += size.unwrap_or(0).max(0) as u64;
+                        }
                     }
                 }
                 let others_wait: bool = tx
                     .prepare_cached("SELECT EXISTS (SELECT 1 FROM files WHERE state != 'confirmed')")?
                     .query_row([], |r| r.get(0))?;
                 let left = if !others_wait {
-                    tx.prepare_cached("DELETE FROM chunk_data")?.execute([])?;
+                    tx.prepare_cached("DELETE FROM main.chunk_data")?.execute([])?;
                     0
                 } else if waiting + bytes > CONFIRMED_DATA_MAX {
                     tx.prepare_cached(
@@ -447,12 +490,24 @@ impl Store {
                 } else {
                     waiting + bytes
                 };
+                // Bytes in `bulk` left by a crash go when the buffer empties.
+                let bulk_left = !others_wait
+                    && tx
+                        .prepare_cached("SELECT EXISTS (SELECT 1 FROM bulk.chunk_data)")?
+                        .query_row([], |r| r.get::<_, bool>(0))?;
                 tx.commit()?;
-                Ok(left)
+                Ok((left, in_bulk || bulk_left))
             })
         })?;
+        let (left, release_bulk) = left;
         *kept = left;
         drop(kept);
+        // A streamed file's bytes leave `bulk` at once, now that its
+        // confirmation is committed: deleting them rewrites little (each
+        // chunk is pages of its own), and they are the bulk of the disk.
+        if release_bulk {
+            self.release_bulk(&mut conn)?;
+        }
         super::schema::release_free_pages(&mut conn)?;
         drop(conn);
         // A large file's pages are still in the WAL (ingest does not
@@ -465,7 +520,74 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::store::testing::{ingest, new_file};
+    use crate::agent::store::testing::{ingest, ingest_streamed, new_file, rows_per_file};
+
+    #[test]
+    fn small_files_bytes_stay_with_the_records_and_streamed_bytes_go_to_the_bulk_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let store = Store::open(&path).unwrap();
+        assert!(dir.path().join("buffer-bulk.db").exists());
+        let page_size = |file: &str| -> i64 {
+            rusqlite::Connection::open(dir.path().join(file))
+                .unwrap()
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(
+            (page_size("buffer.db"), page_size("buffer-bulk.db")),
+            (4096, 65536)
+        );
+        let small = ingest(&store, &new_file("small", 1), b"0123456789");
+        let big = ingest_streamed(&store, &new_file("big", 2), b"abcdefghijklmnopq");
+        let other = ingest_streamed(&store, &new_file("other", 3), b"ABCDEFGHIJKLMNOPQ");
+        assert_eq!(rows_per_file(&store), (3, 10));
+        assert_eq!(store.chunk_data(small, 2).unwrap(), b"89");
+        assert_eq!(store.chunk_data(big, 4).unwrap(), b"q");
+        assert_eq!(store.chunk_data(other, 0).unwrap(), b"ABCD");
+
+        // A confirmed streamed file's bytes leave at once, others' stay.
+        store.confirm(big, None, Durability::Unsynced).unwrap();
+        assert_eq!(rows_per_file(&store), (3, 5));
+        assert_eq!(store.chunk_data(other, 4).unwrap(), b"Q");
+        // Purged: the record goes, then its bytes.
+        assert!(store.purge(other).unwrap());
+        assert_eq!(rows_per_file(&store), (3, 0));
+        store.confirm(small, None, Durability::Synced).unwrap();
+        assert_eq!(rows_per_file(&store), (0, 0));
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn bytes_a_crash_left_in_the_bulk_file_are_deleted_and_never_block_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("buffer.db")).unwrap();
+        let waiting = ingest_streamed(&store, &new_file("waiting", 1), b"0123456789");
+        let done = ingest_streamed(&store, &new_file("done", 2), b"abcdefghij");
+        // A crash between the commit that confirmed (or removed) a file and
+        // the one that deletes its bytes: the bytes stay behind, and a
+        // removed file's id may be given to the next file.
+        {
+            let conn = store.pool.get().unwrap();
+            conn.execute_batch(&format!(
+                "UPDATE files SET state = 'confirmed' WHERE id = {done};
+                 INSERT INTO bulk.chunk_data (file_id, idx, data) VALUES ({next}, 0, x'EE'), ({next}, 5, x'EE');",
+                next = done + 1
+            ))
+            .unwrap();
+        }
+        assert_eq!(rows_per_file(&store), (0, 8));
+        let next = ingest_streamed(&store, &new_file("next", 3), b"ABCDEFGHIJ");
+        assert_eq!(next, done + 1);
+        assert_eq!(store.chunk_data(next, 0).unwrap(), b"ABCD");
+        // The next start deletes what no waiting file needs.
+        assert_eq!(store.forget_unfinished().unwrap(), 0);
+        assert_eq!(rows_per_file(&store), (0, 6));
+        assert_eq!(store.chunk_data(waiting, 2).unwrap(), b"89");
+        assert_eq!(store.chunk_data(next, 2).unwrap(), b"IJ");
+        assert!(store.chunk_data(done, 0).unwrap().is_empty());
+        assert!(store.chunk_data(next, 5).unwrap().is_empty());
+    }
 
     #[test]
     fn confirmed_data_leaves_with_the_last_waiting_file_or_past_the_bound() {

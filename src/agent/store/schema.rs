@@ -135,7 +135,7 @@ const CONVERT_MAX_PAGES: i64 = 64;
 /// files left, free pages stay for new chunks (moving those files' pages to
 /// fill the holes would write them again).
 ///
-/// The pages go in steps of [`VACUUM_STEP`], each its own small transaction
+/// The pages go in steps of [`VACUUM_STEP_BYTES`], each its own small transaction
 /// with a page cache large enough to hold it: SQLite marks every page it
 /// takes off the free list as written, and one transaction over them all
 /// would spill them from its cache into the WAL, writing the whole file a
@@ -143,13 +143,25 @@ const CONVERT_MAX_PAGES: i64 = 64;
 /// The steps are not synced: a step lost to a power cut only leaves the file
 /// larger.
 pub(super) fn release_free_pages(conn: &mut rusqlite::Connection) -> rusqlite::Result<()> {
-    let data_left: bool =
-        conn.query_row("SELECT EXISTS (SELECT 1 FROM chunk_data)", [], |r| r.get(0))?;
-    if data_left {
-        return Ok(());
+    for schema in ["main", super::BULK] {
+        let data_left: bool = conn.query_row(
+            &format!("SELECT EXISTS (SELECT 1 FROM {schema}.chunk_data)"),
+            [],
+            |r| r.get(0),
+        )?;
+        if !data_left {
+            release_free_pages_of(conn, schema)?;
+        }
     }
-    let cache: i64 = conn.query_row("PRAGMA cache_size", [], |r| r.get(0))?;
-    conn.execute_batch(&format!("PRAGMA cache_size = {}", VACUUM_STEP * 5 / 4))?;
+    Ok(())
+}
+
+/// [`release_free_pages`] for the database `schema`.
+fn release_free_pages_of(conn: &mut rusqlite::Connection, schema: &str) -> rusqlite::Result<()> {
+    let cache: i64 = conn.query_row(&format!("PRAGMA {schema}.cache_size"), [], |r| r.get(0))?;
+    let page_size: i64 = conn.query_row(&format!("PRAGMA {schema}.page_size"), [], |r| r.get(0))?;
+    let step = VACUUM_STEP_BYTES / page_size.max(512);
+    conn.execute_batch(&format!("PRAGMA {schema}.cache_size = {}", step * 5 / 4))?;
     let stepped = crate::sqlite::unsynced(conn, |conn| {
         loop {
             let tx = conn.transaction()?;
@@ -158,26 +170,27 @@ pub(super) fn release_free_pages(conn: &mut rusqlite::Connection) -> rusqlite::R
             let mut freed = 0;
             {
                 let mut vacuum =
-                    tx.prepare_cached(&format!("PRAGMA incremental_vacuum({VACUUM_STEP})"))?;
+                    tx.prepare_cached(&format!("PRAGMA {schema}.incremental_vacuum({step})"))?;
                 let mut rows = vacuum.query([])?;
                 while rows.next()?.is_some() {
                     freed += 1;
                 }
             }
             tx.commit()?;
-            if freed < VACUUM_STEP {
+            if freed < step {
                 return Ok(());
             }
         }
     });
-    conn.execute_batch(&format!("PRAGMA cache_size = {cache}"))?;
+    conn.execute_batch(&format!("PRAGMA {schema}.cache_size = {cache}"))?;
     stepped
 }
 
-/// Pages a step of [`release_free_pages`] takes off the end of the file
-/// (6.25 MiB at 64 KiB); its page cache holds a quarter more, so that the
-/// step's pages never spill into the WAL.
-const VACUUM_STEP: i64 = 100;
+/// Bytes of pages a step of [`release_free_pages`] takes off the end of a
+/// file (100 pages at 64 KiB, 1,600 at 4 KiB): each step also writes the
+/// file's first pages again. Its page cache holds a quarter more, so that
+/// the step's pages never spill into the WAL.
+const VACUUM_STEP_BYTES: i64 = 100 * 65536;
 
 #[cfg(test)]
 mod tests {
@@ -217,8 +230,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.db");
         let store = Store::open(&path).unwrap();
+        // A streamed file's bytes are in the bulk file.
+        let bulk = crate::agent::store::bulk_path(&path);
         let wal = || {
-            let mut wal = path.clone().into_os_string();
+            let mut wal = bulk.clone().into_os_string();
             wal.push("-wal");
             std::fs::metadata(wal).map_or(0, |m| m.len())
         };
@@ -240,10 +255,10 @@ mod tests {
         let buffered = wal();
         assert!(buffered >= 32 << 20);
         let mut conn = store.pool.get().unwrap();
-        conn.execute_batch("DELETE FROM chunk_data").unwrap();
+        conn.execute_batch("DELETE FROM bulk.chunk_data").unwrap();
         release_free_pages(&mut conn).unwrap();
         let freelist: i64 = conn
-            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .query_row("PRAGMA bulk.freelist_count", [], |r| r.get(0))
             .unwrap();
         assert_eq!(freelist, 0);
         // One transaction would have written the 32 MiB of freed pages
@@ -255,7 +270,8 @@ mod tests {
         );
         drop(conn);
         store.truncate_wal();
-        assert!(std::fs::metadata(&path).unwrap().len() < 2 << 20);
+        assert!(std::fs::metadata(&bulk).unwrap().len() < 2 << 20);
+        assert_eq!(wal(), 0);
         assert_eq!(store.integrity_check().unwrap(), "ok");
     }
 

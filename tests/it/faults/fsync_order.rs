@@ -258,13 +258,21 @@ fn unlinked_path(call: &Call) -> Option<String> {
     Some(format!("{dir}/{path}"))
 }
 
-/// The agent's rule: each source unlink follows, on its thread, a WAL write and
-/// then a WAL sync (the unlinks of one batch follow its commit back to back). Returns the number of source unlinks checked and the
-/// violations.
-fn check_agent(calls: &[Call], spool: &Path) -> (usize, Vec<String>) {
+/// The agent's rule: each source unlink follows, on its thread, a write to
+/// the buffer's WAL and then a sync of it; and when the thread also wrote the
+/// bulk file's WAL (a file streamed in), a sync of that one after its last
+/// write too (the unlinks of one batch follow its commit back to back).
+/// Returns the number of source unlinks checked, how many of them followed
+/// bulk writes, and the violations.
+fn check_agent(calls: &[Call], spool: &Path) -> (usize, usize, Vec<String>) {
     let spool = spool.display().to_string();
     let wal = |c: &Call| c.fd_path().is_some_and(|p| p.ends_with("/buffer.db-wal"));
+    let bulk_wal = |c: &Call| {
+        c.fd_path()
+            .is_some_and(|p| p.ends_with("/buffer-bulk.db-wal"))
+    };
     let mut checked = 0;
+    let mut bulk_checked = 0;
     let mut problems = Vec::new();
     for (i, unlink) in calls.iter().enumerate() {
         if !unlink.ok() {
@@ -307,8 +315,21 @@ fn check_agent(calls: &[Call], spool: &Path) -> (usize, Vec<String>) {
                 mine[last_write].start + 1
             ));
         }
+        if let Some(last_bulk) = mine.iter().rposition(|c| is_write(c) && bulk_wal(c)) {
+            bulk_checked += 1;
+            let synced = mine[last_bulk + 1..]
+                .iter()
+                .any(|c| is_sync(c) && bulk_wal(c) && c.ok());
+            if !synced {
+                problems.push(format!(
+                    "{path}: unlinked (trace line {}) after the bulk WAL write at line {} without an fsync/fdatasync of that WAL in between",
+                    unlink.start + 1,
+                    mine[last_bulk].start + 1
+                ));
+            }
+        }
     }
-    (checked, problems)
+    (checked, bulk_checked, problems)
 }
 
 /// The receiver's rule, per finished upload. Returns the uploads checked, how
@@ -480,7 +501,7 @@ async fn scenario_8_sources_and_replies_wait_for_fsync() {
     let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
     let agent_calls = parse_trace(&read(&agent_trace));
     let receiver_calls = parse_trace(&read(&receiver_trace));
-    let (unlinks, agent_problems) = check_agent(&agent_calls, &fx.spool);
+    let (unlinks, streamed, agent_problems) = check_agent(&agent_calls, &fx.spool);
     let (uploads, batched, receiver_problems) = check_receiver(&receiver_calls, &fx.out);
     println!(
         "scenario 8: {} files; agent: {} traced calls, {unlinks} source unlinks, {} before a WAL sync; receiver: {} traced calls, {uploads} completions ({batched} in batches), {} out of order; {:.1}s",
@@ -502,8 +523,33 @@ async fn scenario_8_sources_and_replies_wait_for_fsync() {
         receiver_trace.display()
     );
     assert_eq!(unlinks, files.len(), "every source unlink was traced");
+    // The streamed file's unlink, and any other on a thread that wrote the
+    // bulk WAL earlier (deleting a delivered file's bytes).
+    assert!(
+        streamed >= 1,
+        "the file of 5 chunks was streamed into the bulk file"
+    );
     assert_eq!(uploads, files.len(), "every completion was traced");
     assert!(batched > 0, "no completion was answered in a batch");
+}
+
+#[test]
+fn an_unlink_after_an_unsynced_bulk_write_is_caught() {
+    let text = "\
+101   12:00:00.000001 pwrite64(6</s/buffer-bulk.db-wal>, \"x\", 1, 0) = 1
+101   12:00:00.000002 pwrite64(5</s/buffer.db-wal>, \"x\", 1, 0) = 1
+101   12:00:00.000003 fdatasync(5</s/buffer.db-wal>) = 0
+101   12:00:00.000004 unlink(\"/sp/a.bin\") = 0
+102   12:00:00.000005 pwrite64(6</s/buffer-bulk.db-wal>, \"x\", 1, 0) = 1
+102   12:00:00.000006 fdatasync(6</s/buffer-bulk.db-wal>) = 0
+102   12:00:00.000007 pwrite64(5</s/buffer.db-wal>, \"x\", 1, 0) = 1
+102   12:00:00.000008 fdatasync(5</s/buffer.db-wal>) = 0
+102   12:00:00.000009 unlink(\"/sp/b.bin\") = 0
+";
+    let (checked, streamed, problems) = check_agent(&parse_trace(text), Path::new("/sp"));
+    assert_eq!((checked, streamed), (2, 2));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("/sp/a.bin") && problems[0].contains("bulk WAL"));
 }
 
 #[test]
@@ -520,7 +566,7 @@ fn traces_are_parsed_across_unfinished_calls() {
     assert_eq!(calls.len(), 5);
     assert_eq!((calls[1].start, calls[1].end), (1, 3));
     assert_eq!(calls[1].fd_path(), Some("/s/buffer.db-wal"));
-    let (checked, problems) = check_agent(&calls, Path::new("/sp"));
+    let (checked, _, problems) = check_agent(&calls, Path::new("/sp"));
     assert_eq!(checked, 2);
     // Thread 102 synced, but never wrote the WAL itself.
     assert_eq!(problems.len(), 1, "{problems:?}");
