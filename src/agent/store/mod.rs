@@ -23,12 +23,14 @@
 //! executor (`spawn_blocking`). This module knows nothing of tokio, HTTP or the
 //! config file. The commit that makes a file durable runs with
 //! `synchronous = FULL` because the source is deleted right after it (a large
-//! file streamed in is committed unsynced chunk by chunk, and only its sealing
-//! commit is synced: [`Store::ingest_streaming`]); progress
+//! file streamed in is committed unsynced chunk by chunk, and only its last
+//! commits are synced: [`Store::ingest_streaming`]); progress
 //! with a resumable receiver may be recorded without a sync ([`Durability`]).
-//! The buffer uses 64 KiB pages and checkpoints its WAL itself
-//! ([`Store::trim_wal`]), after files are confirmed rather than while they are
-//! sent.
+//! The buffer checkpoints its WALs itself ([`Store::trim_wal`]), after files
+//! are confirmed rather than while they are sent.
+//!
+//! A buffer made by an older build keeps its one file with 64 KiB pages and
+//! the bytes already in it; new streamed files go to the bulk file.
 
 use std::path::Path;
 use std::time::Duration;
@@ -438,6 +440,8 @@ impl Store {
             path: path.display().to_string(),
             detail,
         };
+        // Best effort: a buffer that cannot be converted works as it is.
+        let _ = schema::convert_page_size(path, RECORD_PAGE_SIZE);
         let bulk = bulk_path(path);
         let pool = sqlite::open_pool_attached(
             path,

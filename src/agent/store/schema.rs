@@ -119,6 +119,54 @@ pub(super) fn enable_incremental_vacuum(conn: &rusqlite::Connection) -> rusqlite
     }
 }
 
+/// Gives an empty buffer made with other pages than `page_size` (an older
+/// build's, of 64 KiB) pages of that size, and incremental vacuum, by
+/// rewriting it (`VACUUM`), as [`enable_incremental_vacuum`] does and under
+/// the same conditions. SQLite changes the page size only outside WAL mode,
+/// which it leaves only with no other connection open: this runs before the
+/// pool opens any, and gives up, changing nothing, when another process has
+/// the buffer open.
+pub(super) fn convert_page_size(path: &std::path::Path, page_size: u32) -> rusqlite::Result<()> {
+    if std::fs::metadata(path).map_or(true, |m| m.len() == 0) {
+        return Ok(());
+    }
+    let conn = rusqlite::Connection::open(path)?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    if size == i64::from(page_size) {
+        return Ok(());
+    }
+    let (files, pages): (i64, i64) = match conn.query_row(
+        "SELECT (SELECT count(*) FROM files), (SELECT page_count FROM pragma_page_count())",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    ) {
+        Ok(counts) => counts,
+        // Not a buffer (yet): opening it says what is wrong.
+        Err(_) => return Ok(()),
+    };
+    if files > 0 || pages > CONVERT_MAX_PAGES {
+        return Ok(());
+    }
+    conn.busy_timeout(std::time::Duration::ZERO)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("delete") {
+        return Ok(());
+    }
+    let converted = conn.execute_batch(&format!(
+        "PRAGMA page_size = {page_size}; PRAGMA auto_vacuum = INCREMENTAL; VACUUM;"
+    ));
+    // Back to WAL whatever happened: the pool expects it.
+    conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
+    match converted {
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// `PRAGMA auto_vacuum` of a buffer that can give its free pages back.
 const INCREMENTAL: i64 = 2;
 
@@ -308,9 +356,14 @@ mod tests {
         store.confirm(id, Some("a"), Durability::Synced).unwrap();
         store.forget_confirmed_before(i64::MAX).unwrap();
         drop(store);
-        // Empty now: the next open converts it.
+        // Empty now: the next open converts it, to small pages too.
         let store = Store::open(&path).unwrap();
         assert_eq!(mode(&path), INCREMENTAL);
+        let page_size: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(page_size, 4096);
         assert_eq!(store.integrity_check().unwrap(), "ok");
 
         // A large file's pages go back to the file system once it is
