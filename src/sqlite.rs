@@ -125,8 +125,7 @@ pub fn unsynced<T>(
     conn: &mut rusqlite::Connection,
     f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    set_synchronous(conn, "NORMAL")?;
-    let result = f(conn);
+    let result = set_synchronous(conn, "NORMAL").and_then(|()| f(conn));
     let restored = set_synchronous(conn, "FULL");
     let value = result?;
     restored?;

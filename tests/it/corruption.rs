@@ -389,3 +389,87 @@ async fn a_bulk_file_cut_to_half_its_size_stops_the_daemon() {
     assert!(stderr.contains("buffer corrupt"), "{stderr}");
     assert!(stderr.contains("indexedcp doctor"), "{stderr}");
 }
+
+/// The bulk file of `dir`'s buffer.
+fn bulk(dir: &Path) -> PathBuf {
+    dir.join("state/buffer-bulk.db")
+}
+
+/// Runs doctor on a buffer whose bulk file is gone or not a database: the
+/// small file (its bytes are in `buffer.db`) is saved, the streamed one is
+/// listed as lost, and a daemon then delivers the small file.
+async fn doctor_without_a_readable_bulk_file(damage: impl FnOnce(&Path)) {
+    let (dir, out, spool, staging) = agent_dirs();
+    let down = format!("http://127.0.0.1:{}/upload", free_port());
+    let config = config(dir.path(), &down, &spool, "");
+    let files = [
+        ("small.bin", pseudo_random(CHUNK / 2, 9)),
+        ("streamed.bin", pseudo_random(6 * CHUNK, 10)),
+    ];
+    buffer_files(&config, &spool, &staging, &files).await;
+    damage(&bulk(dir.path()));
+
+    for args in [&["status"][..], &["daemon"][..]] {
+        let output = run(args, &config);
+        let all = text(&output);
+        assert_eq!(output.status.code(), Some(65), "{args:?}: {all}");
+        assert!(all.contains("buffer corrupt"), "{args:?}: {all}");
+        assert!(all.contains("indexedcp doctor"), "{args:?}: {all}");
+    }
+
+    let doctor = run(&["doctor"], &config);
+    let report = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    assert_eq!(doctor.status.code(), Some(65), "{}", text(&doctor));
+    assert!(
+        report
+            .lines()
+            .any(|l| l.trim_start().starts_with("saved") && l.ends_with("small.bin")),
+        "small.bin not saved:\n{report}"
+    );
+    assert!(
+        report
+            .lines()
+            .any(|l| l.trim_start().starts_with("lost") && l.contains("streamed.bin")),
+        "streamed.bin not reported lost:\n{report}"
+    );
+
+    let receiver = Server::start(&out, &[]).await;
+    let working = crate::fixtures::agent_config(
+        dir.path(),
+        &receiver.upload_url(),
+        &spool,
+        "",
+        "chunk_size = \"64KiB\"",
+    );
+    let _daemon = Daemon::start(&working);
+    let expected: BTreeMap<String, Vec<u8>> = [("small.bin".to_owned(), files[0].1.clone())]
+        .into_iter()
+        .collect();
+    wait_for_files(&out, &expected, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_bulk_file_is_reported_and_doctor_saves_the_small_files() {
+    doctor_without_a_readable_bulk_file(|bulk| {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = bulk.as_os_str().to_owned();
+            name.push(suffix);
+            let _ = std::fs::remove_file(name);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_file_that_is_not_a_database_is_reported_and_doctor_saves_the_small_files() {
+    doctor_without_a_readable_bulk_file(|bulk| {
+        checkpoint(bulk);
+        std::fs::write(bulk, pseudo_random(256 * 1024, 11)).unwrap();
+        for suffix in ["-wal", "-shm"] {
+            let mut name = bulk.as_os_str().to_owned();
+            name.push(suffix);
+            let _ = std::fs::remove_file(name);
+        }
+    })
+    .await;
+}

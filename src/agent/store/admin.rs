@@ -43,7 +43,7 @@ impl Store {
             > 0;
         // Its bytes in `bulk` go in a commit of their own, after the record.
         if existed {
-            self.release_bulk(&mut conn)?;
+            self.release_bulk(&mut conn, Some(&[file_id]))?;
         }
         // The last file's pages go back to the file system, as on delivery.
         super::schema::release_free_pages(&mut conn)?;
@@ -57,7 +57,7 @@ impl Store {
             .prepare_cached("DELETE FROM files WHERE state = 'confirmed' AND confirmed_at < ?1")?
             .execute(params![cutoff])?;
         if forgotten > 0 {
-            self.release_bulk(&mut conn)?;
+            self.release_bulk(&mut conn, None)?;
         }
         Ok(forgotten)
     }

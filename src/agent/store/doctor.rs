@@ -78,18 +78,35 @@ pub fn doctor(path: &Path) -> Result<DoctorReport> {
         .map_err(StoreError::Sql)?;
     old.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(StoreError::Sql)?;
+    // The bulk file when it reads as a database; else an empty stand-in, and
+    // the files whose bytes were there are listed as lost.
     let bulk = super::bulk_path(path);
-    if bulk.exists() {
-        old.execute("ATTACH DATABASE ?1 AS bulk", [bulk.to_string_lossy()])
-            .map_err(StoreError::Sql)?;
-    } else {
+    let mut bulk_problem = None;
+    if bulk.exists()
+        && let Err(e) = old.execute("ATTACH DATABASE ?1 AS bulk", [bulk.to_string_lossy()])
+    {
+        bulk_problem = Some(format!("{}: {e}", bulk.display()));
+    }
+    if bulk_problem.is_some() || !bulk.exists() {
         old.execute_batch(
             "ATTACH DATABASE ':memory:' AS bulk;
              CREATE TABLE bulk.chunk_data (file_id INTEGER, idx INTEGER, data BLOB);",
         )
         .map_err(StoreError::Sql)?;
     }
-    let problems = integrity_problems(&old);
+    let mut problems = integrity_problems(&old);
+    problems.extend(bulk_problem);
+    if let Ok(missing) = old.query_row(super::MISSING_BYTES, [], |r| r.get::<_, i64>(0))
+        && missing > 0
+    {
+        problems.push(format!(
+            "{missing} chunks of waiting files have no bytes in the buffer (is {} missing?)",
+            bulk.display()
+        ));
+    }
+    if problems.len() > 1 {
+        problems.retain(|p| p != "ok");
+    }
     let mut report = DoctorReport {
         path: path.to_owned(),
         healthy: problems == ["ok"],

@@ -348,11 +348,13 @@ impl Store {
         };
         self.let_writers_in();
         let conn = self.pool.get().map_err(StoreError::from)?;
-        crate::sqlite::set_synchronous(&conn, "NORMAL").map_err(StoreError::from)?;
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .map_err(StoreError::from)?;
         let mut file_id = None;
+        // Everything from here on runs in the closure, so that `synchronous`
+        // is set back to FULL below whatever fails.
         let outcome = (|| -> std::result::Result<Option<i64>, E> {
+            crate::sqlite::set_synchronous(&conn, "NORMAL").map_err(StoreError::from)?;
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(StoreError::from)?;
             let id = insert_file(&conn, file, file.identity.size, chunk_count)
                 .map_err(StoreError::from)?;
             // Bytes a crash left under this id, if it was a removed file's.
@@ -435,6 +437,9 @@ impl Store {
         for id in &ids {
             forget_file(&tx, *id)?;
         }
+        // A confirmation committed unsynced before a crash must be durable
+        // before the bytes it released go (see `Store::release_bulk`).
+        self.sync_records()?;
         let orphans = tx
             .prepare_cached(super::DELETE_UNNEEDED_BULK)?
             .execute([])?;
@@ -460,6 +465,9 @@ impl Store {
         self.let_writers_in();
         let value = {
             let mut conn = self.pool.get().map_err(StoreError::from)?;
+            // The sources go right after this commit: synced, whatever a
+            // failed restore left on this pooled connection.
+            crate::sqlite::set_synchronous(&conn, "FULL").map_err(StoreError::from)?;
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(StoreError::from)?;

@@ -329,7 +329,11 @@ impl Durability {
         f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
         match self {
-            Durability::Synced => f(conn),
+            // Set again, whatever a failed restore left on this connection.
+            Durability::Synced => {
+                sqlite::set_synchronous(conn, "FULL")?;
+                f(conn)
+            }
             Durability::Unsynced => sqlite::unsynced(conn, f),
         }
     }
@@ -374,6 +378,13 @@ const BULK_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS chunk_data (
 pub(super) const DELETE_UNNEEDED_BULK: &str = "DELETE FROM bulk.chunk_data WHERE file_id IN
     (SELECT DISTINCT b.file_id FROM bulk.chunk_data b WHERE NOT EXISTS
         (SELECT 1 FROM main.files f WHERE f.id = b.file_id AND f.state != 'confirmed'))";
+
+/// Counts the chunks of complete, waiting files whose bytes are in neither
+/// file: not 0 when the bulk file is missing or was replaced.
+pub(super) const MISSING_BYTES: &str = "SELECT count(*) FROM chunks c JOIN files f ON f.id = c.file_id
+    WHERE f.state != 'confirmed' AND f.sha256 != ''
+      AND NOT EXISTS (SELECT 1 FROM main.chunk_data d WHERE d.file_id = c.file_id AND d.idx = c.idx)
+      AND NOT EXISTS (SELECT 1 FROM bulk.chunk_data b WHERE b.file_id = c.file_id AND b.idx = c.idx)";
 
 /// The file of the `bulk` database of the buffer at `path`: `buffer.db`
 /// gives `buffer-bulk.db`.
@@ -440,9 +451,15 @@ impl Store {
             path: path.display().to_string(),
             detail,
         };
+        // The bulk file too, named in the detail: doctor is run on the buffer.
+        let bulk = bulk_path(path);
+        corrupt::probe(&bulk).map_err(|e| match e {
+            StoreError::Corrupt { detail, .. } => corrupt(format!("{}: {detail}", bulk.display())),
+            other => other,
+        })?;
         // Best effort: a buffer that cannot be converted works as it is.
         let _ = schema::convert_page_size(path, RECORD_PAGE_SIZE);
-        let bulk = bulk_path(path);
+        let bulk_existed = bulk.exists();
         let pool = sqlite::open_pool_attached(
             path,
             Duration::from_secs(60),
@@ -474,6 +491,22 @@ impl Store {
                 e
             }
         })?;
+        // A bulk file created just now, for a buffer whose waiting files had
+        // bytes in one: it was deleted, or the buffer copied without it.
+        // Removed again, so that every start says so until `doctor` runs.
+        if !bulk_existed {
+            let missing: i64 = pool.get()?.query_row(MISSING_BYTES, [], |r| r.get(0))?;
+            if missing > 0 {
+                drop(pool);
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(corrupt::with_suffix(&bulk, suffix));
+                }
+                return Err(corrupt(format!(
+                    "{} is missing: {missing} chunks of waiting files have no bytes",
+                    bulk.display()
+                )));
+            }
+        }
         schema::enable_incremental_vacuum(&*pool.get()?)?;
         Ok(Store {
             pool,
@@ -598,6 +631,30 @@ impl Store {
         }
         if wal >= WAL_TRUNCATE_AFTER || self.disk_is_tight() || !self.holds_chunk_data() {
             self.truncate_wal();
+        }
+    }
+
+    /// Syncs `buffer.db`'s WAL, which makes every commit in it durable
+    /// (those made with `synchronous = NORMAL` too). Called with the write
+    /// lock held, before bytes in `bulk` are deleted on the strength of the
+    /// records.
+    pub(super) fn sync_records(&self) -> Result<()> {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        match std::fs::File::open(&wal) {
+            Ok(file) => file.sync_data().map_err(|source| StoreError::Io {
+                about: "cannot sync the buffer's WAL",
+                path: self.path.display().to_string() + "-wal",
+                source,
+            }),
+            // No WAL: every commit is in the database file, synced by the
+            // checkpoint that moved it there.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io {
+                about: "cannot open the buffer's WAL",
+                path: self.path.display().to_string() + "-wal",
+                source,
+            }),
         }
     }
 

@@ -379,7 +379,7 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner());
         let mut conn = self.pool.get()?;
         let deleted = conn.prepare_cached(DELETE_CONFIRMED_DATA)?.execute([])?;
-        let deleted = deleted + self.release_bulk(&mut conn)?;
+        let deleted = deleted + self.release_bulk(&mut conn, None)?;
         *kept = 0;
         drop(kept);
         if deleted > 0 {
@@ -407,32 +407,41 @@ impl Store {
         }
     }
 
-    /// Deletes the bytes in `bulk` that no waiting file needs (all of them
-    /// when no file waits), in a commit after the one that confirmed or
-    /// removed their files; `buffer.db`'s WAL is synced first, so that a
-    /// power cut cannot keep the deletion and lose that earlier commit (one
-    /// made unsynced, [`Durability::Unsynced`]). Returns how many chunks
-    /// went.
-    pub(super) fn release_bulk(&self, conn: &mut rusqlite::Connection) -> Result<usize> {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        if let Ok(wal) = std::fs::File::open(&wal) {
-            wal.sync_data().map_err(|source| StoreError::Io {
-                about: "cannot sync the buffer's WAL",
-                path: self.path.display().to_string() + "-wal",
-                source,
-            })?;
-        }
+    /// Deletes the bytes in `bulk` that no waiting file needs, in a commit
+    /// after the one that confirmed or removed their files: all of them when
+    /// no file waits, else those of `files` (once confirmed or gone), or,
+    /// with `None`, of every file confirmed or gone. `buffer.db`'s WAL is
+    /// synced first, with the write lock held, so that a power cut cannot
+    /// keep the deletion and lose an earlier commit made unsynced
+    /// ([`Durability::Unsynced`]). Returns how many chunks went.
+    pub(super) fn release_bulk(
+        &self,
+        conn: &mut rusqlite::Connection,
+        files: Option<&[i64]>,
+    ) -> Result<usize> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.sync_records()?;
         let waiting: bool = tx
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM files WHERE state != 'confirmed')")?
             .query_row([], |r| r.get(0))?;
-        let deleted = if waiting {
-            tx.prepare_cached(super::DELETE_UNNEEDED_BULK)?
-                .execute([])?
-        } else {
-            tx.prepare_cached("DELETE FROM bulk.chunk_data")?
-                .execute([])?
+        let deleted = match files {
+            _ if !waiting => tx
+                .prepare_cached("DELETE FROM bulk.chunk_data")?
+                .execute([])?,
+            Some(ids) => {
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM bulk.chunk_data WHERE file_id = ?1 AND NOT EXISTS
+                        (SELECT 1 FROM main.files WHERE id = ?1 AND state != 'confirmed')",
+                )?;
+                let mut deleted = 0;
+                for id in ids {
+                    deleted += delete.execute(params![id])?;
+                }
+                deleted
+            }
+            None => tx
+                .prepare_cached(super::DELETE_UNNEEDED_BULK)?
+                .execute([])?,
         };
         tx.commit()?;
         Ok(deleted)
@@ -506,7 +515,8 @@ impl Store {
         // confirmation is committed: deleting them rewrites little (each
         // chunk is pages of its own), and they are the bulk of the disk.
         if release_bulk {
-            self.release_bulk(&mut conn)?;
+            let ids: Vec<i64> = files.iter().map(|(id, _)| *id).collect();
+            self.release_bulk(&mut conn, Some(&ids))?;
         }
         super::schema::release_free_pages(&mut conn)?;
         drop(conn);

@@ -82,9 +82,14 @@ ALTER TABLE files ADD COLUMN delivery_state TEXT;
 ALTER TABLE chunks ADD COLUMN ack TEXT;
 ";
 
+/// Streamed files' bytes go to the bulk file (`buffer-bulk.db`), outside
+/// this schema: the version changes only so that an older build, which would
+/// not find those bytes, refuses the buffer.
+pub(super) const SCHEMA_V4: &str = "";
+
 /// Every migration, oldest first: migration `i` takes a buffer of version `i`
 /// to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+pub(super) const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 /// Turns on `auto_vacuum = INCREMENTAL` for a buffer that holds no file yet
 /// (a new one, or an old one that is empty), so that delivered chunks can be

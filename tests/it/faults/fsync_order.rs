@@ -315,17 +315,27 @@ fn check_agent(calls: &[Call], spool: &Path) -> (usize, usize, Vec<String>) {
                 mine[last_write].start + 1
             ));
         }
+        // The bulk WAL's sync must also come before the last write to the
+        // buffer's WAL (the commit that seals the file names bytes that are
+        // durable already).
         if let Some(last_bulk) = mine.iter().rposition(|c| is_write(c) && bulk_wal(c)) {
             bulk_checked += 1;
             let synced = mine[last_bulk + 1..]
                 .iter()
-                .any(|c| is_sync(c) && bulk_wal(c) && c.ok());
-            if !synced {
-                problems.push(format!(
+                .position(|c| is_sync(c) && bulk_wal(c) && c.ok())
+                .map(|at| last_bulk + 1 + at);
+            match synced {
+                None => problems.push(format!(
                     "{path}: unlinked (trace line {}) after the bulk WAL write at line {} without an fsync/fdatasync of that WAL in between",
                     unlink.start + 1,
                     mine[last_bulk].start + 1
-                ));
+                )),
+                Some(at) if at > last_write => problems.push(format!(
+                    "{path}: the bulk WAL was synced (trace line {}) after the last write to the buffer's WAL (line {})",
+                    mine[at].start + 1,
+                    mine[last_write].start + 1
+                )),
+                Some(_) => {}
             }
         }
     }
@@ -534,7 +544,7 @@ async fn scenario_8_sources_and_replies_wait_for_fsync() {
 }
 
 #[test]
-fn an_unlink_after_an_unsynced_bulk_write_is_caught() {
+fn an_unlink_after_an_unsynced_or_late_synced_bulk_write_is_caught() {
     let text = "\
 101   12:00:00.000001 pwrite64(6</s/buffer-bulk.db-wal>, \"x\", 1, 0) = 1
 101   12:00:00.000002 pwrite64(5</s/buffer.db-wal>, \"x\", 1, 0) = 1
@@ -545,11 +555,17 @@ fn an_unlink_after_an_unsynced_bulk_write_is_caught() {
 102   12:00:00.000007 pwrite64(5</s/buffer.db-wal>, \"x\", 1, 0) = 1
 102   12:00:00.000008 fdatasync(5</s/buffer.db-wal>) = 0
 102   12:00:00.000009 unlink(\"/sp/b.bin\") = 0
+103   12:00:00.000010 pwrite64(6</s/buffer-bulk.db-wal>, \"x\", 1, 0) = 1
+103   12:00:00.000011 pwrite64(5</s/buffer.db-wal>, \"x\", 1, 0) = 1
+103   12:00:00.000012 fdatasync(6</s/buffer-bulk.db-wal>) = 0
+103   12:00:00.000013 fdatasync(5</s/buffer.db-wal>) = 0
+103   12:00:00.000014 unlink(\"/sp/c.bin\") = 0
 ";
     let (checked, streamed, problems) = check_agent(&parse_trace(text), Path::new("/sp"));
-    assert_eq!((checked, streamed), (2, 2));
-    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!((checked, streamed), (3, 3));
+    assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].contains("/sp/a.bin") && problems[0].contains("bulk WAL"));
+    assert!(problems[1].contains("/sp/c.bin") && problems[1].contains("after the last write"));
 }
 
 #[test]
