@@ -255,7 +255,14 @@ impl BufferArg {
                 ),
             });
         }
-        Store::open(&path).map_err(|e| Failure {
+        // A storage named by --storage (or the default one in $HOME) is the
+        // library's; one found through a config file is the daemon's.
+        let layout = if self.storage.is_some() || self.config()?.is_none() {
+            crate::agent::store::Layout::ByName
+        } else {
+            crate::agent::store::Layout::Spool
+        };
+        Store::open_as(&path, layout).map_err(|e| Failure {
             code: if e.is_corrupt() {
                 exit::BUFFER_CORRUPT
             } else {

@@ -264,7 +264,7 @@ impl Client {
                     source,
                 })?;
             }
-            Ok::<_, ClientError>(Store::open(&path)?)
+            Ok::<_, ClientError>(Store::open_as(&path, crate::agent::store::Layout::ByName)?)
         })
         .await
         .map_err(|e| ClientError::Task(e.to_string()))??;

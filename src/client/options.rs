@@ -70,7 +70,9 @@ pub struct ClientOptions {
     pub server_url: Option<String>,
     /// The API key sent as `Authorization: Bearer`.
     pub api_key: Option<String>,
-    /// The buffer database (created with its parent directories).
+    /// The buffer database (created with its parent directories), with
+    /// every file's bytes; an empty second file is created next to it
+    /// (`client.db` gives `client-bulk.db`), used by the daemon's buffers.
     pub storage_path: PathBuf,
     /// Bytes per chunk for files added from now on.
     pub chunk_size: u64,

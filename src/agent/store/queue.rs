@@ -569,6 +569,27 @@ mod tests {
     }
 
     #[test]
+    fn a_storage_for_files_by_name_keeps_large_pages_and_is_never_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.db");
+        let page_size = || -> i64 {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        let store = Store::open_as(&path, crate::agent::store::Layout::ByName).unwrap();
+        let id = ingest(&store, &new_file("a", 1), b"0123456789");
+        assert_eq!(rows_per_file(&store), (3, 0));
+        store.confirm(id, None, Durability::Synced).unwrap();
+        drop(store);
+        assert_eq!(page_size(), 65536);
+        // Empty, opened again as the library does: it keeps its pages.
+        drop(Store::open_as(&path, crate::agent::store::Layout::ByName).unwrap());
+        assert_eq!(page_size(), 65536);
+    }
+
+    #[test]
     fn bytes_a_crash_left_in_the_bulk_file_are_deleted_and_never_block_a_new_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("buffer.db")).unwrap();

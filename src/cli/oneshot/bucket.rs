@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::agent::ingest::{self, PathIngest};
-use crate::agent::store::{FileRecord, Store};
+use crate::agent::store::{FileRecord, Layout, Store};
 use crate::agent::upload::{
     self, EventStatus, FileOutcome, Retry, TargetRuntime, UploadEvent, UploadObserver,
 };
@@ -106,7 +106,7 @@ impl Bucket {
                     source,
                 })?;
             }
-            Ok::<_, ClientError>(Store::open(&storage)?)
+            Ok::<_, ClientError>(Store::open_as(&storage, Layout::ByName)?)
         })
         .await?;
         Ok(Bucket {
