@@ -30,7 +30,9 @@
 //! are confirmed rather than while they are sent.
 //!
 //! A buffer made by an older build keeps its one file with 64 KiB pages and
-//! the bytes already in it; new streamed files go to the bulk file.
+//! the bytes already in it; new streamed files go to the bulk file. The
+//! library's storage keeps 64 KiB pages in `buffer.db` ([`Layout::ByName`]):
+//! it buffers every file in one transaction of its own, large ones too.
 
 use std::path::Path;
 use std::time::Duration;
