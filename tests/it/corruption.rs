@@ -1,14 +1,17 @@
-//! A damaged buffer (`buffer.db`): the daemon refuses it with exit code 65
-//! and leaves new files in the spool, `status` says "buffer corrupt",
-//! `indexedcp doctor` refuses while a daemon holds the buffer, then saves
-//! every intact file, and a restarted daemon delivers them byte-identical to
-//! a real receiver. A buffer cut to half its size is reported as corrupt
-//! too.
+//! A damaged buffer (`buffer.db` and `buffer-bulk.db`): the daemon refuses
+//! it with exit code 65 and leaves new files in the spool, `status` says
+//! "buffer corrupt", `indexedcp doctor` refuses while a daemon holds the
+//! buffer, then saves every intact file, and a restarted daemon delivers
+//! them byte-identical to a real receiver. Either file cut to half its size
+//! is reported as corrupt too, and so is a bulk file that is missing or not
+//! a database (then doctor saves the small files, whose bytes are in
+//! `buffer.db`).
 //!
 //! The damage is placed, not left to chance: the test finds, with SQLite's
-//! `dbstat` table, a leaf page of `chunk_data` that holds only chunks of the
-//! middle file and overwrites 4 KiB at its start (header and cell pointers)
-//! with seeded noise, so exactly that file is lost and the others survive.
+//! `dbstat` table, a leaf page of the bulk file's `chunk_data` that holds
+//! only chunks of the middle file and overwrites 4 KiB at its start (header
+//! and cell pointers) with seeded noise, so exactly that file is lost and the
+//! others survive.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -259,20 +262,7 @@ async fn a_damaged_buffer_stops_the_daemon_and_doctor_saves_the_intact_files() {
     let report = String::from_utf8_lossy(&doctor.stdout).into_owned();
     assert_eq!(doctor.status.code(), Some(65), "{}", text(&doctor));
     assert!(report.contains("damaged; integrity_check says"), "{report}");
-    for saved in ["first.bin", "last.bin"] {
-        assert!(
-            report
-                .lines()
-                .any(|l| l.trim_start().starts_with("saved") && l.ends_with(saved)),
-            "{saved} not saved:\n{report}"
-        );
-    }
-    assert!(
-        report
-            .lines()
-            .any(|l| l.trim_start().starts_with("lost") && l.contains("middle.bin")),
-        "middle.bin not reported lost:\n{report}"
-    );
+    assert_saved_and_lost(&report, &["first.bin", "last.bin"], &["middle.bin"]);
     let aside: Vec<String> = std::fs::read_dir(dir.path().join("state"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -292,15 +282,6 @@ async fn a_damaged_buffer_stops_the_daemon_and_doctor_saves_the_intact_files() {
     assert_eq!(left, ["first.bin", "last.bin"]);
 
     // A restarted daemon delivers the saved files and the newcomer.
-    let receiver = Server::start(&out, &[]).await;
-    let working = crate::fixtures::agent_config(
-        dir.path(),
-        &receiver.upload_url(),
-        &spool,
-        "",
-        "chunk_size = \"64KiB\"",
-    );
-    let _daemon = Daemon::start(&working);
     let expected: BTreeMap<String, Vec<u8>> = [
         ("first.bin".to_owned(), files[0].1.clone()),
         ("last.bin".to_owned(), files[2].1.clone()),
@@ -308,7 +289,48 @@ async fn a_damaged_buffer_stops_the_daemon_and_doctor_saves_the_intact_files() {
     ]
     .into_iter()
     .collect();
-    wait_for_files(&out, &expected, Duration::from_secs(60)).await;
+    delivered_after_doctor(dir.path(), &out, &spool, &expected).await;
+}
+
+/// Checks doctor's report: each of `saved` on a "saved" line, each of
+/// `lost` on a "lost" line.
+fn assert_saved_and_lost(report: &str, saved: &[&str], lost: &[&str]) {
+    for name in saved {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.trim_start().starts_with("saved") && l.ends_with(name)),
+            "{name} not saved:\n{report}"
+        );
+    }
+    for name in lost {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.trim_start().starts_with("lost") && l.contains(name)),
+            "{name} not reported lost:\n{report}"
+        );
+    }
+}
+
+/// Starts a real receiver and a daemon on the repaired buffer in `dir`, and
+/// waits for `expected` to arrive byte-identical.
+async fn delivered_after_doctor(
+    dir: &Path,
+    out: &Path,
+    spool: &Path,
+    expected: &BTreeMap<String, Vec<u8>>,
+) {
+    let receiver = Server::start(out, &[]).await;
+    let working = crate::fixtures::agent_config(
+        dir,
+        &receiver.upload_url(),
+        spool,
+        "",
+        "chunk_size = \"64KiB\"",
+    );
+    let _daemon = Daemon::start(&working);
+    wait_for_files(out, expected, Duration::from_secs(60)).await;
 }
 
 /// `config` with `daemon_extra` added to its `[daemon]` section, written
@@ -324,8 +346,10 @@ fn config_with(config: &Path, daemon_extra: &str) -> PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_buffer_cut_to_half_its_size_is_reported_as_corrupt() {
+/// Buffers two streamed files, cuts the buffer's file `file_of(state dir)`
+/// to half its size, and checks that each of `commands` refuses the buffer
+/// as corrupt (exit 65, pointing to doctor).
+async fn a_cut_file_is_refused(file_of: fn(&Path) -> PathBuf, commands: &[&[&str]]) {
     let (dir, _out, spool, staging) = agent_dirs();
     let down = format!("http://127.0.0.1:{}/upload", free_port());
     let config = config(dir.path(), &down, &spool, "");
@@ -334,17 +358,17 @@ async fn a_buffer_cut_to_half_its_size_is_reported_as_corrupt() {
         ("two.bin", pseudo_random(8 * CHUNK, 6)),
     ];
     buffer_files(&config, &spool, &staging, &files).await;
-    let buffer = buffer(dir.path());
-    checkpoint(&buffer);
-    let size = std::fs::metadata(&buffer).unwrap().len();
+    let file = file_of(dir.path());
+    checkpoint(&file);
+    let size = std::fs::metadata(&file).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&buffer)
+        .open(&file)
         .unwrap()
         .set_len(size / 2)
         .unwrap();
 
-    for args in [&["status"][..], &["daemon"][..]] {
+    for args in commands {
         let output = run(args, &config);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(
@@ -363,31 +387,15 @@ async fn a_buffer_cut_to_half_its_size_is_reported_as_corrupt() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bulk_file_cut_to_half_its_size_stops_the_daemon() {
-    let (dir, _out, spool, staging) = agent_dirs();
-    let down = format!("http://127.0.0.1:{}/upload", free_port());
-    let config = config(dir.path(), &down, &spool, "");
-    // Files of several chunks are streamed in: their bytes are in the bulk file.
-    let files = [
-        ("one.bin", pseudo_random(8 * CHUNK, 7)),
-        ("two.bin", pseudo_random(8 * CHUNK, 8)),
-    ];
-    buffer_files(&config, &spool, &staging, &files).await;
-    let bulk = dir.path().join("state/buffer-bulk.db");
-    checkpoint(&bulk);
-    let size = std::fs::metadata(&bulk).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&bulk)
-        .unwrap()
-        .set_len(size / 2)
-        .unwrap();
+async fn a_buffer_cut_to_half_its_size_is_reported_as_corrupt() {
+    a_cut_file_is_refused(buffer, &[&["status"], &["daemon"]]).await;
+}
 
-    let output = run(&["daemon"], &config);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(65), "{}", text(&output));
-    assert!(stderr.contains("buffer corrupt"), "{stderr}");
-    assert!(stderr.contains("indexedcp doctor"), "{stderr}");
+/// The files of several chunks are streamed in: their bytes are in the bulk
+/// file, which `status` does not read; the daemon's start-up check does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_file_cut_to_half_its_size_stops_the_daemon() {
+    a_cut_file_is_refused(bulk, &[&["daemon"]]).await;
 }
 
 /// The bulk file of `dir`'s buffer.
@@ -420,32 +428,11 @@ async fn doctor_without_a_readable_bulk_file(damage: impl FnOnce(&Path)) {
     let doctor = run(&["doctor"], &config);
     let report = String::from_utf8_lossy(&doctor.stdout).into_owned();
     assert_eq!(doctor.status.code(), Some(65), "{}", text(&doctor));
-    assert!(
-        report
-            .lines()
-            .any(|l| l.trim_start().starts_with("saved") && l.ends_with("small.bin")),
-        "small.bin not saved:\n{report}"
-    );
-    assert!(
-        report
-            .lines()
-            .any(|l| l.trim_start().starts_with("lost") && l.contains("streamed.bin")),
-        "streamed.bin not reported lost:\n{report}"
-    );
-
-    let receiver = Server::start(&out, &[]).await;
-    let working = crate::fixtures::agent_config(
-        dir.path(),
-        &receiver.upload_url(),
-        &spool,
-        "",
-        "chunk_size = \"64KiB\"",
-    );
-    let _daemon = Daemon::start(&working);
+    assert_saved_and_lost(&report, &["small.bin"], &["streamed.bin"]);
     let expected: BTreeMap<String, Vec<u8>> = [("small.bin".to_owned(), files[0].1.clone())]
         .into_iter()
         .collect();
-    wait_for_files(&out, &expected, Duration::from_secs(60)).await;
+    delivered_after_doctor(dir.path(), &out, &spool, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

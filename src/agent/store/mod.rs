@@ -772,14 +772,7 @@ pub(super) mod testing {
         file.identity.size = data.len() as u64;
         let count = data.len().div_ceil(4).max(1) as u64;
         store
-            .ingest_streaming(&file, count, &|| {}, |sink| -> Result<IngestDecision> {
-                for chunk in data.chunks(4) {
-                    sink.push(chunk, "00")?;
-                }
-                Ok(IngestDecision::Commit {
-                    sha256: "ff".into(),
-                })
-            })
+            .ingest_streaming(&file, count, &|| {}, push_all(data))
             .unwrap()
             .unwrap()
     }
@@ -796,16 +789,18 @@ pub(super) mod testing {
     }
 
     pub(super) fn ingest(store: &Store, file: &NewFile, data: &[u8]) -> i64 {
-        store
-            .ingest(file, |sink| -> Result<IngestDecision> {
-                for chunk in data.chunks(4) {
-                    sink.push(chunk, "00")?;
-                }
-                Ok(IngestDecision::Commit {
-                    sha256: "ff".into(),
-                })
+        store.ingest(file, push_all(data)).unwrap().unwrap()
+    }
+
+    /// Pushes `data` in chunks of 4 bytes and commits.
+    fn push_all(data: &[u8]) -> impl FnOnce(&mut ChunkSink<'_>) -> Result<IngestDecision> + '_ {
+        move |sink| {
+            for chunk in data.chunks(4) {
+                sink.push(chunk, "00")?;
+            }
+            Ok(IngestDecision::Commit {
+                sha256: "ff".into(),
             })
-            .unwrap()
-            .unwrap()
+        }
     }
 }
