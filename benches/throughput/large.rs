@@ -27,6 +27,10 @@ const FIRST_CHUNK_BYTES: u64 = MIB;
 
 /// Small files for the write amplification row.
 pub(super) const SMALL_FILES: usize = 1000;
+
+/// Small files renamed in one at a time, each after the one before it was
+/// delivered, for the row without a target.
+pub(super) const ONE_AT_A_TIME_FILES: usize = 200;
 const SMALL_FILE_BYTES: usize = 4096;
 
 pub(super) struct LargeEndToEnd {
@@ -189,17 +193,43 @@ fn agent_step(
     })
 }
 
-/// Bytes the agent wrote per byte delivered for [`SMALL_FILES`] files of 4 KiB
-/// renamed into its spool at once, agent and receiver as two processes.
-pub(super) fn small_write_amplification(settings: &Settings) -> Result<f64> {
-    let runs = settings.repeat("1. write amplification, small files", || {
+/// Bytes the agent wrote per byte delivered for `count` files of 4 KiB,
+/// agent and receiver as two processes: renamed into its spool at once, or
+/// `one_at_a_time`, each once the one before it was delivered (every file
+/// then has a commit and a confirmation of its own).
+pub(super) fn small_write_amplification(
+    settings: &Settings,
+    count: usize,
+    one_at_a_time: bool,
+) -> Result<f64> {
+    let label = if one_at_a_time {
+        "1. write amplification, small files one at a time"
+    } else {
+        "1. write amplification, small files"
+    };
+    let runs = settings.repeat(label, || {
         let run = RunDir::create(settings)?;
-        let names = write_files(&run.staging, "small-", SMALL_FILES, SMALL_FILE_BYTES)?;
+        let names = write_files(&run.staging, "small-", count, SMALL_FILE_BYTES)?;
         let (mut receiver, port) = start_receiver_with(&run, 64 * MIB)?;
         let mut agent = start_daemon(&run, "agent", port, None)?;
         rustix::fs::sync();
         let written_before = agent.write_bytes()?;
-        rename_all(&run.staging, &run.spool, &names)?;
+        if one_at_a_time {
+            for name in &names {
+                rename_all(&run.staging, &run.spool, std::slice::from_ref(name))?;
+                wait_until(
+                    "the small file in the output",
+                    Duration::from_millis(2),
+                    Duration::from_secs(60),
+                    || {
+                        receiver.ensure_alive()?;
+                        Ok(file_len(&run.out.join(name)) == Some(SMALL_FILE_BYTES as u64))
+                    },
+                )?;
+            }
+        } else {
+            rename_all(&run.staging, &run.spool, &names)?;
+        }
         let mut pending = Pending::new(&names);
         wait_until(
             "every small file in the output",
@@ -214,11 +244,11 @@ pub(super) fn small_write_amplification(settings: &Settings) -> Result<f64> {
         let written = idle_write_bytes(&mut agent)? - written_before;
         agent.stop();
         receiver.stop();
-        let amplification = written as f64 / (SMALL_FILES * SMALL_FILE_BYTES) as f64;
+        let amplification = written as f64 / (count * SMALL_FILE_BYTES) as f64;
         eprintln!(
             "  agent wrote {:.1} MiB for {:.1} MiB delivered: {amplification:.2} x",
             written as f64 / MIB as f64,
-            (SMALL_FILES * SMALL_FILE_BYTES) as f64 / MIB as f64
+            (count * SMALL_FILE_BYTES) as f64 / MIB as f64
         );
         Ok(amplification)
     })?;

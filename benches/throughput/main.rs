@@ -17,7 +17,9 @@
 //!    for the large size: the time from the drop until the receiver holds the
 //!    first chunk (its staging file, polled from outside), the bytes the agent
 //!    wrote (`/proc/PID/io` write_bytes) per byte delivered, also for 1,000
-//!    files of 4 KiB, and the buffer's size before, at its peak and after.
+//!    files of 4 KiB renamed in at once and (without a target) for 200 renamed
+//!    in one at a time, each after the one before was delivered, and the
+//!    buffer's size before, at its peak and after.
 //! 2. Ingest alone: the large file into the buffer of an agent whose receiver
 //!    is down, until the source leaves the spool (it is deleted only after the
 //!    buffer's commit). Baseline: `dd if=FILE of=COPY bs=1M conv=fdatasync`
@@ -83,7 +85,7 @@ mod table;
 mod tls;
 mod tus;
 
-use large::{SMALL_FILES, large_end_to_end, small_write_amplification};
+use large::{ONE_AT_A_TIME_FILES, SMALL_FILES, large_end_to_end, small_write_amplification};
 use receiver_alone::receiver_alone;
 use scenarios::{LargeFile, ingest_alone, latency, queued_files, small_files, two_processes};
 use table::{Row, Table, format_mib};
@@ -392,9 +394,16 @@ fn scenario_1(
         ));
     }
     let name = format!("1. agent's bytes written per byte delivered ({SMALL_FILES} x 4 KiB)");
-    match small_write_amplification(settings) {
+    match small_write_amplification(settings, SMALL_FILES, false) {
         Ok(amplification) => table.push(Row::at_most(&name, amplification, "x", 2.0, 2)),
         Err(e) => table.push(Row::error(&name, "<= 2 x", &e)),
+    }
+    let name = format!(
+        "1. agent's bytes written per byte delivered ({ONE_AT_A_TIME_FILES} x 4 KiB, one at a time)"
+    );
+    match small_write_amplification(settings, ONE_AT_A_TIME_FILES, true) {
+        Ok(amplification) => table.push(Row::report(&name, format!("{amplification:.2} x"))),
+        Err(e) => table.push(Row::error(&name, "-", &e)),
     }
     std::fs::remove_file(&quarter.path)?;
     Ok(())
