@@ -350,6 +350,14 @@ impl Durability {
 /// never copied.
 const WAL_TRUNCATE_AFTER: u64 = 64 << 20;
 
+/// The WALs are checkpointed when the buffer empties only once they hold
+/// this much: files that arrive one at a time each empty the buffer, and a
+/// checkpoint after each copied the same record pages into the database
+/// again (the bytes of delivered files are not copied either way: their
+/// pages are cut off the database first, and a checkpoint skips frames
+/// beyond its end).
+const WAL_IDLE_CHECKPOINT: u64 = 4 << 20;
+
 /// Free space on the buffer's disk below which the WAL is checkpointed after
 /// every commit that trims it: its space is needed more than its savings.
 const DISK_TIGHT: u64 = 16 << 20;
@@ -647,17 +655,20 @@ impl Store {
     }
 
     /// [`Store::truncate_wal`] once the buffer holds no chunk data (the
-    /// checkpoint then copies only bookkeeping), or once the WAL has grown
-    /// past 64 MiB (`WAL_TRUNCATE_AFTER`); at once when the disk is nearly
-    /// full, where the WAL's space is needed. (Commits never checkpoint by
-    /// themselves: the buffer is opened without SQLite's automatic
-    /// checkpoints.)
+    /// checkpoint then copies only bookkeeping) and the WALs hold 4 MiB
+    /// (`WAL_IDLE_CHECKPOINT`), or once they have grown past 64 MiB
+    /// (`WAL_TRUNCATE_AFTER`); at once when the disk is nearly full, where
+    /// the WAL's space is needed. (Commits never checkpoint by themselves:
+    /// the buffer is opened without SQLite's automatic checkpoints.)
     pub(crate) fn trim_wal(&self) {
         let wal = self.wal_size();
         if wal == 0 {
             return;
         }
-        if wal >= WAL_TRUNCATE_AFTER || self.disk_is_tight() || !self.holds_chunk_data() {
+        if wal >= WAL_TRUNCATE_AFTER
+            || self.disk_is_tight()
+            || (wal >= WAL_IDLE_CHECKPOINT && !self.holds_chunk_data())
+        {
             self.truncate_wal();
         }
     }
