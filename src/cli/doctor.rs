@@ -82,6 +82,9 @@ fn render(report: &DoctorReport) -> String {
     if let Some(aside) = &report.damaged_copy {
         let _ = writeln!(out, "the damaged file was set aside as {}", aside.display());
     }
+    if let Some(aside) = &report.damaged_bulk_copy {
+        let _ = writeln!(out, "its bulk file was set aside as {}", aside.display());
+    }
     let _ = writeln!(
         out,
         "saved {} waiting file(s) into a fresh {path} ({} confirmed record(s) kept as history):",

@@ -271,6 +271,11 @@ async fn a_damaged_buffer_stops_the_daemon_and_doctor_saves_the_intact_files() {
         })
         .collect();
     assert_eq!(aside.len(), 2, "{aside:?}");
+    assert!(
+        report.contains("its bulk file was set aside as")
+            && report.contains("buffer-bulk.db.damaged-"),
+        "{report}"
+    );
 
     let status = run(&["status"], &config);
     assert_eq!(status.status.code(), Some(0), "{}", text(&status));

@@ -68,6 +68,8 @@ pub struct DoctorReport {
     pub confirmed_kept: usize,
     /// Where the damaged file was set aside.
     pub damaged_copy: Option<PathBuf>,
+    /// Where the damaged buffer's bulk file was set aside, if it had one.
+    pub damaged_bulk_copy: Option<PathBuf>,
 }
 
 /// Checks the buffer at `path` and, when it is damaged, salvages it (see
@@ -115,6 +117,7 @@ pub fn doctor(path: &Path) -> Result<DoctorReport> {
         lost: Vec::new(),
         confirmed_kept: 0,
         damaged_copy: None,
+        damaged_bulk_copy: None,
     };
     if report.healthy {
         corrupt::clear_notice(path);
@@ -158,6 +161,9 @@ pub fn doctor(path: &Path) -> Result<DoctorReport> {
     ] {
         if damaged.exists() {
             rename(&damaged, &aside, "cannot set the damaged buffer aside")?;
+            if damaged == bulk {
+                report.damaged_bulk_copy = Some(aside.clone());
+            }
         }
         let wal = with_suffix(&damaged, "-wal");
         if wal.exists() {
