@@ -125,11 +125,12 @@ pub fn unsynced<T>(
     conn: &mut rusqlite::Connection,
     f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    let result = set_synchronous(conn, "NORMAL").and_then(|()| f(conn));
-    let restored = set_synchronous(conn, "FULL");
-    let value = result?;
-    restored?;
-    Ok(value)
+    with_setting(
+        conn,
+        |conn| set_synchronous(conn, "NORMAL"),
+        |conn| set_synchronous(conn, "FULL"),
+        f,
+    )
 }
 
 /// Sets `synchronous` on every database of `conn`: the pragma without a
@@ -152,27 +153,28 @@ pub fn without_foreign_keys<T>(
     conn: &mut rusqlite::Connection,
     f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    with_pragma(
+    let pragma = |sql: &'static str| {
+        move |conn: &rusqlite::Connection| conn.prepare_cached(sql)?.execute([]).map(drop)
+    };
+    with_setting(
         conn,
-        "PRAGMA foreign_keys = OFF",
-        "PRAGMA foreign_keys = ON",
+        pragma("PRAGMA foreign_keys = OFF"),
+        pragma("PRAGMA foreign_keys = ON"),
         f,
     )
 }
 
-/// Runs `f` on `conn` after the pragma `set`, then runs `restore` whatever
-/// `f` returned; an error of `f` wins over one of `restore`.
-fn with_pragma<T>(
+/// Runs `f` on `conn` after `set`, then runs `restore` whatever `set` or `f`
+/// returned (a half-done `set` is undone too); an error of `set` or `f` wins
+/// over one of `restore`.
+fn with_setting<T>(
     conn: &mut rusqlite::Connection,
-    set: &str,
-    restore: &str,
+    set: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
+    restore: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<()>,
     f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    conn.prepare_cached(set)?.execute([])?;
-    let result = f(conn);
-    let restored = conn
-        .prepare_cached(restore)
-        .and_then(|mut restore| restore.execute([]));
+    let result = set(conn).and_then(|()| f(conn));
+    let restored = restore(conn);
     let value = result?;
     restored?;
     Ok(value)

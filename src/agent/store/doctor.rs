@@ -419,7 +419,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Removes a database file and its WAL and shared-memory files, if any.
-fn remove_database(path: &Path) {
+pub(super) fn remove_database(path: &Path) {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(with_suffix(path, suffix));
     }

@@ -78,10 +78,7 @@ impl ChunkSink<'_> {
             // synced one: the file's bytes are all durable in `bulk` before
             // the sealing commit (synced too) names the last chunk. SQLite
             // changes `synchronous` only between transactions.
-            self.conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
-            for (idx, offset, length, sha256) in streaming.pending.drain(..) {
-                insert_chunk(self.conn, self.file_id, idx, offset, length, &sha256)?;
-            }
+            record_committed(self.conn, self.file_id, &mut streaming.pending)?;
             self.conn.execute_batch("COMMIT")?;
             crate::sqlite::set_synchronous(self.conn, "FULL")?;
             (streaming.between)();
@@ -104,10 +101,7 @@ impl ChunkSink<'_> {
             // spool until the sealing commit, which makes these durable
             // with it. The records of the chunks just committed follow in a
             // commit of their own.
-            self.conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
-            for (idx, offset, length, sha256) in streaming.pending.drain(..) {
-                insert_chunk(self.conn, self.file_id, idx, offset, length, &sha256)?;
-            }
+            record_committed(self.conn, self.file_id, &mut streaming.pending)?;
             streaming.since = 0;
             if !last {
                 self.conn.execute_batch("COMMIT")?;
@@ -118,6 +112,21 @@ impl ChunkSink<'_> {
         }
         Ok(())
     }
+}
+
+/// Commits the bytes written so far, and, in the transaction it opens next,
+/// inserts the records of the `pending` chunks: their bytes are committed
+/// now.
+fn record_committed(
+    conn: &rusqlite::Connection,
+    file_id: i64,
+    pending: &mut Vec<(u64, u64, u64, String)>,
+) -> rusqlite::Result<()> {
+    conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
+    for (idx, offset, length, sha256) in pending.drain(..) {
+        insert_chunk(conn, file_id, idx, offset, length, &sha256)?;
+    }
+    Ok(())
 }
 
 /// Inserts a chunk's record.
@@ -338,9 +347,11 @@ impl Store {
         let between = || {
             self.let_writers_in();
             let wal = wal.get_or_init(|| {
-                let mut name = super::bulk_path(&self.path).into_os_string();
-                name.push("-wal");
-                std::fs::File::open(name).ok()
+                std::fs::File::open(super::corrupt::with_suffix(
+                    &super::bulk_path(&self.path),
+                    "-wal",
+                ))
+                .ok()
             });
             if let Some(wal) = wal {
                 crate::disk::start_writeback(wal, 0, 0);

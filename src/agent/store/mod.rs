@@ -534,9 +534,7 @@ impl Store {
             let missing: i64 = pool.get()?.query_row(MISSING_BYTES, [], |r| r.get(0))?;
             if missing > 0 {
                 drop(pool);
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(corrupt::with_suffix(&bulk, suffix));
-                }
+                doctor::remove_database(&bulk);
                 return Err(corrupt(format!(
                     "{} is missing: {missing} chunks of waiting files have no bytes",
                     bulk.display()
@@ -678,22 +676,20 @@ impl Store {
     /// lock held, before bytes in `bulk` are deleted on the strength of the
     /// records.
     pub(super) fn sync_records(&self) -> Result<()> {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
+        let wal = corrupt::with_suffix(&self.path, "-wal");
+        let io = |about, source| StoreError::Io {
+            about,
+            path: wal.display().to_string(),
+            source,
+        };
         match std::fs::File::open(&wal) {
-            Ok(file) => file.sync_data().map_err(|source| StoreError::Io {
-                about: "cannot sync the buffer's WAL",
-                path: self.path.display().to_string() + "-wal",
-                source,
-            }),
+            Ok(file) => file
+                .sync_data()
+                .map_err(|e| io("cannot sync the buffer's WAL", e)),
             // No WAL: every commit is in the database file, synced by the
             // checkpoint that moved it there.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StoreError::Io {
-                about: "cannot open the buffer's WAL",
-                path: self.path.display().to_string() + "-wal",
-                source,
-            }),
+            Err(e) => Err(io("cannot open the buffer's WAL", e)),
         }
     }
 
@@ -724,9 +720,7 @@ impl Store {
         [self.path.clone(), bulk_path(&self.path)]
             .into_iter()
             .map(|path| {
-                let mut wal = path.into_os_string();
-                wal.push("-wal");
-                std::fs::metadata(&wal).map_or(0, |m| m.len())
+                std::fs::metadata(corrupt::with_suffix(&path, "-wal")).map_or(0, |m| m.len())
             })
             .sum()
     }

@@ -103,18 +103,30 @@ pub(super) fn enable_incremental_vacuum(conn: &rusqlite::Connection) -> rusqlite
     if mode == INCREMENTAL {
         return Ok(());
     }
-    let (files, pages): (i64, i64) = conn.query_row(
-        "SELECT (SELECT count(*) FROM files), (SELECT page_count FROM pragma_page_count())",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    if files > 0 || pages > CONVERT_MAX_PAGES {
+    if !cheap_to_rewrite(conn)? {
         return Ok(());
     }
     conn.busy_timeout(std::time::Duration::ZERO)?;
     let converted = conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;");
     conn.busy_timeout(std::time::Duration::from_secs(60))?;
-    match converted {
+    unless_busy(converted)
+}
+
+/// Whether the buffer holds no file and a few pages at most, so that
+/// rewriting it (`VACUUM`) costs next to nothing.
+fn cheap_to_rewrite(conn: &rusqlite::Connection) -> rusqlite::Result<bool> {
+    let (files, pages): (i64, i64) = conn.query_row(
+        "SELECT (SELECT count(*) FROM files), (SELECT page_count FROM pragma_page_count())",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(files == 0 && pages <= CONVERT_MAX_PAGES)
+}
+
+/// `result`, except that another process holding the buffer (busy) leaves it
+/// as it is, to be converted at a later start.
+fn unless_busy(result: rusqlite::Result<()>) -> rusqlite::Result<()> {
+    match result {
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::DatabaseBusy =>
         {
@@ -140,16 +152,8 @@ pub(super) fn convert_page_size(path: &std::path::Path, page_size: u32) -> rusql
     if size == i64::from(page_size) {
         return Ok(());
     }
-    let (files, pages): (i64, i64) = match conn.query_row(
-        "SELECT (SELECT count(*) FROM files), (SELECT page_count FROM pragma_page_count())",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    ) {
-        Ok(counts) => counts,
-        // Not a buffer (yet): opening it says what is wrong.
-        Err(_) => return Ok(()),
-    };
-    if files > 0 || pages > CONVERT_MAX_PAGES {
+    // Not a buffer (yet) when the query fails: opening it says what is wrong.
+    if !cheap_to_rewrite(&conn).unwrap_or(false) {
         return Ok(());
     }
     conn.busy_timeout(std::time::Duration::ZERO)?;
@@ -162,14 +166,7 @@ pub(super) fn convert_page_size(path: &std::path::Path, page_size: u32) -> rusql
     ));
     // Back to WAL whatever happened: the pool expects it.
     conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
-    match converted {
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::DatabaseBusy =>
-        {
-            Ok(())
-        }
-        other => other,
-    }
+    unless_busy(converted)
 }
 
 /// `PRAGMA auto_vacuum` of a buffer that can give its free pages back.
@@ -286,9 +283,8 @@ mod tests {
         // A streamed file's bytes are in the bulk file.
         let bulk = crate::agent::store::bulk_path(&path);
         let wal = || {
-            let mut wal = bulk.clone().into_os_string();
-            wal.push("-wal");
-            std::fs::metadata(wal).map_or(0, |m| m.len())
+            std::fs::metadata(crate::agent::store::corrupt::with_suffix(&bulk, "-wal"))
+                .map_or(0, |m| m.len())
         };
         let mut big = crate::agent::store::testing::new_file("big", 2);
         big.chunk_size = 1 << 20;
