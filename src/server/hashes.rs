@@ -30,7 +30,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::sha256::{Sha256Stream, update_both};
 
@@ -56,10 +58,18 @@ pub(super) fn for_staging_dir(staging_dir: &std::path::Path) -> std::sync::Arc<F
     map
 }
 
+/// How long completion waits for a claimant to hand its upload's prefix back
+/// (see [`FileHashes::take`]) before reading the whole file instead.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 pub(super) struct FileHashes {
     entries: Mutex<HashMap<String, Entry>>,
-    next_generation: std::sync::atomic::AtomicU64,
+    /// Signalled whenever an entry stops being claimed.
+    released: Condvar,
+    /// Completions waiting on `released` (for the tests).
+    waiting: AtomicUsize,
+    next_generation: AtomicU64,
 }
 
 struct Entry {
@@ -178,9 +188,7 @@ impl FileHashes {
                 if chunk_idx != 0 || offset != 0 || entries.len() >= MAX_ENTRIES {
                     return None;
                 }
-                let generation = self
-                    .next_generation
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
                 entries.insert(
                     upload_id.to_owned(),
                     Entry {
@@ -217,6 +225,7 @@ impl FileHashes {
                     if offset < *end =>
                 {
                     entry.progress = Progress::Spoiled;
+                    self.released.notify_all();
                     None
                 }
                 _ => None,
@@ -246,6 +255,7 @@ impl FileHashes {
                 sha256: sha256.to_owned(),
             },
         };
+        self.released.notify_all();
     }
 
     /// A write to the upload's staging file was not recorded: what it wrote
@@ -253,21 +263,22 @@ impl FileHashes {
     pub(super) fn spoil(&self, upload_id: &str) {
         if let Some(entry) = self.entries().get_mut(upload_id) {
             entry.progress = Progress::Spoiled;
+            self.released.notify_all();
         }
     }
 
     /// The upload is gone (discarded, expired, or its staging file replaced).
     pub(super) fn forget(&self, upload_id: &str) {
-        self.entries().remove(upload_id);
+        if self.entries().remove(upload_id).is_some() {
+            self.released.notify_all();
+        }
     }
 
     /// The caller worked out the whole file's hash (a tus upload, whose
     /// SHA-256 the client need not declare): completion takes it from here
     /// instead of reading the file back again.
     pub(super) fn settle(&self, upload_id: &str, sha256: String) {
-        let generation = self
-            .next_generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         self.entries().insert(
             upload_id.to_owned(),
             Entry {
@@ -277,9 +288,33 @@ impl FileHashes {
         );
     }
 
-    /// Takes what is known of the file's hash, at completion.
+    /// Takes what is known of the file's hash, at completion. Every chunk is
+    /// recorded by then, but the prefix may still be claimed: by the request
+    /// that recorded the last chunk, between its record and its
+    /// [`FileHashes::extend`], or by another request's [`FileHashes::catch_up`]
+    /// reading chunks back. Taking it then would leave nothing known, and the
+    /// whole file would be read back a second time, so this waits (up to
+    /// [`CLAIM_WAIT`]) for the claimant to hand it back. Blocks.
     pub(super) fn take(&self, upload_id: &str) -> Known {
-        match self.entries().remove(upload_id).map(|e| e.progress) {
+        let deadline = Instant::now() + CLAIM_WAIT;
+        let mut entries = self.entries();
+        loop {
+            let claimed = entries
+                .get(upload_id)
+                .is_some_and(|e| matches!(e.progress, Progress::Claimed { .. }));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !claimed || left.is_zero() {
+                break;
+            }
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            entries = self
+                .released
+                .wait_timeout(entries, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        match entries.remove(upload_id).map(|e| e.progress) {
             Some(Progress::Whole { sha256 }) => Known::Whole(sha256),
             Some(Progress::Prefix { hasher, len, .. }) => Known::Prefix { hasher, len },
             _ => Known::Nothing,
@@ -344,6 +379,7 @@ impl FileHashes {
                 Progress::Claimed { recheck, .. } => recheck,
                 _ => return,
             };
+            self.released.notify_all();
             if !read_ok {
                 entry.progress = Progress::Spoiled;
                 return;
@@ -457,6 +493,40 @@ mod tests {
                 assert_eq!(hasher.finalize_hex(), digest(&file));
             }
             _ => panic!("expected the whole prefix"),
+        }
+    }
+
+    #[test]
+    fn completion_waits_for_a_claimant_to_hand_the_prefix_back() {
+        let file = b"first chunk, second chunk";
+        let hashes = std::sync::Arc::new(FileHashes::default());
+        let mut first = hashes.claim("u", 0, 0, 2).expect("claim");
+        first.update(&mut Sha256Stream::new(), &file[..13]);
+        hashes.extend("u", first, 13, &digest(&file[..13]));
+        // The last chunk is recorded, and its writer still holds the claim
+        // when another request completes the upload.
+        let mut last = hashes.claim("u", 1, 13, 2).expect("claim");
+        let taker = std::thread::spawn({
+            let hashes = hashes.clone();
+            move || hashes.take("u")
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hashes.waiting.load(Ordering::SeqCst) == 0 && !taker.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "take() neither waited nor returned"
+            );
+            std::thread::yield_now();
+        }
+        assert!(!taker.is_finished(), "took the prefix while it was claimed");
+        last.update(&mut Sha256Stream::new(), &file[13..]);
+        hashes.extend("u", last, 12, &digest(&file[13..]));
+        match taker.join().unwrap() {
+            Known::Prefix { hasher, len } => {
+                assert_eq!(len, file.len() as u64);
+                assert_eq!(hasher.finalize_hex(), digest(file));
+            }
+            _ => panic!("expected the whole file's prefix"),
         }
     }
 
