@@ -107,10 +107,16 @@ pub(super) struct Sink {
     pub(super) sync: bool,
     /// The upload's whole-file hash, when this chunk extends it.
     pub(super) claim: Option<Claim>,
+    /// Hash the bytes as they are written. Without a claim and with `false`,
+    /// the caller hashes them later (read back, together with the file's
+    /// hash once the chunks in front are in it) and the outcome's hash is
+    /// empty.
+    pub(super) hash: bool,
 }
 
 pub(super) struct BodyOutcome {
     pub(super) length: u64,
+    /// Hex; empty when the sink asked for no hash.
     pub(super) sha256: String,
     /// The sink's claim, fed with every byte written.
     pub(super) claim: Option<Claim>,
@@ -182,9 +188,12 @@ impl<H: Send + 'static> Intake for ChunkIntake<H> {
             self.error = Some(e);
             return false;
         }
-        match self.sink.as_mut().and_then(|s| s.claim.as_mut()) {
-            Some(claim) => claim.update(&mut self.hasher, &bytes),
-            None => self.hasher.update(&bytes),
+        match self.sink.as_mut() {
+            Some(Sink {
+                claim: Some(claim), ..
+            }) => claim.update(&mut self.hasher, &bytes),
+            Some(Sink { hash: false, .. }) => {}
+            _ => self.hasher.update(&bytes),
         }
         self.length += bytes.len() as u64;
         true
@@ -203,9 +212,17 @@ impl<H: Send + 'static> Intake for ChunkIntake<H> {
             Some(sink) => start_writeback(&sink.file, sink.offset, self.length),
             None => {}
         }
+        let hashed = self
+            .sink
+            .as_ref()
+            .is_none_or(|s| s.hash || s.claim.is_some());
         let outcome = BodyOutcome {
             length: self.length,
-            sha256: self.hasher.finalize_hex(),
+            sha256: if hashed {
+                self.hasher.finalize_hex()
+            } else {
+                String::new()
+            },
             claim: self.sink.and_then(|s| s.claim),
         };
         Ok((outcome, self.held))

@@ -4,9 +4,14 @@
 //! the second time after copying it out of the page cache.
 //!
 //! A chunk written at the end of an upload's hashed prefix is hashed into it
-//! as it is written; chunks that arrive ahead of it are read back (from the
-//! page cache) as soon as the prefix reaches them. Only what the prefix has
-//! not reached when the last chunk arrives is read at completion, and the whole
+//! as it is written. A chunk that arrives ahead of it (a client sends several
+//! at once) is written unhashed, then waits, on the executor and briefly, for
+//! the chunks in front of it to join the prefix; it is then read back (from
+//! the page cache) and hashed for itself and for the file in one pass. One
+//! whose wait runs out is hashed alone, and read back again as soon as the
+//! prefix reaches it. Completion waits for a claimant to hand the prefix back
+//! rather than start over. Only what the prefix has not reached when the last
+//! chunk arrives is read at completion, and the whole
 //! file when nothing is known (after a restart or a reload: this is memory
 //! only, so a power cut that loses unsynced data is still caught by reading
 //! the file back).
@@ -65,8 +70,12 @@ const CLAIM_WAIT: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub(super) struct FileHashes {
     entries: Mutex<HashMap<String, Entry>>,
-    /// Signalled whenever an entry stops being claimed.
+    /// Signalled whenever an entry stops being claimed (for completion,
+    /// which blocks) ...
     released: Condvar,
+    /// ... and the same for chunks waiting on the executor to be hashed
+    /// together with their upload's prefix ([`FileHashes::wait_for_prefix`]).
+    changed: tokio::sync::Notify,
     /// Completions waiting on `released` (for the tests).
     waiting: AtomicUsize,
     next_generation: AtomicU64,
@@ -225,7 +234,7 @@ impl FileHashes {
                     if offset < *end =>
                 {
                     entry.progress = Progress::Spoiled;
-                    self.released.notify_all();
+                    self.handed_back();
                     None
                 }
                 _ => None,
@@ -255,7 +264,7 @@ impl FileHashes {
                 sha256: sha256.to_owned(),
             },
         };
-        self.released.notify_all();
+        self.handed_back();
     }
 
     /// A write to the upload's staging file was not recorded: what it wrote
@@ -263,14 +272,14 @@ impl FileHashes {
     pub(super) fn spoil(&self, upload_id: &str) {
         if let Some(entry) = self.entries().get_mut(upload_id) {
             entry.progress = Progress::Spoiled;
-            self.released.notify_all();
+            self.handed_back();
         }
     }
 
     /// The upload is gone (discarded, expired, or its staging file replaced).
     pub(super) fn forget(&self, upload_id: &str) {
         if self.entries().remove(upload_id).is_some() {
-            self.released.notify_all();
+            self.handed_back();
         }
     }
 
@@ -286,6 +295,48 @@ impl FileHashes {
                 progress: Progress::Whole { sha256 },
             },
         );
+    }
+
+    fn handed_back(&self) {
+        self.released.notify_all();
+        self.changed.notify_waiters();
+    }
+
+    /// Whether a chunk at `offset` lies beyond the end of its upload's
+    /// followed prefix: one that got no [`Claim`] before its write, and may
+    /// get one once the chunks in front of it are in the prefix
+    /// ([`FileHashes::wait_for_prefix`]).
+    pub(super) fn ahead_of_prefix(&self, upload_id: &str, offset: u64) -> bool {
+        self.entries()
+            .get(upload_id)
+            .is_some_and(|e| match e.progress {
+                Progress::Prefix { len: end, .. } | Progress::Claimed { from: end, .. } => {
+                    offset > end
+                }
+                _ => false,
+            })
+    }
+
+    /// Waits, for at most `limit`, until the upload's prefix ends at
+    /// `offset` and is not claimed, so that a chunk written there can be
+    /// hashed together with it; returns early once that cannot happen (the
+    /// entry spoiled, completed or gone, or the prefix beyond `offset`).
+    /// Waits on the executor, holding no thread.
+    pub(super) async fn wait_for_prefix(&self, upload_id: &str, offset: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let waiting = match self.entries().get(upload_id).map(|e| &e.progress) {
+                Some(Progress::Prefix { len, .. }) => *len < offset,
+                Some(Progress::Claimed { from, .. }) => *from <= offset,
+                _ => false,
+            };
+            if !waiting || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Takes what is known of the file's hash, at completion. Every chunk is
@@ -379,7 +430,7 @@ impl FileHashes {
                 Progress::Claimed { recheck, .. } => recheck,
                 _ => return,
             };
-            self.released.notify_all();
+            self.handed_back();
             if !read_ok {
                 entry.progress = Progress::Spoiled;
                 return;
@@ -394,6 +445,30 @@ impl FileHashes {
             }
         }
     }
+}
+
+/// The SHA-256 (hex) of the chunk of `length` bytes that was written at
+/// `offset` of `file`, read back; with a `claim`, its bytes extend the file's
+/// hash in the same pass.
+pub(super) fn hash_chunk(
+    file: &File,
+    offset: u64,
+    length: u64,
+    mut claim: Option<&mut Claim>,
+) -> io::Result<String> {
+    let mut chunk = Sha256Stream::new();
+    let mut buf = vec![0u8; length.clamp(1, READ_BUF as u64) as usize];
+    let mut done = 0u64;
+    while done < length {
+        let want = buf.len().min((length - done) as usize);
+        file.read_exact_at(&mut buf[..want], offset + done)?;
+        match claim.as_deref_mut() {
+            Some(claim) => claim.update(&mut chunk, &buf[..want]),
+            None => chunk.update(&buf[..want]),
+        }
+        done += want as u64;
+    }
+    Ok(chunk.finalize_hex())
 }
 
 /// Hashes `length` bytes of `file` from `offset`; an error if it ends first.
@@ -528,6 +603,75 @@ mod tests {
             }
             _ => panic!("expected the whole file's prefix"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_written_ahead_is_hashed_with_the_prefix_once_it_arrives() {
+        let file: Vec<u8> = (0..300u32).map(|i| (i * 13) as u8).collect();
+        let (_dir, path) = staged(&file);
+        let hashes = std::sync::Arc::new(FileHashes::default());
+        let mut first = hashes.claim("u", 0, 0, 3).expect("claim");
+        // Chunks 1 and 2 are written while chunk 0 is: no claim for them,
+        // and both are ahead of the prefix.
+        assert!(hashes.claim("u", 1, 100, 3).is_none());
+        assert!(hashes.ahead_of_prefix("u", 100) && hashes.ahead_of_prefix("u", 200));
+        assert!(!hashes.ahead_of_prefix("u", 0));
+        assert!(!hashes.ahead_of_prefix("other", 100));
+        let deferred = |idx: u64| {
+            let (hashes, path) = (hashes.clone(), path.clone());
+            tokio::spawn(async move {
+                let offset = idx * 100;
+                hashes
+                    .wait_for_prefix("u", offset, Duration::from_secs(30))
+                    .await;
+                let mut claim = hashes.claim("u", idx, offset, 3);
+                let file = File::open(&path).unwrap();
+                let sha = hash_chunk(&file, offset, 100, claim.as_mut()).unwrap();
+                let paired = claim.is_some();
+                if let Some(claim) = claim {
+                    hashes.extend("u", claim, 100, &sha);
+                }
+                (sha, paired)
+            })
+        };
+        let (second, third) = (deferred(2), deferred(1));
+        // Both start waiting while chunk 0 is still being written.
+        tokio::task::yield_now().await;
+        first.update(&mut Sha256Stream::new(), &file[..100]);
+        hashes.extend("u", first, 100, &digest(&file[..100]));
+        assert_eq!(third.await.unwrap(), (digest(&file[100..200]), true));
+        assert_eq!(second.await.unwrap(), (digest(&file[200..]), true));
+        match hashes.take("u") {
+            Known::Prefix { hasher, len } => {
+                assert_eq!(len, 300);
+                assert_eq!(hasher.finalize_hex(), digest(&file));
+            }
+            _ => panic!("expected the whole file's prefix"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_ahead_stops_waiting_for_a_chunk_that_never_comes() {
+        let file = b"0123456789";
+        let (_dir, path) = staged(file);
+        let hashes = FileHashes::default();
+        let _stalled = hashes.claim("u", 0, 0, 2).expect("claim");
+        let started = std::time::Instant::now();
+        hashes
+            .wait_for_prefix("u", 5, Duration::from_millis(50))
+            .await;
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let claim = hashes.claim("u", 1, 5, 2);
+        assert!(claim.is_none(), "the prefix is still claimed");
+        let sha = hash_chunk(&File::open(&path).unwrap(), 5, 5, None).unwrap();
+        assert_eq!(sha, digest(&file[5..]));
+        // A spoiled entry ends the wait at once.
+        hashes.spoil("u");
+        let started = std::time::Instant::now();
+        hashes
+            .wait_for_prefix("u", 5, Duration::from_secs(30))
+            .await;
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

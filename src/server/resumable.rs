@@ -10,6 +10,7 @@
 //! Completion itself (see `finalize`) syncs before anything is renamed.
 
 use std::fs::File;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -20,11 +21,19 @@ use super::errors::{
     ApiError, body_error, checksum_mismatch, chunk_differs, too_large_chunk, too_large_file,
     upload_id_in_use,
 };
+use super::hashes;
 use super::headers::Extension;
 use super::serve::Authorized;
 use super::state::{self, ChunkRecord, UploadPhase};
 use super::{Receiver, blocking};
 use crate::protocol::{self, ChunkReply, UploadStatus};
+
+/// How long a chunk written ahead of its upload's hashed prefix waits for the
+/// chunks in front of it before it is hashed on its own (see
+/// [`receive_resumable`]). They were sent before it, so they normally arrive
+/// within milliseconds; one that lags (its connection slower, or gone) costs
+/// this chunk's reply at most this much, and a second pass of SHA-256.
+const PREFIX_WAIT: Duration = Duration::from_millis(100);
 
 /// `GET /upload/{upload_id}`: the chunks recorded for an upload, or its final
 /// name once complete. An upload found fully received but not complete is
@@ -234,6 +243,7 @@ pub(super) async fn receive_resumable(
             // A staging directory mounted over or gone is a 503, not a 500.
             super::paths::current(&this.inner.staging)?;
             std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
@@ -243,16 +253,44 @@ pub(super) async fn receive_resumable(
         let claim = inner
             .hashes
             .claim(&ext.upload_id, chunk_idx, ext.offset, ext.meta.chunk_count);
+        // A chunk that arrives while the ones in front of it are still on
+        // their way (a client sends several at once) is hashed after its
+        // write, read back, once they are in the file's hash: then its bytes
+        // go through SHA-256 once for both hashes, not once for the chunk now
+        // and again for the file later.
+        let reader =
+            match claim.is_none() && inner.hashes.ahead_of_prefix(&ext.upload_id, ext.offset) {
+                true => Some(file.try_clone()?),
+                false => None,
+            };
         let sink = Sink {
             file,
             offset: ext.offset,
             sync: false,
             claim,
+            hash: reader.is_none(),
         };
-        let (outcome, unrecorded) =
+        let (mut outcome, unrecorded) =
             body::write_body(body, Some(sink), unrecorded, limit, inner.read_timeout)
                 .await
                 .map_err(|e| body_error(e, too_long))?;
+        if let Some(reader) = reader {
+            inner
+                .hashes
+                .wait_for_prefix(&ext.upload_id, ext.offset, PREFIX_WAIT)
+                .await;
+            let this = receiver.clone();
+            let id = ext.upload_id.clone();
+            let (offset, length, count) = (ext.offset, outcome.length, ext.meta.chunk_count);
+            let (sha256, claim) = blocking(move || {
+                let mut claim = this.inner.hashes.claim(&id, chunk_idx, offset, count);
+                let sha256 = hashes::hash_chunk(&reader, offset, length, claim.as_mut())?;
+                Ok::<_, std::io::Error>((sha256, claim))
+            })
+            .await?;
+            outcome.sha256 = sha256;
+            outcome.claim = claim;
+        }
         if outcome.sha256 != ext.chunk_sha256 {
             return Err(checksum_mismatch(chunk_idx, &outcome.sha256));
         }
