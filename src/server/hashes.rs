@@ -48,6 +48,11 @@ const MAX_ENTRIES: usize = 4096;
 /// Read-back buffer for chunks that arrived ahead of the prefix.
 const READ_BUF: usize = 256 << 10;
 
+/// Read-back buffer of a chunk hashed after its write ([`hash_chunk`]): one
+/// per chunk written ahead of its prefix, so many at once when many clients
+/// send; a quarter of [`READ_BUF`] hashes as fast.
+const CHUNK_READ_BUF: usize = 64 << 10;
+
 /// The hashes followed for the uploads staged in `staging_dir`: one map per
 /// directory for the life of the process.
 pub(super) fn for_staging_dir(staging_dir: &std::path::Path) -> std::sync::Arc<FileHashes> {
@@ -457,7 +462,7 @@ pub(super) fn hash_chunk(
     mut claim: Option<&mut Claim>,
 ) -> io::Result<String> {
     let mut chunk = Sha256Stream::new();
-    let mut buf = vec![0u8; length.clamp(1, READ_BUF as u64) as usize];
+    let mut buf = vec![0u8; length.clamp(1, CHUNK_READ_BUF as u64) as usize];
     let mut done = 0u64;
     while done < length {
         let want = buf.len().min((length - done) as usize);

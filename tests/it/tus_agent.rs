@@ -4,7 +4,10 @@
 //! file named by its id, next to `<id>.json` with its length and metadata:
 //! what arrived is read from there, by `filename`. The script refuses every
 //! request without the expected `Authorization`, and logs each request's
-//! method, so that a test can count creations and PATCHes.
+//! method, so that a test can count creations and PATCHes. A request's line
+//! is written when its response closes, after its effect is in the store:
+//! a test that reads the log once it saw an upload complete first waits for
+//! [`TusServer::wait_until_logged`].
 //!
 //! The Node packages are found through `NODE_PATH`, else in
 //! `target/tus-node/node_modules` (`.ci/run` installs them there). Missing,
@@ -32,11 +35,22 @@ import { FileStore } from '@tus/file-store';
 
 const [port, directory, requestLog, token] = process.argv.slice(2);
 const tus = new Server({ path: '/files', datastore: new FileStore({ directory }) });
+// Requests begun and not yet logged, for the tests (answered at
+// /in-flight, which is neither counted nor logged).
+let inFlight = 0;
 http.createServer((req, res) => {
+  if (req.url === '/in-flight') {
+    res.end(String(inFlight));
+    return;
+  }
+  inFlight += 1;
   // Logged when the reply is sent (or the connection drops): method,
   // status, URL and the Upload-Offset a PATCH started at.
-  res.on('close', () => fs.appendFileSync(requestLog,
-    `${req.method} ${res.statusCode} ${req.url} ${req.headers['upload-offset'] ?? '-'}\n`));
+  res.on('close', () => {
+    fs.appendFileSync(requestLog,
+      `${req.method} ${res.statusCode} ${req.url} ${req.headers['upload-offset'] ?? '-'}\n`);
+    inFlight -= 1;
+  });
   if (req.headers['authorization'] !== `Bearer ${token}`) {
     res.writeHead(401, { 'Content-Type': 'text/plain' });
     res.end('wrong or missing Authorization');
@@ -149,6 +163,25 @@ impl TusServer {
         )
         .await;
         assert!(up.is_some(), "@tus/server did not start on {url}");
+    }
+
+    /// Waits until every request this server process has begun is in the
+    /// request log. Its line is written when the response closes, which
+    /// comes after the request's bytes are in the store (and can come after
+    /// the client read the response): an upload seen complete in the store
+    /// does not mean the PATCH that completed it is logged yet.
+    pub async fn wait_until_logged(&self) {
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{}/in-flight", self.port);
+        eventually(
+            Duration::from_secs(10),
+            "the tus server to log every request it began",
+            async || {
+                let open = client.get(&url).send().await.ok()?.text().await.ok()?;
+                (open == "0").then_some(())
+            },
+        )
+        .await;
     }
 
     /// SIGKILL, then wait for the process to be gone.
@@ -328,6 +361,7 @@ async fn small_empty_and_multi_chunk_files_arrive_once_byte_identical() {
     // The empty file is created with its length deferred (so that it is not
     // complete before the agent recorded where it is), then told it in one
     // empty PATCH.
+    server.wait_until_logged().await;
     let uploads = server.uploads();
     assert_eq!(uploads.len(), files.len(), "{uploads:?}");
     assert_eq!(server.requests("POST"), files.len());
@@ -441,6 +475,7 @@ async fn a_crash_before_an_acknowledgement_is_recorded_resumes_the_same_upload()
             async || (status_json(&config).first()?["state"] == "confirmed").then_some(()),
         )
         .await;
+        server.wait_until_logged().await;
         assert_eq!(server.uploads().len(), 1, "{failpoint}");
         assert_eq!(
             server.requests("POST"),
@@ -511,6 +546,8 @@ async fn an_offset_inside_a_chunk_resumes_with_the_chunks_tail() {
         async || (server.completed() == expected).then_some(()),
     )
     .await;
+    // The PATCH that completed the file may not be logged yet.
+    server.wait_until_logged().await;
     assert_eq!(server.uploads().len(), 1);
     assert_eq!(server.requests("POST"), 1);
     // The PATCHes: the agent's first chunk, the other client's, then the
@@ -622,6 +659,7 @@ async fn purge_deletes_an_unfinished_upload_on_the_server() {
         "the purged file's upload is still on the server"
     );
     assert!(!server.store.join(&cut.id).exists());
+    server.wait_until_logged().await;
     assert_eq!(server.requests("DELETE"), 1);
     // The delivered file is still there.
     assert_eq!(server.completed(), expected);
@@ -681,6 +719,7 @@ async fn a_conflict_continues_from_the_servers_offset() {
         async || (status_json(&config).first()?["state"] == "confirmed").then_some(()),
     )
     .await;
+    server.wait_until_logged().await;
     assert_eq!(server.uploads().len(), 1);
     assert_eq!(server.requests("POST"), 1);
     // The held PATCH was refused; the agent asked, then sent the fourth
