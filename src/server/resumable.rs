@@ -288,6 +288,9 @@ pub(super) async fn receive_resumable(
                 Ok::<_, std::io::Error>((sha256, claim))
             })
             .await?;
+            if claim.is_none() {
+                tracing::debug!(upload_id = %ext.upload_id, chunk = chunk_idx, "chunk hashed alone: the chunks in front of it did not arrive in time");
+            }
             outcome.sha256 = sha256;
             outcome.claim = claim;
         }
