@@ -258,11 +258,12 @@ pub(super) async fn receive_resumable(
         // write, read back, once they are in the file's hash: then its bytes
         // go through SHA-256 once for both hashes, not once for the chunk now
         // and again for the file later.
-        let reader =
-            match claim.is_none() && inner.hashes.ahead_of_prefix(&ext.upload_id, ext.offset) {
-                true => Some(file.try_clone()?),
-                false => None,
-            };
+        let deferred = claim.is_none() && inner.hashes.ahead_of_prefix(&ext.upload_id, ext.offset);
+        let reader = if deferred {
+            Some(file.try_clone()?)
+        } else {
+            None
+        };
         let sink = Sink {
             file,
             offset: ext.offset,
