@@ -214,33 +214,34 @@ pub(super) fn small_write_amplification(
         let mut agent = start_daemon(&run, "agent", port, None)?;
         rustix::fs::sync();
         let written_before = agent.write_bytes()?;
-        if one_at_a_time {
-            for name in &names {
-                rename_all(&run.staging, &run.spool, std::slice::from_ref(name))?;
-                wait_until(
-                    "the small file in the output",
-                    Duration::from_millis(2),
-                    Duration::from_secs(60),
-                    || {
-                        receiver.ensure_alive()?;
-                        Ok(file_len(&run.out.join(name)) == Some(SMALL_FILE_BYTES as u64))
-                    },
-                )?;
-            }
-        } else {
-            rename_all(&run.staging, &run.spool, &names)?;
-        }
-        let mut pending = Pending::new(&names);
-        wait_until(
-            "every small file in the output",
-            Duration::from_millis(10),
-            Duration::from_secs(300),
-            || {
+        // Renames `batch` into the spool and waits until it is all in the
+        // output, polling every `every`.
+        let mut deliver = |batch: &[String], what: &str, every: Duration, within: Duration| {
+            rename_all(&run.staging, &run.spool, batch)?;
+            let mut pending = Pending::new(batch);
+            wait_until(what, every, within, || {
                 receiver.ensure_alive()?;
                 Ok(pending
                     .advance(|name| file_len(&run.out.join(name)) == Some(SMALL_FILE_BYTES as u64)))
-            },
-        )?;
+            })
+        };
+        if one_at_a_time {
+            for name in &names {
+                deliver(
+                    std::slice::from_ref(name),
+                    "the small file in the output",
+                    Duration::from_millis(2),
+                    Duration::from_secs(60),
+                )?;
+            }
+        } else {
+            deliver(
+                &names,
+                "every small file in the output",
+                Duration::from_millis(10),
+                Duration::from_secs(300),
+            )?;
+        }
         let written = idle_write_bytes(&mut agent)? - written_before;
         agent.stop();
         receiver.stop();

@@ -215,13 +215,7 @@ impl BufferArg {
         if let Some(path) = &self.storage {
             return Ok(path.clone());
         }
-        let default = PathBuf::from(config::DEFAULT_CONFIG_PATH);
-        let config_path = match &self.config {
-            Some(path) => Some(path.clone()),
-            None if default.exists() => Some(default),
-            None => None,
-        };
-        if let Some(path) = config_path {
+        if let Some(path) = self.config_path() {
             return Ok(super::load_config(&path)?
                 .daemon
                 .state_dir
@@ -236,11 +230,18 @@ impl BufferArg {
     /// The configuration named by `--config` (or the default file when it
     /// exists), if any.
     pub(super) fn config(&self) -> Result<Option<config::Config>, Failure> {
+        self.config_path()
+            .map(|path| super::load_config(&path))
+            .transpose()
+    }
+
+    /// `--config`, or the default file when it exists.
+    fn config_path(&self) -> Option<PathBuf> {
         let default = PathBuf::from(config::DEFAULT_CONFIG_PATH);
         match &self.config {
-            Some(path) => super::load_config(path).map(Some),
-            None if default.exists() => super::load_config(&default).map(Some),
-            None => Ok(None),
+            Some(path) => Some(path.clone()),
+            None if default.exists() => Some(default),
+            None => None,
         }
     }
 
@@ -257,7 +258,7 @@ impl BufferArg {
         }
         // A storage named by --storage (or the default one in $HOME) is the
         // library's; one found through a config file is the daemon's.
-        let layout = if self.storage.is_some() || self.config()?.is_none() {
+        let layout = if self.storage.is_some() || self.config_path().is_none() {
             crate::agent::store::Layout::ByName
         } else {
             crate::agent::store::Layout::Spool

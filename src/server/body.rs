@@ -159,10 +159,12 @@ pub(super) async fn write_body<H: Send + 'static>(
     limit: u64,
     idle: Duration,
 ) -> Result<(BodyOutcome, H), BodyError> {
+    // No hash of a chunk whose caller hashes it later (see `Sink::hash`).
+    let hashed = sink.as_ref().is_none_or(|s| s.hash || s.claim.is_some());
     let intake = ChunkIntake {
         sink,
         held,
-        hasher: Sha256Stream::new(),
+        hasher: hashed.then(Sha256Stream::new),
         length: 0,
         error: None,
     };
@@ -173,7 +175,8 @@ pub(super) async fn write_body<H: Send + 'static>(
 struct ChunkIntake<H> {
     sink: Option<Sink>,
     held: H,
-    hasher: Sha256Stream,
+    /// The chunk's own hash; `None` when the caller hashes it later.
+    hasher: Option<Sha256Stream>,
     length: u64,
     error: Option<io::Error>,
 }
@@ -188,12 +191,11 @@ impl<H: Send + 'static> Intake for ChunkIntake<H> {
             self.error = Some(e);
             return false;
         }
-        match self.sink.as_mut() {
-            Some(Sink {
-                claim: Some(claim), ..
-            }) => claim.update(&mut self.hasher, &bytes),
-            Some(Sink { hash: false, .. }) => {}
-            _ => self.hasher.update(&bytes),
+        let claim = self.sink.as_mut().and_then(|s| s.claim.as_mut());
+        match (claim, self.hasher.as_mut()) {
+            (Some(claim), Some(hasher)) => claim.update(hasher, &bytes),
+            (None, Some(hasher)) => hasher.update(&bytes),
+            (_, None) => {}
         }
         self.length += bytes.len() as u64;
         true
@@ -212,17 +214,12 @@ impl<H: Send + 'static> Intake for ChunkIntake<H> {
             Some(sink) => start_writeback(&sink.file, sink.offset, self.length),
             None => {}
         }
-        let hashed = self
-            .sink
-            .as_ref()
-            .is_none_or(|s| s.hash || s.claim.is_some());
         let outcome = BodyOutcome {
             length: self.length,
-            sha256: if hashed {
-                self.hasher.finalize_hex()
-            } else {
-                String::new()
-            },
+            sha256: self
+                .hasher
+                .map(Sha256Stream::finalize_hex)
+                .unwrap_or_default(),
             claim: self.sink.and_then(|s| s.claim),
         };
         Ok((outcome, self.held))

@@ -462,17 +462,12 @@ pub(super) fn hash_chunk(
     mut claim: Option<&mut Claim>,
 ) -> io::Result<String> {
     let mut chunk = Sha256Stream::new();
-    let mut buf = vec![0u8; length.clamp(1, CHUNK_READ_BUF as u64) as usize];
-    let mut done = 0u64;
-    while done < length {
-        let want = buf.len().min((length - done) as usize);
-        file.read_exact_at(&mut buf[..want], offset + done)?;
+    read_range(file, offset, length, CHUNK_READ_BUF, |bytes| {
         match claim.as_deref_mut() {
-            Some(claim) => claim.update(&mut chunk, &buf[..want]),
-            None => chunk.update(&buf[..want]),
+            Some(claim) => claim.update(&mut chunk, bytes),
+            None => chunk.update(bytes),
         }
-        done += want as u64;
-    }
+    })?;
     Ok(chunk.finalize_hex())
 }
 
@@ -483,12 +478,24 @@ pub(super) fn hash_range(
     length: u64,
     hasher: &mut Sha256Stream,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; length.clamp(1, READ_BUF as u64) as usize];
+    read_range(file, offset, length, READ_BUF, |bytes| hasher.update(bytes))
+}
+
+/// Hands `length` bytes of `file` from `offset` to `take`, read through a
+/// buffer of at most `buf_size`; an error if the file ends first.
+fn read_range(
+    file: &File,
+    offset: u64,
+    length: u64,
+    buf_size: usize,
+    mut take: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    let mut buf = vec![0u8; length.clamp(1, buf_size as u64) as usize];
     let mut done = 0u64;
     while done < length {
         let want = buf.len().min((length - done) as usize);
         file.read_exact_at(&mut buf[..want], offset + done)?;
-        hasher.update(&buf[..want]);
+        take(&buf[..want]);
         done += want as u64;
     }
     Ok(())
