@@ -131,6 +131,10 @@ pub async fn upload_file(
     }
     let state = state.as_deref();
 
+    // After a failed attempt, one piece goes first, and the others follow
+    // once it is acknowledged: a peer that still fails gets one request per
+    // attempt, not a window of them.
+    let mut probing = chunks.iter().any(|c| !c.uploaded && c.retry_count > 0);
     // The chunks read so far end before this index.
     let mut seen = chunks.last().map_or(0, |c| c.idx + 1);
     let all = pieces(chunks, delivery.min_piece_bytes());
@@ -176,11 +180,19 @@ pub async fn upload_file(
         }
     };
     let mut sends = futures::stream::FuturesUnordered::new();
+    // The first chunk of each piece sent and not yet acknowledged. A failed
+    // attempt counts against the lowest of them, whichever piece failed
+    // first: with several pieces in flight that order is chance, and the
+    // same failure must count against the same chunk attempt after attempt
+    // (for the backoff and `max_retries`).
+    let mut unacknowledged = std::collections::BTreeMap::new();
     loop {
-        while sends.len() < delivery.window().max(1) {
+        let window = if probing { 1 } else { delivery.window().max(1) };
+        while sends.len() < window {
             let Some(piece) = pending.pop_front() else {
                 break;
             };
+            unacknowledged.insert(piece.first_idx(), piece.chunks[0].clone());
             sends.push(send(piece, current.clone()));
         }
         if sends.is_empty() && !buffering {
@@ -231,6 +243,8 @@ pub async fn upload_file(
         let (piece, sent) = done?;
         match sent {
             Ok(sent) => {
+                unacknowledged.remove(&piece.first_idx());
+                probing = false;
                 let complete = matches!(sent, Sent::Complete { .. });
                 crate::failpoint::hit(if complete {
                     crate::failpoint::UPLOAD_AFTER_COMPLETE
@@ -267,7 +281,10 @@ pub async fn upload_file(
             // Pieces still in flight are dropped with the stream; an
             // acknowledgement lost that way only means a duplicate later.
             Err(e) => {
-                let chunk = piece.chunks[0].clone();
+                let chunk = unacknowledged
+                    .into_values()
+                    .next()
+                    .unwrap_or_else(|| piece.chunks[0].clone());
                 return fail(store, target, file, &chunk, e, observer).await;
             }
         }
