@@ -28,6 +28,7 @@ pub const UPLOAD_HEADERS: &[&str] = &[
     protocol::FILE_SIZE,
     protocol::CHUNK_COUNT,
     protocol::CHUNK_SHA256,
+    protocol::CHUNK_CRC32C,
     protocol::FILE_SHA256,
     protocol::MANIFEST_LENGTH,
     "content-length",
@@ -105,7 +106,26 @@ pub fn check_upload_headers(pairs: &[(String, Vec<u8>)]) -> Result<Option<Chunk>
                 assert!(ext.chunk_count >= 1, "{upload:?}");
                 assert!(upload.chunk_index < ext.chunk_count, "{upload:?}");
                 assert!(ext.offset <= ext.file_size, "{upload:?}");
-                assert!(is_lower_sha256(&ext.chunk_sha256), "{upload:?}");
+                // At least one check of the chunk's bytes, each as its header gave it.
+                assert!(
+                    ext.chunk_sha256.is_some() || ext.chunk_crc32c.is_some(),
+                    "{upload:?}"
+                );
+                let chunk_sha = headers.get(protocol::CHUNK_SHA256);
+                assert_eq!(
+                    chunk_sha.is_some(),
+                    ext.chunk_sha256.is_some(),
+                    "{upload:?}"
+                );
+                if let Some(sha) = &ext.chunk_sha256 {
+                    assert!(is_lower_sha256(sha), "{upload:?}");
+                }
+                let chunk_crc = headers.get(protocol::CHUNK_CRC32C);
+                assert_eq!(
+                    chunk_crc.is_some(),
+                    ext.chunk_crc32c.is_some(),
+                    "{upload:?}"
+                );
                 // Left out by a client still reading the file: empty.
                 let file_sha = headers.get(protocol::FILE_SHA256);
                 assert_eq!(file_sha.is_none(), ext.file_sha256.is_empty(), "{upload:?}");
@@ -137,7 +157,8 @@ pub fn check_upload_headers(pairs: &[(String, Vec<u8>)]) -> Result<Option<Chunk>
             offset: ext.offset,
             file_size: ext.file_size,
             count: ext.chunk_count,
-            sha256: ext.chunk_sha256,
+            sha256: ext.chunk_sha256.unwrap_or_default(),
+            crc32c: ext.chunk_crc32c,
             file_sha256: ext.file_sha256,
         })
     })
@@ -156,8 +177,10 @@ pub struct Chunk {
     pub file_size: u64,
     /// `X-Chunk-Count`.
     pub count: u64,
-    /// `X-Chunk-Sha256`, lowercase.
+    /// `X-Chunk-Sha256`, lowercase; empty when the header was left out.
     pub sha256: String,
+    /// `X-Chunk-Crc32c`, when given.
+    pub crc32c: Option<u32>,
     /// `X-File-Sha256`, lowercase; empty when the header was left out.
     pub file_sha256: String,
 }

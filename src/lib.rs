@@ -40,7 +40,7 @@
 //!   mtime for the spool's `settle`. Hidden and temporary names (`.*`, `*.tmp`,
 //!   `*.part`, `*.swp`, `*~`), symlinks, FIFOs and devices are never sent.
 //! - **Ingest** streams the file into 1 MiB (configurable) chunk rows with a
-//!   SHA-256 per chunk and for the file, in one SQLite transaction committed with
+//!   CRC-32C per chunk and a SHA-256 for the file, in one SQLite transaction committed with
 //!   `synchronous=FULL` (files that arrive together share one transaction, up to
 //!   256 files or 16 MiB), and only then disposes of the source (`delete`, `move`
 //!   to `move_to`, or `keep`). A file that changes while it is read is rolled back

@@ -17,6 +17,11 @@ pub const UPLOAD_ID: &str = "x-upload-id";
 pub const CHUNK_OFFSET: &str = "x-chunk-offset";
 /// The SHA-256 of this chunk's bytes, 64 hex digits in either case.
 pub const CHUNK_SHA256: &str = "x-chunk-sha256";
+/// The CRC-32C (Castagnoli) of this chunk's bytes, 8 hex digits in either
+/// case; to a receiver that announced [`CRC32C`], in place of
+/// [`CHUNK_SHA256`]: the whole file is still checked against
+/// [`FILE_SHA256`].
+pub const CHUNK_CRC32C: &str = "x-chunk-crc32c";
 /// The whole file's size in bytes.
 pub const FILE_SIZE: &str = "x-file-size";
 /// How many chunks the file has, at least 1 (an empty file is one empty chunk).
@@ -29,6 +34,9 @@ pub const RESUMABLE: &str = "x-indexedcp-resumable";
 /// out [`FILE_SHA256`] until the file's hash is known: a client may send a
 /// file's first chunks while it is still reading the rest.
 pub const STREAMING: &str = "x-indexedcp-streaming";
+/// Reply header by which a receiver announces that resumable chunks may be
+/// checked by [`CHUNK_CRC32C`] instead of [`CHUNK_SHA256`].
+pub const CRC32C: &str = "x-indexedcp-crc32c";
 
 // Batch extension: whole small files, many per request (`POST <url>/batch`).
 /// Reply header by which a receiver announces batches: the most files it takes
@@ -42,7 +50,8 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// The most files a receiver takes in one batch.
 pub const MAX_BATCH_FILES: usize = 1024;
 
-/// `error` of a 422 reply: the chunk body did not match `X-Chunk-Sha256` (resend it).
+/// `error` of a 422 reply: the chunk body did not match `X-Chunk-Sha256` or
+/// `X-Chunk-Crc32c` (resend it).
 pub const CHUNK_MISMATCH_ERROR: &str = "Chunk checksum mismatch";
 /// `error` of a 422 reply: the whole file did not verify and was discarded (resend all).
 pub const FILE_MISMATCH_ERROR: &str = "File checksum mismatch";
@@ -72,6 +81,18 @@ pub fn new_upload_id() -> String {
 pub fn parse_sha256_hex(value: &str) -> Option<String> {
     (value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| value.to_ascii_lowercase())
+}
+
+/// Parses a CRC-32C of 8 hex digits in either case.
+pub fn parse_crc32c_hex(value: &str) -> Option<u32> {
+    (value.len() == 8 && value.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u32::from_str_radix(value, 16).ok())
+        .flatten()
+}
+
+/// A CRC-32C as [`CHUNK_CRC32C`] carries it: 8 lowercase hex digits.
+pub fn crc32c_hex(crc: u32) -> String {
+    format!("{crc:08x}")
 }
 
 /// Reply to an accepted chunk, v1 and resumable alike. The v1 fields come first and

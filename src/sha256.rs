@@ -1,8 +1,7 @@
 //! SHA-256 as chunks stream through: a hasher that can take the same bytes
 //! into two hashes in one pass. On the receiver, a chunk that extends its
-//! upload's hashed prefix feeds its chunk hash (X-Chunk-Sha256) and the
-//! file's hash (X-File-Sha256) with the same bytes; the agent's ingest does
-//! the same for each chunk it reads; with the x86 SHA extensions the two
+//! upload's hashed prefix and carries X-Chunk-Sha256 feeds its chunk hash and
+//! the file's hash (X-File-Sha256) with the same bytes; with the x86 SHA extensions the two
 //! compressions share each block's message schedule and run interleaved, which
 //! hides most of the latency of `sha256rnds2` (one stream alone waits on it):
 //! about 1.5 times the speed of hashing the bytes twice.

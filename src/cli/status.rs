@@ -396,6 +396,7 @@ mod tests {
             offset: idx * 4,
             length,
             sha256: String::new(),
+            crc32c: None,
             uploaded,
             retry_count: 0,
             ack: None,

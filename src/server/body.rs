@@ -110,14 +110,34 @@ pub(super) struct Sink {
     /// Hash the bytes as they are written. Without a claim and with `false`,
     /// the caller hashes them later (read back, together with the file's
     /// hash once the chunks in front are in it) and the outcome's hash is
-    /// empty.
+    /// empty. With a claim and `false`, only the file's hash takes them
+    /// (unless the chunk is the whole file, whose hash is then the chunk's).
     pub(super) hash: bool,
+}
+
+/// The chunk's own checks, worked out as its bytes arrive.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Checks {
+    /// The SHA-256 (for a sink, as [`Sink::hash`] refines it).
+    pub(super) sha256: bool,
+    /// The CRC-32C.
+    pub(super) crc32c: bool,
+}
+
+impl Checks {
+    /// The SHA-256 alone, as a v1 chunk or one with `X-Chunk-Sha256` needs.
+    pub(super) const SHA256: Checks = Checks {
+        sha256: true,
+        crc32c: false,
+    };
 }
 
 pub(super) struct BodyOutcome {
     pub(super) length: u64,
     /// Hex; empty when the sink asked for no hash.
     pub(super) sha256: String,
+    /// When asked for ([`Checks::crc32c`]).
+    pub(super) crc32c: Option<u32>,
     /// The sink's claim, fed with every byte written.
     pub(super) claim: Option<Claim>,
 }
@@ -144,7 +164,7 @@ pub(super) async fn read_body(
     limit: u64,
     idle: Duration,
 ) -> Result<BodyOutcome, BodyError> {
-    write_body(body, sink, (), limit, idle)
+    write_body(body, sink, Checks::SHA256, (), limit, idle)
         .await
         .map(|(outcome, ())| outcome)
 }
@@ -155,16 +175,24 @@ pub(super) async fn read_body(
 pub(super) async fn write_body<H: Send + 'static>(
     body: Body,
     sink: Option<Sink>,
+    checks: Checks,
     held: H,
     limit: u64,
     idle: Duration,
 ) -> Result<(BodyOutcome, H), BodyError> {
-    // No hash of a chunk whose caller hashes it later (see `Sink::hash`).
-    let hashed = sink.as_ref().is_none_or(|s| s.hash || s.claim.is_some());
+    // No hash of a chunk whose caller hashes it later, or that is checked by
+    // its CRC alone (see `Sink::hash`); but a chunk that is the whole file
+    // is hashed whatever its checks, as the file's hash.
+    let hashed = checks.sha256 && sink.as_ref().is_none_or(|s| s.hash || s.claim.is_some())
+        || sink
+            .as_ref()
+            .and_then(|s| s.claim.as_ref())
+            .is_some_and(Claim::is_whole);
     let intake = ChunkIntake {
         sink,
         held,
         hasher: hashed.then(Sha256Stream::new),
+        crc32c: checks.crc32c.then_some(0),
         length: 0,
         error: None,
     };
@@ -175,8 +203,10 @@ pub(super) async fn write_body<H: Send + 'static>(
 struct ChunkIntake<H> {
     sink: Option<Sink>,
     held: H,
-    /// The chunk's own hash; `None` when the caller hashes it later.
+    /// The chunk's own hash; `None` when the caller hashes it later, or when
+    /// only its CRC is checked.
     hasher: Option<Sha256Stream>,
+    crc32c: Option<u32>,
     length: u64,
     error: Option<io::Error>,
 }
@@ -194,8 +224,12 @@ impl<H: Send + 'static> Intake for ChunkIntake<H> {
         let claim = self.sink.as_mut().and_then(|s| s.claim.as_mut());
         match (claim, self.hasher.as_mut()) {
             (Some(claim), Some(hasher)) => claim.update(hasher, &bytes),
+            (Some(claim), None) => claim.update_file(&bytes),
             (None, Some(hasher)) => hasher.update(&bytes),
-            (_, None) => {}
+            (None, None) => {}
+        }
+        if let Some(crc) = &mut self.crc32c {
+            *crc = crc32c::crc32c_append(*crc, &bytes);
         }
         self.length += bytes.len() as u64;
         true
@@ -220,6 +254,7 @@ impl<H: Send + 'static> Intake for ChunkIntake<H> {
                 .hasher
                 .map(Sha256Stream::finalize_hex)
                 .unwrap_or_default(),
+            crc32c: self.crc32c,
             claim: self.sink.and_then(|s| s.claim),
         };
         Ok((outcome, self.held))

@@ -231,6 +231,14 @@ pub(super) fn checksum_mismatch(chunk_idx: u64, actual: &str) -> ApiError {
     ))
 }
 
+/// A chunk whose bytes do not have the CRC-32C its header declared.
+pub(super) fn crc32c_mismatch(chunk_idx: u64, actual: u32) -> ApiError {
+    ApiError::Unprocessable(format!(
+        "chunk {chunk_idx} has CRC-32C {}, not the X-Chunk-Crc32c sent; nothing was recorded, send the chunk again",
+        crate::protocol::crc32c_hex(actual)
+    ))
+}
+
 /// An upload id sent again with another file's metadata.
 pub(super) fn upload_id_in_use(upload_id: &str, recorded: &FileMeta) -> ApiError {
     ApiError::Conflict(format!(

@@ -37,6 +37,7 @@ pub(crate) fn upload(headers: &HeaderMap) -> Result<Upload, String> {
                 upload_id: ext.upload_id,
                 offset: ext.offset,
                 chunk_sha256: ext.chunk_sha256,
+                chunk_crc32c: ext.chunk_crc32c,
                 file_size: ext.meta.file_size,
                 chunk_count: ext.meta.chunk_count,
                 file_sha256: ext.meta.file_sha256,
@@ -65,7 +66,8 @@ pub(crate) struct Upload {
 pub(crate) struct Extension {
     pub(crate) upload_id: String,
     pub(crate) offset: u64,
-    pub(crate) chunk_sha256: String,
+    pub(crate) chunk_sha256: Option<String>,
+    pub(crate) chunk_crc32c: Option<u32>,
     pub(crate) file_size: u64,
     pub(crate) chunk_count: u64,
     pub(crate) file_sha256: String,

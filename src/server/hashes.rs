@@ -9,7 +9,9 @@
 //! the chunks in front of it to join the prefix; it is then read back (from
 //! the page cache) and hashed for itself and for the file in one pass. One
 //! whose wait runs out is hashed alone, and read back again as soon as the
-//! prefix reaches it. Completion waits for a claimant to hand the prefix back
+//! prefix reaches it. A chunk checked by its CRC-32C (X-Chunk-Crc32c) has no
+//! hash of its own: its CRC is worked out as it is written, and its bytes
+//! go through SHA-256 only for the file. Completion waits for a claimant to hand the prefix back
 //! rather than start over. Only what the prefix has not reached when the last
 //! chunk arrives is read at completion, and the whole
 //! file when nothing is known (after a restart or a reload: this is memory
@@ -454,21 +456,25 @@ impl FileHashes {
 
 /// The SHA-256 (hex) of the chunk of `length` bytes that was written at
 /// `offset` of `file`, read back; with a `claim`, its bytes extend the file's
-/// hash in the same pass.
+/// hash in the same pass. Without `own`, only the file's hash takes them and
+/// the result is empty (a chunk checked by its CRC).
 pub(super) fn hash_chunk(
     file: &File,
     offset: u64,
     length: u64,
     mut claim: Option<&mut Claim>,
+    own: bool,
 ) -> io::Result<String> {
-    let mut chunk = Sha256Stream::new();
+    let mut chunk = own.then(Sha256Stream::new);
     read_range(file, offset, length, CHUNK_READ_BUF, |bytes| {
-        match claim.as_deref_mut() {
-            Some(claim) => claim.update(&mut chunk, bytes),
-            None => chunk.update(bytes),
+        match (claim.as_deref_mut(), chunk.as_mut()) {
+            (Some(claim), Some(chunk)) => claim.update(chunk, bytes),
+            (Some(claim), None) => claim.update_file(bytes),
+            (None, Some(chunk)) => chunk.update(bytes),
+            (None, None) => {}
         }
     })?;
-    Ok(chunk.finalize_hex())
+    Ok(chunk.map(Sha256Stream::finalize_hex).unwrap_or_default())
 }
 
 /// Hashes `length` bytes of `file` from `offset`; an error if it ends first.
@@ -638,7 +644,7 @@ mod tests {
                     .await;
                 let mut claim = hashes.claim("u", idx, offset, 3);
                 let file = File::open(&path).unwrap();
-                let sha = hash_chunk(&file, offset, 100, claim.as_mut()).unwrap();
+                let sha = hash_chunk(&file, offset, 100, claim.as_mut(), true).unwrap();
                 let paired = claim.is_some();
                 if let Some(claim) = claim {
                     hashes.extend("u", claim, 100, &sha);
@@ -675,7 +681,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(50));
         let claim = hashes.claim("u", 1, 5, 2);
         assert!(claim.is_none(), "the prefix is still claimed");
-        let sha = hash_chunk(&File::open(&path).unwrap(), 5, 5, None).unwrap();
+        let sha = hash_chunk(&File::open(&path).unwrap(), 5, 5, None, true).unwrap();
         assert_eq!(sha, digest(&file[5..]));
         // A spoiled entry ends the wait at once.
         hashes.spoil("u");

@@ -15,8 +15,31 @@ use crate::protocol;
 pub(super) struct Extension {
     pub(super) upload_id: String,
     pub(super) offset: u64,
-    pub(super) chunk_sha256: String,
+    /// What the chunk's bytes are checked against: at least one is given.
+    pub(super) chunk_sha256: Option<String>,
+    pub(super) chunk_crc32c: Option<u32>,
     pub(super) meta: FileMeta,
+}
+
+impl Extension {
+    /// The chunk's check as the receiver records it: the SHA-256 (hex) when
+    /// the chunk carries one, else `crc32c:` and the CRC's 8 hex digits.
+    pub(super) fn recorded_check(&self) -> String {
+        match (&self.chunk_sha256, self.chunk_crc32c) {
+            (Some(sha256), _) => sha256.clone(),
+            (None, Some(crc)) => format!("{CRC32C_PREFIX}{}", protocol::crc32c_hex(crc)),
+            (None, None) => unreachable!("parse_extension demands one of the two"),
+        }
+    }
+}
+
+/// How a chunk checked by CRC-32C alone is recorded: `crc32c:` and 8 hex digits.
+pub(super) const CRC32C_PREFIX: &str = "crc32c:";
+
+/// Whether two recorded checks of a chunk are of the same kind (two SHA-256s,
+/// or two CRC-32Cs), so that they can be compared.
+pub(super) fn same_kind(a: &str, b: &str) -> bool {
+    a.starts_with(CRC32C_PREFIX) == b.starts_with(CRC32C_PREFIX)
 }
 
 pub(super) fn header_str<'a>(
@@ -65,7 +88,22 @@ pub(super) fn parse_extension(
         protocol::parse_sha256_hex(value)
             .ok_or_else(|| ApiError::BadRequest(format!("header {name} must be 64 hex digits")))
     };
-    let chunk_sha256 = sha("X-Chunk-Sha256", required(headers, protocol::CHUNK_SHA256)?)?;
+    let chunk_sha256 = match header_str(headers, protocol::CHUNK_SHA256)? {
+        Some(value) => Some(sha("X-Chunk-Sha256", value)?),
+        None => None,
+    };
+    let chunk_crc32c = match header_str(headers, protocol::CHUNK_CRC32C)? {
+        Some(value) => Some(protocol::parse_crc32c_hex(value).ok_or_else(|| {
+            ApiError::BadRequest("header X-Chunk-Crc32c must be 8 hex digits".to_owned())
+        })?),
+        None => None,
+    };
+    if chunk_sha256.is_none() && chunk_crc32c.is_none() {
+        return Err(ApiError::BadRequest(
+            "header X-Chunk-Sha256 (or X-Chunk-Crc32c) is required with X-Upload-Id (the resumable extension)"
+                .to_owned(),
+        ));
+    }
     // Left out while the client does not know the file's hash yet (it is
     // still reading the file): the upload completes once a chunk brings it.
     let file_sha256 = match header_str(headers, protocol::FILE_SHA256)? {
@@ -91,6 +129,7 @@ pub(super) fn parse_extension(
         upload_id: upload_id.to_owned(),
         offset,
         chunk_sha256,
+        chunk_crc32c,
         meta: FileMeta {
             client_name: client_name.to_owned(),
             file_size,

@@ -2,7 +2,9 @@
 //! written at its offset into one staging file per upload and recorded with
 //! its hash, in any order and any number of times; `GET /upload/{id}` tells a
 //! client which chunks are recorded. A chunk is recorded only after its bytes
-//! are written and match `X-Chunk-Sha256`, but neither is synced: against a
+//! are written and match `X-Chunk-Sha256` (or `X-Chunk-Crc32c`, which costs
+//! the receiver a pass of SHA-256 less: the file's hash is still checked
+//! whole at completion), but neither is synced: against a
 //! crash of the process both survive (the page cache and the database's WAL
 //! keep them), while after a power cut a lost record is a chunk the client
 //! sends again and a record that outlived its bytes fails the whole-file
@@ -16,13 +18,13 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::response::{IntoResponse, Response};
 
-use super::body::{self, Sink, read_body};
+use super::body::{self, BodyOutcome, Checks, Sink, read_body};
 use super::errors::{
-    ApiError, body_error, checksum_mismatch, chunk_differs, too_large_chunk, too_large_file,
-    upload_id_in_use,
+    ApiError, body_error, checksum_mismatch, chunk_differs, crc32c_mismatch, too_large_chunk,
+    too_large_file, upload_id_in_use,
 };
 use super::hashes;
-use super::headers::Extension;
+use super::headers::{Extension, same_kind};
 use super::serve::Authorized;
 use super::state::{self, ChunkRecord, UploadPhase};
 use super::{Receiver, blocking};
@@ -210,16 +212,25 @@ pub(super) async fn receive_resumable(
             )));
         }
     }
+    // The chunk's own checks, each one its headers declare.
+    let checks = Checks {
+        sha256: ext.chunk_sha256.is_some(),
+        crc32c: ext.chunk_crc32c.is_some(),
+    };
+    let check = ext.recorded_check();
     let (duplicate, received, chunk_guard) = if let Some(recorded) = recorded {
-        if recorded.sha256 != ext.chunk_sha256 || recorded.offset != ext.offset {
+        // A check of the other kind (the client changed how it checks
+        // chunks) cannot be compared: the bytes are checked against it below,
+        // and the ones recorded first stay, verified whole at completion.
+        if recorded.offset != ext.offset
+            || (same_kind(&recorded.sha256, &check) && recorded.sha256 != check)
+        {
             return Err(chunk_differs(&ext.upload_id, chunk_idx));
         }
-        let outcome = read_body(body, None, limit, inner.read_timeout)
+        let (outcome, ()) = body::write_body(body, None, checks, (), limit, inner.read_timeout)
             .await
             .map_err(|e| body_error(e, too_long))?;
-        if outcome.sha256 != ext.chunk_sha256 {
-            return Err(checksum_mismatch(chunk_idx, &outcome.sha256));
-        }
+        verify_chunk(&ext, chunk_idx, &outcome)?;
         let state = inner.state.clone();
         let id = ext.upload_id.clone();
         let count = blocking(move || state.chunks(&id).map(|c| c.len() as u64)).await?;
@@ -271,10 +282,16 @@ pub(super) async fn receive_resumable(
             claim,
             hash: reader.is_none(),
         };
-        let (mut outcome, unrecorded) =
-            body::write_body(body, Some(sink), unrecorded, limit, inner.read_timeout)
-                .await
-                .map_err(|e| body_error(e, too_long))?;
+        let (mut outcome, unrecorded) = body::write_body(
+            body,
+            Some(sink),
+            checks,
+            unrecorded,
+            limit,
+            inner.read_timeout,
+        )
+        .await
+        .map_err(|e| body_error(e, too_long))?;
         if let Some(reader) = reader {
             inner
                 .hashes
@@ -283,36 +300,44 @@ pub(super) async fn receive_resumable(
             let this = receiver.clone();
             let id = ext.upload_id.clone();
             let (offset, length, count) = (ext.offset, outcome.length, ext.meta.chunk_count);
+            let own = checks.sha256;
             let (sha256, claim) = blocking(move || {
                 let mut claim = this.inner.hashes.claim(&id, chunk_idx, offset, count);
-                let sha256 = hashes::hash_chunk(&reader, offset, length, claim.as_mut())?;
+                // A chunk checked by its CRC alone (worked out as it was
+                // written) is read back only for the file's hash, and not
+                // at all without the claim: the prefix catches up with it.
+                let sha256 = if own || claim.is_some() {
+                    hashes::hash_chunk(&reader, offset, length, claim.as_mut(), own)?
+                } else {
+                    String::new()
+                };
                 Ok::<_, std::io::Error>((sha256, claim))
             })
             .await?;
-            if claim.is_none() {
+            if claim.is_none() && own {
                 tracing::debug!(upload_id = %ext.upload_id, chunk = chunk_idx, "chunk hashed alone: the chunks in front of it did not arrive in time");
             }
             outcome.sha256 = sha256;
             outcome.claim = claim;
         }
-        if outcome.sha256 != ext.chunk_sha256 {
-            return Err(checksum_mismatch(chunk_idx, &outcome.sha256));
-        }
+        verify_chunk(&ext, chunk_idx, &outcome)?;
         let record = ChunkRecord {
             chunk_idx,
             offset: ext.offset,
             length: outcome.length,
-            sha256: outcome.sha256,
+            sha256: check,
         };
         let this = receiver.clone();
         let id = ext.upload_id.clone();
         let claim = outcome.claim;
+        // The chunk's hash, which is the file's when the chunk is all of it.
+        let chunk_sha256 = outcome.sha256;
         let count = blocking(move || {
             let count = this.inner.state.record_chunk(&id, &record)?;
             if let Some(claim) = claim {
                 this.inner
                     .hashes
-                    .extend(&id, claim, record.length, &record.sha256);
+                    .extend(&id, claim, record.length, &chunk_sha256);
             }
             this.catch_up_hash(&id);
             Ok::<_, state::StateError>(count)
@@ -342,6 +367,24 @@ pub(super) async fn receive_resumable(
         ));
     }
     Ok(reply("Chunk received", duplicate, None, Some(received)))
+}
+
+/// Checks the chunk's bytes against each check its headers declared.
+fn verify_chunk(ext: &Extension, chunk_idx: u64, outcome: &BodyOutcome) -> Result<(), ApiError> {
+    if let Some(sha256) = &ext.chunk_sha256
+        && outcome.sha256 != *sha256
+    {
+        return Err(checksum_mismatch(chunk_idx, &outcome.sha256));
+    }
+    if let Some(crc) = ext.chunk_crc32c
+        && outcome.crc32c != Some(crc)
+    {
+        return Err(crc32c_mismatch(
+            chunk_idx,
+            outcome.crc32c.unwrap_or_default(),
+        ));
+    }
+    Ok(())
 }
 
 impl Receiver {

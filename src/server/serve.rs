@@ -383,16 +383,19 @@ async fn cors(request: Request, next: Next) -> Response {
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static(
-            "Content-Type, Authorization, X-Chunk-Index, X-File-Name, X-Upload-Id, X-Chunk-Offset, X-Chunk-Sha256, X-File-Size, X-Chunk-Count, X-File-Sha256, X-Manifest-Length",
+            "Content-Type, Authorization, X-Chunk-Index, X-File-Name, X-Upload-Id, X-Chunk-Offset, X-Chunk-Sha256, X-Chunk-Crc32c, X-File-Size, X-Chunk-Count, X-File-Sha256, X-Manifest-Length",
         ),
     );
     h.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("X-IndexedCP-Resumable, X-IndexedCP-Batch, X-IndexedCP-Streaming"),
+        HeaderValue::from_static(
+            "X-IndexedCP-Resumable, X-IndexedCP-Batch, X-IndexedCP-Streaming, X-IndexedCP-Crc32c",
+        ),
     );
     if upload_route {
         h.insert(protocol::RESUMABLE, HeaderValue::from_static("1"));
         h.insert(protocol::STREAMING, HeaderValue::from_static("1"));
+        h.insert(protocol::CRC32C, HeaderValue::from_static("1"));
         h.insert(
             protocol::BATCH,
             HeaderValue::from(protocol::MAX_BATCH_FILES),

@@ -578,3 +578,166 @@ async fn a_batch_over_the_receivers_limit_falls_back_to_single_files() {
     )
     .await;
 }
+
+/// A resumable receiver that records how each chunk was checked: with
+/// `crc32c`, it announces CRC-32C checks (as this crate's receiver does);
+/// without, it is a receiver of an older version, which knows only
+/// `X-Chunk-Sha256`. Each check that comes must match the chunk's bytes.
+#[derive(Default)]
+struct CheckingReceiver {
+    crc32c: bool,
+    /// Per upload id: the chunks by index.
+    chunks: Mutex<BTreeMap<String, BTreeMap<u64, Vec<u8>>>>,
+    /// How the chunks were checked: "crc32c", "sha256" or both.
+    checks: Mutex<BTreeMap<String, u32>>,
+    files: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl CheckingReceiver {
+    fn announce(&self, response: &mut axum::response::Response) {
+        let h = response.headers_mut();
+        h.insert("x-indexedcp-resumable", "1".parse().unwrap());
+        if self.crc32c {
+            h.insert("x-indexedcp-crc32c", "1".parse().unwrap());
+        }
+    }
+}
+
+async fn checking_options(
+    axum::extract::State(state): axum::extract::State<Arc<CheckingReceiver>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = axum::http::StatusCode::NO_CONTENT.into_response();
+    state.announce(&mut response);
+    response
+}
+
+async fn checking_status(
+    axum::extract::State(state): axum::extract::State<Arc<CheckingReceiver>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = (
+        axum::http::StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({"error": "Not found"})),
+    )
+        .into_response();
+    state.announce(&mut response);
+    response
+}
+
+async fn checking_upload(
+    axum::extract::State(state): axum::extract::State<Arc<CheckingReceiver>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| String::from_utf8(v.as_bytes().to_vec()).unwrap())
+    };
+    let (name, id) = (
+        header("x-file-name").unwrap(),
+        header("x-upload-id").unwrap(),
+    );
+    let index: u64 = header("x-chunk-index").unwrap().parse().unwrap();
+    let count: usize = header("x-chunk-count").unwrap().parse().unwrap();
+    let kind = match (header("x-chunk-crc32c"), header("x-chunk-sha256")) {
+        (Some(crc), None) => {
+            assert_eq!(
+                crc,
+                format!("{:08x}", crc32c::crc32c(&body)),
+                "{name} #{index}"
+            );
+            "crc32c"
+        }
+        (None, Some(sha)) => {
+            assert_eq!(sha, sha256_hex(&body), "{name} #{index}");
+            "sha256"
+        }
+        other => panic!("{name} #{index}: chunk checks {other:?}"),
+    };
+    *state
+        .checks
+        .lock()
+        .unwrap()
+        .entry(kind.to_owned())
+        .or_default() += 1;
+    let mut chunks = state.chunks.lock().unwrap();
+    let upload = chunks.entry(id.clone()).or_default();
+    upload.insert(index, body.to_vec());
+    let received = upload.len();
+    let complete = received == count && header("x-file-sha256").is_some();
+    if complete {
+        let file: Vec<u8> = upload.values().flatten().copied().collect();
+        assert_eq!(header("x-file-sha256").unwrap(), sha256_hex(&file));
+        state.files.lock().unwrap().insert(name.clone(), file);
+    }
+    let mut reply = serde_json::json!({"message": if complete { "Upload complete" } else { "Chunk received" },
+        "chunkIndex": index, "clientFilename": name, "uploadId": id,
+        "complete": complete, "receivedChunks": received});
+    if complete {
+        reply["actualFilename"] = name.into();
+    }
+    let mut response = axum::Json(reply).into_response();
+    state.announce(&mut response);
+    response
+}
+
+/// Runs an agent with 64 KiB chunks against a [`CheckingReceiver`] until
+/// `files` are all on it; returns how the chunks were checked.
+async fn deliver_to_checking_receiver(
+    crc32c: bool,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> BTreeMap<String, u32> {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let state = Arc::new(CheckingReceiver {
+        crc32c,
+        ..Default::default()
+    });
+    let app = axum::Router::new()
+        .route(
+            "/upload",
+            axum::routing::post(checking_upload).options(checking_options),
+        )
+        .route("/upload/{id}", axum::routing::get(checking_status))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/upload", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = agent_config(dir.path(), &url, &spool, "", "chunk_size = \"64KiB\"");
+    let _daemon = Daemon::start(&config);
+    for (name, bytes) in files {
+        let staged = dir.path().join(name);
+        std::fs::write(&staged, bytes).unwrap();
+        std::fs::rename(&staged, spool.join(name)).unwrap();
+    }
+    eventually(
+        Duration::from_secs(30),
+        "every file on the receiver",
+        async || (state.files.lock().unwrap().len() == files.len()).then_some(()),
+    )
+    .await;
+    assert_eq!(&*state.files.lock().unwrap(), files);
+    state.checks.lock().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_are_checked_by_crc32c_only_where_the_receiver_takes_it() {
+    // Two files of several chunks (one streamed in, one buffered whole).
+    let files: BTreeMap<String, Vec<u8>> = [
+        ("streamed.bin".to_owned(), pseudo_random(5 * 65536 + 7, 41)),
+        ("three.bin".to_owned(), pseudo_random(2 * 65536 + 9, 42)),
+    ]
+    .into();
+    let chunks = 6 + 3;
+    // A receiver that announces CRC-32C gets no chunk's SHA-256.
+    let checks = deliver_to_checking_receiver(true, &files).await;
+    assert_eq!(checks, [("crc32c".to_owned(), chunks)].into());
+    // One that does not (an older version) gets each chunk's SHA-256, worked
+    // out from the buffered bytes, and no CRC.
+    let checks = deliver_to_checking_receiver(false, &files).await;
+    assert_eq!(checks, [("sha256".to_owned(), chunks)].into());
+}

@@ -184,6 +184,19 @@ impl ResumableChunk<'_> {
         reqwest::RequestBuilder::from_parts(client.clone(), request)
     }
 
+    /// The request with the chunk checked by `X-Chunk-Crc32c` instead of
+    /// `X-Chunk-Sha256`, as the agent sends it to a receiver that announced
+    /// CRC-32C checks.
+    pub fn request_crc32c(&self, client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+        let crc = format!("{:08x}", crc32c::crc32c(self.body()));
+        let mut request = self
+            .request_with(client, url, &[("X-Chunk-Crc32c", crc)])
+            .build()
+            .unwrap();
+        request.headers_mut().remove("x-chunk-sha256");
+        reqwest::RequestBuilder::from_parts(client.clone(), request)
+    }
+
     /// The request with some headers replaced by `overrides`.
     pub fn request_with(
         &self,

@@ -251,6 +251,32 @@ proptest! {
     }
 
     #[test]
+    fn resumable_headers_with_a_crc32c_instead_of_the_chunk_hash_are_accepted(
+        id in upload_id(),
+        crc in any::<u32>(),
+        upper in any::<bool>(),
+    ) {
+        let hex = if upper { format!("{crc:08X}") } else { format!("{crc:08x}") };
+        let pairs: Vec<(String, Vec<u8>)> = [
+            ("x-file-name", "crc.bin".to_owned()),
+            ("x-upload-id", id),
+            ("x-chunk-index", "0".to_owned()),
+            ("x-chunk-offset", "0".to_owned()),
+            ("x-file-size", "10".to_owned()),
+            ("x-chunk-count", "1".to_owned()),
+            ("x-chunk-crc32c", hex),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v.into_bytes()))
+        .collect();
+        let chunk = fuzzing::check_upload_headers(&pairs).unwrap().unwrap();
+        prop_assert_eq!((chunk.crc32c, chunk.sha256.as_str()), (Some(crc), ""));
+        // Without either check of the chunk's bytes: refused.
+        let without: Vec<_> = pairs.into_iter().filter(|(n, _)| n != "x-chunk-crc32c").collect();
+        prop_assert!(fuzzing::check_upload_headers(&without).unwrap_err().contains("X-Chunk-Sha256"));
+    }
+
+    #[test]
     fn manifests_are_checked_as_a_whole(
         raw in prop_oneof![
             prop::collection::vec(any::<u8>(), 0..64),

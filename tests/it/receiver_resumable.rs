@@ -455,3 +455,188 @@ async fn chunks_may_come_before_the_file_hash_and_the_upload_completes_once_it_i
     }
     assert_eq!(std::fs::read(dir.path().join("second.bin")).unwrap(), file);
 }
+
+/// Sends `chunk` checked by its CRC-32C alone; the reply must announce that
+/// the receiver takes such chunks.
+async fn send_crc32c(
+    client: &reqwest::Client,
+    url: &str,
+    chunk: &ResumableChunk<'_>,
+) -> (u16, serde_json::Value) {
+    let response = chunk.request_crc32c(client, url).send().await.unwrap();
+    assert_eq!(
+        response
+            .headers()
+            .get("x-indexedcp-crc32c")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    json(response).await
+}
+
+#[tokio::test]
+async fn chunks_checked_by_crc32c_alone_give_one_identical_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let url = server.upload_url();
+    let status_url = |id: &str| format!("{}/upload/{id}", server.url);
+    let file = pseudo_random(5 * CHUNK + 123, 11);
+    let id = "crc32c-upload-00000001";
+
+    // Out of order: chunks ahead of the hashed prefix, and the prefix's own.
+    for index in [3, 1, 0, 5] {
+        let (status, reply) = send_crc32c(&client, &url, &chunk(id, "c.bin", &file, index)).await;
+        assert_eq!(
+            (status, &reply["complete"]),
+            (200, &serde_json::json!(false)),
+            "{reply}"
+        );
+    }
+    // A body damaged on the way (the header has the real bytes' CRC): 422,
+    // nothing recorded.
+    let good = chunk(id, "c.bin", &file, 2);
+    let mut bad_body = good.body().to_vec();
+    bad_body[CHUNK / 2] ^= 0x10;
+    let response = good
+        .request_crc32c(&client, &url)
+        .body(bad_body.clone())
+        .send()
+        .await
+        .unwrap();
+    let (status, reply) = json(response).await;
+    assert_eq!(status, 422, "{reply}");
+    assert_eq!(reply["error"], "Chunk checksum mismatch", "{reply}");
+    let message = reply["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("CRC-32C {:08x}", crc32c::crc32c(&bad_body)))
+            && message.contains("X-Chunk-Crc32c")
+            && message.contains("send the chunk again"),
+        "{message}"
+    );
+    let (_, report) = json(
+        client
+            .get(status_url(id))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(report["receivedChunks"], serde_json::json!([0, 1, 3, 5]));
+
+    // A recorded chunk again with its CRC: a duplicate. With the SHA-256 (a
+    // check of the other kind): checked against it, and a duplicate too.
+    let again = chunk(id, "c.bin", &file, 1);
+    let (status, reply) = send_crc32c(&client, &url, &again).await;
+    assert_eq!(
+        (status, reply["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{reply}"
+    );
+    let (status, reply) = send(&client, &url, &again).await;
+    assert_eq!(
+        (status, reply["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{reply}"
+    );
+    // Another body with its own CRC for a recorded chunk: 409.
+    let other = pseudo_random(CHUNK, 99);
+    let crc = format!("{:08x}", crc32c::crc32c(&other));
+    let mut request = again
+        .request_with(&client, &url, &[("X-Chunk-Crc32c", crc)])
+        .body(other)
+        .build()
+        .unwrap();
+    request.headers_mut().remove("x-chunk-sha256");
+    assert_eq!(client.execute(request).await.unwrap().status(), 409);
+
+    for index in [2, 4] {
+        let (status, reply) = send_crc32c(&client, &url, &chunk(id, "c.bin", &file, index)).await;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["complete"], index == 4, "{reply}");
+    }
+    assert_eq!(visible_files(&out), [("c.bin".to_string(), file)].into());
+}
+
+#[tokio::test]
+async fn a_file_checked_by_crc32c_is_still_verified_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[]).await;
+    let client = reqwest::Client::new();
+    let url = server.upload_url();
+    // One chunk: its SHA-256 is the file's, worked out although the chunk
+    // is checked by its CRC.
+    let small = pseudo_random(1000, 12);
+    let (status, reply) = send_crc32c(
+        &client,
+        &url,
+        &chunk("crc32c-single-0001", "s.bin", &small, 0),
+    )
+    .await;
+    assert_eq!(
+        (status, &reply["complete"]),
+        (200, &serde_json::json!(true)),
+        "{reply}"
+    );
+    // Every chunk matches its CRC, but the file is not the declared one.
+    let file = pseudo_random(3 * CHUNK, 13);
+    let id = "crc32c-wrong-file-0001";
+    let wrong = "ab".repeat(32);
+    let mut last = (0, serde_json::Value::Null);
+    for index in 0..3 {
+        let c = chunk(id, "w.bin", &file, index);
+        let mut request = c.request_crc32c(&client, &url).build().unwrap();
+        request
+            .headers_mut()
+            .insert("x-file-sha256", wrong.parse().unwrap());
+        last = json(client.execute(request).await.unwrap()).await;
+        if index < 2 {
+            assert_eq!(last.0, 200, "{}", last.1);
+        }
+    }
+    let (status, reply) = last;
+    assert_eq!(
+        (status, &reply["error"]),
+        (422, &serde_json::json!("File checksum mismatch")),
+        "{reply}"
+    );
+    assert_eq!(visible_files(&out), [("s.bin".to_string(), small)].into());
+}
+
+#[tokio::test]
+async fn a_chunk_without_a_check_or_with_a_malformed_crc_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let client = reqwest::Client::new();
+    let url = server.upload_url();
+    let file = pseudo_random(100, 14);
+    let c = chunk("crc32c-bad-header-01", "b.bin", &file, 0);
+    let mut request = c.request(&client, &url).build().unwrap();
+    request.headers_mut().remove("x-chunk-sha256");
+    let (status, reply) = json(client.execute(request).await.unwrap()).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Chunk-Sha256 (or X-Chunk-Crc32c) is required"),
+        "{reply}"
+    );
+    let mut request = c.request_crc32c(&client, &url).build().unwrap();
+    request
+        .headers_mut()
+        .insert("x-chunk-crc32c", "0x1234".parse().unwrap());
+    let (status, reply) = json(client.execute(request).await.unwrap()).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Chunk-Crc32c must be 8 hex digits"),
+        "{reply}"
+    );
+    assert!(visible_files(dir.path()).is_empty());
+}

@@ -4,7 +4,8 @@
 //! so, and puts the fresh buffer in its place.
 //!
 //! A file counts as whole when its record reads back, all its chunks read
-//! back in order, each chunk's bytes match the SHA-256 recorded for it and
+//! back in order, each chunk's bytes match the SHA-256 (or, for the chunks
+//! of a larger file, the CRC-32C) recorded for it and
 //! the file's bytes match the file's SHA-256: exactly what the uploader
 //! would have sent. Such a file keeps its id, upload id and delivery resume
 //! state, so a receiver that already holds part of it still sees the same
@@ -344,6 +345,8 @@ fn copy_file(
         .map_err(|e| unreadable("its chunk list", e))?;
     let idx_at = columns.iter().position(|c| c == "idx");
     let sha_at = columns.iter().position(|c| c == "sha256");
+    // Absent in a buffer of an older version.
+    let crc_at = columns.iter().position(|c| c == "crc32c");
     let (Some(idx_at), Some(sha_at)) = (idx_at, sha_at) else {
         return Err("the chunk table has no idx or sha256 column".into());
     };
@@ -375,8 +378,21 @@ fn copy_file(
                 |r| r.get(0),
             )
             .map_err(|e| unreadable(&format!("chunk {idx}"), e))?;
-        if hex(&Sha256::digest(&data)) != *chunk_sha {
-            return Err(format!("chunk {idx} does not match its SHA-256"));
+        // A chunk of a file of several chunks is buffered with its CRC-32C
+        // instead of its SHA-256.
+        let crc = crc_at.map(|at| &row[at]);
+        match crc {
+            _ if !chunk_sha.is_empty() => {
+                if hex(&Sha256::digest(&data)) != *chunk_sha {
+                    return Err(format!("chunk {idx} does not match its SHA-256"));
+                }
+            }
+            Some(Value::Integer(crc)) => {
+                if i64::from(crc32c::crc32c(&data)) != *crc {
+                    return Err(format!("chunk {idx} does not match its CRC-32C"));
+                }
+            }
+            _ => return Err(format!("chunk {idx} has neither a SHA-256 nor a CRC-32C")),
         }
         whole.update(&data);
         bytes += data.len() as u64;

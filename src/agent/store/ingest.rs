@@ -28,8 +28,8 @@ struct Streaming<'a> {
     /// commit, so the uploader cannot finish the file before it is sealed.
     chunk_count: u64,
     /// Chunks whose bytes are written but whose records are not: (index,
-    /// offset, length, SHA-256).
-    pending: Vec<(u64, u64, u64, String)>,
+    /// offset, length, SHA-256, CRC-32C).
+    pending: Vec<(u64, u64, u64, String, Option<u32>)>,
     /// Chunk bytes pushed since the last commit.
     since: u64,
     /// Called after each commit.
@@ -50,8 +50,12 @@ impl ChunkSink<'_> {
         self.next_idx
     }
 
-    /// Appends the next chunk, with its SHA-256 as hex.
-    pub(crate) fn push(&mut self, data: &[u8], sha256: &str) -> Result<()> {
+    /// Appends the next chunk, with its SHA-256 as hex (empty when it is
+    /// left to be worked out when needed, see [`ChunkMeta::sha256`]) and its
+    /// CRC-32C.
+    ///
+    /// [`ChunkMeta::sha256`]: super::ChunkMeta::sha256
+    pub(crate) fn push(&mut self, data: &[u8], sha256: &str, crc32c: Option<u32>) -> Result<()> {
         let (idx, offset) = (self.next_idx, self.offset);
         self.next_idx += 1;
         self.offset += data.len() as u64;
@@ -63,6 +67,7 @@ impl ChunkSink<'_> {
                 offset,
                 data.len() as u64,
                 sha256,
+                crc32c,
             )?;
             self.conn
                 .prepare_cached(
@@ -92,7 +97,7 @@ impl ChunkSink<'_> {
             .execute(params![self.file_id, idx as i64, data])?;
         streaming
             .pending
-            .push((idx, offset, data.len() as u64, sha256.to_owned()));
+            .push((idx, offset, data.len() as u64, sha256.to_owned(), crc32c));
         streaming.since += data.len() as u64;
         let first = self.next_idx == 1;
         if last || first || streaming.since >= STREAM_COMMIT_BYTES {
@@ -120,11 +125,11 @@ impl ChunkSink<'_> {
 fn record_committed(
     conn: &rusqlite::Connection,
     file_id: i64,
-    pending: &mut Vec<(u64, u64, u64, String)>,
+    pending: &mut Vec<(u64, u64, u64, String, Option<u32>)>,
 ) -> rusqlite::Result<()> {
     conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
-    for (idx, offset, length, sha256) in pending.drain(..) {
-        insert_chunk(conn, file_id, idx, offset, length, &sha256)?;
+    for (idx, offset, length, sha256, crc32c) in pending.drain(..) {
+        insert_chunk(conn, file_id, idx, offset, length, &sha256, crc32c)?;
     }
     Ok(())
 }
@@ -137,11 +142,12 @@ fn insert_chunk(
     offset: u64,
     length: u64,
     sha256: &str,
+    crc32c: Option<u32>,
 ) -> rusqlite::Result<usize> {
     conn.prepare_cached(
-        "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO chunks (file_id, idx, byte_offset, length, sha256, crc32c) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![file_id, idx as i64, offset as i64, length as i64, sha256])
+    .execute(params![file_id, idx as i64, offset as i64, length as i64, sha256, crc32c])
 }
 
 /// Files being buffered in one transaction; see [`Store::ingest_batch`].
@@ -511,7 +517,7 @@ mod tests {
         assert_eq!(store.buffered_bytes().unwrap(), 10);
         let aborted = store
             .ingest(&new_file("b", 2), |sink| -> Result<IngestDecision> {
-                sink.push(b"xx", "00")?;
+                sink.push(b"xx", "00", None)?;
                 Ok(IngestDecision::Abort)
             })
             .unwrap();
@@ -560,14 +566,14 @@ mod tests {
         // (only), without a hash, and without its last chunk.
         let id = store
             .ingest_streaming(&file, 3, &committed, |sink| -> Result<IngestDecision> {
-                sink.push(b"0123", "c0")?;
+                sink.push(b"0123", "c0", None)?;
                 let due = store.due_files("t", i64::MAX, &[], 10, true)?;
                 assert_eq!(due.len(), 1);
                 assert!(due[0].is_buffering());
                 assert_eq!((due[0].size, due[0].chunk_count), (10, 3));
                 assert!(store.due_files("t", i64::MAX, &[], 10, false)?.is_empty());
-                sink.push(b"4567", "c1")?;
-                sink.push(b"89", "c2")?;
+                sink.push(b"4567", "c1", None)?;
+                sink.push(b"89", "c2", None)?;
                 let seen = store.chunks(due[0].id)?.len();
                 assert_eq!(seen, 2, "every chunk but the last is seen");
                 // Not a source to dispose of yet.
@@ -599,7 +605,7 @@ mod tests {
         changed.identity.size = 10;
         let kept = store
             .ingest_streaming(&changed, 3, &|| {}, |sink| -> Result<IngestDecision> {
-                sink.push(b"0123", "c0")?;
+                sink.push(b"0123", "c0", None)?;
                 Ok(IngestDecision::Abort)
             })
             .unwrap();
@@ -642,7 +648,7 @@ mod tests {
             store
                 .ingest_streaming(&big, 40, &|| {}, |sink| -> Result<IngestDecision> {
                     for idx in 0..40u64 {
-                        sink.push(&chunk, "00")?;
+                        sink.push(&chunk, "00", None)?;
                         if idx == 2 {
                             // An upload records its resume state meanwhile
                             // (the write lock is the ingest's right now).

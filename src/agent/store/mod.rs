@@ -291,8 +291,15 @@ pub struct ChunkMeta {
     /// last chunk, which may be shorter.
     pub length: u64,
     /// The SHA-256 of the chunk's bytes, 64 lowercase hex digits (sent as
-    /// `X-Chunk-Sha256`).
+    /// `X-Chunk-Sha256`). Empty for a chunk of a file of several chunks
+    /// buffered by this version: its CRC-32C stands in for it, and a peer
+    /// that needs the SHA-256 gets it worked out from the bytes read back,
+    /// once they match the CRC.
     pub sha256: String,
+    /// The CRC-32C of the chunk's bytes, taken as they were read from the
+    /// source (sent as `X-Chunk-Crc32c`); `None` for a chunk buffered by an
+    /// older version.
+    pub crc32c: Option<u32>,
     /// Whether the receiver acknowledged the chunk, or confirmed its file.
     pub uploaded: bool,
     /// Failed attempts at this chunk since it was buffered, or since
@@ -468,7 +475,7 @@ impl Store {
     /// damaged where opening reads it (its header, its schema), or that is
     /// not a database, gives [`StoreError::Corrupt`]; damage elsewhere shows
     /// when a statement meets it, or in `Store::quick_check`. For the
-    /// daemon's buffer ([`Layout::Spool`]).
+    /// daemon's buffer (`Layout::Spool`).
     pub fn open(path: &Path) -> Result<Store> {
         Store::open_as(path, Layout::Spool)
     }
@@ -801,7 +808,7 @@ pub(super) mod testing {
     fn push_all(data: &[u8]) -> impl FnOnce(&mut ChunkSink<'_>) -> Result<IngestDecision> + '_ {
         move |sink| {
             for chunk in data.chunks(4) {
-                sink.push(chunk, "00")?;
+                sink.push(chunk, "00", None)?;
             }
             Ok(IngestDecision::Commit {
                 sha256: "ff".into(),

@@ -157,7 +157,7 @@ impl Store {
     pub(crate) fn chunks_from(&self, file_id: i64, from: u64) -> Result<Vec<ChunkMeta>> {
         let conn = self.pool.get()?;
         let mut stmt = conn.prepare_cached(
-            "SELECT idx, byte_offset, length, sha256, state, retry_count, ack FROM chunks WHERE file_id = ?1 AND idx >= ?2 ORDER BY idx",
+            "SELECT idx, byte_offset, length, sha256, state, retry_count, ack, crc32c FROM chunks WHERE file_id = ?1 AND idx >= ?2 ORDER BY idx",
         )?;
         let rows = stmt.query_map(params![file_id, from as i64], |r| {
             Ok(ChunkMeta {
@@ -168,13 +168,14 @@ impl Store {
                 uploaded: r.get::<_, String>(4)? != "pending",
                 retry_count: r.get::<_, i64>(5)? as u64,
                 ack: r.get(6)?,
+                crc32c: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// A chunk's bytes; empty for an unknown chunk, and once the data of
-    /// its confirmed file has left the buffer (see [`Store::confirm`]).
+    /// its confirmed file has left the buffer (see `Store::confirm`).
     pub fn chunk_data(&self, file_id: i64, idx: u64) -> Result<Vec<u8>> {
         let mut data = Vec::new();
         self.append_chunk_data(file_id, idx, &mut data)?;

@@ -87,9 +87,18 @@ ALTER TABLE chunks ADD COLUMN ack TEXT;
 /// not find those bytes, refuses the buffer.
 pub(super) const SCHEMA_V4: &str = "";
 
+/// Each chunk's CRC-32C, taken from the source as it is read: sent instead
+/// of its SHA-256 to a receiver that takes it (`X-Chunk-Crc32c`), which then
+/// need not work out a chunk's SHA-256 besides the file's; and checked again
+/// before a chunk read back is hashed for a receiver that does not. NULL for
+/// chunks buffered before this version, which keep their SHA-256.
+pub(super) const SCHEMA_V5: &str = "
+ALTER TABLE chunks ADD COLUMN crc32c INTEGER;
+";
+
 /// Every migration, oldest first: migration `i` takes a buffer of version `i`
 /// to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+pub(super) const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 /// Turns on `auto_vacuum = INCREMENTAL` for a buffer that holds no file yet
 /// (a new one, or an old one that is empty), so that delivered chunks can be
@@ -293,7 +302,7 @@ mod tests {
         store
             .ingest_streaming(&big, 32, &|| {}, |sink| -> crate::agent::store::Result<_> {
                 for _ in 0..32 {
-                    sink.push(&data, "00")?;
+                    sink.push(&data, "00", None)?;
                 }
                 Ok(crate::agent::store::IngestDecision::Commit {
                     sha256: "ff".into(),
@@ -377,7 +386,7 @@ mod tests {
         let id = store
             .ingest(&big, |sink| -> crate::agent::store::Result<_> {
                 for chunk in data.chunks(1 << 20) {
-                    sink.push(chunk, "00")?;
+                    sink.push(chunk, "00", None)?;
                 }
                 Ok(crate::agent::store::IngestDecision::Commit {
                     sha256: "ff".into(),

@@ -146,6 +146,7 @@ async fn upload_batch(
                 offset: 0,
                 length: 0,
                 sha256: String::new(),
+                crc32c: None,
                 uploaded: false,
                 retry_count: 0,
                 ack: None,

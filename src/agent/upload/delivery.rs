@@ -255,6 +255,7 @@ mod tests {
             offset: idx * 10,
             length,
             sha256: String::new(),
+            crc32c: None,
             uploaded: false,
             retry_count: idx,
             ack: None,

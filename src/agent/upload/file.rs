@@ -575,7 +575,7 @@ mod tests {
         let id = store
             .ingest(&new, |sink| -> Result<IngestDecision, StoreError> {
                 for chunk in content.chunks(4) {
-                    sink.push(chunk, "00")?;
+                    sink.push(chunk, "00", None)?;
                 }
                 Ok(IngestDecision::Commit {
                     sha256: "ff".into(),

@@ -91,7 +91,9 @@ async fn scenario_4_a_hostile_network_loses_duplicates_and_corrupts_nothing() {
     let stats = proxy.snapshot();
     let flips = stats.count("flip");
     let caught = stats.upstream("flip", 422);
-    let logged = fx.log_count("receiver", "not the X-Chunk-Sha256 sent");
+    // Chunks are checked by their CRC-32C, the files of a batch by SHA-256.
+    let logged = fx.log_count("receiver", "not the X-Chunk-Crc32c sent")
+        + fx.log_count("receiver", "not the X-Chunk-Sha256 sent");
     println!(
         "scenario 4: {} requests through the proxy, {} files ({} bytes): {}; {flips} bodies flipped, {caught} refused with 422 (receiver log: {logged} checksum refusals); {:.1}s",
         stats.requests,

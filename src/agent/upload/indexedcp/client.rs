@@ -1,5 +1,6 @@
 //! The HTTP requests of the IndexedCP protocol, and what the receiver's
-//! replies announce about it (the resumable extension, batches, streaming).
+//! replies announce about it (the resumable extension, batches, streaming,
+//! chunks checked by CRC-32C).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -32,6 +33,9 @@ pub struct IndexedCp {
     asking: tokio::sync::Mutex<()>,
     /// The most files the receiver takes in one batch; 0 when it announced none.
     batch: AtomicUsize,
+    /// Whether the receiver checks chunks by `X-Chunk-Crc32c` instead of
+    /// `X-Chunk-Sha256` ([`protocol::CRC32C`]), as its last reply said.
+    crc32c: AtomicBool,
     /// The batch route was refused (a receiver or proxy that predates it):
     /// batches stay off for this client, whatever later replies announce.
     batch_refused: AtomicBool,
@@ -65,6 +69,7 @@ impl IndexedCp {
             streaming: AtomicU8::new(RESUMABLE_UNKNOWN),
             asking: tokio::sync::Mutex::new(()),
             batch: AtomicUsize::new(0),
+            crc32c: AtomicBool::new(false),
             batch_refused: AtomicBool::new(false),
             tls: target.tls.clone(),
         })
@@ -148,6 +153,16 @@ impl IndexedCp {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(0);
         self.batch.store(batch, Ordering::Relaxed);
+        let crc32c = yes
+            && headers
+                .get(protocol::CRC32C)
+                .is_some_and(|v| v.as_bytes() == b"1");
+        self.crc32c.store(crc32c, Ordering::Relaxed);
+    }
+
+    /// Whether the receiver announced that it checks chunks by their CRC-32C.
+    pub fn takes_crc32c(&self) -> bool {
+        self.resumable() == Some(true) && self.crc32c.load(Ordering::Relaxed)
     }
 
     fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -231,6 +246,11 @@ impl IndexedCp {
         chunk: &ChunkMeta,
         data: Vec<u8>,
     ) -> Result<ChunkReply, UploadError> {
+        // The first chunk since the start: what the receiver speaks decides
+        // how the chunk is checked, so it is asked first (once).
+        if self.resumable().is_none() {
+            self.ask_capabilities().await?;
+        }
         let mut headers = HeaderMap::new();
         let name = HeaderValue::from_bytes(file.remote_name.as_bytes()).map_err(|_| UploadError::Request {
             what: format!("{:?}", file.remote_name),
@@ -246,7 +266,21 @@ impl IndexedCp {
         put(protocol::CHUNK_INDEX, chunk.idx.to_string());
         put(protocol::UPLOAD_ID, file.upload_id.clone());
         put(protocol::CHUNK_OFFSET, chunk.offset.to_string());
-        put(protocol::CHUNK_SHA256, chunk.sha256.clone());
+        let data = match (self.takes_crc32c(), chunk.crc32c) {
+            (true, Some(crc)) => {
+                put(protocol::CHUNK_CRC32C, protocol::crc32c_hex(crc));
+                data
+            }
+            _ if !chunk.sha256.is_empty() => {
+                put(protocol::CHUNK_SHA256, chunk.sha256.clone());
+                data
+            }
+            _ => {
+                let (data, sha256) = chunk_sha256(file, chunk, data).await?;
+                put(protocol::CHUNK_SHA256, sha256);
+                data
+            }
+        };
         put(protocol::FILE_SIZE, file.size.to_string());
         put(protocol::CHUNK_COUNT, file.chunk_count.to_string());
         // Unknown while the file is still being buffered: only sent that
@@ -326,6 +360,11 @@ impl IndexedCp {
         let url = self.below(upload_id);
         let sent = self.authorize(self.http.get(&url)).send().await;
         let response = self.checked(sent).await?;
+        // The first request for a file: what the receiver announces decides
+        // how its chunks are checked.
+        if response.headers().contains_key(protocol::RESUMABLE) {
+            self.note_resumable(response.headers());
+        }
         match response.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => {
@@ -370,6 +409,46 @@ pub(crate) fn with_tls(
     Ok(builder)
 }
 
+/// The SHA-256 (hex) of a chunk buffered without it, for a receiver that
+/// does not take its CRC-32C: worked out from the bytes read back, once they
+/// match the CRC-32C taken from the source, so that a chunk damaged in the
+/// buffer is never sent with a hash of the damage. Returns the bytes too.
+async fn chunk_sha256(
+    file: &FileRecord,
+    chunk: &ChunkMeta,
+    data: Vec<u8>,
+) -> Result<(Vec<u8>, String), UploadError> {
+    let what = || format!("chunk {} of {:?}", chunk.idx, file.remote_name);
+    let Some(expected) = chunk.crc32c else {
+        return Err(UploadError::Request {
+            what: what(),
+            message: "the buffer holds neither its SHA-256 nor its CRC-32C; stop the daemon and run `indexedcp doctor`".into(),
+        });
+    };
+    let hashed = tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        let crc = crc32c::crc32c(&data);
+        let sha256 = (crc == expected).then(|| hex::encode(sha2::Sha256::digest(&data)));
+        (data, crc, sha256)
+    })
+    .await;
+    match hashed {
+        Ok((data, _, Some(sha256))) => Ok((data, sha256)),
+        Ok((_, crc, None)) => Err(UploadError::Request {
+            what: what(),
+            message: format!(
+                "its bytes in the buffer have CRC-32C {}, not the {} taken when they were read from the source: the buffer is damaged; stop the daemon and run `indexedcp doctor`",
+                protocol::crc32c_hex(crc),
+                protocol::crc32c_hex(expected)
+            ),
+        }),
+        Err(e) => Err(UploadError::Request {
+            what: what(),
+            message: format!("hashing it failed: {e}"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +467,74 @@ mod tests {
         assert_eq!(
             client("http://h/upload?k=v").below("abcdefabcdefabcdef"),
             "http://h/upload/abcdefabcdefabcdef?k=v"
+        );
+    }
+
+    #[test]
+    fn only_a_receiver_that_announces_it_gets_crc32c_checks() {
+        let client = IndexedCp::new(&TargetConfig::new("t", "http://h:1/upload")).unwrap();
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        client.note_resumable(&headers(&[("x-indexedcp-resumable", "1")]));
+        assert!(!client.takes_crc32c());
+        client.note_resumable(&headers(&[
+            ("x-indexedcp-resumable", "1"),
+            ("x-indexedcp-crc32c", "1"),
+        ]));
+        assert!(client.takes_crc32c());
+        // A later reply without it (the receiver was replaced by an older
+        // version) turns it off again.
+        client.note_resumable(&headers(&[("x-indexedcp-resumable", "1")]));
+        assert!(!client.takes_crc32c());
+    }
+
+    #[tokio::test]
+    async fn a_chunk_is_hashed_for_an_older_receiver_only_when_its_bytes_match_their_crc32c() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::agent::store::Store::open(&dir.path().join("b.db")).unwrap();
+        let mut target = TargetConfig::new("t", "http://127.0.0.1:9/upload");
+        target.chunk_size = 4;
+        let ingest = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let added = crate::agent::ingest::ingest_path(&store, &path, name, &target).unwrap();
+            let file = store.file(added.file_id).unwrap();
+            let chunks = store.chunks(added.file_id).unwrap();
+            (file, chunks)
+        };
+        // A file of one chunk keeps its SHA-256 (the file's); the chunks of
+        // a larger one keep their CRC-32C only.
+        let (small, chunks) = ingest("s.txt", b"abc");
+        assert_eq!(chunks[0].sha256, small.sha256);
+        assert_eq!(chunks[0].crc32c, Some(crc32c::crc32c(b"abc")));
+        let (file, chunks) = ingest("a.txt", b"0123456789");
+        assert!(chunks.iter().all(|c| c.sha256.is_empty()), "{chunks:?}");
+        assert_eq!(chunks[1].crc32c, Some(crc32c::crc32c(b"4567")));
+
+        let data = store.chunk_data(file.id, 1).unwrap();
+        let (data, sha256) = chunk_sha256(&file, &chunks[1], data).await.unwrap();
+        assert_eq!(data, b"4567");
+        assert_eq!(sha256, hex::encode(sha2::Sha256::digest(b"4567")));
+        // Bytes damaged in the buffer are not hashed and sent.
+        let damaged = chunk_sha256(&file, &chunks[1], b"4568".to_vec())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            damaged.contains("chunk 1 of \"a.txt\"")
+                && damaged.contains(&format!(
+                    "CRC-32C {:08x}, not the {:08x}",
+                    crc32c::crc32c(b"4568"),
+                    crc32c::crc32c(b"4567")
+                ))
+                && damaged.contains("indexedcp doctor"),
+            "{damaged}"
         );
     }
 }

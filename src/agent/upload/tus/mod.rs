@@ -298,7 +298,7 @@ impl Delivery for Tus {
             let upload_length = (file.size == 0).then_some(0);
             let sha256 = if !checksums {
                 None
-            } else if at == start && piece.chunks.len() == 1 {
+            } else if at == start && piece.chunks.len() == 1 && !piece.chunks[0].sha256.is_empty() {
                 // The buffer knows the chunk's hash already.
                 hex::decode(&piece.chunks[0].sha256)
                     .ok()
