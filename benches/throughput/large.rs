@@ -116,6 +116,7 @@ pub(super) fn large_end_to_end(settings: &Settings, large: &LargeFile) -> Result
 /// One timed curl POST of the file, checked in the output; MB/s.
 fn curl_step(run: &RunDir, url: &str, large: &LargeFile) -> Result<f64> {
     let name = format!("curl-{}", large.name);
+    large.warm()?;
     rustix::fs::sync();
     let elapsed = curl_upload(url, &large.path, &name)?;
     let received = file_len(&run.out.join(&name));

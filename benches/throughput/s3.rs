@@ -194,6 +194,7 @@ pub(super) fn large_to_bucket(settings: &Settings, large: &LargeFile) -> Result<
         );
         let rclone_speed = if rclone {
             let target = format!("bench:{BUCKET}/rclone/{}", large.name);
+            large.warm()?;
             let elapsed = s3.rclone(&["copyto", utf8(&large.path)?, &target])?;
             let stored = file_len(&s3.object(&format!("rclone/{}", large.name)));
             ensure!(

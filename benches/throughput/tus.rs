@@ -149,6 +149,7 @@ impl TusServer {
 
 /// Runs the client script against `endpoint`; returns how long it took.
 fn upload(run: &RunDir, modules: &Path, endpoint: &str, large: &LargeFile) -> Result<Duration> {
+    large.warm()?;
     rustix::fs::sync();
     let started = Instant::now();
     let output = Command::new("node")
