@@ -95,7 +95,8 @@ pub(super) async fn upload_status(
 }
 
 /// One chunk of a resumable upload: written at its offset into the upload's
-/// staging file under the chunk's lock, checked against `X-Chunk-Sha256`, then
+/// staging file under the chunk's lock, checked against `X-Chunk-Sha256` and
+/// `X-Chunk-Crc32c` (each one sent), then
 /// recorded; the chunk that completes the set completes the upload.
 pub(super) async fn receive_resumable(
     receiver: Receiver,

@@ -141,6 +141,9 @@ pub(super) struct ChunkRecord {
     pub(super) chunk_idx: u64,
     pub(super) offset: u64,
     pub(super) length: u64,
+    /// The chunk's check as recorded: its SHA-256 (hex), or `crc32c:` and
+    /// its CRC-32C for a chunk that came with `X-Chunk-Crc32c` alone (the
+    /// column kept its name).
     pub(super) sha256: String,
 }
 

@@ -226,7 +226,12 @@ async fn refusing_receiver(listener: tokio::net::TcpListener, hits: Arc<Mutex<Ve
                     }
                 }
             }
-            hits.lock().unwrap().push(Instant::now());
+            // Attempts at the file only (a chunk, or the status request a
+            // retry begins with): not the question of what the receiver
+            // speaks (`OPTIONS`) that comes before the first chunk.
+            if !request.starts_with(b"OPTIONS ") {
+                hits.lock().unwrap().push(Instant::now());
+            }
             let body = r#"{"error":"Service unavailable","message":"test"}"#;
             let reply = format!(
                 "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -586,6 +591,10 @@ async fn a_batch_over_the_receivers_limit_falls_back_to_single_files() {
 #[derive(Default)]
 struct CheckingReceiver {
     crc32c: bool,
+    /// Announces CRC-32C checks on `OPTIONS` only, and refuses a chunk that
+    /// comes with its CRC alone, as an older receiver does (400): one that
+    /// took over the address after the agent asked.
+    replaced_by_older: bool,
     /// Per upload id: the chunks by index.
     chunks: Mutex<BTreeMap<String, BTreeMap<u64, Vec<u8>>>>,
     /// How the chunks were checked: "crc32c", "sha256" or both.
@@ -597,7 +606,7 @@ impl CheckingReceiver {
     fn announce(&self, response: &mut axum::response::Response) {
         let h = response.headers_mut();
         h.insert("x-indexedcp-resumable", "1".parse().unwrap());
-        if self.crc32c {
+        if self.crc32c && !self.replaced_by_older {
             h.insert("x-indexedcp-crc32c", "1".parse().unwrap());
         }
     }
@@ -609,6 +618,11 @@ async fn checking_options(
     use axum::response::IntoResponse;
     let mut response = axum::http::StatusCode::NO_CONTENT.into_response();
     state.announce(&mut response);
+    if state.replaced_by_older {
+        response
+            .headers_mut()
+            .insert("x-indexedcp-crc32c", "1".parse().unwrap());
+    }
     response
 }
 
@@ -642,6 +656,22 @@ async fn checking_upload(
     );
     let index: u64 = header("x-chunk-index").unwrap().parse().unwrap();
     let count: usize = header("x-chunk-count").unwrap().parse().unwrap();
+    if state.replaced_by_older && header("x-chunk-sha256").is_none() {
+        *state
+            .checks
+            .lock()
+            .unwrap()
+            .entry("refused".to_owned())
+            .or_default() += 1;
+        let mut response = (
+            axum::http::StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({"error": "Bad request",
+                "message": "header x-chunk-sha256 is required with X-Upload-Id (the resumable extension)"})),
+        )
+            .into_response();
+        state.announce(&mut response);
+        return response;
+    }
     let kind = match (header("x-chunk-crc32c"), header("x-chunk-sha256")) {
         (Some(crc), None) => {
             assert_eq!(
@@ -688,6 +718,7 @@ async fn checking_upload(
 /// `files` are all on it; returns how the chunks were checked.
 async fn deliver_to_checking_receiver(
     crc32c: bool,
+    replaced_by_older: bool,
     files: &BTreeMap<String, Vec<u8>>,
 ) -> BTreeMap<String, u32> {
     let dir = tempfile::tempdir().unwrap();
@@ -695,6 +726,7 @@ async fn deliver_to_checking_receiver(
     std::fs::create_dir_all(&spool).unwrap();
     let state = Arc::new(CheckingReceiver {
         crc32c,
+        replaced_by_older,
         ..Default::default()
     });
     let app = axum::Router::new()
@@ -734,10 +766,19 @@ async fn chunks_are_checked_by_crc32c_only_where_the_receiver_takes_it() {
     .into();
     let chunks = 6 + 3;
     // A receiver that announces CRC-32C gets no chunk's SHA-256.
-    let checks = deliver_to_checking_receiver(true, &files).await;
+    let checks = deliver_to_checking_receiver(true, false, &files).await;
     assert_eq!(checks, [("crc32c".to_owned(), chunks)].into());
     // One that does not (an older version) gets each chunk's SHA-256, worked
     // out from the buffered bytes, and no CRC.
-    let checks = deliver_to_checking_receiver(false, &files).await;
+    let checks = deliver_to_checking_receiver(false, false, &files).await;
     assert_eq!(checks, [("sha256".to_owned(), chunks)].into());
+    // An older version that took over after the agent asked (a rolling
+    // upgrade, a rollback) refuses the chunks already sent with their CRC
+    // alone (at most a window of four per file); each goes again with its
+    // SHA-256, and so do the rest: nothing is parked.
+    let checks = deliver_to_checking_receiver(true, true, &files).await;
+    assert_eq!(checks.get("sha256"), Some(&chunks), "{checks:?}");
+    let refused = checks.get("refused").copied().unwrap_or(0);
+    assert!((1..=8).contains(&refused), "{checks:?}");
+    assert_eq!(checks.len(), 2, "{checks:?}");
 }

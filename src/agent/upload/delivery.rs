@@ -245,6 +245,48 @@ pub fn pieces(chunks: Vec<ChunkMeta>, min_bytes: u64) -> Vec<Piece> {
     pieces
 }
 
+/// The SHA-256 of a chunk buffered without it (the chunks of a file of
+/// several chunks keep their CRC-32C only), for a peer that needs it: worked
+/// out from the bytes read back, once they match the CRC-32C taken from the
+/// source, so that a chunk damaged in the buffer is never sent with a hash
+/// of the damage. Returns the bytes too.
+pub(crate) async fn checked_chunk_sha256(
+    file: &FileRecord,
+    chunk: &ChunkMeta,
+    data: bytes::Bytes,
+) -> Result<(bytes::Bytes, [u8; 32]), UploadError> {
+    let what = || format!("chunk {} of {:?}", chunk.idx, file.remote_name);
+    let Some(expected) = chunk.crc32c else {
+        return Err(UploadError::Request {
+            what: what(),
+            message: "the buffer holds neither its SHA-256 nor its CRC-32C; stop the daemon and run `indexedcp doctor`".into(),
+        });
+    };
+    let hashed = tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        let crc = crc32c::crc32c(&data);
+        let sha256: Option<[u8; 32]> =
+            (crc == expected).then(|| sha2::Sha256::digest(&data).into());
+        (data, crc, sha256)
+    })
+    .await;
+    match hashed {
+        Ok((data, _, Some(sha256))) => Ok((data, sha256)),
+        Ok((_, crc, None)) => Err(UploadError::Request {
+            what: what(),
+            message: format!(
+                "its bytes in the buffer have CRC-32C {}, not the {} taken when they were read from the source: the buffer is damaged; stop the daemon and run `indexedcp doctor`",
+                crate::protocol::crc32c_hex(crc),
+                crate::protocol::crc32c_hex(expected)
+            ),
+        }),
+        Err(e) => Err(UploadError::Request {
+            what: what(),
+            message: format!("hashing it failed: {e}"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

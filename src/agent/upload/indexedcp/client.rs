@@ -10,6 +10,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::agent::store::{ChunkMeta, FileRecord};
 use crate::agent::upload::UploadError;
+use crate::agent::upload::delivery::checked_chunk_sha256;
 use crate::agent::upload::error::certificate_problem;
 use crate::config::{TargetConfig, TargetTls};
 use crate::protocol::{self, BatchReply, ChunkReply, ErrorReply, UploadStatus};
@@ -36,6 +37,8 @@ pub struct IndexedCp {
     /// Whether the receiver checks chunks by `X-Chunk-Crc32c` instead of
     /// `X-Chunk-Sha256` ([`protocol::CRC32C`]), as its last reply said.
     crc32c: AtomicBool,
+    /// The receiver was asked what it speaks before a first chunk.
+    asked_before_sending: AtomicBool,
     /// The batch route was refused (a receiver or proxy that predates it):
     /// batches stay off for this client, whatever later replies announce.
     batch_refused: AtomicBool,
@@ -70,6 +73,7 @@ impl IndexedCp {
             asking: tokio::sync::Mutex::new(()),
             batch: AtomicUsize::new(0),
             crc32c: AtomicBool::new(false),
+            asked_before_sending: AtomicBool::new(false),
             batch_refused: AtomicBool::new(false),
             tls: target.tls.clone(),
         })
@@ -247,10 +251,39 @@ impl IndexedCp {
         data: Vec<u8>,
     ) -> Result<ChunkReply, UploadError> {
         // The first chunk since the start: what the receiver speaks decides
-        // how the chunk is checked, so it is asked first (once).
-        if self.resumable().is_none() {
-            self.ask_capabilities().await?;
+        // how the chunk is checked, so it is asked first, once (a receiver
+        // that cannot say gets the chunk with its SHA-256).
+        if self.resumable().is_none() && !self.asked_before_sending.swap(true, Ordering::Relaxed) {
+            let _ = self.ask_capabilities().await;
         }
+        let data = bytes::Bytes::from(data);
+        let by_crc32c = self.takes_crc32c() && chunk.crc32c.is_some();
+        let response = self
+            .post_chunk(file, chunk, data.clone(), by_crc32c)
+            .await?;
+        // A receiver that no longer announces CRC-32C checks (an older
+        // version now answers at this address) refuses a chunk without
+        // X-Chunk-Sha256: the same chunk once more, with it.
+        if by_crc32c
+            && response.status() == StatusCode::BAD_REQUEST
+            && !response.headers().contains_key(protocol::CRC32C)
+        {
+            self.crc32c.store(false, Ordering::Relaxed);
+            tracing::info!(url = %self.url, "the receiver no longer takes X-Chunk-Crc32c; chunks go with X-Chunk-Sha256");
+            let response = self.post_chunk(file, chunk, data, false).await?;
+            return self.reply::<ChunkReply>(response).await;
+        }
+        self.reply::<ChunkReply>(response).await
+    }
+
+    /// Posts one chunk, checked by its CRC-32C or by its SHA-256.
+    async fn post_chunk(
+        &self,
+        file: &FileRecord,
+        chunk: &ChunkMeta,
+        data: bytes::Bytes,
+        by_crc32c: bool,
+    ) -> Result<reqwest::Response, UploadError> {
         let mut headers = HeaderMap::new();
         let name = HeaderValue::from_bytes(file.remote_name.as_bytes()).map_err(|_| UploadError::Request {
             what: format!("{:?}", file.remote_name),
@@ -266,8 +299,8 @@ impl IndexedCp {
         put(protocol::CHUNK_INDEX, chunk.idx.to_string());
         put(protocol::UPLOAD_ID, file.upload_id.clone());
         put(protocol::CHUNK_OFFSET, chunk.offset.to_string());
-        let data = match (self.takes_crc32c(), chunk.crc32c) {
-            (true, Some(crc)) => {
+        let data = match chunk.crc32c {
+            Some(crc) if by_crc32c => {
                 put(protocol::CHUNK_CRC32C, protocol::crc32c_hex(crc));
                 data
             }
@@ -276,8 +309,8 @@ impl IndexedCp {
                 data
             }
             _ => {
-                let (data, sha256) = chunk_sha256(file, chunk, data).await?;
-                put(protocol::CHUNK_SHA256, sha256);
+                let (data, sha256) = checked_chunk_sha256(file, chunk, data).await?;
+                put(protocol::CHUNK_SHA256, hex::encode(sha256));
                 data
             }
         };
@@ -292,8 +325,7 @@ impl IndexedCp {
             .authorize(self.http.post(&self.url))
             .headers(headers)
             .body(data);
-        let response = self.checked(request.send().await).await?;
-        self.reply::<ChunkReply>(response).await
+        self.checked(request.send().await).await
     }
 
     /// A reply to an upload request: its JSON body when it succeeded, else the
@@ -409,46 +441,6 @@ pub(crate) fn with_tls(
     Ok(builder)
 }
 
-/// The SHA-256 (hex) of a chunk buffered without it, for a receiver that
-/// does not take its CRC-32C: worked out from the bytes read back, once they
-/// match the CRC-32C taken from the source, so that a chunk damaged in the
-/// buffer is never sent with a hash of the damage. Returns the bytes too.
-async fn chunk_sha256(
-    file: &FileRecord,
-    chunk: &ChunkMeta,
-    data: Vec<u8>,
-) -> Result<(Vec<u8>, String), UploadError> {
-    let what = || format!("chunk {} of {:?}", chunk.idx, file.remote_name);
-    let Some(expected) = chunk.crc32c else {
-        return Err(UploadError::Request {
-            what: what(),
-            message: "the buffer holds neither its SHA-256 nor its CRC-32C; stop the daemon and run `indexedcp doctor`".into(),
-        });
-    };
-    let hashed = tokio::task::spawn_blocking(move || {
-        use sha2::Digest;
-        let crc = crc32c::crc32c(&data);
-        let sha256 = (crc == expected).then(|| hex::encode(sha2::Sha256::digest(&data)));
-        (data, crc, sha256)
-    })
-    .await;
-    match hashed {
-        Ok((data, _, Some(sha256))) => Ok((data, sha256)),
-        Ok((_, crc, None)) => Err(UploadError::Request {
-            what: what(),
-            message: format!(
-                "its bytes in the buffer have CRC-32C {}, not the {} taken when they were read from the source: the buffer is damaged; stop the daemon and run `indexedcp doctor`",
-                protocol::crc32c_hex(crc),
-                protocol::crc32c_hex(expected)
-            ),
-        }),
-        Err(e) => Err(UploadError::Request {
-            what: what(),
-            message: format!("hashing it failed: {e}"),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,12 +509,12 @@ mod tests {
         assert!(chunks.iter().all(|c| c.sha256.is_empty()), "{chunks:?}");
         assert_eq!(chunks[1].crc32c, Some(crc32c::crc32c(b"4567")));
 
-        let data = store.chunk_data(file.id, 1).unwrap();
-        let (data, sha256) = chunk_sha256(&file, &chunks[1], data).await.unwrap();
-        assert_eq!(data, b"4567");
-        assert_eq!(sha256, hex::encode(sha2::Sha256::digest(b"4567")));
+        let data = bytes::Bytes::from(store.chunk_data(file.id, 1).unwrap());
+        let (data, sha256) = checked_chunk_sha256(&file, &chunks[1], data).await.unwrap();
+        assert_eq!(&data[..], b"4567");
+        assert_eq!(sha256[..], sha2::Sha256::digest(b"4567")[..]);
         // Bytes damaged in the buffer are not hashed and sent.
-        let damaged = chunk_sha256(&file, &chunks[1], b"4568".to_vec())
+        let damaged = checked_chunk_sha256(&file, &chunks[1], bytes::Bytes::from_static(b"4568"))
             .await
             .unwrap_err()
             .to_string();

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::store::FileRecord;
 use crate::config::TargetConfig;
 
-use super::delivery::{Delivery, Finished, Piece, Resume, Sent};
+use super::delivery::{Delivery, Finished, Piece, Resume, Sent, checked_chunk_sha256};
 use super::error::UploadError;
 use client::{Capabilities, Client, Patched, Progress};
 
@@ -303,6 +303,12 @@ impl Delivery for Tus {
                 hex::decode(&piece.chunks[0].sha256)
                     .ok()
                     .map(|digest| BASE64.encode(digest))
+            } else if at == start && piece.chunks.len() == 1 {
+                // Buffered with its CRC-32C only: hashed from the bytes read
+                // back once they match it.
+                let (_, sha256) =
+                    checked_chunk_sha256(file, &piece.chunks[0], body.clone()).await?;
+                Some(BASE64.encode(sha256))
             } else {
                 let tail = body.clone();
                 Some(
