@@ -167,3 +167,57 @@ async fn existing_objects_are_recognised_or_handled_by_on_conflict() {
         }
     }
 }
+
+/// The file's own bytes at its key without our metadata (a write of ours
+/// whose metadata the store lost when the agent was killed in between, as
+/// s3s-fs can): the object is written again with the metadata and counts as
+/// delivered, not copied a second time under a renamed key.
+#[tokio::test(flavor = "multi_thread")]
+async fn our_bytes_without_our_metadata_are_completed_in_place() {
+    for peer in peers().await {
+        let case = format!("{:?}", peer.kind);
+        let client = peer.client();
+        for key in peer.objects().await.keys() {
+            client.delete(&key.as_str().into()).await.unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, staging) = (dir.path().join("spool"), dir.path().join("staging"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let ours = pseudo_random(1000, 7);
+        client
+            .put(&"in/bare.dat".into(), ours.clone().into())
+            .await
+            .unwrap();
+        let target = peer.target(dir.path(), "on_conflict = \"rename\"\n");
+        let config = agent_config(dir.path(), &spool, &target);
+        let _daemon = Daemon::start(&config);
+        drop_file(&staging, &spool, "bare.dat", &ours);
+        eventually(Duration::from_secs(60), &case, async || {
+            let files = status_json(&config);
+            (files.len() == 1 && files[0]["state"] == "confirmed").then_some(())
+        })
+        .await;
+        let objects = peer.objects().await;
+        assert_eq!(objects.len(), 1, "{case}: {:?}", objects.keys());
+        assert_eq!(objects["in/bare.dat"], ours, "{case}");
+        let head = client.head(&"in/bare.dat".into()).await.unwrap();
+        assert_eq!(head.size, 1000, "{case}");
+        let got = client
+            .get_opts(
+                &"in/bare.dat".into(),
+                object_store::GetOptions {
+                    head: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            got.attributes
+                .get(&Attribute::Metadata("sha256".into()))
+                .map(|v| v.to_string()),
+            Some(sha256_hex(&ours)),
+            "{case}: the metadata was written"
+        );
+    }
+}

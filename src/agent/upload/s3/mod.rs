@@ -19,7 +19,10 @@
 //! MD5 of a single object, the MD5 of the recorded parts' MD5s of a
 //! multipart one), and counted as confirmed, never written twice (with an
 //! ETag that does not fit, it is written again, or deleted and uploaded
-//! again); an object with other bytes is handled by `on_conflict`, and renamed
+//! again). A small object with the file's size and MD5 but no metadata at
+//! all is ours too, its metadata lost by a store that writes it apart from
+//! the bytes when the writer went away (s3s-fs does): it is written again
+//! with the metadata. An object with other bytes is handled by `on_conflict`, and renamed
 //! keys are derived from the file's ingest time so that every retry tries the
 //! same ones. An upload the store forgot, or one whose parts no longer fit
 //! the settings, is aborted and started again from its recorded key.
@@ -292,6 +295,30 @@ impl S3 {
                     if self.changed_on_the_way(found.e_tag.as_deref(), &md5) {
                         return self.rewrite(file, &key, &payload, &md5).await;
                     }
+                    return Ok(complete(key));
+                }
+                // This file's bytes (its size, and their MD5 as the ETag)
+                // without our metadata: our own write, whose metadata a
+                // store that saves it apart from the bytes lost when the
+                // writer went away (s3s-fs stores the bytes, then the
+                // metadata). Written again over itself, with the metadata,
+                // rather than a second copy under another key.
+                Some(found)
+                    if found.size == file.size
+                        && found.sha256.is_none()
+                        && !e_tag_differs(found.e_tag.as_deref(), &md5) =>
+                {
+                    tracing::info!(file = %file.remote_name, %key, "the key holds this file's bytes without their metadata (a write cut off in between): writing it again with the metadata");
+                    options.mode = PutMode::Overwrite;
+                    let put = self
+                        .store
+                        .put_opts(&path, payload.clone(), options)
+                        .await
+                        .map_err(|e| upload_error(&self.url, &e))?;
+                    if self.changed_on_the_way(put.e_tag.as_deref(), &md5) {
+                        return self.rewrite(file, &key, &payload, &md5).await;
+                    }
+                    self.verify(file, &key).await?;
                     return Ok(complete(key));
                 }
                 // Gone again since: try the same key once more.
