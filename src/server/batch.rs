@@ -342,11 +342,9 @@ impl Receiver {
                 return Ok(BatchPlan::Known);
             }
             if let Some(chunk) = inner.state.chunk(&entry.upload_id, 0)? {
-                // Recorded from a single request checked by its CRC-32C, it
-                // cannot be compared: completion checks the file's SHA-256.
-                if super::headers::same_kind(&chunk.sha256, &entry.sha256)
-                    && chunk.sha256 != entry.sha256
-                {
+                // One recorded from a single request checked by its CRC-32C
+                // is not compared: completion checks the file's SHA-256.
+                if super::headers::checks_differ(&chunk.sha256, &entry.sha256) {
                     return Err(chunk_differs(&entry.upload_id, 0));
                 }
                 return Ok(BatchPlan::Known);

@@ -107,18 +107,20 @@ pub(super) struct Sink {
     pub(super) sync: bool,
     /// The upload's whole-file hash, when this chunk extends it.
     pub(super) claim: Option<Claim>,
-    /// Hash the bytes as they are written. Without a claim and with `false`,
-    /// the caller hashes them later (read back, together with the file's
-    /// hash once the chunks in front are in it) and the outcome's hash is
-    /// empty. With a claim and `false`, only the file's hash takes them
-    /// (unless the chunk is the whole file, whose hash is then the chunk's).
+    /// Work out the chunk's own SHA-256 as it is written. `false` for a
+    /// chunk checked by its CRC alone, and for one its caller hashes later
+    /// (read back, together with the file's hash once the chunks in front
+    /// are in it); the outcome's hash is then empty, and a claim's file hash
+    /// still takes the bytes. A chunk that is the whole file is hashed
+    /// whatever this says: its hash is the file's.
     pub(super) hash: bool,
 }
 
 /// The chunk's own checks, worked out as its bytes arrive.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Checks {
-    /// The SHA-256 (for a sink, as [`Sink::hash`] refines it).
+    /// The SHA-256, of a body read without a sink (a sink says it in
+    /// [`Sink::hash`]).
     pub(super) sha256: bool,
     /// The CRC-32C.
     pub(super) crc32c: bool,
@@ -180,14 +182,10 @@ pub(super) async fn write_body<H: Send + 'static>(
     limit: u64,
     idle: Duration,
 ) -> Result<(BodyOutcome, H), BodyError> {
-    // No hash of a chunk whose caller hashes it later, or that is checked by
-    // its CRC alone (see `Sink::hash`); but a chunk that is the whole file
-    // is hashed whatever its checks, as the file's hash.
-    let hashed = checks.sha256 && sink.as_ref().is_none_or(|s| s.hash || s.claim.is_some())
-        || sink
-            .as_ref()
-            .and_then(|s| s.claim.as_ref())
-            .is_some_and(Claim::is_whole);
+    let hashed = match &sink {
+        None => checks.sha256,
+        Some(s) => s.hash || s.claim.as_ref().is_some_and(Claim::is_whole),
+    };
     let intake = ChunkIntake {
         sink,
         held,

@@ -36,10 +36,13 @@ impl Extension {
 /// How a chunk checked by CRC-32C alone is recorded: `crc32c:` and 8 hex digits.
 pub(super) const CRC32C_PREFIX: &str = "crc32c:";
 
-/// Whether two recorded checks of a chunk are of the same kind (two SHA-256s,
-/// or two CRC-32Cs), so that they can be compared.
-pub(super) fn same_kind(a: &str, b: &str) -> bool {
-    a.starts_with(CRC32C_PREFIX) == b.starts_with(CRC32C_PREFIX)
+/// Whether a chunk's recorded check and the one declared for it again say
+/// that the bytes differ: two of the same kind (two SHA-256s, or two
+/// CRC-32Cs) that are not equal. Checks of two kinds cannot be compared; the
+/// bytes recorded first stay, and completion checks the file's SHA-256.
+pub(super) fn checks_differ(recorded: &str, declared: &str) -> bool {
+    recorded.starts_with(CRC32C_PREFIX) == declared.starts_with(CRC32C_PREFIX)
+        && recorded != declared
 }
 
 pub(super) fn header_str<'a>(

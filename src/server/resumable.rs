@@ -24,7 +24,7 @@ use super::errors::{
     too_large_file, upload_id_in_use,
 };
 use super::hashes;
-use super::headers::{Extension, same_kind};
+use super::headers::{Extension, checks_differ};
 use super::serve::Authorized;
 use super::state::{self, ChunkRecord, UploadPhase};
 use super::{Receiver, blocking};
@@ -221,11 +221,8 @@ pub(super) async fn receive_resumable(
     let check = ext.recorded_check();
     let (duplicate, received, chunk_guard) = if let Some(recorded) = recorded {
         // A check of the other kind (the client changed how it checks
-        // chunks) cannot be compared: the bytes are checked against it below,
-        // and the ones recorded first stay, verified whole at completion.
-        if recorded.offset != ext.offset
-            || (same_kind(&recorded.sha256, &check) && recorded.sha256 != check)
-        {
+        // chunks) is still checked against the bytes below.
+        if recorded.offset != ext.offset || checks_differ(&recorded.sha256, &check) {
             return Err(chunk_differs(&ext.upload_id, chunk_idx));
         }
         let (outcome, ()) = body::write_body(body, None, checks, (), limit, inner.read_timeout)
@@ -281,7 +278,7 @@ pub(super) async fn receive_resumable(
             offset: ext.offset,
             sync: false,
             claim,
-            hash: reader.is_none(),
+            hash: checks.sha256 && reader.is_none(),
         };
         let (mut outcome, unrecorded) = body::write_body(
             body,

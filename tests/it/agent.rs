@@ -354,9 +354,7 @@ async fn a_v1_only_receiver_gets_identical_files_with_chunks_in_order() {
         .route("/upload", axum::routing::post(v1_upload))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/upload", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = serve_on_loopback(app).await;
     let config = agent_config(
         dir.path(),
         &url,
@@ -465,6 +463,14 @@ async fn a_refused_file_is_parked_and_the_rest_still_arrive() {
     );
 }
 
+/// Serves `app` on a free port of 127.0.0.1; its upload URL.
+async fn serve_on_loopback(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/upload", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
 /// A resumable receiver that announces batches but refuses the batch route
 /// (as a proxy that forwards only `/upload` would): every file must still
 /// arrive, once, through single requests.
@@ -522,9 +528,7 @@ async fn a_receiver_that_refuses_batches_gets_every_file_one_by_one() {
         .route("/upload", axum::routing::post(single_chunk_upload))
         .route("/upload/batch", axum::routing::post(refuse_batch))
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/upload", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = serve_on_loopback(app).await;
     let config = agent_config(dir.path(), &url, &spool, "", "chunk_size = \"64KiB\"");
     // Forty files wait before the start: the first replies announce batches,
     // so the rest are offered as a batch, which is refused.
@@ -736,9 +740,7 @@ async fn deliver_to_checking_receiver(
         )
         .route("/upload/{id}", axum::routing::get(checking_status))
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/upload", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = serve_on_loopback(app).await;
     let config = agent_config(dir.path(), &url, &spool, "", "chunk_size = \"64KiB\"");
     let _daemon = Daemon::start(&config);
     for (name, bytes) in files {

@@ -13,11 +13,19 @@ async fn send(
     url: &str,
     chunk: &ResumableChunk<'_>,
 ) -> (u16, serde_json::Value) {
-    let response = chunk.request(client, url).send().await.unwrap();
+    announced(chunk.request(client, url), "x-indexedcp-resumable").await
+}
+
+/// The reply to `request`, which must carry `announcement: 1`.
+async fn announced(
+    request: reqwest::RequestBuilder,
+    announcement: &str,
+) -> (u16, serde_json::Value) {
+    let response = request.send().await.unwrap();
     assert_eq!(
         response
             .headers()
-            .get("x-indexedcp-resumable")
+            .get(announcement)
             .map(|v| v.to_str().unwrap()),
         Some("1")
     );
@@ -463,15 +471,7 @@ async fn send_crc32c(
     url: &str,
     chunk: &ResumableChunk<'_>,
 ) -> (u16, serde_json::Value) {
-    let response = chunk.request_crc32c(client, url).send().await.unwrap();
-    assert_eq!(
-        response
-            .headers()
-            .get("x-indexedcp-crc32c")
-            .map(|v| v.to_str().unwrap()),
-        Some("1")
-    );
-    json(response).await
+    announced(chunk.request_crc32c(client, url), "x-indexedcp-crc32c").await
 }
 
 #[tokio::test]

@@ -380,19 +380,16 @@ fn copy_file(
             .map_err(|e| unreadable(&format!("chunk {idx}"), e))?;
         // A chunk of a file of several chunks is buffered with its CRC-32C
         // instead of its SHA-256.
-        let crc = crc_at.map(|at| &row[at]);
-        match crc {
-            _ if !chunk_sha.is_empty() => {
-                if hex(&Sha256::digest(&data)) != *chunk_sha {
-                    return Err(format!("chunk {idx} does not match its SHA-256"));
-                }
+        if !chunk_sha.is_empty() {
+            if hex(&Sha256::digest(&data)) != *chunk_sha {
+                return Err(format!("chunk {idx} does not match its SHA-256"));
             }
-            Some(Value::Integer(crc)) => {
-                if i64::from(crc32c::crc32c(&data)) != *crc {
-                    return Err(format!("chunk {idx} does not match its CRC-32C"));
-                }
+        } else if let Some(Value::Integer(crc)) = crc_at.map(|at| &row[at]) {
+            if i64::from(crc32c::crc32c(&data)) != *crc {
+                return Err(format!("chunk {idx} does not match its CRC-32C"));
             }
-            _ => return Err(format!("chunk {idx} has neither a SHA-256 nor a CRC-32C")),
+        } else {
+            return Err(format!("chunk {idx} has neither a SHA-256 nor a CRC-32C"));
         }
         whole.update(&data);
         bytes += data.len() as u64;

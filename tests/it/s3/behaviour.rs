@@ -67,6 +67,26 @@ async fn files_of_every_size_arrive_once_byte_identical() {
     }
 }
 
+/// Empties the peer's bucket; a client for it, and a temporary folder with
+/// the paths of a spool and of a staging folder (created) for the agent.
+async fn fresh_bucket(
+    peer: &super::Peer,
+) -> (
+    std::sync::Arc<object_store::aws::AmazonS3>,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let client = peer.client();
+    for key in peer.objects().await.keys() {
+        client.delete(&key.as_str().into()).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, staging) = (dir.path().join("spool"), dir.path().join("staging"));
+    std::fs::create_dir_all(&staging).unwrap();
+    (client, dir, spool, staging)
+}
+
 /// An object already holding the file (our earlier attempt whose reply was
 /// lost) counts as delivered; one with other bytes is renamed around, refused
 /// or replaced as `on_conflict` says.
@@ -82,14 +102,7 @@ async fn existing_objects_are_recognised_or_handled_by_on_conflict() {
             ("overwrite", 2 * PART + 1),
         ] {
             let case = format!("{:?}, on_conflict = {on_conflict}, {len} bytes", peer.kind);
-            let client = peer.client();
-            // Start from an empty bucket.
-            for key in peer.objects().await.keys() {
-                client.delete(&key.as_str().into()).await.unwrap();
-            }
-            let dir = tempfile::tempdir().unwrap();
-            let (spool, staging) = (dir.path().join("spool"), dir.path().join("staging"));
-            std::fs::create_dir_all(&staging).unwrap();
+            let (client, dir, spool, staging) = fresh_bucket(&peer).await;
             let ours = pseudo_random(len, 1);
             let theirs = b"someone else's bytes".to_vec();
             // Our own bytes, as a lost reply would leave them, with our metadata.
@@ -176,13 +189,7 @@ async fn existing_objects_are_recognised_or_handled_by_on_conflict() {
 async fn our_bytes_without_our_metadata_are_completed_in_place() {
     for peer in peers().await {
         let case = format!("{:?}", peer.kind);
-        let client = peer.client();
-        for key in peer.objects().await.keys() {
-            client.delete(&key.as_str().into()).await.unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, staging) = (dir.path().join("spool"), dir.path().join("staging"));
-        std::fs::create_dir_all(&staging).unwrap();
+        let (client, dir, spool, staging) = fresh_bucket(&peer).await;
         let ours = pseudo_random(1000, 7);
         client
             .put(&"in/bare.dat".into(), ours.clone().into())

@@ -115,13 +115,13 @@ impl IndexedCp {
             .send()
             .await;
         let response = self.checked(sent).await?;
-        if response.headers().contains_key(protocol::RESUMABLE) {
-            self.note_resumable(response.headers());
-        } else if response.status().is_server_error() {
-            return Err(self.refusal(response).await);
-        } else {
-            self.streaming.store(RESUMABLE_NO, Ordering::Relaxed);
+        if self.note_announced(response.headers()) {
+            return Ok(());
         }
+        if response.status().is_server_error() {
+            return Err(self.refusal(response).await);
+        }
+        self.streaming.store(RESUMABLE_NO, Ordering::Relaxed);
         Ok(())
     }
 
@@ -162,6 +162,16 @@ impl IndexedCp {
                 .get(protocol::CRC32C)
                 .is_some_and(|v| v.as_bytes() == b"1");
         self.crc32c.store(crc32c, Ordering::Relaxed);
+    }
+
+    /// Notes what a reply announces, if it carries the announcements at all
+    /// (a reply from a proxy in front of the receiver does not); whether it did.
+    fn note_announced(&self, headers: &HeaderMap) -> bool {
+        let announced = headers.contains_key(protocol::RESUMABLE);
+        if announced {
+            self.note_resumable(headers);
+        }
+        announced
     }
 
     /// Whether the receiver announced that it checks chunks by their CRC-32C.
@@ -337,9 +347,7 @@ impl IndexedCp {
         if !response.status().is_success() {
             // A refusal from a proxy in front of the receiver (502, 503) says
             // nothing about the receiver: only a reply that carries the header counts.
-            if response.headers().contains_key(protocol::RESUMABLE) {
-                self.note_resumable(response.headers());
-            }
+            self.note_announced(response.headers());
             return Err(self.refusal(response).await);
         }
         self.note_resumable(response.headers());
@@ -394,9 +402,7 @@ impl IndexedCp {
         let response = self.checked(sent).await?;
         // The first request for a file: what the receiver announces decides
         // how its chunks are checked.
-        if response.headers().contains_key(protocol::RESUMABLE) {
-            self.note_resumable(response.headers());
-        }
+        self.note_announced(response.headers());
         match response.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => {

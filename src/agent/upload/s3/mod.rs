@@ -265,7 +265,7 @@ impl S3 {
         let mut key = base.clone();
         for attempt in 1..=MAX_RENAMES {
             let path = location(&key);
-            let mut options = PutOptions {
+            let options = PutOptions {
                 mode: PutMode::Create,
                 attributes: attributes(file),
                 ..PutOptions::default()
@@ -309,17 +309,7 @@ impl S3 {
                         && !e_tag_differs(found.e_tag.as_deref(), &md5) =>
                 {
                     tracing::info!(file = %file.remote_name, %key, "the key holds this file's bytes without their metadata (a write cut off in between): writing it again with the metadata");
-                    options.mode = PutMode::Overwrite;
-                    let put = self
-                        .store
-                        .put_opts(&path, payload.clone(), options)
-                        .await
-                        .map_err(|e| upload_error(&self.url, &e))?;
-                    if self.changed_on_the_way(put.e_tag.as_deref(), &md5) {
-                        return self.rewrite(file, &key, &payload, &md5).await;
-                    }
-                    self.verify(file, &key).await?;
-                    return Ok(complete(key));
+                    return self.overwrite(file, key, &payload, options, &md5).await;
                 }
                 // Gone again since: try the same key once more.
                 None => continue,
@@ -327,22 +317,36 @@ impl S3 {
                     OnConflict::Fail => return Err(self.conflict(file, &key)),
                     OnConflict::Rename => key = renamed_key(&base, file.created_at, attempt),
                     OnConflict::Overwrite => {
-                        options.mode = PutMode::Overwrite;
-                        let put = self
-                            .store
-                            .put_opts(&path, payload.clone(), options)
-                            .await
-                            .map_err(|e| upload_error(&self.url, &e))?;
-                        if self.changed_on_the_way(put.e_tag.as_deref(), &md5) {
-                            return self.rewrite(file, &key, &payload, &md5).await;
-                        }
-                        self.verify(file, &key).await?;
-                        return Ok(complete(key));
+                        return self.overwrite(file, key, &payload, options, &md5).await;
                     }
                 },
             }
         }
         Err(self.too_many_renames(file))
+    }
+
+    /// Writes the file at `key` over whatever is there, then makes sure it
+    /// arrived as sent (written again while its ETag is not the MD5 of the
+    /// bytes, then checked by a HEAD).
+    async fn overwrite(
+        &self,
+        file: &FileRecord,
+        key: String,
+        payload: &PutPayload,
+        mut options: PutOptions,
+        md5: &str,
+    ) -> Result<Sent, UploadError> {
+        options.mode = PutMode::Overwrite;
+        let put = self
+            .store
+            .put_opts(&location(&key), payload.clone(), options)
+            .await
+            .map_err(|e| upload_error(&self.url, &e))?;
+        if self.changed_on_the_way(put.e_tag.as_deref(), md5) {
+            return self.rewrite(file, &key, payload, md5).await;
+        }
+        self.verify(file, &key).await?;
+        Ok(complete(key))
     }
 
     /// Writes our object at `key` again, over a copy of it whose bytes
